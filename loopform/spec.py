@@ -1,0 +1,638 @@
+"""The stack spec: every key of `loopform:platform`, typed, documented and defaulted.
+
+The Pulumi program reads it from stack config; the CLI reads it from the same stack file.
+Environments differ only in the data they put here, never in code branches. This module
+imports only light packages (pydantic, yaml, croniter) so `pulumi preview` starts fast.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+CONFIG_KEY = "loopform:platform"
+
+_QUANTITY = re.compile(r"^[+]?([0-9]+(\.[0-9]*)?|\.[0-9]+)(Ki|Mi|Gi|Ti|Pi|Ei|n|u|m|k|M|G|T|P|E|[eE][+-]?[0-9]+)?$")
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+_DURATION = re.compile(r"^([0-9]+(ms|s|m|h))+$")
+_CRON_MACROS = {"@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly"}
+
+
+def _quantity(value: str) -> str:
+    if not _QUANTITY.match(value):
+        raise ValueError(
+            f"{value!r} is not a Kubernetes quantity: use a number with an optional suffix "
+            "Ki, Mi, Gi, Ti (binary), k, M, G, T (decimal) or m (milli), e.g. 8Gi, 500Mi, 250m"
+        )
+    return value
+
+
+def _dns_label(value: str) -> str:
+    if not _DNS_LABEL.match(value):
+        raise ValueError(
+            f"{value!r} is not a DNS-1123 label: lower-case letters, digits and '-', "
+            "starting and ending with a letter or digit, at most 63 characters"
+        )
+    return value
+
+
+def _cron(value: str) -> str:
+    from croniter import croniter
+
+    if value in _CRON_MACROS:
+        return value
+    if len(value.split()) != 5 or not croniter.is_valid(value):
+        raise ValueError(
+            f"{value!r} is not a cron schedule: use five fields 'minute hour day-of-month "
+            "month day-of-week' (e.g. '*/30 * * * *') or one of " + ", ".join(sorted(_CRON_MACROS))
+        )
+    return value
+
+
+def _duration(value: str) -> str:
+    if not _DURATION.match(value):
+        raise ValueError(f"{value!r} is not a duration: use e.g. 30s, 5m, 1h, 1h30m")
+    return value
+
+
+def _uri(schemes: tuple[str, ...]) -> Any:
+    def check(value: str) -> str:
+        scheme, sep, rest = value.partition("://")
+        if not sep or scheme not in schemes or not rest.strip("/"):
+            raise ValueError(f"{value!r} is not a URI of scheme {', '.join(schemes)} (e.g. {schemes[0]}://bucket/path)")
+        return value
+
+    return AfterValidator(check)
+
+
+Quantity = Annotated[str, AfterValidator(_quantity)]
+Name = Annotated[str, AfterValidator(_dns_label)]
+Cron = Annotated[str, AfterValidator(_cron)]
+Duration = Annotated[str, AfterValidator(_duration)]
+ObjectStoreUri = Annotated[str, _uri(("s3", "gs", "az", "file"))]
+GitUrl = Annotated[str, _uri(("https", "ssh", "git"))]
+Share = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+class Strict(BaseModel):
+    """Base for every spec section: unknown keys are errors, values are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SecretRef(Strict):
+    """A key of a Secret that already exists in the cluster (created outside this stack)."""
+
+    name: Name = Field(description="Secret name, in the namespace of the workload that reads it.")
+    key: str = Field(description="Key inside the Secret's data.")
+
+
+class Resources(Strict):
+    """Container requests and limits."""
+
+    cpu: Quantity = Field("250m", description="CPU request.")
+    memory: Quantity = Field("512Mi", description="Memory request, also the memory limit.")
+    cpu_limit: Quantity | None = Field(None, description="CPU limit; none leaves CPU unthrottled.")
+
+    def manifest(self) -> dict[str, dict[str, str]]:
+        """The container `resources` block."""
+        limits = {"memory": self.memory}
+        if self.cpu_limit:
+            limits["cpu"] = self.cpu_limit
+        return {"requests": {"cpu": self.cpu, "memory": self.memory}, "limits": limits}
+
+
+# --- cluster -----------------------------------------------------------------------------
+
+
+class Namespaces(Strict):
+    """Namespaces the platform creates, one per concern."""
+
+    platform: Name = Field("loopform-system", description="MLflow, Feast and their databases.")
+    pipelines: Name = Field("loopform-pipelines", description="Argo Workflows and training workflows.")
+    serving: Name = Field("loopform-serving", description="BentoML model services.")
+    monitoring: Name = Field("loopform-monitoring", description="Drift monitor, rules and the retraining trigger.")
+    gitops: Name = Field("argocd", description="Argo CD.")
+
+
+class ClusterSpec(Strict):
+    """The existing Kubernetes cluster the stack deploys into."""
+
+    kube_context: str | None = Field(None, description="kubeconfig context; none uses the current context.")
+    namespaces: Namespaces = Field(default_factory=Namespaces)
+    labels: dict[str, str] = Field(default_factory=dict, description="Labels added to every object.")
+    storage_class: str | None = Field(None, description="StorageClass for volumes; none uses the default.")
+
+
+# --- model registry (MLflow) ----------------------------------------------------------------
+
+
+class InClusterPostgres(Strict):
+    """A PostgreSQL StatefulSet with a volume, for environments without a managed database."""
+
+    kind: Literal["in-cluster"] = "in-cluster"
+    image: str = Field("postgres:16.4", description="PostgreSQL image.")
+    storage: Quantity = Field("10Gi", description="Volume size.")
+    database: Name = Field("mlflow", description="Database name.")
+    user: Name = Field("mlflow", description="Database user.")
+    resources: Resources = Field(default_factory=lambda: Resources(cpu="250m", memory="512Mi"))
+
+
+class ExternalDatabase(Strict):
+    """A managed database; its SQLAlchemy URL lives in an existing Secret."""
+
+    kind: Literal["external"] = "external"
+    url_secret: SecretRef = Field(description="Secret key holding the SQLAlchemy URL (postgresql://...).")
+
+
+class ArtifactStore(Strict):
+    """Where MLflow keeps model artifacts."""
+
+    uri: ObjectStoreUri = Field("s3://loopform-mlflow/artifacts", description="Default artifact root.")
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, R2); none uses AWS.")
+    credentials_secret: Name | None = Field(
+        None,
+        description="Existing Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY; none uses workload identity.",
+    )
+
+
+class RegistrySpec(Strict):
+    """MLflow tracking server and model registry."""
+
+    mlflow_version: str = Field("3.17.0", description="MLflow version; selects the image tag.")
+    image: str | None = Field(None, description="Server image; none uses ghcr.io/mlflow/mlflow:v<mlflow_version>.")
+    replicas: int = Field(1, ge=1, le=20, description="Tracking server replicas.")
+    port: int = Field(5000, ge=1, le=65535, description="Service port.")
+    workers: int = Field(2, ge=1, le=32, description="Server worker processes.")
+    resources: Resources = Field(default_factory=lambda: Resources(cpu="500m", memory="1Gi"))
+    backend: InClusterPostgres | ExternalDatabase = Field(
+        default_factory=InClusterPostgres, discriminator="kind", description="Backend store."
+    )
+    artifacts: ArtifactStore = Field(default_factory=ArtifactStore)
+
+    @property
+    def server_image(self) -> str:
+        return self.image or f"ghcr.io/mlflow/mlflow:v{self.mlflow_version}"
+
+
+# --- feature store (Feast) -------------------------------------------------------------------
+
+
+class InClusterRedis(Strict):
+    """A Redis StatefulSet for the online store."""
+
+    kind: Literal["in-cluster"] = "in-cluster"
+    image: str = Field("redis:7.4", description="Redis image.")
+    storage: Quantity = Field("1Gi", description="Volume size for the append-only file.")
+    resources: Resources = Field(default_factory=lambda: Resources(cpu="100m", memory="256Mi"))
+
+
+class ExternalRedis(Strict):
+    """A managed Redis; its Feast connection string lives in an existing Secret."""
+
+    kind: Literal["external"] = "external"
+    connection_secret: SecretRef = Field(description="Secret key holding 'host:port,ssl=true,password=...'.")
+
+
+class FeastRegistry(Strict):
+    """Where Feast keeps its registry of feature definitions."""
+
+    path: ObjectStoreUri = Field("s3://loopform-feast/registry.db", description="Registry file URI.")
+    cache_ttl_seconds: int = Field(60, ge=0, description="How long servers cache the registry.")
+
+
+class OfflineStore(Strict):
+    """Feast offline store: Parquet files on object storage, read with Feast's file store."""
+
+    type: Literal["file", "dask", "duckdb"] = Field("file", description="Feast offline store type.")
+    data_uri: ObjectStoreUri = Field("s3://loopform-feast/offline", description="Where the source tables live.")
+
+
+class FeatureServer(Strict):
+    """The Feast feature server Deployment."""
+
+    replicas: int = Field(1, ge=1, le=50)
+    port: int = Field(6566, ge=1, le=65535)
+    resources: Resources = Field(default_factory=lambda: Resources(cpu="250m", memory="512Mi"))
+
+
+class FeatureStoreSpec(Strict):
+    """Feast: registry, offline store, Redis online store, feature server, materialisation."""
+
+    feast_version: str = Field("0.67.0", description="Feast version; selects the image tag.")
+    image: str | None = Field(None, description="Image; none uses quay.io/feastdev/feature-server:<feast_version>.")
+    project: Name = Field("loopform", description="Feast project name.")
+    registry: FeastRegistry = Field(default_factory=FeastRegistry)
+    offline_store: OfflineStore = Field(default_factory=OfflineStore)
+    online_store: InClusterRedis | ExternalRedis = Field(default_factory=InClusterRedis, discriminator="kind")
+    server: FeatureServer = Field(default_factory=FeatureServer)
+    materialization_schedule: Cron = Field("*/30 * * * *", description="When to run materialize-incremental.")
+    credentials_secret: Name | None = Field(
+        None, description="Existing Secret with object-store credentials as AWS_* variables."
+    )
+
+    @property
+    def server_image(self) -> str:
+        return self.image or f"quay.io/feastdev/feature-server:{self.feast_version}"
+
+
+# --- GPU node pools ---------------------------------------------------------------------------
+
+
+class Taint(Strict):
+    """A node taint."""
+
+    key: str
+    value: str = ""
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] = "NoSchedule"
+
+
+GPU_TAINT = Taint(key="nvidia.com/gpu", value="present", effect="NoSchedule")
+
+
+class KarpenterNodeClass(Strict):
+    """The EC2NodeClass the NodePool's nodes are launched from."""
+
+    role: str = Field("KarpenterNodeRole-loopform", description="IAM role of the nodes.")
+    ami_alias: str = Field("al2023@latest", description="amiSelectorTerms alias (GPU AMIs are picked per instance).")
+    discovery_tag: str = Field("loopform", description="Value of tag karpenter.sh/discovery for subnets and security groups.")
+    volume_size: Quantity = Field("200Gi", description="Root volume size.")
+
+
+class KarpenterPool(Strict):
+    """GPU nodes that Karpenter launches on demand and removes when empty (scale to zero)."""
+
+    kind: Literal["karpenter"] = "karpenter"
+    instance_families: list[str] = Field(default_factory=lambda: ["g5", "g6"], min_length=1)
+    capacity_types: list[Literal["spot", "on-demand"]] = Field(default_factory=lambda: ["on-demand"], min_length=1)
+    gpu_limit: int = Field(8, ge=1, description="Most GPUs the pool may hold at once.")
+    gpus_per_node: int = Field(1, ge=1, le=16, description="Largest GPU count of one node in this pool.")
+    consolidate_after: Duration = Field("5m", description="How long an empty node waits before removal.")
+    node_class: KarpenterNodeClass = Field(default_factory=KarpenterNodeClass)
+    labels: dict[str, str] = Field(default_factory=dict, description="Extra node labels.")
+
+    def node_labels(self, pool: str) -> dict[str, str]:
+        return {"loopform.dev/gpu-pool": pool, **self.labels}
+
+    def node_taints(self) -> list[Taint]:
+        return [GPU_TAINT]
+
+
+class ExistingPool(Strict):
+    """A GPU node group the cluster already has, described by its labels and taints."""
+
+    kind: Literal["existing"] = "existing"
+    labels: dict[str, str] = Field(min_length=1, description="Labels that select the pool's nodes.")
+    taints: list[Taint] = Field(default_factory=lambda: [GPU_TAINT])
+    gpu_limit: int = Field(8, ge=1, description="GPUs the pool offers in all.")
+    gpus_per_node: int = Field(1, ge=1, le=16, description="GPUs on each node.")
+
+    def node_labels(self, pool: str) -> dict[str, str]:
+        return dict(self.labels)
+
+    def node_taints(self) -> list[Taint]:
+        return list(self.taints)
+
+
+GpuPool = Annotated[KarpenterPool | ExistingPool, Field(discriminator="kind")]
+
+
+class GpuSpec(Strict):
+    """GPU pools and the NVIDIA device plugin."""
+
+    pools: dict[Name, GpuPool] = Field(default_factory=dict, description="Pools by name.")
+    device_plugin_chart_version: str = Field("0.17.1", description="nvidia-device-plugin chart version.")
+    dcgm_exporter_chart_version: str = Field("4.1.1", description="dcgm-exporter chart version.")
+
+
+# --- orchestration and GitOps --------------------------------------------------------------------
+
+
+class RetryPolicy(Strict):
+    """Retries of pipeline steps on infrastructure errors (never on a failed gate)."""
+
+    limit: int = Field(3, ge=0, le=10)
+    backoff: Duration = Field("30s", description="First delay.")
+    factor: int = Field(2, ge=1, le=10)
+    max_backoff: Duration = Field("10m")
+
+
+class ArtifactRepository(Strict):
+    """S3-compatible bucket where workflows keep their artifacts."""
+
+    bucket: str = Field("loopform-argo-artifacts")
+    endpoint: str = Field("s3.amazonaws.com", description="host[:port] of the S3 API.")
+    region: str | None = Field(None)
+    insecure: bool = Field(False, description="Plain HTTP (MinIO in a lab).")
+    key_format: str = Field("{{workflow.name}}/{{pod.name}}")
+    credentials_secret: Name | None = Field(
+        None, description="Existing Secret with accessKey and secretKey; none uses workload identity."
+    )
+
+
+class OrchestratorSpec(Strict):
+    """Argo Workflows and the per-model training pipelines."""
+
+    chart_version: str = Field("0.45.26", description="argo-workflows chart version.")
+    pipeline_image: str = Field("ghcr.io/loopform/pipeline:0.1.0", description="Image that runs `loopform step`.")
+    artifact_repository: ArtifactRepository = Field(default_factory=ArtifactRepository)
+    active_deadline_seconds: int = Field(6 * 3600, ge=60, description="Hard limit of one pipeline run.")
+    ttl_seconds_after_completion: int = Field(24 * 3600, ge=0, description="How long finished workflows stay.")
+    retry: RetryPolicy = Field(default_factory=RetryPolicy)
+    step_resources: Resources = Field(default_factory=lambda: Resources(cpu="500m", memory="1Gi"))
+
+
+class GitOpsSpec(Strict):
+    """Argo CD and the Application that syncs model services."""
+
+    enabled: bool = Field(True)
+    chart_version: str = Field("7.8.2", description="argo-cd chart version.")
+    repo_url: GitUrl = Field("https://github.com/loopform/loopform.git", description="Repository Argo CD syncs.")
+    target_revision: str = Field("main")
+    path: str = Field("deploy", description="Folder of rendered service manifests; the environment is appended.")
+
+
+# --- models, gates, monitoring ----------------------------------------------------------------------
+
+
+class TrainingSpec(Strict):
+    """Where and how the train step runs."""
+
+    gpu_pool: Name | None = Field(None, description="Pool from gpu.pools; none trains on CPU nodes.")
+    gpus: int = Field(0, ge=0, le=16, description="GPUs for the train step.")
+    resources: Resources = Field(default_factory=lambda: Resources(cpu="2", memory="4Gi"))
+    schedule: Cron | None = Field(None, description="Scheduled retraining (CronWorkflow); none means on demand.")
+
+    @model_validator(mode="after")
+    def _gpus_need_pool(self) -> TrainingSpec:
+        if self.gpus and not self.gpu_pool:
+            raise ValueError("gpus > 0 needs gpu_pool: name a pool from gpu.pools")
+        return self
+
+
+class ServingSpec(Strict):
+    """The BentoML service of a released model."""
+
+    min_replicas: int = Field(2, ge=1)
+    max_replicas: int = Field(6, ge=1)
+    target_cpu_utilization: int = Field(70, ge=10, le=100)
+    port: int = Field(3000, ge=1, le=65535)
+    resources: Resources = Field(default_factory=lambda: Resources(cpu="500m", memory="1Gi"))
+
+    @model_validator(mode="after")
+    def _replica_range(self) -> ServingSpec:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(f"max_replicas ({self.max_replicas}) is below min_replicas ({self.min_replicas})")
+        return self
+
+
+class Evidence(Strict):
+    """What the pipeline proved about a model version; the policy pack checks it."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    digest: str = Field(description="sha256 over the canonical JSON of the other evidence fields.")
+    created_at: str = Field(description="ISO-8601 time the evidence was recorded.")
+
+
+class Release(Strict):
+    """A model version released to this environment (written by `loopform promote`)."""
+
+    version: int = Field(ge=1, description="MLflow model version.")
+    image: str = Field(description="Service image with the model's Bento.")
+    run_id: str = Field(description="MLflow run that produced the version.")
+    evidence: Evidence
+
+
+class ModelSpec(Strict):
+    """One model: its code, pipeline, service and current release."""
+
+    path: str = Field(description="Folder with model.py and features.py, relative to the repository.")
+    feature_service: str = Field(description="Feast feature service the model trains and serves on.")
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    serving: ServingSpec = Field(default_factory=ServingSpec)
+    release: Release | None = Field(None, description="The released version; none deploys no service.")
+
+
+class DriftGate(Strict):
+    """Drift of new data against the reference (training) data."""
+
+    feature_threshold: float = Field(0.1, gt=0, description="Per-feature drift score threshold (distance methods).")
+    p_value: float = Field(0.05, gt=0, lt=1, description="Per-feature p-value threshold (test methods).")
+    max_drift_share: Share = Field(0.3, description="Most share of features that may drift.")
+
+
+class GatesSpec(Strict):
+    """Thresholds every release must meet in this environment."""
+
+    max_missing_share: Share = Field(0.05, description="Most share of missing values in any column.")
+    max_out_of_range_share: Share = Field(0.01, description="Most share of values outside the schema's range.")
+    drift: DriftGate = Field(default_factory=DriftGate)
+    max_ood_rate: Share = Field(0.05, description="Most share of rows flagged out of distribution.")
+    min_auc: Share = Field(0.75, description="Least ROC AUC on the holdout set.")
+    max_auc_drop: Share = Field(0.01, description="Most AUC a challenger may lose against the champion.")
+    max_calibration_error: Share = Field(0.1, description="Most expected calibration error.")
+    max_evidence_age_days: int = Field(30, ge=1, description="Evidence older than this is stale.")
+    require_staging: bool = Field(False, description="A release must have been released to staging first.")
+
+
+class MonitoringSpec(Strict):
+    """The drift monitor and the retraining trigger."""
+
+    schedule: Cron = Field("0 * * * *", description="When the drift monitor runs.")
+    window: Duration = Field("24h", description="How far back the monitor reads payloads.")
+    min_rows: int = Field(500, ge=1, description="Fewest payload rows the monitor needs to decide.")
+    payload_uri: ObjectStoreUri = Field("s3://loopform-lake/payloads", description="Payload log (partitioned Parquet).")
+    alert_for: Duration = Field("15m", description="How long drift must hold before the alert fires.")
+    prometheus_release: str = Field(
+        "kube-prometheus-stack", description="`release` label the Prometheus Operator selects rules by."
+    )
+
+
+class LocalSpec(Strict):
+    """The embedded default: the whole loop on one machine (SQLite, local files, localhost)."""
+
+    workdir: str = Field(".loopform/local", description="Everything the local loop writes, relative to the repo.")
+    rows: int = Field(20000, ge=1000, description="Rows of synthetic training data.")
+    traffic: int = Field(600, ge=10, description="Requests sent to the service per phase.")
+    seed: int = Field(7, description="Seed of data generation and training.")
+    serve_port: int = Field(3311, ge=1024, le=65535, description="Port of the local BentoML service.")
+    drift: Literal["covariate", "label", "none"] = Field("covariate", description="Drift injected into traffic.")
+
+
+class PlatformSpec(Strict):
+    """The whole platform of one environment."""
+
+    environment: Name = Field(description="Environment name: dev, staging, prod, local.")
+    cluster: ClusterSpec = Field(default_factory=ClusterSpec)
+    registry: RegistrySpec = Field(default_factory=RegistrySpec)
+    feature_store: FeatureStoreSpec = Field(default_factory=FeatureStoreSpec)
+    gpu: GpuSpec = Field(default_factory=GpuSpec)
+    orchestrator: OrchestratorSpec = Field(default_factory=OrchestratorSpec)
+    gitops: GitOpsSpec = Field(default_factory=GitOpsSpec)
+    models: dict[Name, ModelSpec] = Field(default_factory=dict)
+    gates: GatesSpec = Field(default_factory=GatesSpec)
+    monitoring: MonitoringSpec = Field(default_factory=MonitoringSpec)
+    local: LocalSpec = Field(default_factory=LocalSpec, description="Settings of `loopform up` (local stack).")
+
+    @model_validator(mode="after")
+    def _references(self) -> PlatformSpec:
+        for name, model in self.models.items():
+            pool_name = model.training.gpu_pool
+            if pool_name is None:
+                continue
+            pool = self.gpu.pools.get(pool_name)
+            if pool is None:
+                known = ", ".join(sorted(self.gpu.pools)) or "none defined"
+                raise SpecReferenceError(
+                    ("models", name, "training", "gpu_pool"),
+                    f"names GPU pool {pool_name!r}, which gpu.pools does not define (defined: {known})",
+                )
+            if model.training.gpus > pool.gpus_per_node:
+                raise SpecReferenceError(
+                    ("models", name, "training", "gpus"),
+                    f"asks for {model.training.gpus} GPUs but a node of pool {pool_name!r} has "
+                    f"{pool.gpus_per_node} (gpu.pools.{pool_name}.gpus_per_node)",
+                )
+        return self
+
+
+# --- loading and errors -------------------------------------------------------------------------
+
+
+class SpecReferenceError(ValueError):
+    """A cross reference that does not resolve; carries the key path it belongs to."""
+
+    def __init__(self, loc: tuple[str, ...], message: str) -> None:
+        super().__init__(message)
+        self.loc = loc
+
+
+class SpecError(Exception):
+    """A stack file that is not a valid spec; the message names file, key path and fix."""
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        self.source = source
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{source}: invalid stack spec ({len(problems)} problem{'s' * (len(problems) > 1)}):\n{lines}")
+
+
+def _path(loc: tuple[Any, ...]) -> str:
+    path = CONFIG_KEY
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return path
+
+
+def _problems(error: ValidationError) -> list[str]:
+    problems = []
+    for err in error.errors(include_url=False):
+        # Drop the discriminated-union tag pydantic inserts ("in-cluster", "karpenter", ...)
+        # and validator wrappers, so the path is the one the user typed.
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and (p in _UNION_TAGS or p.startswith("function-"))))
+        ctx = err.get("ctx") or {}
+        inner = ctx.get("error")
+        if isinstance(inner, SpecReferenceError):
+            loc = loc + inner.loc
+            message = str(inner)
+        elif err["type"] == "extra_forbidden":
+            message = "unknown key" + _allowed_keys(loc)
+            problems.append(f"{_path(loc)}: {message}")
+            continue
+        elif err["type"] == "union_tag_invalid":
+            message = f"kind {err['input']!r} is not one of {ctx.get('expected_tags')}"
+        else:
+            message = err["msg"].removeprefix("Value error, ")
+            if err["type"] not in ("missing",) and not isinstance(err["input"], dict):
+                message += f" (got {err['input']!r})"
+        problems.append(f"{_path(loc)}: {message}")
+    return problems
+
+
+_UNION_TAGS = {"in-cluster", "external", "karpenter", "existing"}
+
+
+def _allowed_keys(loc: tuple[Any, ...]) -> str:
+    """For an unknown key, list the keys its section does allow."""
+    model: Any = PlatformSpec
+    for part in loc[:-1]:
+        fields = getattr(model, "model_fields", None)
+        if fields is None:
+            return ""
+        if part in fields:
+            model = _model_of(fields[part].annotation)
+        elif isinstance(model, type) and issubclass(model, BaseModel):
+            return ""
+    fields = getattr(model, "model_fields", None)
+    return f"; allowed here: {', '.join(fields)}" if fields else ""
+
+
+def _model_of(annotation: Any) -> Any:
+    from typing import get_args
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        found = _model_of(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def parse_spec(data: Any, source: str) -> PlatformSpec:
+    """Validate plain data (the value of `loopform:platform`) or raise SpecError."""
+    if not isinstance(data, dict):
+        raise SpecError(source, [f"{CONFIG_KEY}: must be a mapping of sections, got {type(data).__name__}"])
+    try:
+        return PlatformSpec.model_validate(data)
+    except ValidationError as error:
+        raise SpecError(source, _problems(error)) from None
+
+
+def read_stack_file(path: Path) -> dict[str, Any]:
+    """The parsed stack file, or SpecError naming what is wrong with it."""
+    source = str(path)
+    if not path.exists():
+        raise SpecError(source, ["file not found"])
+    try:
+        document = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise SpecError(source, [f"not valid YAML: {error}"]) from None
+    if not isinstance(document, dict) or not isinstance(document.get("config"), dict):
+        raise SpecError(source, ["a Pulumi stack file needs a top-level 'config' mapping"])
+    return document
+
+
+def load_stack(path: Path) -> PlatformSpec:
+    """The spec in a Pulumi stack file (`config: {loopform:platform: ...}`)."""
+    config = read_stack_file(path)["config"]
+    if CONFIG_KEY not in config:
+        raise SpecError(str(path), [f"config has no key {CONFIG_KEY!r}"])
+    return parse_spec(config[CONFIG_KEY], str(path))
+
+
+def stack_file(stack: str, root: Path | None = None) -> Path:
+    """Where stack config lives (Pulumi.yaml sets stackConfigDir: stacks)."""
+    return (root or repo_root()) / "stacks" / f"Pulumi.{stack}.yaml"
+
+
+def repo_root() -> Path:
+    return Path(__file__).resolve().parent.parent
+
+
+def load_from_pulumi_config() -> PlatformSpec:
+    """The spec of the running Pulumi stack."""
+    import pulumi
+
+    config = pulumi.Config("loopform")
+    raw = config.get(CONFIG_KEY.split(":", 1)[1])
+    source = f"stacks/Pulumi.{pulumi.get_stack()}.yaml"
+    if raw is None:
+        raise SpecError(source, [f"config has no key {CONFIG_KEY!r}"])
+    return parse_spec(json.loads(raw), source)
