@@ -34,12 +34,24 @@ class Step:
 
 
 PIPELINE: tuple[Step, ...] = (
-    Step("validate-data", "loopform.steps:validate_data", (), "Schema, range, missing, drift and OOD gates on new data."),
-    Step("get-features", "loopform.steps:get_features", ("validate-data",), "Point-in-time-correct training set from Feast."),
+    Step(
+        "validate-data", "loopform.steps:validate_data", (), "Schema, range, missing, drift and OOD gates on new data."
+    ),
+    Step(
+        "get-features",
+        "loopform.steps:get_features",
+        ("validate-data",),
+        "Point-in-time-correct training set from Feast.",
+    ),
     Step("train", "loopform.steps:train", ("get-features",), "Train the torch model with early stopping.", "training"),
     Step("evaluate", "loopform.steps:evaluate", ("train",), "Holdout metrics and comparison with the champion."),
     Step("register", "loopform.steps:register", ("evaluate",), "MLflow model version with its evidence as tags."),
-    Step("promote-to-staging", "loopform.steps:promote_to_staging", ("register",), "Gate the evidence, set the staging alias."),
+    Step(
+        "promote-to-staging",
+        "loopform.steps:promote_to_staging",
+        ("register",),
+        "Gate the evidence, set the staging alias.",
+    ),
 )
 
 STEP_NAMES: tuple[StepName, ...] = tuple(step.name for step in PIPELINE)

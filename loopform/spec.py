@@ -7,6 +7,7 @@ imports only light packages (pydantic, yaml, croniter) so `pulumi preview` start
 
 from __future__ import annotations
 
+import difflib
 import json
 import re
 from pathlib import Path
@@ -165,7 +166,11 @@ class RegistrySpec(Strict):
     """MLflow tracking server and model registry."""
 
     mlflow_version: str = Field("3.17.0", description="MLflow version; selects the image tag.")
-    image: str | None = Field(None, description="Server image; none uses ghcr.io/mlflow/mlflow:v<mlflow_version>.")
+    image: str | None = Field(
+        None,
+        description="Server image; none uses ghcr.io/loopform/mlflow:v<mlflow_version> (images/mlflow: "
+        "upstream MLflow plus the PostgreSQL and S3 drivers the upstream image lacks).",
+    )
     replicas: int = Field(1, ge=1, le=20, description="Tracking server replicas.")
     port: int = Field(5000, ge=1, le=65535, description="Service port.")
     workers: int = Field(2, ge=1, le=32, description="Server worker processes.")
@@ -177,7 +182,7 @@ class RegistrySpec(Strict):
 
     @property
     def server_image(self) -> str:
-        return self.image or f"ghcr.io/mlflow/mlflow:v{self.mlflow_version}"
+        return self.image or f"ghcr.io/loopform/mlflow:v{self.mlflow_version}"
 
 
 # --- feature store (Feast) -------------------------------------------------------------------
@@ -224,8 +229,11 @@ class FeatureServer(Strict):
 class FeatureStoreSpec(Strict):
     """Feast: registry, offline store, Redis online store, feature server, materialisation."""
 
-    feast_version: str = Field("0.67.0", description="Feast version; selects the image tag.")
-    image: str | None = Field(None, description="Image; none uses quay.io/feastdev/feature-server:<feast_version>.")
+    image: str | None = Field(
+        None,
+        description="Image of the feature server and jobs; none uses orchestrator.pipeline_image, "
+        "which carries Feast and everything the feature definitions import.",
+    )
     project: Name = Field("loopform", description="Feast project name.")
     registry: FeastRegistry = Field(default_factory=FeastRegistry)
     offline_store: OfflineStore = Field(default_factory=OfflineStore)
@@ -235,10 +243,6 @@ class FeatureStoreSpec(Strict):
     credentials_secret: Name | None = Field(
         None, description="Existing Secret with object-store credentials as AWS_* variables."
     )
-
-    @property
-    def server_image(self) -> str:
-        return self.image or f"quay.io/feastdev/feature-server:{self.feast_version}"
 
 
 # --- GPU node pools ---------------------------------------------------------------------------
@@ -260,7 +264,9 @@ class KarpenterNodeClass(Strict):
 
     role: str = Field("KarpenterNodeRole-loopform", description="IAM role of the nodes.")
     ami_alias: str = Field("al2023@latest", description="amiSelectorTerms alias (GPU AMIs are picked per instance).")
-    discovery_tag: str = Field("loopform", description="Value of tag karpenter.sh/discovery for subnets and security groups.")
+    discovery_tag: str = Field(
+        "loopform", description="Value of tag karpenter.sh/discovery for subnets and security groups."
+    )
     volume_size: Quantity = Field("200Gi", description="Root volume size.")
 
 
@@ -535,7 +541,9 @@ def _problems(error: ValidationError) -> list[str]:
     for err in error.errors(include_url=False):
         # Drop the discriminated-union tag pydantic inserts ("in-cluster", "karpenter", ...)
         # and validator wrappers, so the path is the one the user typed.
-        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and (p in _UNION_TAGS or p.startswith("function-"))))
+        loc = tuple(
+            p for p in err["loc"] if not (isinstance(p, str) and (p in _UNION_TAGS or p.startswith("function-")))
+        )
         ctx = err.get("ctx") or {}
         inner = ctx.get("error")
         if isinstance(inner, SpecReferenceError):
@@ -546,7 +554,7 @@ def _problems(error: ValidationError) -> list[str]:
             problems.append(f"{_path(loc)}: {message}")
             continue
         elif err["type"] == "union_tag_invalid":
-            message = f"kind {err['input']!r} is not one of {ctx.get('expected_tags')}"
+            message = f"kind {ctx.get('tag')!r} is not one of {ctx.get('expected_tags')}"
         else:
             message = err["msg"].removeprefix("Value error, ")
             if err["type"] not in ("missing",) and not isinstance(err["input"], dict):
@@ -570,7 +578,11 @@ def _allowed_keys(loc: tuple[Any, ...]) -> str:
         elif isinstance(model, type) and issubclass(model, BaseModel):
             return ""
     fields = getattr(model, "model_fields", None)
-    return f"; allowed here: {', '.join(fields)}" if fields else ""
+    if not fields:
+        return ""
+    close = difflib.get_close_matches(str(loc[-1]), list(fields), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"{hint}; allowed here: {', '.join(fields)}"
 
 
 def _model_of(annotation: Any) -> Any:

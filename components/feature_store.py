@@ -1,0 +1,268 @@
+"""FeatureStore: Feast registry, offline store, Redis online store, feature server, materialisation.
+
+Typed Kubernetes resources rather than the Feast operator: the feature repo is the same
+`models/*/features.py` the local runtime applies, shipped as a ConfigMap; `feast apply`
+runs as a Job the server waits for, and a CronJob materialises on the spec's schedule.
+The operator would add a CRD controller for what five objects express directly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pulumi
+import pulumi_kubernetes as k8s
+import yaml
+
+from components import common
+from loopform.spec import ExternalRedis, FeatureStoreSpec, InClusterRedis
+
+COMPONENT = "feast"
+FEAST_UID = 1000
+REDIS_UID = 999
+REPO_DIR = "/feature_repo"
+#: Environment variable a feature definition reads for the offline data location.
+OFFLINE_URI_ENV = "LOOPFORM_FEAST_OFFLINE_URI"
+
+
+@dataclass
+class FeatureStoreArgs:
+    """Inputs of the Feast deployment."""
+
+    spec: FeatureStoreSpec = field(default_factory=FeatureStoreSpec)
+    """Registry, stores, server and schedule from the stack spec."""
+    image: str = "ghcr.io/loopform/pipeline:0.1.0"
+    """Image with Feast and the feature definitions' imports (the pipeline image unless the spec names one)."""
+    feature_files: dict[str, str] = field(default_factory=dict)
+    """Feature definition files of the repo, by file name (e.g. {"fraud_features.py": source})."""
+    namespace: str = "loopform-system"
+    labels: dict[str, str] = field(default_factory=dict)
+    storage_class: str | None = None
+
+
+def feature_files(root: Path, model_paths: dict[str, str]) -> dict[str, str]:
+    """Read `<model path>/features.py` for each model, named `<model>_features.py` in the repo."""
+    files = {}
+    for model, path in sorted(model_paths.items()):
+        source = root / path / "features.py"
+        if not source.exists():
+            raise FileNotFoundError(f"models.{model}.path: {source} does not exist (each model needs a features.py)")
+        files[f"{model}_features.py"] = source.read_text()
+    return files
+
+
+def feature_store_yaml(spec: FeatureStoreSpec) -> str:
+    """feature_store.yaml; Feast expands ${VAR} from the environment when it loads it."""
+    online: dict[str, Any] = {"type": "redis", "connection_string": "${REDIS_CONNECTION_STRING}"}
+    config = {
+        "project": spec.project,
+        "provider": "local",
+        "registry": {
+            "registry_type": "file",
+            "path": spec.registry.path,
+            "cache_ttl_seconds": spec.registry.cache_ttl_seconds,
+        },
+        "offline_store": {"type": spec.offline_store.type},
+        "online_store": online,
+        "entity_key_serialization_version": 3,
+    }
+    return yaml.safe_dump(config, sort_keys=False)
+
+
+class FeatureStore(pulumi.ComponentResource):
+    """Feast on Kubernetes, every value from the spec."""
+
+    feature_server_url: pulumi.Output[str]
+    """HTTP endpoint of the feature server (`/get-online-features`)."""
+    online_store: pulumi.Output[str]
+    """The Redis host:port, or the Secret that holds the external connection string."""
+
+    def __init__(self, name: str, args: FeatureStoreArgs, opts: pulumi.ResourceOptions | None = None) -> None:
+        super().__init__("loopform:featurestore:FeatureStore", name, None, opts)
+        spec, ns = args.spec, args.namespace
+        object_labels = common.labels(COMPONENT, name, args.labels)
+
+        repo_files = {"feature_store.yaml": feature_store_yaml(spec), **args.feature_files}
+        repo_hash = hashlib.sha256(yaml.safe_dump(repo_files, sort_keys=True).encode()).hexdigest()[:8]
+        repo = k8s.core.v1.ConfigMap(
+            f"{name}-repo",
+            metadata=common.metadata(f"{name}-repo", ns, object_labels),
+            data=repo_files,
+            opts=common.child(self),
+        )
+
+        online = spec.online_store
+        if isinstance(online, InClusterRedis):
+            redis_host = self._redis(name, online, args)
+            redis_env: dict[str, Any] = {"name": "REDIS_CONNECTION_STRING", "value": redis_host}
+            depends: list[pulumi.Resource] = [repo, self._redis_workload]
+            self.online_store = pulumi.Output.from_input(redis_host)
+        else:
+            assert isinstance(online, ExternalRedis)
+            ref = online.connection_secret
+            redis_env = {
+                "name": "REDIS_CONNECTION_STRING",
+                "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}},
+            }
+            depends = [repo]
+            self.online_store = pulumi.Output.from_input(f"secret/{ref.name}#{ref.key}")
+
+        env = [redis_env, {"name": OFFLINE_URI_ENV, "value": spec.offline_store.data_uri}]
+        env_from = [{"secretRef": {"name": spec.credentials_secret}}] if spec.credentials_secret else []
+        pod = self._pod_template(spec, args.image, env, env_from, object_labels)
+
+        apply_job = k8s.batch.v1.Job(
+            f"{name}-apply",
+            metadata=common.metadata(f"{name}-apply-{repo_hash}", ns, object_labels),
+            spec={"backoffLimit": 4, "template": _with_command(pod, ["feast", "apply"], "OnFailure")},
+            opts=common.child(self, depends_on=depends, delete_before_replace=True),
+        )
+
+        port = spec.server.port
+        server_pod = _with_command(
+            pod, ["feast", "serve", "--host", "0.0.0.0", "--port", str(port), "--no-access-log"], "Always"
+        )
+        container = server_pod["spec"]["containers"][0]
+        container["ports"] = [{"name": "http", "containerPort": port}]
+        container["readinessProbe"] = common.http_probe("/health", "http")
+        container["livenessProbe"] = common.http_probe("/health", "http", period=20, initial_delay=20)
+        container["resources"] = common.resources(spec.server.resources)
+        server = k8s.apps.v1.Deployment(
+            f"{name}-server",
+            metadata=common.metadata(f"{name}-server", ns, object_labels),
+            spec={
+                "replicas": spec.server.replicas,
+                "selector": {"matchLabels": common.selector(COMPONENT, name)},
+                "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+                "template": server_pod,
+            },
+            opts=common.child(self, depends_on=[apply_job]),
+        )
+        k8s.core.v1.Service(
+            f"{name}-server-service",
+            metadata=common.metadata(f"{name}-server", ns, object_labels),
+            spec={
+                "selector": common.selector(COMPONENT, name),
+                "ports": [{"name": "http", "port": port, "targetPort": "http"}],
+            },
+            opts=common.child(self, depends_on=[server]),
+        )
+
+        materialize = [
+            "sh",
+            "-c",
+            'exec feast materialize-incremental "$(date -u +%Y-%m-%dT%H:%M:%S)"',
+        ]
+        k8s.batch.v1.CronJob(
+            f"{name}-materialize",
+            metadata=common.metadata(f"{name}-materialize", ns, object_labels),
+            spec={
+                "schedule": spec.materialization_schedule,
+                "concurrencyPolicy": "Forbid",
+                "startingDeadlineSeconds": 600,
+                "successfulJobsHistoryLimit": 3,
+                "failedJobsHistoryLimit": 3,
+                "jobTemplate": {"spec": {"backoffLimit": 2, "template": _with_command(pod, materialize, "OnFailure")}},
+            },
+            opts=common.child(self, depends_on=[apply_job]),
+        )
+
+        self.feature_server_url = pulumi.Output.from_input(common.service_url(f"{name}-server", ns, port))
+        self.register_outputs({"feature_server_url": self.feature_server_url, "online_store": self.online_store})
+
+    def _pod_template(
+        self,
+        spec: FeatureStoreSpec,
+        image: str,
+        env: list[dict[str, Any]],
+        env_from: list[dict[str, Any]],
+        labels: dict[str, str],
+    ) -> dict[str, Any]:
+        """The pod every Feast workload runs: the repo mounted read-only, a scratch dir for Feast."""
+        return {
+            "metadata": {"labels": labels},
+            "spec": {
+                "securityContext": common.pod_security(FEAST_UID),
+                "containers": [
+                    {
+                        "name": "feast",
+                        "image": image,
+                        "workingDir": REPO_DIR,
+                        "env": [*env, {"name": "HOME", "value": "/tmp"}],
+                        "envFrom": env_from,
+                        "resources": common.resources(spec.server.resources),
+                        "securityContext": common.container_security(),
+                        "volumeMounts": [
+                            {"name": "repo", "mountPath": REPO_DIR, "readOnly": True},
+                            {"name": "tmp", "mountPath": "/tmp"},
+                        ],
+                    }
+                ],
+                "volumes": [
+                    {"name": "repo", "configMap": {"name": self._repo_name}},
+                    {"name": "tmp", "emptyDir": {}},
+                ],
+            },
+        }
+
+    def _redis(self, name: str, redis: InClusterRedis, args: FeatureStoreArgs) -> str:
+        """An in-cluster Redis with append-only persistence; returns host:port."""
+        ns, role = args.namespace, f"{name}-redis"
+        redis_labels = common.labels("redis", role, args.labels)
+        k8s.core.v1.Service(
+            f"{name}-redis-service",
+            metadata=common.metadata(role, ns, redis_labels),
+            spec={
+                "selector": common.selector("redis", role),
+                "ports": [{"name": "redis", "port": 6379, "targetPort": "redis"}],
+            },
+            opts=common.child(self),
+        )
+        ping = ["redis-cli", "ping"]
+        self._redis_workload = k8s.apps.v1.StatefulSet(
+            f"{name}-redis",
+            metadata=common.metadata(role, ns, redis_labels),
+            spec={
+                "serviceName": role,
+                "replicas": 1,
+                "selector": {"matchLabels": common.selector("redis", role)},
+                "template": {
+                    "metadata": {"labels": redis_labels},
+                    "spec": {
+                        "securityContext": common.pod_security(REDIS_UID),
+                        "containers": [
+                            {
+                                "name": "redis",
+                                "image": redis.image,
+                                "args": ["--appendonly", "yes", "--dir", "/data"],
+                                "ports": [{"name": "redis", "containerPort": 6379}],
+                                "readinessProbe": common.exec_probe(ping, period=5),
+                                "livenessProbe": common.exec_probe(ping, period=20),
+                                "resources": common.resources(redis.resources),
+                                "securityContext": common.container_security(),
+                                "volumeMounts": [{"name": "data", "mountPath": "/data"}],
+                            }
+                        ],
+                    },
+                },
+                "volumeClaimTemplates": [common.volume_claim("data", redis.storage, args.storage_class)],
+            },
+            opts=common.child(self),
+        )
+        return f"{role}.{ns}.svc.cluster.local:6379"
+
+    @property
+    def _repo_name(self) -> str:
+        return f"{self._name}-repo"
+
+
+def _with_command(pod: dict[str, Any], command: list[str], restart: str) -> dict[str, Any]:
+    """A copy of the pod template running `command`."""
+    container = {**pod["spec"]["containers"][0], "command": command}
+    spec = {**pod["spec"], "containers": [container]}
+    if restart != "Always":
+        spec["restartPolicy"] = restart
+    return {**pod, "spec": spec}

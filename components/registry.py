@@ -1,0 +1,238 @@
+"""ModelRegistry: the MLflow tracking server and model registry.
+
+Typed Kubernetes resources rather than a chart: the schema migration must run as a Job
+that the server Deployment waits for (Pulumi's Chart resource runs no hooks), and the
+backend (in-cluster PostgreSQL or an external database from a Secret) is a spec choice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import pulumi
+import pulumi_kubernetes as k8s
+
+from components import common
+from loopform.spec import ExternalDatabase, InClusterPostgres, RegistrySpec
+
+COMPONENT = "mlflow"
+POSTGRES_UID = 999  # the postgres image's user
+MLFLOW_UID = 1000
+URL_KEY = "url"
+
+
+@dataclass
+class ModelRegistryArgs:
+    """Inputs of the MLflow registry."""
+
+    spec: RegistrySpec = field(default_factory=RegistrySpec)
+    """Server, backend and artifact settings from the stack spec."""
+    namespace: str = "loopform-system"
+    """Namespace of the server and its database."""
+    labels: dict[str, str] = field(default_factory=dict)
+    """Common labels added to every object."""
+    storage_class: str | None = None
+    """StorageClass of the database volume; none uses the cluster default."""
+    db_password: pulumi.Input[str] | None = None
+    """Password of the in-cluster PostgreSQL (a Pulumi secret); required for the in-cluster backend."""
+
+
+class ModelRegistry(pulumi.ComponentResource):
+    """MLflow server, its PostgreSQL backend, and the migration that precedes each rollout."""
+
+    tracking_uri: pulumi.Output[str]
+    """URI that clients (pipelines, services) set as MLFLOW_TRACKING_URI."""
+    service_name: pulumi.Output[str]
+
+    def __init__(self, name: str, args: ModelRegistryArgs, opts: pulumi.ResourceOptions | None = None) -> None:
+        super().__init__("loopform:registry:ModelRegistry", name, None, opts)
+        spec, ns = args.spec, args.namespace
+        object_labels = common.labels(COMPONENT, name, args.labels)
+
+        backend = spec.backend
+        if isinstance(backend, InClusterPostgres):
+            if args.db_password is None:
+                raise ValueError(
+                    "the in-cluster PostgreSQL backend needs a password: "
+                    "pulumi config set --secret loopform:registryDbPassword <password>"
+                )
+            url_secret, url_key, database = self._postgres(name, backend, args, object_labels)
+        else:
+            assert isinstance(backend, ExternalDatabase)
+            url_secret, url_key, database = backend.url_secret.name, backend.url_secret.key, []
+
+        backend_env = {
+            "name": "MLFLOW_BACKEND_STORE_URI",
+            "valueFrom": {"secretKeyRef": {"name": url_secret, "key": url_key}},
+        }
+        env = [backend_env, *self._artifact_env(spec)]
+        env_from = (
+            [{"secretRef": {"name": spec.artifacts.credentials_secret}}] if spec.artifacts.credentials_secret else []
+        )
+        security = common.pod_security(MLFLOW_UID)
+
+        # A new MLflow version gets a new Job name, so the migration reruns before the rollout.
+        version_tag = hashlib.sha256(spec.server_image.encode()).hexdigest()[:8]
+        migrate = k8s.batch.v1.Job(
+            f"{name}-migrate",
+            metadata=common.metadata(f"{name}-migrate-{version_tag}", ns, object_labels),
+            spec={
+                "backoffLimit": 4,
+                "template": {
+                    "metadata": {"labels": object_labels},
+                    "spec": {
+                        "restartPolicy": "OnFailure",
+                        "securityContext": security,
+                        "containers": [
+                            {
+                                "name": "migrate",
+                                "image": spec.server_image,
+                                "command": ["mlflow", "db", "upgrade", "$(MLFLOW_BACKEND_STORE_URI)"],
+                                "env": [backend_env],
+                                "resources": common.resources(spec.resources),
+                                "securityContext": common.container_security(read_only_root=False),
+                            }
+                        ],
+                    },
+                },
+            },
+            opts=common.child(self, depends_on=database, delete_before_replace=True),
+        )
+
+        port = spec.port
+        hosts = [f"{name}", f"{name}.{ns}", f"{name}.{ns}.svc", f"{name}.{ns}.svc.cluster.local", "localhost"]
+        allowed_hosts = ",".join(h for host in hosts for h in (host, f"{host}:{port}"))
+        server = k8s.apps.v1.Deployment(
+            f"{name}-server",
+            metadata=common.metadata(name, ns, object_labels),
+            spec={
+                "replicas": spec.replicas,
+                "selector": {"matchLabels": common.selector(COMPONENT, name)},
+                "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+                "template": {
+                    "metadata": {"labels": object_labels},
+                    "spec": {
+                        "securityContext": security,
+                        "containers": [
+                            {
+                                "name": "mlflow",
+                                "image": spec.server_image,
+                                "command": [
+                                    "mlflow",
+                                    "server",
+                                    "--host=0.0.0.0",
+                                    f"--port={port}",
+                                    f"--workers={spec.workers}",
+                                    "--backend-store-uri=$(MLFLOW_BACKEND_STORE_URI)",
+                                    "--serve-artifacts",
+                                    f"--artifacts-destination={spec.artifacts.uri}",
+                                    f"--allowed-hosts={allowed_hosts}",
+                                ],
+                                "env": env,
+                                "envFrom": env_from,
+                                "ports": [{"name": "http", "containerPort": port}],
+                                "readinessProbe": common.http_probe("/health", "http"),
+                                "livenessProbe": common.http_probe("/health", "http", period=20, initial_delay=30),
+                                "resources": common.resources(spec.resources),
+                                "securityContext": common.container_security(read_only_root=False),
+                            }
+                        ],
+                    },
+                },
+            },
+            opts=common.child(self, depends_on=[migrate]),
+        )
+
+        service = k8s.core.v1.Service(
+            f"{name}-service",
+            metadata=common.metadata(name, ns, object_labels),
+            spec={
+                "selector": common.selector(COMPONENT, name),
+                "ports": [{"name": "http", "port": port, "targetPort": "http"}],
+            },
+            opts=common.child(self, depends_on=[server]),
+        )
+
+        self.service_name = service.metadata.name
+        self.tracking_uri = pulumi.Output.from_input(common.service_url(name, ns, port))
+        self.register_outputs({"tracking_uri": self.tracking_uri, "service_name": self.service_name})
+
+    def _postgres(
+        self, name: str, backend: InClusterPostgres, args: ModelRegistryArgs, object_labels: dict[str, str]
+    ) -> tuple[str, str, list[pulumi.Resource]]:
+        """An in-cluster PostgreSQL; returns the Secret and key holding the database URL."""
+        ns, role = args.namespace, f"{name}-postgres"
+        db_labels = common.labels("postgresql", role, args.labels)
+        host = f"{role}.{ns}.svc.cluster.local"
+        url = pulumi.Output.concat(
+            f"postgresql://{backend.user}:", args.db_password, f"@{host}:5432/{backend.database}"
+        )
+        secret = k8s.core.v1.Secret(
+            f"{name}-db",
+            metadata=common.metadata(f"{name}-db", ns, db_labels),
+            type="Opaque",
+            string_data={
+                "POSTGRES_PASSWORD": pulumi.Output.secret(args.db_password),
+                URL_KEY: pulumi.Output.secret(url),
+            },
+            opts=common.child(self),
+        )
+        service = k8s.core.v1.Service(
+            f"{name}-postgres-service",
+            metadata=common.metadata(role, ns, db_labels),
+            spec={
+                "clusterIP": "None",
+                "selector": common.selector("postgresql", role),
+                "ports": [{"name": "postgres", "port": 5432, "targetPort": "postgres"}],
+            },
+            opts=common.child(self),
+        )
+        env: list[dict[str, Any]] = [
+            {"name": "POSTGRES_USER", "value": backend.user},
+            {"name": "POSTGRES_DB", "value": backend.database},
+            {"name": "PGDATA", "value": "/var/lib/postgresql/data/pgdata"},
+            {
+                "name": "POSTGRES_PASSWORD",
+                "valueFrom": {"secretKeyRef": {"name": f"{name}-db", "key": "POSTGRES_PASSWORD"}},
+            },
+        ]
+        ready = ["pg_isready", "-U", backend.user, "-d", backend.database]
+        statefulset = k8s.apps.v1.StatefulSet(
+            f"{name}-postgres",
+            metadata=common.metadata(role, ns, db_labels),
+            spec={
+                "serviceName": role,
+                "replicas": 1,
+                "selector": {"matchLabels": common.selector("postgresql", role)},
+                "template": {
+                    "metadata": {"labels": db_labels},
+                    "spec": {
+                        "securityContext": common.pod_security(POSTGRES_UID),
+                        "containers": [
+                            {
+                                "name": "postgres",
+                                "image": backend.image,
+                                "env": env,
+                                "ports": [{"name": "postgres", "containerPort": 5432}],
+                                "readinessProbe": common.exec_probe(ready, period=5),
+                                "livenessProbe": common.exec_probe(ready, period=20),
+                                "resources": common.resources(backend.resources),
+                                "securityContext": common.container_security(read_only_root=False),
+                                "volumeMounts": [{"name": "data", "mountPath": "/var/lib/postgresql/data"}],
+                            }
+                        ],
+                    },
+                },
+                "volumeClaimTemplates": [common.volume_claim("data", backend.storage, args.storage_class)],
+            },
+            opts=common.child(self, depends_on=[secret, service]),
+        )
+        return f"{name}-db", URL_KEY, [statefulset]
+
+    @staticmethod
+    def _artifact_env(spec: RegistrySpec) -> list[dict[str, str]]:
+        if spec.artifacts.endpoint_url:
+            return [{"name": "MLFLOW_S3_ENDPOINT_URL", "value": spec.artifacts.endpoint_url}]
+        return []

@@ -1,0 +1,140 @@
+"""The stack spec: real stacks load; bad stack files fail with one clear message each."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from loopform.cli import main
+from loopform.spec import CONFIG_KEY, PlatformSpec, SpecError, load_stack, parse_spec
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_every_stack_file_is_a_valid_spec() -> None:
+    for path in sorted((ROOT / "stacks").glob("Pulumi.*.yaml")):
+        spec = load_stack(path)
+        assert spec.environment == path.name.split(".")[1]
+        assert "fraud" in spec.models
+
+
+def test_defaults_fill_every_section() -> None:
+    spec = PlatformSpec(environment="dev")
+    assert spec.registry.backend.kind == "in-cluster"
+    assert spec.feature_store.online_store.kind == "in-cluster"
+    assert spec.cluster.namespaces.platform == "loopform-system"
+    assert spec.gates.drift.max_drift_share == 0.3
+
+
+def _base() -> dict:
+    return {
+        "environment": "dev",
+        "gpu": {"pools": {"gpu": {"kind": "karpenter", "gpus_per_node": 1}}},
+        "models": {"fraud": {"path": "models/fraud", "feature_service": "fraud_v1", "training": {"gpu_pool": "gpu"}}},
+    }
+
+
+def _set(doc: dict, path: str, value: object) -> dict:
+    node = doc
+    *parents, last = path.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[last] = value
+    return doc
+
+
+# (what a user got wrong, key path, value, the key path and the words the error must contain)
+BAD = [
+    ("unknown top-level key", "registy", {}, f"{CONFIG_KEY}.registy", "did you mean 'registry'"),
+    ("unknown nested key", "registry.artifact", {"uri": "s3://a/b"}, f"{CONFIG_KEY}.registry.artifact", "allowed here"),
+    ("wrong type", "registry.replicas", "two", f"{CONFIG_KEY}.registry.replicas", "valid integer"),
+    ("replicas out of range", "registry.replicas", 0, f"{CONFIG_KEY}.registry.replicas", "greater than or equal to 1"),
+    (
+        "bad quantity",
+        "registry.backend",
+        {"kind": "in-cluster", "storage": "8Gb"},
+        "backend.storage",
+        "Kubernetes quantity",
+    ),
+    ("bad cron", "feature_store.materialization_schedule", "every 5 minutes", "materialization_schedule", "cron"),
+    ("cron with six fields", "monitoring.schedule", "0 0 * * * *", f"{CONFIG_KEY}.monitoring.schedule", "five fields"),
+    ("bad URI", "registry.artifacts", {"uri": "bucket/artifacts"}, "registry.artifacts.uri", "s3://bucket/path"),
+    ("unknown kind", "feature_store.online_store", {"kind": "memcached"}, "online_store", "'memcached' is not one of"),
+    ("external db without secret", "registry.backend", {"kind": "external"}, "backend.url_secret", "Field required"),
+    ("bad namespace name", "cluster.namespaces.platform", "Loopform_System", "namespaces.platform", "DNS-1123"),
+    ("undefined GPU pool", "models.fraud.training.gpu_pool", "big", "models.fraud.training.gpu_pool", "'big'"),
+    ("too many GPUs", "models.fraud.training.gpus", 4, "models.fraud.training.gpus", "gpus_per_node"),
+    ("gpus without pool", "models.fraud.training", {"gpus": 1}, "models.fraud.training", "needs gpu_pool"),
+    ("share above one", "gates.max_ood_rate", 1.5, "gates.max_ood_rate", "less than or equal to 1"),
+    ("bad duration", "monitoring.window", "one day", "monitoring.window", "duration"),
+    ("replica range", "models.fraud.serving", {"min_replicas": 5, "max_replicas": 2}, "serving", "below min_replicas"),
+]
+
+
+@pytest.mark.parametrize(("case", "key", "value", "where", "words"), BAD, ids=[b[0] for b in BAD])
+def test_bad_spec_names_key_and_fix(case: str, key: str, value: object, where: str, words: str) -> None:
+    with pytest.raises(SpecError) as caught:
+        parse_spec(_set(_base(), key, value), "stacks/Pulumi.dev.yaml")
+    message = str(caught.value)
+    assert message.startswith("stacks/Pulumi.dev.yaml: invalid stack spec"), message
+    assert where in message, message
+    assert words in message, message
+    assert len(caught.value.problems) == 1, message
+
+
+def _write_stack(tmp_path: Path, platform: object) -> Path:
+    path = tmp_path / "Pulumi.dev.yaml"
+    path.write_text(yaml.safe_dump({"config": {CONFIG_KEY: platform}}))
+    return path
+
+
+def test_cli_reports_bad_file_without_traceback(tmp_path: Path) -> None:
+    path = _write_stack(tmp_path, _set(_base(), "registry.backend", {"kind": "in-cluster", "storage": "8Gb"}))
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "loopform.cli",
+            "render",
+            "--stack",
+            "dev",
+            "--file",
+            str(path),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert f"{path}: invalid stack spec" in result.stderr
+    assert "loopform:platform.registry.backend.storage: '8Gb' is not a Kubernetes quantity" in result.stderr
+    assert not (tmp_path / "o").exists(), "nothing may be rendered from a bad spec"
+
+
+@pytest.mark.parametrize(
+    ("content", "words"),
+    [
+        ("config: [unclosed", "not valid YAML"),
+        ("just a string", "top-level 'config' mapping"),
+        ("config:\n  other:key: 1\n", "no key 'loopform:platform'"),
+        ("config:\n  loopform:platform: [1, 2]\n", "must be a mapping of sections"),
+    ],
+)
+def test_malformed_files(tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str, words: str) -> None:
+    path = tmp_path / "Pulumi.dev.yaml"
+    path.write_text(content)
+    assert main(["validate", "--stack", "dev", "--file", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and words in err, err
+
+
+def test_missing_stack_file(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["validate", "--stack", "nosuchstack"]) == 2
+    assert "Pulumi.nosuchstack.yaml: invalid stack spec" in capsys.readouterr().err
