@@ -33,3 +33,5 @@ platform = Platform(spec.environment, PlatformArgs(spec=spec, root=ROOT, registr
 pulumi.export("tracking_uri", platform.tracking_uri)
 pulumi.export("feature_server_url", platform.feature_server_url)
 pulumi.export("namespaces", platform.namespaces)
+pulumi.export("workflow_templates", platform.workflow_templates)
+pulumi.export("workflow_submitter", platform.workflow_submitter)

@@ -22,7 +22,7 @@ def _stack_path(args: argparse.Namespace) -> Path:
 
 def cmd_render(args: argparse.Namespace) -> int:
     """Render the stack's resources offline and write them as YAML."""
-    load_stack(_stack_path(args))  # a bad spec is reported before Pulumi starts
+    spec = load_stack(_stack_path(args))  # a bad spec is reported before Pulumi starts
     from loopform import render
 
     root = Path(args.root)
@@ -37,6 +37,11 @@ def cmd_render(args: argparse.Namespace) -> int:
     _table(("KIND", "NAME", "NAMESPACE"), sorted(rows))
     components = sum(1 for r in resources if not r.custom)
     print(f"\n{len(rows)} resources in {components} components written to {out} ({len(paths) - 1} files + _tree.txt)")
+    if spec.gitops.enabled:
+        services_out = Path(args.services_out) if args.services_out else None
+        services = render.write_services(args.stack, root, services_out)
+        where = services_out or root / spec.gitops.path / args.stack
+        print(f"{len(services)} model-service manifests written to {where} (synced by Argo CD)")
     return 0
 
 
@@ -66,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     render = commands.add_parser("render", help="render the stack's resources offline (no CLI, no cluster)")
     stack_args(render)
     render.add_argument("--out", help="output folder (default: rendered/<stack>)")
+    render.add_argument("--services-out", help="model-service manifests for Argo CD (default: <gitops.path>/<stack>)")
     render.set_defaults(handler=cmd_render)
 
     validate = commands.add_parser("validate", help="check a stack file against the spec")

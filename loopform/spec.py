@@ -312,6 +312,9 @@ class GpuSpec(Strict):
     """GPU pools and the NVIDIA device plugin."""
 
     pools: dict[Name, GpuPool] = Field(default_factory=dict, description="Pools by name.")
+    namespace: Name = Field(
+        "kube-system", description="Namespace of the device plugin and DCGM exporter (privileged pods)."
+    )
     device_plugin_chart_version: str = Field("0.17.1", description="nvidia-device-plugin chart version.")
     dcgm_exporter_chart_version: str = Field("4.1.1", description="dcgm-exporter chart version.")
 
@@ -358,6 +361,7 @@ class GitOpsSpec(Strict):
 
     enabled: bool = Field(True)
     chart_version: str = Field("7.8.2", description="argo-cd chart version.")
+    argocd_version: str = Field("v2.14.2", description="Argo CD image tag (the one the chart version ships).")
     repo_url: GitUrl = Field("https://github.com/loopform/loopform.git", description="Repository Argo CD syncs.")
     target_revision: str = Field("main")
     path: str = Field("deploy", description="Folder of rendered service manifests; the environment is appended.")

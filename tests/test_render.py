@@ -20,6 +20,7 @@ from .conftest import STACKS
 GOLDEN = Path(__file__).resolve().parent / "golden"
 REGENERATE = os.environ.get("LOOPFORM_REGENERATE_GOLDEN") == "1"
 KUBERNETES_VERSION = "1.30"
+CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "NodePool", "EC2NodeClass"}
 
 
 def _files(folder: Path) -> dict[str, str]:
@@ -54,11 +55,12 @@ def test_core_objects_validate_against_kubernetes_schemas(stack: str, rendered) 
 @pytest.mark.parametrize("stack", STACKS)
 def test_every_object_is_namespaced_and_labelled(stack: str, rendered) -> None:
     for resource in rendered(stack):
-        if not resource.is_kubernetes_object or resource.kind in {"Namespace", "ClusterRole", "ClusterRoleBinding"}:
+        if not resource.is_kubernetes_object:
             continue
         metadata = resource.inputs["metadata"]
-        assert metadata.get("namespace"), f"{resource.name} has no namespace"
-        assert metadata["labels"]["loopform.dev/environment"] == stack
+        assert metadata["labels"]["loopform.dev/environment"] == stack, resource.name
+        if resource.kind not in CLUSTER_SCOPED:
+            assert metadata.get("namespace"), f"{resource.name} has no namespace"
 
 
 def test_render_is_deterministic(rendered, tmp_path: Path) -> None:
@@ -86,3 +88,30 @@ def test_render_command_writes_files_and_prints_table(tmp_path: Path, capsys: py
     assert (tmp_path / "_tree.txt").read_text().startswith("loopform:platform:Platform dev")
     secret = (tmp_path / "dev-registry-db.secret.yaml").read_text()
     assert "render-placeholder" not in secret and render.REDACTED in secret
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_gitops_application_syncs_the_folder_render_writes(stack: str, rendered) -> None:
+    from loopform.spec import load_stack, stack_file
+
+    spec = load_stack(stack_file(stack))
+    application = next(r for r in rendered(stack) if r.kind == "Application")
+    source = application.inputs["spec"]["source"]
+    assert source["path"] == f"{spec.gitops.path}/{stack}"
+    assert source["repoURL"] == spec.gitops.repo_url
+    assert application.inputs["spec"]["destination"]["namespace"] == spec.cluster.namespaces.serving
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_every_model_has_its_pipeline(stack: str, rendered) -> None:
+    templates = [r for r in rendered(stack) if r.kind == "WorkflowTemplate"]
+    assert [t.inputs["metadata"]["name"] for t in templates] == ["fraud-pipeline"]
+    tasks = templates[0].inputs["spec"]["templates"][-1]["dag"]["tasks"]
+    assert [t["name"] for t in tasks] == [
+        "validate-data",
+        "get-features",
+        "train",
+        "evaluate",
+        "register",
+        "promote-to-staging",
+    ]

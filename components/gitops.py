@@ -1,0 +1,250 @@
+"""GitOps: Argo CD, an AppProject fenced to the serving namespace and repository, and the
+Application that keeps this environment's model services in sync with git.
+
+Pulumi's Helm chart resource does not run Helm hooks. The argo-cd chart has one that
+matters: a pre-install Job (`redisSecretInit`) that runs `argocd admin redis-initial-password`
+to create the `argocd-redis` Secret every Argo CD pod reads its Redis password from. Here the
+hook is switched off in the chart values and the same Job (with its ServiceAccount and Role)
+is declared as ordinary resources that the chart waits for, so the Secret exists, with a
+random password generated in the cluster, before the first Argo CD pod starts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pulumi
+from pulumi_kubernetes.apiextensions import CustomResource
+from pulumi_kubernetes.batch.v1 import Job
+from pulumi_kubernetes.core.v1 import ServiceAccount
+from pulumi_kubernetes.helm.v4 import Chart, ChartArgs, RepositoryOptsArgs
+from pulumi_kubernetes.rbac.v1 import Role, RoleBinding
+
+from components import common
+from loopform.spec import GitOpsSpec, Namespaces, RetryPolicy
+
+ARGO_HELM_REPO = "https://argoproj.github.io/argo-helm"
+ARGOCD_IMAGE_REPOSITORY = "quay.io/argoproj/argocd"
+IN_CLUSTER = "https://kubernetes.default.svc"
+REDIS_SECRET = "argocd-redis"
+REDIS_SECRET_INIT = "argocd-redis-secret-init"
+
+#: Kinds a model service consists of (ModelService component); the AppProject allows only these.
+SERVICE_KINDS: tuple[tuple[str, str], ...] = (
+    ("apps", "Deployment"),
+    ("", "Service"),
+    ("", "ConfigMap"),
+    ("", "ServiceAccount"),
+    ("autoscaling", "HorizontalPodAutoscaler"),
+    ("policy", "PodDisruptionBudget"),
+    ("monitoring.coreos.com", "ServiceMonitor"),
+)
+
+#: Argo CD image of the default chart version (argo-cd chart 7.8.2 ships Argo CD v2.14.2).
+DEFAULT_ARGOCD_VERSION = "v2.14.2"
+
+
+def project_name(environment: str) -> str:
+    return f"loopform-{environment}"
+
+
+def application_name(environment: str) -> str:
+    return f"loopform-serving-{environment}"
+
+
+def application_path(spec: GitOpsSpec, environment: str) -> str:
+    """Folder of this environment's rendered model-service manifests: `<gitops.path>/<environment>`."""
+    return f"{spec.path.rstrip('/')}/{environment}"
+
+
+def argocd_values(argocd_version: str) -> dict[str, Any]:
+    """argo-cd chart values: the redis-secret-init hook is replaced by our own Job (see module doc)."""
+    return {
+        "crds": {"install": True, "keep": True},
+        "global": {"image": {"repository": ARGOCD_IMAGE_REPOSITORY, "tag": argocd_version}},
+        "redisSecretInit": {"enabled": False},
+        # No SSO is configured, so Dex would only be an idle attack surface.
+        "dex": {"enabled": False},
+    }
+
+
+def redis_secret_init_rules() -> list[dict[str, Any]]:
+    """What `argocd admin redis-initial-password` needs: read and create the one Secret."""
+    return [
+        {"apiGroups": [""], "resources": ["secrets"], "resourceNames": [REDIS_SECRET], "verbs": ["get"]},
+        {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create"]},
+    ]
+
+
+def redis_secret_init_job(namespace: str, argocd_version: str, labels: Mapping[str, str]) -> dict[str, Any]:
+    """The chart's pre-install hook Job, as an ordinary Job (no TTL: Pulumi keeps tracking it)."""
+    return {
+        "metadata": common.metadata(REDIS_SECRET_INIT, namespace, dict(labels)),
+        "spec": {
+            "backoffLimit": 6,
+            "template": {
+                "metadata": {"labels": dict(labels)},
+                "spec": {
+                    "serviceAccountName": REDIS_SECRET_INIT,
+                    "restartPolicy": "OnFailure",
+                    "securityContext": common.pod_security(999),
+                    "containers": [
+                        {
+                            "name": "secret-init",
+                            "image": f"{ARGOCD_IMAGE_REPOSITORY}:{argocd_version}",
+                            "command": ["argocd", "admin", "redis-initial-password"],
+                            "securityContext": common.container_security(),
+                            "resources": {
+                                "requests": {"cpu": "50m", "memory": "64Mi"},
+                                "limits": {"memory": "128Mi"},
+                            },
+                        }
+                    ],
+                },
+            },
+        },
+    }
+
+
+def app_project_spec(spec: GitOpsSpec, namespaces: Namespaces, kinds: Sequence[tuple[str, str]]) -> dict[str, Any]:
+    """An AppProject that may only deploy the listed kinds, from the spec's repository, into the serving namespace."""
+    return {
+        "description": "Model services released by loopform",
+        "sourceRepos": [spec.repo_url],
+        "destinations": [{"server": IN_CLUSTER, "namespace": namespaces.serving}],
+        "clusterResourceWhitelist": [],
+        "namespaceResourceWhitelist": [{"group": group, "kind": kind} for group, kind in kinds],
+    }
+
+
+def application_spec(spec: GitOpsSpec, environment: str, namespaces: Namespaces, retry: RetryPolicy) -> dict[str, Any]:
+    """The environment's Application: automated sync with prune, self-heal and retry."""
+    return {
+        "project": project_name(environment),
+        "source": {
+            "repoURL": spec.repo_url,
+            "targetRevision": spec.target_revision,
+            "path": application_path(spec, environment),
+        },
+        "destination": {"server": IN_CLUSTER, "namespace": namespaces.serving},
+        "syncPolicy": {
+            "automated": {"prune": True, "selfHeal": True},
+            "syncOptions": ["PrunePropagationPolicy=foreground", "PruneLast=true"],
+            "retry": {
+                "limit": retry.limit,
+                "backoff": {"duration": retry.backoff, "factor": retry.factor, "maxDuration": retry.max_backoff},
+            },
+        },
+    }
+
+
+@dataclass(frozen=True, kw_only=True)
+class GitOpsArgs:
+    """Inputs of GitOps."""
+
+    spec: GitOpsSpec
+    """gitops section: chart version, repository, revision and manifest path."""
+    environment: str
+    """Environment whose Application this stack declares (`<gitops.path>/<environment>`)."""
+    namespaces: Namespaces
+    """Argo CD runs in `gitops`; the Application deploys into `serving`."""
+    labels: Mapping[str, str] = field(default_factory=dict)
+    """Common labels added to every object."""
+    argocd_version: str = DEFAULT_ARGOCD_VERSION
+    """Argo CD image tag, for both the chart and the redis-secret-init Job, so they cannot differ."""
+    sync_retry: RetryPolicy = field(
+        default_factory=lambda: RetryPolicy(limit=5, backoff="10s", factor=2, max_backoff="3m")
+    )
+    """Retry of failed syncs."""
+    service_kinds: Sequence[tuple[str, str]] = SERVICE_KINDS
+    """(API group, kind) pairs the AppProject lets the Application deploy."""
+
+
+class GitOps(pulumi.ComponentResource):
+    """Argo CD from its chart, the AppProject and this environment's Application."""
+
+    namespace: pulumi.Output[str]
+    project_name: pulumi.Output[str]
+    application_name: pulumi.Output[str]
+    application_path: pulumi.Output[str]
+
+    def __init__(self, name: str, args: GitOpsArgs, opts: pulumi.ResourceOptions | None = None) -> None:
+        super().__init__("loopform:gitops:GitOps", name, None, opts)
+        spec = args.spec
+        namespace = args.namespaces.gitops
+        base_labels = dict(args.labels)
+
+        init_labels = common.labels("argocd-redis-secret-init", name, base_labels)
+        init_account = ServiceAccount(
+            f"{name}-redis-secret-init-sa",
+            metadata=common.metadata(REDIS_SECRET_INIT, namespace, init_labels),
+            opts=common.child(self),
+        )
+        init_role = Role(
+            f"{name}-redis-secret-init-role",
+            metadata=common.metadata(REDIS_SECRET_INIT, namespace, init_labels),
+            rules=redis_secret_init_rules(),
+            opts=common.child(self),
+        )
+        init_binding = RoleBinding(
+            f"{name}-redis-secret-init-binding",
+            metadata=common.metadata(REDIS_SECRET_INIT, namespace, init_labels),
+            role_ref={"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": REDIS_SECRET_INIT},
+            subjects=[{"kind": "ServiceAccount", "name": REDIS_SECRET_INIT, "namespace": namespace}],
+            opts=common.child(self, depends_on=[init_account, init_role]),
+        )
+        job = redis_secret_init_job(namespace, args.argocd_version, init_labels)
+        init_job = Job(
+            f"{name}-redis-secret-init",
+            metadata=job["metadata"],
+            spec=job["spec"],
+            opts=common.child(self, depends_on=[init_binding]),
+        )
+
+        chart = Chart(
+            f"{name}-argo-cd",
+            ChartArgs(
+                chart="argo-cd",
+                version=spec.chart_version,
+                namespace=namespace,
+                repository_opts=RepositoryOptsArgs(repo=ARGO_HELM_REPO),
+                values=argocd_values(args.argocd_version),
+            ),
+            opts=common.child(self, depends_on=[init_job]),
+        )
+
+        gitops_labels = common.labels("gitops", name, base_labels)
+        project = CustomResource(
+            f"{name}-project",
+            api_version="argoproj.io/v1alpha1",
+            kind="AppProject",
+            metadata=common.metadata(project_name(args.environment), namespace, gitops_labels),
+            spec=app_project_spec(spec, args.namespaces, args.service_kinds),
+            opts=common.child(self, depends_on=[chart]),
+        )
+        application_metadata = common.metadata(application_name(args.environment), namespace, gitops_labels)
+        # Deleting the Application deletes the services it deployed (cascading), not only the record.
+        application_metadata["finalizers"] = ["resources-finalizer.argocd.argoproj.io"]
+        CustomResource(
+            f"{name}-application",
+            api_version="argoproj.io/v1alpha1",
+            kind="Application",
+            metadata=application_metadata,
+            spec=application_spec(spec, args.environment, args.namespaces, args.sync_retry),
+            opts=common.child(self, depends_on=[chart, project]),
+        )
+
+        self.namespace = pulumi.Output.from_input(namespace)
+        self.project_name = pulumi.Output.from_input(project_name(args.environment))
+        self.application_name = pulumi.Output.from_input(application_name(args.environment))
+        self.application_path = pulumi.Output.from_input(application_path(spec, args.environment))
+        self.register_outputs(
+            {
+                "namespace": self.namespace,
+                "project_name": self.project_name,
+                "application_name": self.application_name,
+                "application_path": self.application_path,
+            }
+        )

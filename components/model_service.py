@@ -1,0 +1,180 @@
+"""ModelService: the BentoML service of a released model version.
+
+The manifests are built by one pure function, `manifests`, so they can take either road:
+with GitOps enabled, `loopform render` writes them to `<gitops.path>/<environment>/` and
+Argo CD syncs them (Pulumi declares none, so no object has two owners); without GitOps, the
+`ModelService` component declares them directly. Either way the release's evidence rides
+along as annotations, so what runs says why it was allowed to.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import pulumi
+import pulumi_kubernetes as k8s
+
+from components import common
+from loopform.spec import ModelSpec
+
+COMPONENT = "model-service"
+BENTO_UID = 1034  # the user BentoML's generated images run as
+ANNOTATION_PREFIX = "loopform.dev/"
+
+
+def service_name(model: str) -> str:
+    return f"{model}-service"
+
+
+def evidence_annotations(spec: ModelSpec) -> dict[str, str]:
+    """The release and its evidence, as annotations the policy pack and a reviewer can read."""
+    release = spec.release
+    if release is None:
+        return {}
+    evidence = release.evidence.model_dump(mode="json")
+    return {
+        f"{ANNOTATION_PREFIX}model-version": str(release.version),
+        f"{ANNOTATION_PREFIX}run-id": release.run_id,
+        f"{ANNOTATION_PREFIX}evidence-digest": release.evidence.digest,
+        f"{ANNOTATION_PREFIX}evidence": json.dumps(evidence, sort_keys=True, separators=(",", ":")),
+    }
+
+
+@dataclass
+class ModelServiceArgs:
+    """Inputs of one model's service."""
+
+    model: str
+    """Model name (the key under `models` in the spec)."""
+    spec: ModelSpec
+    """The model's spec; its `release` says which version and image to run."""
+    namespace: str = "loopform-serving"
+    labels: dict[str, str] = field(default_factory=dict)
+    tracking_uri: str = ""
+    """MLflow tracking URI the service loads the model version from."""
+    feature_server_url: str = ""
+    """Feast feature server for online features."""
+    payload_uri: str = ""
+    """Payload log root (partitioned Parquet)."""
+
+
+def manifests(args: ModelServiceArgs) -> list[dict[str, Any]]:
+    """Deployment, Service, HorizontalPodAutoscaler and PodDisruptionBudget of a released model."""
+    release = args.spec.release
+    if release is None:
+        return []
+    serving = args.spec.serving
+    name = service_name(args.model)
+    object_labels = common.labels(COMPONENT, name, {**args.labels, f"{ANNOTATION_PREFIX}model": args.model})
+    annotations = evidence_annotations(args.spec)
+    meta = common.metadata(name, args.namespace, object_labels, annotations)
+    selector = common.selector(COMPONENT, name)
+    env = [
+        {"name": "LOOPFORM_MODEL_NAME", "value": args.model},
+        {"name": "LOOPFORM_MODEL_URI", "value": f"models:/{args.model}/{release.version}"},
+        {"name": "LOOPFORM_TRACKING_URI", "value": args.tracking_uri},
+        {"name": "LOOPFORM_FEATURE_SERVER_URL", "value": args.feature_server_url},
+        {"name": "LOOPFORM_PAYLOAD_URI", "value": args.payload_uri},
+        {"name": "BENTOML_DO_NOT_TRACK", "value": "true"},
+        {"name": "MLFLOW_DISABLE_TELEMETRY", "value": "true"},
+    ]
+    container = {
+        "name": "bento",
+        "image": release.image,
+        "env": env,
+        "ports": [{"name": "http", "containerPort": serving.port}],
+        "readinessProbe": common.http_probe("/readyz", "http", period=5),
+        "livenessProbe": common.http_probe("/livez", "http", period=20, initial_delay=30),
+        # Let endpoints drop the pod before it stops taking requests; BentoML then drains.
+        "lifecycle": {"preStop": {"sleep": {"seconds": 10}}},
+        "resources": common.resources(serving.resources),
+        "securityContext": common.container_security(read_only_root=False),
+    }
+    deployment = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": meta,
+        "spec": {
+            "replicas": serving.min_replicas,
+            "selector": {"matchLabels": selector},
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+            "template": {
+                "metadata": {
+                    "labels": object_labels,
+                    "annotations": {
+                        **annotations,
+                        "prometheus.io/scrape": "true",
+                        "prometheus.io/port": str(serving.port),
+                        "prometheus.io/path": "/metrics",
+                    },
+                },
+                "spec": {
+                    "terminationGracePeriodSeconds": 40,
+                    "securityContext": common.pod_security(BENTO_UID),
+                    "containers": [container],
+                },
+            },
+        },
+    }
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": meta,
+        "spec": {"selector": selector, "ports": [{"name": "http", "port": serving.port, "targetPort": "http"}]},
+    }
+    autoscaler = {
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": meta,
+        "spec": {
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": name},
+            "minReplicas": serving.min_replicas,
+            "maxReplicas": serving.max_replicas,
+            "metrics": [
+                {
+                    "type": "Resource",
+                    "resource": {
+                        "name": "cpu",
+                        "target": {"type": "Utilization", "averageUtilization": serving.target_cpu_utilization},
+                    },
+                }
+            ],
+        },
+    }
+    budget = {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": meta,
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector}},
+    }
+    return [deployment, service, autoscaler, budget]
+
+
+_CLASSES = {
+    "Deployment": k8s.apps.v1.Deployment,
+    "Service": k8s.core.v1.Service,
+    "HorizontalPodAutoscaler": k8s.autoscaling.v2.HorizontalPodAutoscaler,
+    "PodDisruptionBudget": k8s.policy.v1.PodDisruptionBudget,
+}
+
+
+class ModelService(pulumi.ComponentResource):
+    """A released model's service, declared directly (the road without GitOps)."""
+
+    url: pulumi.Output[str]
+
+    def __init__(self, name: str, args: ModelServiceArgs, opts: pulumi.ResourceOptions | None = None) -> None:
+        super().__init__("loopform:serving:ModelService", name, None, opts)
+        for manifest in manifests(args):
+            kind = manifest["kind"]
+            _CLASSES[kind](
+                f"{name}-{kind.lower()}",
+                metadata=manifest["metadata"],
+                spec=manifest["spec"],
+                opts=common.child(self),
+            )
+        port = args.spec.serving.port
+        self.url = pulumi.Output.from_input(common.service_url(service_name(args.model), args.namespace, port))
+        self.register_outputs({"url": self.url})

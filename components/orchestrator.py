@@ -1,0 +1,296 @@
+"""Orchestrator: Argo Workflows and one training pipeline per model.
+
+Argo Workflows comes from its upstream chart, confined to the pipelines namespace
+(`singleNamespace`) and restricted to running WorkflowTemplates (`templateReferencing:
+Strict`). Around it: the artifact repository ConfigMap (the run directory passes between
+steps through it), a runner ServiceAccount with only what the Argo executor needs, a submitter
+ServiceAccount that may create Workflows from this component's templates and nothing else
+(for the retraining trigger), one WorkflowTemplate per model rendered from
+`loopform/pipeline.py` by `components.workflow`, and a CronWorkflow per scheduled model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pulumi
+import yaml
+from pulumi_kubernetes.apiextensions import CustomResource
+from pulumi_kubernetes.core.v1 import ConfigMap, ServiceAccount
+from pulumi_kubernetes.helm.v4 import Chart, ChartArgs, RepositoryOptsArgs
+from pulumi_kubernetes.rbac.v1 import Role, RoleBinding
+
+from components import common
+from components.workflow import (
+    ARTIFACT_REPOSITORY_CONFIGMAP,
+    ARTIFACT_REPOSITORY_KEY,
+    PipelineContext,
+    render_cron_workflow,
+    render_workflow_template,
+    template_name,
+)
+from loopform.spec import ArtifactRepository, ExistingPool, KarpenterPool, ModelSpec, Namespaces, OrchestratorSpec
+
+ARGO_HELM_REPO = "https://argoproj.github.io/argo-helm"
+ARGO_API_GROUP = "argoproj.io"
+RUNNER_SERVICE_ACCOUNT = "loopform-pipeline-runner"
+SUBMITTER_SERVICE_ACCOUNT = "loopform-workflow-submitter"
+
+
+def argo_workflows_values(spec: OrchestratorSpec, namespace: str, prometheus_release: str | None) -> dict[str, Any]:
+    """argo-workflows chart values built from the spec."""
+    service_monitor: dict[str, Any] = {"enabled": prometheus_release is not None}
+    if prometheus_release is not None:
+        service_monitor["additionalLabels"] = {"release": prometheus_release}
+    return {
+        "crds": {"install": True, "keep": True},
+        # Roles instead of ClusterRoles; the controller only sees the pipelines namespace.
+        "singleNamespace": True,
+        "controller": {
+            "workflowNamespaces": [namespace],
+            # Only Workflows that reference a WorkflowTemplate run: submitters cannot run arbitrary pods.
+            "workflowRestrictions": {"templateReferencing": "Strict"},
+            "clusterWorkflowTemplates": {"enabled": False},
+            "metricsConfig": {"enabled": True},
+            "serviceMonitor": service_monitor,
+        },
+        "server": {"clusterWorkflowTemplates": {"enabled": False}},
+        # The chart's workflow ServiceAccount and Role are replaced by the runner below.
+        "workflow": {"serviceAccount": {"create": False}, "rbac": {"create": False}},
+        # The artifact repository is our own ConfigMap in the workflow namespace.
+        "useDefaultArtifactRepo": False,
+    }
+
+
+def artifact_repository(spec: ArtifactRepository) -> dict[str, Any]:
+    """One Argo ArtifactRepository (S3-compatible); static keys when a Secret is named, else workload identity."""
+    s3: dict[str, Any] = {
+        "bucket": spec.bucket,
+        "endpoint": spec.endpoint,
+        "insecure": spec.insecure,
+        "keyFormat": spec.key_format,
+    }
+    if spec.region:
+        s3["region"] = spec.region
+    if spec.credentials_secret:
+        s3["accessKeySecret"] = {"name": spec.credentials_secret, "key": "accessKey"}
+        s3["secretKeySecret"] = {"name": spec.credentials_secret, "key": "secretKey"}
+    else:
+        s3["useSDKCreds"] = True
+    # Step logs are kept with the run so pods can be deleted as soon as they finish.
+    return {"archiveLogs": True, "s3": s3}
+
+
+def runner_rules() -> list[dict[str, Any]]:
+    """What the Argo executor in each step pod needs (Argo >= 3.4): report its task results."""
+    return [{"apiGroups": [ARGO_API_GROUP], "resources": ["workflowtaskresults"], "verbs": ["create", "patch"]}]
+
+
+def submitter_rules(templates: Sequence[str]) -> list[dict[str, Any]]:
+    """Create and follow Workflows, read only the named WorkflowTemplates."""
+    rules: list[dict[str, Any]] = [
+        {"apiGroups": [ARGO_API_GROUP], "resources": ["workflows"], "verbs": ["create", "get", "list", "watch"]}
+    ]
+    if templates:  # an empty resourceNames would grant every template
+        rules.append(
+            {
+                "apiGroups": [ARGO_API_GROUP],
+                "resources": ["workflowtemplates"],
+                "verbs": ["get"],
+                "resourceNames": sorted(templates),
+            }
+        )
+    return rules
+
+
+@dataclass(frozen=True, kw_only=True)
+class OrchestratorArgs:
+    """Inputs of the Orchestrator; every value comes from the stack spec."""
+
+    spec: OrchestratorSpec
+    """orchestrator section: chart version, pipeline image, artifact repository, deadlines, retries."""
+    environment: str
+    """Environment name; steps load `stacks/Pulumi.<environment>.yaml` from the pipeline image."""
+    namespaces: Namespaces
+    """Argo Workflows and the pipelines run in `pipelines`; the submitter account lives in `monitoring`."""
+    models: Mapping[str, ModelSpec]
+    """Models of the spec: one WorkflowTemplate each, a CronWorkflow when training.schedule is set."""
+    gpu_pools: Mapping[str, KarpenterPool | ExistingPool]
+    """gpu.pools: the training step's tolerations and node selector are derived from its pool."""
+    labels: Mapping[str, str] = field(default_factory=dict)
+    """Common labels added to every object."""
+    step_env: Mapping[str, pulumi.Input[str]] = field(default_factory=dict)
+    """Environment of every step (e.g. MLFLOW_TRACKING_URI, FEAST_FEATURE_SERVER_URL); values may be Outputs."""
+    step_env_from_secrets: Sequence[str] = ()
+    """Existing Secrets in the pipelines namespace loaded into every step's environment."""
+    prometheus_release: str | None = None
+    """`release` label for the controller's ServiceMonitor; None installs none."""
+
+
+class Orchestrator(pulumi.ComponentResource):
+    """Argo Workflows, artifact repository, least-privilege accounts and the per-model pipelines."""
+
+    namespace: pulumi.Output[str]
+    workflow_templates: pulumi.Output[dict[str, str]]
+    """Model name -> WorkflowTemplate name (what the retraining trigger submits)."""
+    cron_workflows: pulumi.Output[dict[str, str]]
+    """Model name -> CronWorkflow name, for models with a training schedule."""
+    runner_service_account: pulumi.Output[str]
+    submitter_service_account: pulumi.Output[str]
+    """ServiceAccount (in submitter_namespace) allowed to create Workflows from the templates."""
+    submitter_namespace: pulumi.Output[str]
+    template_names: dict[str, str]
+    """The same as workflow_templates as plain data (names are fixed by the spec)."""
+
+    def __init__(self, name: str, args: OrchestratorArgs, opts: pulumi.ResourceOptions | None = None) -> None:
+        super().__init__("loopform:orchestrator:Orchestrator", name, None, opts)
+        spec = args.spec
+        namespace = args.namespaces.pipelines
+        submitter_namespace = args.namespaces.monitoring
+        base_labels = dict(args.labels)
+        self.template_names = {model: template_name(model) for model in sorted(args.models)}
+
+        chart = Chart(
+            f"{name}-argo-workflows",
+            ChartArgs(
+                chart="argo-workflows",
+                version=spec.chart_version,
+                namespace=namespace,
+                repository_opts=RepositoryOptsArgs(repo=ARGO_HELM_REPO),
+                values=argo_workflows_values(spec, namespace, args.prometheus_release),
+            ),
+            opts=common.child(self),
+        )
+
+        artifacts = ConfigMap(
+            f"{name}-artifact-repository",
+            metadata=common.metadata(
+                ARTIFACT_REPOSITORY_CONFIGMAP,
+                namespace,
+                common.labels("artifact-repository", name, base_labels),
+                {"workflows.argoproj.io/default-artifact-repository": ARTIFACT_REPOSITORY_KEY},
+            ),
+            data={
+                ARTIFACT_REPOSITORY_KEY: yaml.safe_dump(artifact_repository(spec.artifact_repository), sort_keys=True)
+            },
+            opts=common.child(self),
+        )
+
+        runner_labels = common.labels("pipeline-runner", name, base_labels)
+        runner = ServiceAccount(
+            f"{name}-runner-sa",
+            metadata=common.metadata(RUNNER_SERVICE_ACCOUNT, namespace, runner_labels),
+            opts=common.child(self),
+        )
+        runner_role = Role(
+            f"{name}-runner-role",
+            metadata=common.metadata(RUNNER_SERVICE_ACCOUNT, namespace, runner_labels),
+            rules=runner_rules(),
+            opts=common.child(self),
+        )
+        RoleBinding(
+            f"{name}-runner-binding",
+            metadata=common.metadata(RUNNER_SERVICE_ACCOUNT, namespace, runner_labels),
+            role_ref={"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": RUNNER_SERVICE_ACCOUNT},
+            subjects=[{"kind": "ServiceAccount", "name": RUNNER_SERVICE_ACCOUNT, "namespace": namespace}],
+            opts=common.child(self, depends_on=[runner, runner_role]),
+        )
+
+        submitter_labels = common.labels("workflow-submitter", name, base_labels)
+        submitter = ServiceAccount(
+            f"{name}-submitter-sa",
+            metadata=common.metadata(SUBMITTER_SERVICE_ACCOUNT, submitter_namespace, submitter_labels),
+            opts=common.child(self),
+        )
+        submitter_role = Role(
+            f"{name}-submitter-role",
+            metadata=common.metadata(SUBMITTER_SERVICE_ACCOUNT, namespace, submitter_labels),
+            rules=submitter_rules(list(self.template_names.values())),
+            opts=common.child(self),
+        )
+        RoleBinding(
+            f"{name}-submitter-binding",
+            metadata=common.metadata(SUBMITTER_SERVICE_ACCOUNT, namespace, submitter_labels),
+            role_ref={"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": SUBMITTER_SERVICE_ACCOUNT},
+            subjects=[{"kind": "ServiceAccount", "name": SUBMITTER_SERVICE_ACCOUNT, "namespace": submitter_namespace}],
+            opts=common.child(self, depends_on=[submitter, submitter_role]),
+        )
+
+        pipeline_labels = common.labels("training-pipeline", name, base_labels)
+        templates: dict[str, pulumi.Output[str]] = {}
+        crons: dict[str, pulumi.Output[str]] = {}
+        for model, model_spec in sorted(args.models.items()):
+            # Metadata never depends on the step environment; the spec may wait for Outputs in it.
+            template_doc = render_workflow_template(_context(args, namespace, pipeline_labels, {}), model, model_spec)
+            template = CustomResource(
+                f"{name}-{model}-template",
+                api_version=template_doc["apiVersion"],
+                kind=template_doc["kind"],
+                metadata=template_doc["metadata"],
+                spec=_template_spec(args, namespace, pipeline_labels, model, model_spec),
+                opts=common.child(self, depends_on=[chart, artifacts, runner]),
+            )
+            templates[model] = template.metadata.apply(_name)
+            if model_spec.training.schedule:
+                cron_doc = render_cron_workflow(
+                    _context(args, namespace, pipeline_labels, {}), model, model_spec.training.schedule
+                )
+                cron = CustomResource(
+                    f"{name}-{model}-cron",
+                    api_version=cron_doc["apiVersion"],
+                    kind=cron_doc["kind"],
+                    metadata=cron_doc["metadata"],
+                    spec=cron_doc["spec"],
+                    opts=common.child(self, depends_on=[template]),
+                )
+                crons[model] = cron.metadata.apply(_name)
+
+        self.namespace = pulumi.Output.from_input(namespace)
+        self.workflow_templates = pulumi.Output.all(**templates) if templates else pulumi.Output.from_input({})
+        self.cron_workflows = pulumi.Output.all(**crons) if crons else pulumi.Output.from_input({})
+        self.runner_service_account = runner.metadata.name
+        self.submitter_service_account = submitter.metadata.name
+        self.submitter_namespace = pulumi.Output.from_input(submitter_namespace)
+        self.register_outputs(
+            {
+                "namespace": self.namespace,
+                "workflow_templates": self.workflow_templates,
+                "cron_workflows": self.cron_workflows,
+                "runner_service_account": self.runner_service_account,
+                "submitter_service_account": self.submitter_service_account,
+                "submitter_namespace": self.submitter_namespace,
+            }
+        )
+
+
+def _context(args: OrchestratorArgs, namespace: str, labels: dict[str, str], env: Mapping[str, str]) -> PipelineContext:
+    return PipelineContext(
+        environment=args.environment,
+        namespace=namespace,
+        orchestrator=args.spec,
+        pools=args.gpu_pools,
+        service_account=RUNNER_SERVICE_ACCOUNT,
+        labels=labels,
+        env=env,
+        env_from_secrets=tuple(args.step_env_from_secrets),
+    )
+
+
+def _template_spec(
+    args: OrchestratorArgs, namespace: str, labels: dict[str, str], model: str, model_spec: ModelSpec
+) -> pulumi.Input[dict[str, Any]]:
+    """The WorkflowTemplate spec, rendered once the step environment (possibly Outputs) is known."""
+
+    def render(env: Mapping[str, str]) -> dict[str, Any]:
+        return render_workflow_template(_context(args, namespace, labels, env), model, model_spec)["spec"]
+
+    if not args.step_env:
+        return render({})
+    return pulumi.Output.all(**dict(args.step_env)).apply(render)
+
+
+def _name(metadata: Any) -> str:
+    """metadata.name of a custom resource's output (a dict, or ObjectMeta when typed)."""
+    return metadata["name"] if isinstance(metadata, dict) else metadata.name

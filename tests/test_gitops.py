@@ -1,0 +1,178 @@
+"""GitOps under Pulumi mocks: Argo CD chart, the replacement for its redis-secret-init hook,
+the AppProject fence and the environment's Application."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import kubernetes_validate
+import pulumi
+import pytest
+
+from components.gitops import GitOps, GitOpsArgs
+from loopform.render import RenderedResource, render_components
+from loopform.spec import GitOpsSpec, PlatformSpec, RetryPolicy, load_stack, stack_file
+
+STACKS = ("dev", "staging", "prod")
+
+
+def _spec(stack: str) -> PlatformSpec:
+    return load_stack(stack_file(stack))
+
+
+def _args(spec: PlatformSpec, **extra: Any) -> GitOpsArgs:
+    return GitOpsArgs(
+        spec=spec.gitops,
+        environment=spec.environment,
+        namespaces=spec.cluster.namespaces,
+        labels=spec.cluster.labels,
+        **extra,
+    )
+
+
+def _render(args: GitOpsArgs) -> tuple[dict[str, RenderedResource], dict[str, Any]]:
+    outputs: dict[str, Any] = {}
+    names = ("namespace", "project_name", "application_name", "application_path")
+
+    def run():
+        component = GitOps("gitops", args)
+        return pulumi.Output.all(*[getattr(component, n) for n in names]).apply(
+            lambda values: outputs.update(zip(names, values, strict=True))
+        )
+
+    return {r.name: r for r in render_components(run)}, outputs
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_gitops_children_names_parents_and_outputs(stack: str) -> None:
+    spec = _spec(stack)
+    resources, outputs = _render(_args(spec))
+    assert set(resources) == {
+        "gitops",
+        "gitops-redis-secret-init-sa",
+        "gitops-redis-secret-init-role",
+        "gitops-redis-secret-init-binding",
+        "gitops-redis-secret-init",
+        "gitops-argo-cd",
+        "gitops-project",
+        "gitops-application",
+    }
+    component = resources["gitops"]
+    assert component.type_ == "loopform:gitops:GitOps" and not component.custom
+    assert all(r.parent == component.urn for name, r in resources.items() if name != "gitops")
+    assert outputs == {
+        "namespace": spec.cluster.namespaces.gitops,
+        "project_name": f"loopform-{spec.environment}",
+        "application_name": f"loopform-serving-{spec.environment}",
+        "application_path": f"{spec.gitops.path}/{spec.environment}",
+    }
+
+    chart = resources["gitops-argo-cd"].manifest()
+    assert chart["chart"] == "argo-cd"
+    assert chart["version"] == spec.gitops.chart_version
+    assert chart["repositoryOpts"]["repo"] == "https://argoproj.github.io/argo-helm"
+    assert chart["namespace"] == spec.cluster.namespaces.gitops
+
+
+def test_redis_secret_hook_is_replaced_by_an_ordered_job() -> None:
+    spec = _spec("dev")
+    resources, _ = _render(_args(spec, argocd_version="v2.14.9"))
+    chart = resources["gitops-argo-cd"]
+    values = chart.manifest()["values"]
+    # The chart's hook is off (Pulumi would never run it) ...
+    assert values["redisSecretInit"] == {"enabled": False}
+    # ... and our Job runs the same command with the same image as the chart, before the chart.
+    job = resources["gitops-redis-secret-init"]
+    assert job.urn in chart.dependencies
+    pod = job.manifest()["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["command"] == ["argocd", "admin", "redis-initial-password"]
+    assert container["image"] == f"{values['global']['image']['repository']}:{values['global']['image']['tag']}"
+    assert values["global"]["image"]["tag"] == "v2.14.9"
+    assert pod["serviceAccountName"] == resources["gitops-redis-secret-init-sa"].manifest()["metadata"]["name"]
+    assert "ttlSecondsAfterFinished" not in job.manifest()["spec"]
+    assert resources["gitops-redis-secret-init-binding"].urn in job.dependencies
+
+    role = resources["gitops-redis-secret-init-role"].manifest()
+    assert role["rules"] == [
+        {"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["argocd-redis"], "verbs": ["get"]},
+        {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create"]},
+    ]
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_core_objects_are_valid_kubernetes(stack: str) -> None:
+    resources, _ = _render(_args(_spec(stack)))
+    core = [
+        r for r in resources.values() if r.is_kubernetes_object and not r.type_.startswith("kubernetes:argoproj.io")
+    ]
+    assert sorted(r.kind for r in core) == ["Job", "Role", "RoleBinding", "ServiceAccount"]
+    for resource in core:
+        kubernetes_validate.validate(resource.manifest(), "1.30", strict=True)
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_project_is_fenced_to_the_repository_and_serving_namespace(stack: str) -> None:
+    spec = _spec(stack)
+    resources, _ = _render(_args(spec))
+    project = resources["gitops-project"]
+    assert project.type_ == "kubernetes:argoproj.io/v1alpha1:AppProject"
+    manifest = project.manifest()
+    assert manifest["metadata"]["name"] == f"loopform-{spec.environment}"
+    assert manifest["metadata"]["namespace"] == spec.cluster.namespaces.gitops
+    assert manifest["spec"]["sourceRepos"] == [spec.gitops.repo_url]
+    assert manifest["spec"]["destinations"] == [
+        {"server": "https://kubernetes.default.svc", "namespace": spec.cluster.namespaces.serving}
+    ]
+    assert manifest["spec"]["clusterResourceWhitelist"] == []
+    kinds = {(k["group"], k["kind"]) for k in manifest["spec"]["namespaceResourceWhitelist"]}
+    assert ("apps", "Deployment") in kinds and ("", "Service") in kinds
+    assert ("rbac.authorization.k8s.io", "Role") not in kinds
+    assert resources["gitops-argo-cd"].urn in project.dependencies
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_application_syncs_the_environment_folder_automatically(stack: str) -> None:
+    spec = _spec(stack)
+    resources, _ = _render(_args(spec))
+    application = resources["gitops-application"]
+    assert application.type_ == "kubernetes:argoproj.io/v1alpha1:Application"
+    manifest = application.manifest()
+    assert manifest["metadata"]["name"] == f"loopform-serving-{spec.environment}"
+    assert manifest["metadata"]["namespace"] == spec.cluster.namespaces.gitops
+    assert manifest["metadata"]["finalizers"] == ["resources-finalizer.argocd.argoproj.io"]
+    app = manifest["spec"]
+    assert app["project"] == resources["gitops-project"].manifest()["metadata"]["name"]
+    assert app["source"] == {
+        "repoURL": spec.gitops.repo_url,
+        "targetRevision": spec.gitops.target_revision,
+        "path": f"deploy/{spec.environment}",
+    }
+    assert app["destination"] == {
+        "server": "https://kubernetes.default.svc",
+        "namespace": spec.cluster.namespaces.serving,
+    }
+    assert app["syncPolicy"]["automated"] == {"prune": True, "selfHeal": True}
+    assert app["syncPolicy"]["retry"] == {
+        "limit": 5,
+        "backoff": {"duration": "10s", "factor": 2, "maxDuration": "3m"},
+    }
+    assert {resources["gitops-argo-cd"].urn, resources["gitops-project"].urn} <= set(application.dependencies)
+
+
+def test_application_follows_spec_path_revision_and_retry() -> None:
+    spec = _spec("prod")
+    gitops = GitOpsSpec(repo_url="ssh://git@example.com/ml/deploy.git", target_revision="release", path="manifests/")
+    resources, outputs = _render(
+        GitOpsArgs(
+            spec=gitops,
+            environment="prod",
+            namespaces=spec.cluster.namespaces,
+            sync_retry=RetryPolicy(limit=2, backoff="5s", factor=3, max_backoff="1m"),
+        )
+    )
+    app = resources["gitops-application"].manifest()["spec"]
+    assert app["source"] == {"repoURL": gitops.repo_url, "targetRevision": "release", "path": "manifests/prod"}
+    assert app["syncPolicy"]["retry"] == {"limit": 2, "backoff": {"duration": "5s", "factor": 3, "maxDuration": "1m"}}
+    assert resources["gitops-project"].manifest()["spec"]["sourceRepos"] == [gitops.repo_url]
+    assert outputs["application_path"] == "manifests/prod"

@@ -1,0 +1,74 @@
+"""ModelService: manifests of a released model, the GitOps folder, and the component under mocks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import kubernetes_validate
+import yaml
+
+from components.model_service import ModelService, ModelServiceArgs, manifests
+from loopform.render import render_components, write_services
+from loopform.spec import CONFIG_KEY, ModelSpec
+
+RELEASE = {
+    "version": 3,
+    "image": "ghcr.io/loopform/fraud:v3",
+    "run_id": "abc123",
+    "evidence": {"digest": "f" * 64, "created_at": "2026-11-01T00:00:00+00:00", "evaluation": {"auc": 0.91}},
+}
+
+
+def _spec(release: dict | None = RELEASE) -> ModelSpec:
+    return ModelSpec.model_validate(
+        {"path": "models/fraud", "feature_service": "fraud_v1", "release": release, "serving": {"min_replicas": 2}}
+    )
+
+
+def test_released_model_gets_zero_downtime_service() -> None:
+    objects = {m["kind"]: m for m in manifests(ModelServiceArgs(model="fraud", spec=_spec(), namespace="serve"))}
+    assert set(objects) == {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget"}
+    for manifest in objects.values():
+        kubernetes_validate.validate(manifest, "1.30", strict=True)
+    deployment = objects["Deployment"]
+    assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert container["image"] == "ghcr.io/loopform/fraud:v3"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["lifecycle"]["preStop"]["sleep"]["seconds"] > 0
+    assert {"name": "LOOPFORM_MODEL_URI", "value": "models:/fraud/3"} in container["env"]
+    annotations = deployment["metadata"]["annotations"]
+    assert annotations["loopform.dev/evidence-digest"] == "f" * 64
+    assert json.loads(annotations["loopform.dev/evidence"])["evaluation"]["auc"] == 0.91
+    assert objects["HorizontalPodAutoscaler"]["spec"]["minReplicas"] == 2
+
+
+def test_unreleased_model_has_no_service() -> None:
+    assert manifests(ModelServiceArgs(model="fraud", spec=_spec(None))) == []
+
+
+def test_component_declares_the_same_objects() -> None:
+    resources = render_components(lambda: ModelService("svc", ModelServiceArgs(model="fraud", spec=_spec())))
+    component = next(r for r in resources if r.name == "svc")
+    children = {r.kind: r for r in resources if r.parent == component.urn}
+    assert set(children) == {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget"}
+    expected = {m["kind"]: m for m in manifests(ModelServiceArgs(model="fraud", spec=_spec()))}
+    for kind, resource in children.items():
+        assert resource.manifest() == expected[kind]
+
+
+def test_gitops_folder_holds_released_services(tmp_path: Path) -> None:
+    root = Path(__file__).resolve().parent.parent
+    stack = yaml.safe_load((root / "stacks" / "Pulumi.dev.yaml").read_text())
+    stack["config"][CONFIG_KEY]["models"]["fraud"]["release"] = RELEASE
+    (tmp_path / "stacks").mkdir()
+    (tmp_path / "stacks" / "Pulumi.dev.yaml").write_text(yaml.safe_dump(stack))
+    written = write_services("dev", tmp_path, tmp_path / "out")
+    assert [p.name for p in written] == [
+        "fraud-service.deployment.yaml",
+        "fraud-service.horizontalpodautoscaler.yaml",
+        "fraud-service.poddisruptionbudget.yaml",
+        "fraud-service.service.yaml",
+    ]
+    assert "Argo CD syncs this folder" in (tmp_path / "out" / "README.md").read_text()
