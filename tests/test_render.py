@@ -81,13 +81,23 @@ def test_stacks_differ_only_in_data(rendered) -> None:
 
 
 def test_render_command_writes_files_and_prints_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["render", "--stack", "dev", "--out", str(tmp_path)]) == 0
+    services = tmp_path / "services"
+    assert main(["render", "--stack", "dev", "--out", str(tmp_path), "--services-out", str(services)]) == 0
     printed = capsys.readouterr().out
     assert "KIND" in printed and "dev-registry-server" in printed
     assert (tmp_path / "dev-registry-server.deployment.yaml").exists()
     assert (tmp_path / "_tree.txt").read_text().startswith("loopform:platform:Platform dev")
     secret = (tmp_path / "dev-registry-db.secret.yaml").read_text()
     assert "render-placeholder" not in secret and render.REDACTED in secret
+    assert (services / "README.md").exists()
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_committed_gitops_folder_is_current(stack: str, tmp_path: Path) -> None:
+    """deploy/<stack> is what Argo CD syncs: it must equal a fresh render (run `make render`)."""
+    root = Path(__file__).resolve().parent.parent
+    render.write_services(stack, root, tmp_path)
+    assert _files(tmp_path) == _files(root / "deploy" / stack)
 
 
 @pytest.mark.parametrize("stack", STACKS)
