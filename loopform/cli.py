@@ -7,6 +7,8 @@ torch for the runtime) only when it runs.
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -53,6 +55,125 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_up(args: argparse.Namespace) -> int:
+    """The whole loop on this machine."""
+    import warnings
+
+    from loopform.local import up
+
+    # Third-party noise, not the user's concern: deprecations, MLflow's pickle notice and progress bars.
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
+    up(_stack_path(args), Path(args.root))
+    return 0
+
+
+def _tracking_uri(args: argparse.Namespace) -> str:
+    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        raise UsageError("set --tracking-uri or MLFLOW_TRACKING_URI (e.g. sqlite:////abs/path/mlflow.db)")
+    return uri
+
+
+def cmd_step(args: argparse.Namespace) -> int:
+    """One pipeline step, as an Argo pod runs it."""
+    from loopform.pipeline import step
+    from loopform.steps import StepContext, StepFailed
+
+    spec = load_stack(_stack_path(args))
+    if args.model not in spec.models:
+        raise UsageError(f"stack {args.stack} declares no model {args.model!r} (declared: {', '.join(spec.models)})")
+    declared = step(args.name)
+    run_dir = Path(args.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    feature_repo = args.feature_repo or os.environ.get("LOOPFORM_FEATURE_REPO") or str(run_dir.parent / "feast")
+    context = StepContext(
+        model=args.model,
+        spec=spec,
+        run_dir=run_dir,
+        tracking_uri=_tracking_uri(args),
+        feature_repo=Path(feature_repo),
+        root=Path(args.root),
+        stack_files=_stack_path(args).parent,
+    )
+    try:
+        declared.load()(context)
+    except StepFailed as error:
+        print(f"step {declared.name} failed: {error}", file=sys.stderr)
+        return 1
+    print(f"step {declared.name} done: outputs in {run_dir}")
+    return 0
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    """Promote a registered version to an environment through its gates."""
+    from loopform.promotion import PromotionError, promote
+
+    path = stack_file(args.to, Path(args.root))
+    try:
+        release = promote(
+            args.model, args.version, args.to, tracking_uri=_tracking_uri(args), stack_path=path, image=args.image
+        )
+    except PromotionError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"promoted {args.model} version {release.version} to {args.to}: release written to {path}")
+    spec = load_stack(path)
+    if spec.gitops.enabled:
+        from loopform.render import write_services
+
+        written = write_services(args.to, Path(args.root))
+        print(f"{len(written)} model-service manifests written to {spec.gitops.path}/{args.to}: commit both for review")
+    return 0
+
+
+def cmd_monitor(args: argparse.Namespace) -> int:
+    """Drift of recent payloads against the production model's training data; may trigger retraining."""
+    from datetime import UTC, datetime
+
+    from prometheus_client import CollectorRegistry
+
+    from loopform.monitor import FileTrigger, run_monitor, write_metrics
+
+    spec = load_stack(_stack_path(args))
+    reference = args.reference or _production_reference(_tracking_uri(args), args.model, Path(args.report_dir))
+    registry = CollectorRegistry()
+    result = run_monitor(
+        args.model,
+        reference=reference,
+        payload_uri=args.payload_uri or spec.monitoring.payload_uri,
+        gates=spec.gates,
+        window=spec.monitoring.window,
+        until=datetime.now(UTC),
+        min_rows=spec.monitoring.min_rows,
+        report_dir=args.report_dir,
+        registry=registry,
+        trigger=FileTrigger(Path(args.report_dir) / "triggers"),
+    )
+    if args.metrics_file:
+        write_metrics(args.metrics_file, registry)
+    print(result.message)
+    return 3 if result.triggered else 0
+
+
+def _production_reference(tracking_uri: str, model: str, folder: Path) -> Path:
+    """The training data of the version holding the production alias (logged by the register step)."""
+    from loopform import registry
+
+    version = registry.alias_version(tracking_uri, model, "production")
+    if version is None:
+        raise UsageError(f"no version of {model!r} holds the production alias; pass --reference")
+    run_id = registry.client(tracking_uri).get_model_version(model, str(version)).run_id
+    folder.mkdir(parents=True, exist_ok=True)
+    local = registry.client(tracking_uri).download_artifacts(run_id, "reference/reference.parquet", str(folder))
+    return Path(local)
+
+
+class UsageError(Exception):
+    """A command used wrongly; the message says how to use it."""
+
+
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
@@ -77,6 +198,39 @@ def build_parser() -> argparse.ArgumentParser:
     validate = commands.add_parser("validate", help="check a stack file against the spec")
     stack_args(validate)
     validate.set_defaults(handler=cmd_validate)
+
+    up = commands.add_parser("up", help="run the whole data loop on this machine (use --stack local)")
+    stack_args(up)
+    up.set_defaults(handler=cmd_up)
+
+    run_step = commands.add_parser("step", help="run one pipeline step (the container entrypoint)")
+    run_step.add_argument("name", help="validate-data, get-features, train, evaluate, register, promote-to-staging")
+    stack_args(run_step)
+    run_step.add_argument("--model", required=True)
+    run_step.add_argument("--run-dir", required=True, help="folder the steps pass state through")
+    run_step.add_argument(
+        "--feature-repo", help="Feast repo folder (default: $LOOPFORM_FEATURE_REPO or <run-dir>/../feast)"
+    )
+    run_step.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
+    run_step.set_defaults(handler=cmd_step)
+
+    promote = commands.add_parser("promote", help="promote a model version to an environment through its gates")
+    promote.add_argument("model")
+    promote.add_argument("version", type=int)
+    promote.add_argument("--to", required=True, help="environment: stacks/Pulumi.<env>.yaml gets the release")
+    promote.add_argument("--image", help="service image (default: ghcr.io/loopform/<model>:v<version>)")
+    promote.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
+    promote.set_defaults(handler=cmd_promote)
+
+    monitor = commands.add_parser("monitor", help="drift of recent payloads; exit 3 when retraining is triggered")
+    monitor.add_argument("model")
+    stack_args(monitor)
+    monitor.add_argument("--reference", help="reference Parquet (default: the production version's training data)")
+    monitor.add_argument("--payload-uri", help="payload log (default: monitoring.payload_uri)")
+    monitor.add_argument("--report-dir", default="monitor", help="where reports, results and triggers go")
+    monitor.add_argument("--metrics-file", help="write the Prometheus gauges here (textfile collector format)")
+    monitor.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
+    monitor.set_defaults(handler=cmd_monitor)
     return parser
 
 
@@ -85,7 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler: Handler = args.handler
     try:
         return handler(args)
-    except SpecError as error:
+    except (SpecError, UsageError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

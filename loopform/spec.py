@@ -377,6 +377,7 @@ class TrainingSpec(Strict):
     gpus: int = Field(0, ge=0, le=16, description="GPUs for the train step.")
     resources: Resources = Field(default_factory=lambda: Resources(cpu="2", memory="4Gi"))
     schedule: Cron | None = Field(None, description="Scheduled retraining (CronWorkflow); none means on demand.")
+    window_days: int = Field(30, ge=1, description="Days of labelled events, back from the newest, a run trains on.")
 
     @model_validator(mode="after")
     def _gpus_need_pool(self) -> TrainingSpec:

@@ -1,0 +1,281 @@
+"""The pipeline's step functions: typed inputs (a StepContext) and outputs, state in the run directory.
+
+Each is what `loopform step NAME` runs in an Argo pod, and what the local runner calls
+in-process. A step that finds bad data or a failed gate raises StepFailed, so its pod exits
+non-zero and the DAG stops (Argo retries only infrastructure errors).
+
+Run directory layout:
+  window.json            the training window the run covers
+  gates/<gate>.json      validation, drift and ood results; reports/<gate>.html
+  training.parquet       point-in-time-correct features + label, from Feast
+  model.pt               the trained model (pickled torch module)
+  evaluation.json        holdout metrics and the champion comparison
+  release.json           the registered version and its sealed evidence
+  promotion.json         the staging promotion's outcome
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import shutil
+import sys
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from loopform.spec import PlatformSpec
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from loopform.gates.result import GateResult
+
+HOLDOUT_SHARE = 0.2
+REFERENCE_FILE = "reference.parquet"
+LABELS_FILE = "labels.parquet"
+STAGING = "staging"
+
+
+class StepFailed(Exception):
+    """A step refused to go on (failed gate, bad input); the message says why."""
+
+
+@dataclass
+class StepContext:
+    """Everything a step needs: which model, which environment, where things are."""
+
+    model: str
+    spec: PlatformSpec
+    run_dir: Path
+    tracking_uri: str
+    feature_repo: Path
+    """Folder of the model's Feast repository (source table, registry, online store)."""
+    root: Path
+    """Repository root: model code lives at root / spec.models[model].path."""
+    stack_files: Path
+    """Folder of the stack files promotions check gates against and record releases in."""
+    seed: int = 7
+    now: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+    @property
+    def model_path(self) -> Path:
+        return self.root / self.spec.models[self.model].path
+
+    def model_module(self, name: str) -> Any:
+        """`models/<model>/<name>.py` as a module (model code is plain Python in the repo)."""
+        package = self.spec.models[self.model].path.strip("/").replace("/", ".")
+        if str(self.root) not in sys.path:
+            sys.path.insert(0, str(self.root))
+        return importlib.import_module(f"{package}.{name}")
+
+    def repo(self) -> Any:
+        from loopform.features import FeatureRepo
+
+        return FeatureRepo(
+            self.feature_repo,
+            self.model_path,
+            project=self.spec.feature_store.project,
+            service=self.spec.models[self.model].feature_service,
+        )
+
+    def write_json(self, name: str, value: Any) -> Path:
+        path = self.run_dir / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(value, indent=2, sort_keys=True, default=str) + "\n")
+        return path
+
+    def read_json(self, name: str) -> Any:
+        path = self.run_dir / name
+        if not path.exists():
+            raise StepFailed(f"{path} is missing: run the step that writes it first")
+        return json.loads(path.read_text())
+
+
+def split_by_time(frame: pd.DataFrame, timestamp: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(older, newest HOLDOUT_SHARE) by event time: the model is judged on data after its training data."""
+    ordered = frame.sort_values(timestamp, kind="stable").reset_index(drop=True)
+    cut = round(len(ordered) * (1 - HOLDOUT_SHARE))
+    return ordered.iloc[:cut].reset_index(drop=True), ordered.iloc[cut:].reset_index(drop=True)
+
+
+def labels_path(ctx: StepContext) -> Path:
+    """Labelled events (id, card, time, label): the entity frame of training. Features live in Feast."""
+    return ctx.feature_repo / "data" / LABELS_FILE
+
+
+def ingest(ctx: StepContext, frame: pd.DataFrame) -> None:
+    """Append labelled transactions: features to the Feast source table, labels beside it."""
+    import pandas as pd
+
+    from loopform import data
+
+    repo = ctx.repo()
+    if repo.data_path.exists():
+        frame = pd.concat([load_table(ctx), frame], ignore_index=True).drop_duplicates(data.ID, keep="last")
+    repo.write(frame)
+    frame[[data.ID, data.ENTITY, data.TIMESTAMP, data.LABEL]].to_parquet(labels_path(ctx), index=False)
+
+
+def load_table(ctx: StepContext) -> pd.DataFrame:
+    """Features and labels of every ingested transaction, as one frame."""
+    import pandas as pd
+
+    from loopform import data
+
+    features = pd.read_parquet(ctx.repo().data_path)
+    labels = pd.read_parquet(labels_path(ctx))
+    return labels.merge(features, on=[data.ID, data.ENTITY, data.TIMESTAMP], how="inner")
+
+
+def training_window_of(table: pd.DataFrame, ctx: StepContext) -> pd.DataFrame:
+    """The rows of the model's training window: the last `training.window_days` of event time."""
+    from loopform import data
+
+    end = table[data.TIMESTAMP].max()
+    start = end - timedelta(days=ctx.spec.models[ctx.model].training.window_days)
+    return table[table[data.TIMESTAMP] > start].reset_index(drop=True)
+
+
+def validate_data(ctx: StepContext) -> dict[str, GateResult]:
+    """Validation, drift and OOD gates on the training window; StepFailed when any fails.
+
+    Drift and OOD compare the window's newest share (what the model is evaluated on, and
+    closest to what it will serve) with the older part it trains on.
+    """
+    from loopform import data
+    from loopform.gates import drift_gate, ood_gate
+    from loopform.gates import validate_data as validation_gate
+
+    gates = ctx.spec.gates
+    table = load_table(ctx)
+    results = {"validation": validation_gate(table, gates, require_label=True)}
+    if results["validation"].passed:
+        window = training_window_of(table, ctx)
+        older, newest = split_by_time(window, data.TIMESTAMP)
+        reports = ctx.run_dir / "reports"
+        reports.mkdir(parents=True, exist_ok=True)
+        results["drift"] = drift_gate(older, newest, gates, reports / "drift.html")
+        results["ood"] = ood_gate(older, newest, gates)
+        ctx.write_json(
+            "window.json",
+            {"rows": len(window), "start": str(window[data.TIMESTAMP].min()), "end": str(window[data.TIMESTAMP].max())},
+        )
+    for name, result in results.items():
+        result.write_json(ctx.run_dir / "gates" / f"{name}.json")
+    failed = [f"{name}: {'; '.join(r.failures)}" for name, r in results.items() if not r.passed]
+    if failed:
+        raise StepFailed("data gates failed, training stops here:\n  " + "\n  ".join(failed))
+    return results
+
+
+def get_features(ctx: StepContext) -> Path:
+    """Point-in-time-correct training set: Feast joins each labelled event to the card's features then."""
+    import pandas as pd
+
+    from loopform import data
+
+    labels = pd.read_parquet(labels_path(ctx))
+    entities = training_window_of(labels, ctx)[[data.ID, data.ENTITY, data.TIMESTAMP, data.LABEL]]
+    frame = ctx.repo().training_frame(entities)
+    if len(frame) < 0.9 * len(entities):
+        raise StepFailed(f"Feast returned features for {len(frame)} of {len(entities)} labelled events")
+    path = ctx.run_dir / "training.parquet"
+    frame.to_parquet(path, index=False)
+    return path
+
+
+def train(ctx: StepContext) -> Path:
+    """Train on the older part of the training set (the newest part is the holdout)."""
+    import pandas as pd
+    import torch
+
+    from loopform import data
+
+    frame = pd.read_parquet(ctx.run_dir / "training.parquet")
+    older, _ = split_by_time(frame, data.TIMESTAMP)
+    model = ctx.model_module("train").train(older, seed=ctx.seed)
+    path = ctx.run_dir / "model.pt"
+    torch.save(model, path)
+    return path
+
+
+def _load_trained(ctx: StepContext) -> Any:
+    import torch
+
+    ctx.model_module("model")  # the class must be importable to unpickle
+    return torch.load(ctx.run_dir / "model.pt", weights_only=False)
+
+
+def evaluate(ctx: StepContext) -> dict[str, Any]:
+    """Holdout metrics, and the current champion scored on the same rows."""
+    import pandas as pd
+
+    from loopform import data, registry
+
+    frame = pd.read_parquet(ctx.run_dir / "training.parquet")
+    _, holdout = split_by_time(frame, data.TIMESTAMP)
+    champion = registry.champion(ctx.tracking_uri, ctx.model)
+    champion_model, champion_version = champion if champion else (None, None)
+    metrics = ctx.model_module("train").evaluate(
+        _load_trained(ctx), holdout, champion_model, champion_version=champion_version
+    )
+    ctx.write_json("evaluation.json", metrics)
+    return metrics
+
+
+def register(ctx: StepContext) -> dict[str, Any]:
+    """Log the run (gates, reports, metrics, model, reference data) and register a version with its evidence."""
+    import pandas as pd
+
+    from loopform import data, registry
+    from loopform.gates.result import GateResult
+
+    frame = pd.read_parquet(ctx.run_dir / "training.parquet")
+    older, _ = split_by_time(frame, data.TIMESTAMP)
+    gate_results = {}
+    for path in sorted((ctx.run_dir / "gates").glob("*.json")):
+        result = GateResult.from_dict(json.loads(path.read_text()))
+        report = ctx.run_dir / "reports" / f"{result.gate}.html"
+        gate_results[path.stem] = GateResult(
+            result.gate, result.passed, result.metrics, result.failures, str(report) if report.exists() else None
+        )
+    run = registry.log_training_run(
+        ctx.tracking_uri,
+        ctx.model,
+        _load_trained(ctx),
+        gate_results=gate_results,
+        training_data_fingerprint=data.fingerprint(older),
+        params={"seed": ctx.seed, "rows": len(older), "stack": ctx.spec.environment},
+        evaluation=ctx.read_json("evaluation.json"),
+    )
+    reference = ctx.run_dir / REFERENCE_FILE
+    older.to_parquet(reference, index=False)
+    registry.client(ctx.tracking_uri).log_artifact(run.run_id, str(reference), "reference")
+    record = registry.register_version(ctx.tracking_uri, ctx.model, run.run_id, model_uri=run.model_uri, now=ctx.now)
+    ctx.write_json("release.json", record.to_dict())
+    return record.to_dict()
+
+
+def promote_to_staging(ctx: StepContext) -> dict[str, Any]:
+    """Gate the new version against staging's thresholds and point the staging alias at it."""
+    from loopform.promotion import PromotionError, promote
+
+    release = ctx.read_json("release.json")
+    source = ctx.stack_files / f"Pulumi.{STAGING}.yaml"
+    if not source.exists():
+        raise StepFailed(f"no staging stack file at {source}")
+    # The step records the release in a copy: the reviewed change to the real stack file is `loopform promote`.
+    copy = ctx.run_dir / source.name
+    shutil.copyfile(source, copy)
+    try:
+        result = promote(
+            ctx.model, release["version"], STAGING, tracking_uri=ctx.tracking_uri, stack_path=copy, now=ctx.now
+        )
+    except PromotionError as error:
+        ctx.write_json("promotion.json", {"promoted": False, "reasons": error.reasons})
+        raise StepFailed(str(error)) from None
+    outcome = {"promoted": True, "env": STAGING, "version": result.version, "image": result.image}
+    ctx.write_json("promotion.json", outcome)
+    return outcome
