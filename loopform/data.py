@@ -1,0 +1,325 @@
+"""Synthetic card-transaction fraud data: the schema every gate, model and service shares.
+
+The generator is the loop's stand-in for a data lake: deterministic for a seed at any size,
+with a learnable label and switches that inject the faults the gates must catch (covariate
+drift, out-of-range values, missing values, a missing column, wrong types, label shift).
+Everything is vectorised numpy so a million rows take a second or two, and nothing is downloaded.
+
+Rows are drawn class-conditionally: first the label (fraud rate `BASE_FRAUD_RATE`, moved by
+`label_shift`), then features given the label. That makes `label_shift` a true prior shift
+(P(y) changes, P(x | y) does not) and `covariate_drift` a change of P(x) applied to both classes.
+Each fault draws from its own random stream, so switching one on leaves the clean rows identical.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+
+ENTITY = "card_id"
+TIMESTAMP = "event_timestamp"
+LABEL = "is_fraud"
+ID = "transaction_id"
+
+BASE_FRAUD_RATE = 0.03
+DEFAULT_START = datetime(2024, 1, 1, tzinfo=UTC)
+MIN_CARDS = 2000
+# Card traits come from a fixed population (not from `seed`): two data sets of different seeds are
+# two samples of the same bank's cards, so clean samples do not drift against each other.
+_POPULATION_SEED = 20240101
+
+
+@dataclass(frozen=True)
+class Feature:
+    """One model input: its kind, storage dtype and the schema range the validation gate enforces."""
+
+    name: str
+    kind: Literal["numeric", "categorical"]
+    dtype: str  # "float64" | "int64" | "string"
+    min: float | None
+    max: float | None
+    categories: tuple[str, ...] | None
+    description: str
+
+
+MERCHANT_CATEGORIES: tuple[str, ...] = (
+    "grocery",
+    "restaurant",
+    "fuel",
+    "pharmacy",
+    "utilities",
+    "entertainment",
+    "travel",
+    "online_retail",
+    "electronics",
+    "jewelry",
+)
+CHANNELS: tuple[str, ...] = ("chip", "contactless", "swipe", "online", "manual_entry")
+
+FEATURES: tuple[Feature, ...] = (
+    Feature("amount", "numeric", "float64", 0.0, 50_000.0, None, "Transaction amount in EUR."),
+    Feature("hour_of_day", "numeric", "int64", 0.0, 23.0, None, "Local hour of the transaction (0-23)."),
+    Feature("distance_from_home_km", "numeric", "float64", 0.0, 20_000.0, None, "Distance from the card's home."),
+    Feature("txn_count_24h", "numeric", "int64", 0.0, 500.0, None, "Transactions of the card in the last 24 h."),
+    Feature("avg_amount_30d", "numeric", "float64", 0.0, 50_000.0, None, "Card's mean amount over 30 days."),
+    Feature("card_age_days", "numeric", "int64", 0.0, 20_000.0, None, "Days since the card was issued."),
+    Feature("is_foreign", "numeric", "int64", 0.0, 1.0, None, "1 when the merchant is abroad."),
+    Feature("merchant_category", "categorical", "string", None, None, MERCHANT_CATEGORIES, "Merchant category."),
+    Feature("channel", "categorical", "string", None, None, CHANNELS, "How the card was presented."),
+)
+FEATURE_NAMES: tuple[str, ...] = tuple(f.name for f in FEATURES)
+NUMERIC: tuple[str, ...] = tuple(f.name for f in FEATURES if f.kind == "numeric")
+CATEGORICAL: tuple[str, ...] = tuple(f.name for f in FEATURES if f.kind == "categorical")
+BY_NAME: dict[str, Feature] = {f.name: f for f in FEATURES}
+COLUMNS: tuple[str, ...] = (ID, ENTITY, TIMESTAMP, *FEATURE_NAMES, LABEL)
+
+# Class-conditional mixes (legitimate, fraud) and the mix covariate drift moves towards.
+_MERCHANT_P = {
+    "legit": (0.24, 0.17, 0.12, 0.08, 0.08, 0.09, 0.05, 0.12, 0.04, 0.01),
+    "fraud": (0.07, 0.06, 0.06, 0.03, 0.02, 0.08, 0.12, 0.28, 0.19, 0.09),
+    "drift": (0.08, 0.10, 0.05, 0.05, 0.05, 0.12, 0.15, 0.25, 0.12, 0.03),
+}
+_CHANNEL_P = {
+    "legit": (0.40, 0.30, 0.10, 0.17, 0.03),
+    "fraud": (0.15, 0.12, 0.13, 0.45, 0.15),
+    "drift": (0.15, 0.20, 0.05, 0.55, 0.05),
+}
+_HOURS = np.arange(24)
+_DAY_CURVE = np.exp(-0.5 * ((_HOURS - 14.0) / 4.5) ** 2) + 0.05
+_NIGHT_CURVE = np.exp(-0.5 * ((np.minimum(_HOURS, 24 - _HOURS) - 2.0) / 3.0) ** 2) + 0.15
+_HOUR_P = {"legit": _DAY_CURVE / _DAY_CURVE.sum(), "fraud": (0.55 * _NIGHT_CURVE / _NIGHT_CURVE.sum())}
+_HOUR_P["fraud"] = _HOUR_P["fraud"] + 0.45 * _HOUR_P["legit"]
+_HOUR_P["drift"] = _NIGHT_CURVE / _NIGHT_CURVE.sum()
+
+# Independent random streams: base data first, then one per fault switch.
+_STREAMS = ("base", "drift", "out_of_range", "missing_values")
+
+
+def generate(
+    rows: int,
+    seed: int,
+    *,
+    start: datetime | None = None,
+    days: int = 30,
+    cards: int | None = None,
+    covariate_drift: float = 0.0,
+    out_of_range: float = 0.0,
+    missing_column: str | None = None,
+    wrong_types: str | None = None,
+    label_shift: float = 0.0,
+    missing_values: float = 0.0,
+) -> pd.DataFrame:
+    """Card transactions sorted by time, several per card, with the requested faults injected.
+
+    cards: size of the card population (default max(2000, rows // 25)); card k has the same
+        traits in every data set, whatever the seed.
+
+    covariate_drift: strength >= 0 (0.5 is a clear shift): amount x(1+s), distance x(1+2s), extra
+        24 h transactions, more night hours, more foreign merchants, merchant/channel mix moved
+        towards online (mix moves fully at s >= 1). avg_amount_30d and card_age_days are unchanged.
+    out_of_range: share of values of every feature put outside its schema range (numeric) or
+        outside its category list (categorical).
+    missing_column: a column to drop. wrong_types: a column to store with the wrong type
+        (numbers as strings, strings as integer codes, timestamps as ISO strings).
+    label_shift: added to the fraud rate (0.03 + label_shift must stay in (0, 1)).
+    missing_values: share of values of every feature set missing (int features become float64).
+    """
+    if rows < 1:
+        raise ValueError(f"rows must be >= 1, got {rows}")
+    if days < 1:
+        raise ValueError(f"days must be >= 1, got {days}")
+    if covariate_drift < 0:
+        raise ValueError(f"covariate_drift must be >= 0, got {covariate_drift}")
+    for name, share in (("out_of_range", out_of_range), ("missing_values", missing_values)):
+        if not 0.0 <= share <= 1.0:
+            raise ValueError(f"{name} must be a share in [0, 1], got {share}")
+    rate = BASE_FRAUD_RATE + label_shift
+    if not 0.0 < rate < 1.0:
+        raise ValueError(f"label_shift {label_shift} moves the fraud rate to {rate}, outside (0, 1)")
+    start = start or DEFAULT_START
+    if start.tzinfo is None:
+        raise ValueError("start must be timezone-aware (UTC)")
+    n_cards = cards if cards is not None else max(MIN_CARDS, rows // 25)
+    if n_cards < 1:
+        raise ValueError(f"cards must be >= 1, got {n_cards}")
+
+    streams = np.random.SeedSequence(seed).spawn(len(_STREAMS))
+    rngs = {name: np.random.default_rng(stream) for name, stream in zip(_STREAMS, streams, strict=True)}
+    cols = _base(rngs["base"], rows, n_cards, rate, days)
+    if covariate_drift > 0:
+        _drift(rngs["drift"], cols, covariate_drift)
+    if out_of_range > 0:
+        _out_of_range(rngs["out_of_range"], cols, out_of_range)
+
+    seconds = cols.pop("_ts_seconds")
+    order = np.argsort(seconds, kind="stable")
+    offsets = seconds[order]
+    frame = {ID: _ids(seed, rows), ENTITY: cols.pop(ENTITY)[order]}
+    frame[TIMESTAMP] = pd.DatetimeIndex(pd.Timestamp(start).tz_convert("UTC") + pd.to_timedelta(offsets, unit="s"))
+    for f in FEATURES:
+        values = cols[f.name][order]
+        frame[f.name] = np.asarray(f.categories, dtype=object)[values] if f.kind == "categorical" else values
+    frame[LABEL] = cols[LABEL][order]
+    df = pd.DataFrame(frame)
+    for f in FEATURES:
+        if f.kind == "categorical" and out_of_range > 0:
+            df[f.name] = df[f.name].where(cols["_bad_" + f.name][order] == 0, _UNLISTED[f.name])
+    if missing_values > 0:
+        _missing_values(rngs["missing_values"], df, missing_values)
+    if wrong_types is not None:
+        _wrong_type(df, wrong_types)
+    if missing_column is not None:
+        if missing_column not in df.columns:
+            raise ValueError(f"missing_column {missing_column!r} is not a column; columns: {', '.join(df.columns)}")
+        df = df.drop(columns=[missing_column])
+    return df
+
+
+_UNLISTED = {"merchant_category": "crypto_exchange", "channel": "telephone"}
+
+
+def _base(rng: np.random.Generator, rows: int, n_cards: int, rate: float, days: int) -> dict[str, np.ndarray]:
+    """Clean columns (unsorted) drawn class-conditionally; categorical columns as codes."""
+    card_age, usual, travel = _population(n_cards)
+
+    y = (rng.random(rows) < rate).astype(np.int64)
+    fraud = y == 1
+    n_fraud = int(fraud.sum())
+    card = rng.integers(0, n_cards, rows)
+    # Fraud favours young cards (card testing, freshly stolen credentials).
+    young = 1.0 / (1.0 + card_age / 120.0)
+    card[fraud] = rng.choice(n_cards, n_fraud, p=young / young.sum())
+
+    amount = usual[card] * rng.lognormal(0.0, 0.55, rows)
+    amount[fraud] = usual[card[fraud]] * rng.lognormal(0.5, 0.9, n_fraud)
+    avg_30d = usual[card] * rng.lognormal(0.0, 0.12, rows)
+
+    hour = _choice_by_class(rng, fraud, _HOUR_P["legit"], _HOUR_P["fraud"])
+    near = rng.exponential(6.0, rows)
+    far = rng.lognormal(np.log(250.0), 1.3, rows)
+    far_p = np.where(fraud, 0.28, 0.03 + travel[card])
+    distance = np.where(rng.random(rows) < far_p, far, near)
+    foreign_p = np.where(distance > 600.0, 0.7, np.where(fraud, 0.08, travel[card] / 2))
+    is_foreign = (rng.random(rows) < foreign_p).astype(np.int64)
+    txn_24h = rng.poisson(2.2, rows) + np.where(fraud & (rng.random(rows) < 0.35), rng.poisson(3.0, rows), 0)
+
+    merchant = _choice_by_class(rng, fraud, _MERCHANT_P["legit"], _MERCHANT_P["fraud"])
+    channel = _choice_by_class(rng, fraud, _CHANNEL_P["legit"], _CHANNEL_P["fraud"])
+
+    day = rng.integers(0, days, rows)
+    seconds = day * 86_400 + hour * 3_600 + rng.integers(0, 3_600, rows)
+    return {
+        ENTITY: card.astype(np.int64) + 100_000,
+        "_ts_seconds": seconds,
+        "amount": np.round(np.clip(amount, 0.01, 49_999.0), 2),
+        "hour_of_day": hour.astype(np.int64),
+        "distance_from_home_km": np.round(np.clip(distance, 0.0, 19_999.0), 3),
+        "txn_count_24h": np.minimum(txn_24h, 499).astype(np.int64),
+        "avg_amount_30d": np.round(np.clip(avg_30d, 0.01, 49_999.0), 2),
+        "card_age_days": card_age[card] + day.astype(np.int64),
+        "is_foreign": is_foreign,
+        "merchant_category": merchant,
+        "channel": channel,
+        LABEL: y,
+    }
+
+
+def _population(n_cards: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Card-level traits (issue age, usual spend, travel habit); card k is the same at any n_cards."""
+    age_rng, spend_rng, travel_rng = (
+        np.random.default_rng(s) for s in np.random.SeedSequence(_POPULATION_SEED).spawn(3)
+    )
+    card_age = np.minimum(np.floor(age_rng.gamma(1.6, 600.0, n_cards)), 15_000).astype(np.int64)
+    return card_age, spend_rng.lognormal(3.6, 0.7, n_cards), travel_rng.beta(1.0, 25.0, n_cards)
+
+
+def _choice_by_class(rng: np.random.Generator, fraud: np.ndarray, p_legit: tuple | np.ndarray, p_fraud) -> np.ndarray:
+    """Vectorised categorical draw with class-dependent probabilities (inverse CDF)."""
+    u = rng.random(fraud.shape[0])
+    legit = np.searchsorted(np.cumsum(p_legit) / np.sum(p_legit), u, side="right")
+    bad = np.searchsorted(np.cumsum(p_fraud) / np.sum(p_fraud), u, side="right")
+    return np.minimum(np.where(fraud, bad, legit), len(p_legit) - 1).astype(np.int64)
+
+
+def _drift(rng: np.random.Generator, cols: dict[str, np.ndarray], s: float) -> None:
+    """Covariate drift of strength s: several numeric shifts plus a category-mix change."""
+    n = cols[LABEL].shape[0]
+    mix = min(s, 1.0)
+    cols["amount"] = np.round(np.clip(cols["amount"] * (1.0 + s), 0.01, 49_999.0), 2)
+    cols["distance_from_home_km"] = np.round(np.clip(cols["distance_from_home_km"] * (1.0 + 2.0 * s), 0, 19_999.0), 3)
+    cols["txn_count_24h"] = np.minimum(cols["txn_count_24h"] + rng.poisson(2.0 * s, n), 499)
+    night = rng.random(n) < 0.4 * mix
+    new_hour = np.searchsorted(np.cumsum(_HOUR_P["drift"]), rng.random(n), side="right").clip(0, 23)
+    hour = np.where(night, new_hour, cols["hour_of_day"])
+    # Keep the timestamp consistent with the new hour.
+    cols["_ts_seconds"] = cols["_ts_seconds"] + (hour - cols["hour_of_day"]) * 3_600
+    cols["hour_of_day"] = hour
+    cols["is_foreign"] = np.where(rng.random(n) < 0.3 * mix, 1, cols["is_foreign"])
+    for name, probs in (("merchant_category", _MERCHANT_P["drift"]), ("channel", _CHANNEL_P["drift"])):
+        redraw = rng.random(n) < 0.6 * mix
+        fresh = np.searchsorted(np.cumsum(probs) / np.sum(probs), rng.random(n), side="right").clip(0, len(probs) - 1)
+        cols[name] = np.where(redraw, fresh, cols[name])
+
+
+def _out_of_range(rng: np.random.Generator, cols: dict[str, np.ndarray], share: float) -> None:
+    """Put `share` of every feature's values outside its schema range or category list."""
+    n = cols[LABEL].shape[0]
+    for f in FEATURES:
+        hit = rng.random(n) < share
+        if f.kind == "categorical":
+            cols["_bad_" + f.name] = hit.astype(np.int8)
+            continue
+        assert f.min is not None and f.max is not None
+        span = f.max - f.min
+        low = rng.random(n) < 0.5
+        offset = np.maximum(span * rng.uniform(0.01, 0.5, n), 1.0)
+        bad = np.where(low, f.min - offset, f.max + offset)
+        if f.dtype == "int64":
+            bad = np.where(low, np.floor(bad), np.ceil(bad)).astype(np.int64)
+        cols[f.name] = np.where(hit, bad, cols[f.name])
+
+
+def _missing_values(rng: np.random.Generator, df: pd.DataFrame, share: float) -> None:
+    """Blank `share` of every feature's values (int features become float64, as numpy requires)."""
+    n = len(df)
+    for f in FEATURES:
+        hit = rng.random(n) < share
+        if f.kind == "numeric":
+            df[f.name] = np.where(hit, np.nan, df[f.name].to_numpy(np.float64))
+        else:
+            df[f.name] = df[f.name].where(~hit, None)
+
+
+def _wrong_type(df: pd.DataFrame, column: str) -> None:
+    """Store one column with a type a broken upstream job would produce."""
+    if column not in df.columns:
+        raise ValueError(f"wrong_types {column!r} is not a column; columns: {', '.join(df.columns)}")
+    series = df[column]
+    if isinstance(series.dtype, pd.DatetimeTZDtype) or pd.api.types.is_datetime64_any_dtype(series):
+        df[column] = series.dt.strftime("%Y-%m-%dT%H:%M:%S%z").astype(object)
+    elif pd.api.types.is_numeric_dtype(series):
+        df[column] = series.astype(str).astype(object)
+    else:
+        df[column] = pd.factorize(series)[0].astype(np.int64)
+
+
+def _ids(seed: int, rows: int) -> np.ndarray:
+    """Transaction ids unique within a data set and distinct between seeds."""
+    prefix = f"tx-{seed & 0xFFFFFFFF:08x}-"
+    return (prefix + pd.Series(np.arange(rows, dtype=np.int64)).astype(str).str.zfill(9)).to_numpy(dtype=object)
+
+
+def fingerprint(df: pd.DataFrame) -> str:
+    """sha256 of the content: column names, dtypes and values in row order (stable across runs/processes)."""
+    digest = hashlib.sha256()
+    for name in sorted(df.columns, key=str):
+        column = df[name]
+        digest.update(f"{name}\x00{column.dtype}\x00{len(column)}\x00".encode())
+        hashed = pd.util.hash_pandas_object(column, index=False, categorize=False).to_numpy()
+        digest.update(hashed.tobytes())
+    return digest.hexdigest()

@@ -1,0 +1,233 @@
+"""Release evidence: canonical JSON, its digest, and the one check every gate keeper calls.
+
+Stdlib only: the Pulumi policy pack imports this module, and `loopform promote` calls the
+same `check_evidence`, so a release is judged by one piece of code wherever it is judged.
+
+Layout of an evidence record (top-level keys):
+
+    model                      registered model name
+    version                    MLflow model version (int)
+    run_id                     MLflow run that trained it
+    training_data_fingerprint  sha256 of the training data (loopform.data.fingerprint)
+    created_at                 ISO-8601 UTC time the evidence was sealed
+    gates                      {"validation": GateResult dict, "drift": ..., "ood": ...}
+    evaluation                 {auc, precision, recall, ece, threshold,
+                                champion_version, champion_auc, auc_delta}
+    digest                     sha256 hex of canonical JSON of every other key
+
+The digest makes tampering visible (an edited metric in a stack file no longer matches);
+`check_evidence` re-judges the recorded metrics against the *target* environment's gates,
+because a version that passed dev's gates may still be below prod's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+REQUIRED_GATES: tuple[str, ...] = ("validation", "drift", "ood")
+REQUIRED_FIELDS: tuple[str, ...] = (
+    "model",
+    "version",
+    "run_id",
+    "training_data_fingerprint",
+    "created_at",
+    "gates",
+    "evaluation",
+)
+EVALUATION_FIELDS: tuple[str, ...] = ("auc", "precision", "recall", "ece", "threshold")
+# Clocks of the machine that sealed the evidence and the one that checks it may differ a little.
+CLOCK_SKEW = timedelta(minutes=5)
+
+
+def jsonable(obj: Any) -> Any:
+    """Plain JSON data: tuples to lists, numpy scalars/arrays via item()/tolist(), NaN/inf to None.
+
+    Evidence crosses MLflow tags, YAML stack files and Pulumi config; only plain JSON values
+    survive all three unchanged, so the digest is computed over exactly those.
+    """
+    if obj is None or isinstance(obj, bool | str):
+        return obj
+    if isinstance(obj, int):
+        return int(obj)
+    if isinstance(obj, float):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, Mapping):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, datetime):
+        return obj.isoformat()
+    if hasattr(obj, "tolist"):  # numpy arrays and scalars, without importing numpy
+        return jsonable(obj.tolist())
+    if hasattr(obj, "item"):
+        return jsonable(obj.item())
+    if hasattr(obj, "to_dict"):  # GateResult and friends
+        return jsonable(obj.to_dict())
+    raise TypeError(f"evidence value of type {type(obj).__name__} is not JSON data: {obj!r}")
+
+
+def canonical(obj: Any) -> bytes:
+    """Canonical JSON bytes: sorted keys, no whitespace, UTF-8, no NaN."""
+    return json.dumps(jsonable(obj), sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode(
+        "utf-8"
+    )
+
+
+def digest(evidence: Mapping[str, Any]) -> str:
+    """sha256 hex over the canonical JSON of every field except `digest`."""
+    body = {k: v for k, v in evidence.items() if k != "digest"}
+    return hashlib.sha256(canonical(body)).hexdigest()
+
+
+def now_iso(now: datetime | None = None) -> str:
+    """UTC time in the form evidence records it."""
+    return (now or datetime.now(UTC)).astimezone(UTC).isoformat(timespec="seconds")
+
+
+def seal(evidence: Mapping[str, Any], *, now: datetime | None = None) -> dict[str, Any]:
+    """A copy normalised to plain JSON, with `created_at` (if absent) and a fresh `digest`."""
+    body = jsonable({k: v for k, v in evidence.items() if k != "digest"})
+    body.setdefault("created_at", now_iso(now))
+    body["digest"] = digest(body)
+    return body
+
+
+def verify(evidence: Mapping[str, Any] | None) -> bool:
+    """True when the recorded digest matches the content."""
+    if not isinstance(evidence, Mapping) or not isinstance(evidence.get("digest"), str):
+        return False
+    try:
+        return evidence["digest"] == digest(evidence)
+    except (TypeError, ValueError):
+        return False
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)
+
+
+def _metrics(gate_results: Mapping[str, Any], name: str) -> Mapping[str, Any]:
+    result = gate_results.get(name)
+    metrics = result.get("metrics") if isinstance(result, Mapping) else None
+    return metrics if isinstance(metrics, Mapping) else {}
+
+
+def _parse_time(value: Any) -> datetime | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def check_evidence(
+    evidence: Mapping[str, Any] | None,
+    gates: Mapping[str, Any],
+    *,
+    now: datetime,
+    require: Iterable[str] = REQUIRED_GATES,
+) -> list[str]:
+    """Every reason to refuse a release with this evidence under these gates; empty means accept.
+
+    `gates` is `GatesSpec.model_dump()` of the target environment; `require` names the gate
+    results that must be present and passed. Pure: no I/O, the clock comes in as `now`.
+    """
+    if evidence is None or (isinstance(evidence, Mapping) and not evidence):
+        return ["missing evidence: the version carries no release evidence"]
+    if not isinstance(evidence, Mapping):
+        return [f"malformed evidence: expected a mapping, got {type(evidence).__name__}"]
+
+    reasons: list[str] = []
+    recorded = evidence.get("digest")
+    if not isinstance(recorded, str) or not recorded:
+        reasons.append("missing evidence digest: the evidence was never sealed")
+    else:
+        try:
+            computed = digest(evidence)
+        except (TypeError, ValueError) as error:
+            computed = f"<uncomputable: {error}>"
+        if computed != recorded:
+            reasons.append(
+                f"tampered evidence: digest mismatch (recorded {recorded[:12]}..., content hashes to {computed[:12]}...)"
+            )
+
+    for field in REQUIRED_FIELDS:
+        if evidence.get(field) in (None, "", {}):
+            reasons.append(f"missing evidence field {field!r}")
+
+    created = _parse_time(evidence.get("created_at"))
+    if evidence.get("created_at") and created is None:
+        reasons.append(f"malformed created_at {evidence.get('created_at')!r}: expected an ISO-8601 time")
+    if created is not None:
+        max_age = timedelta(days=int(gates.get("max_evidence_age_days", 30)))
+        now_utc = now if now.tzinfo else now.replace(tzinfo=UTC)
+        age = now_utc - created
+        if age > max_age:
+            reasons.append(
+                f"stale evidence: created {created.isoformat()} is {age.days} days old, "
+                f"more than max_evidence_age_days={max_age.days}"
+            )
+        elif age < -CLOCK_SKEW:
+            reasons.append(f"evidence created_at {created.isoformat()} lies in the future")
+
+    gate_results = evidence.get("gates")
+    gate_results = gate_results if isinstance(gate_results, Mapping) else {}
+    for name in require:
+        result = gate_results.get(name)
+        if not isinstance(result, Mapping):
+            reasons.append(f"missing gate result {name!r}")
+            continue
+        if result.get("passed") is not True:
+            failures = result.get("failures") or []
+            detail = "; ".join(str(f) for f in failures) if failures else "no reason recorded"
+            reasons.append(f"gate {name!r} did not pass: {detail}")
+
+    drift_metrics = _metrics(gate_results, "drift")
+    drift_share = _number(drift_metrics.get("drift_share"))
+    max_drift_share = float((gates.get("drift") or {}).get("max_drift_share", 0.3))
+    if "drift" in gate_results and drift_share is None:
+        reasons.append("drift gate result has no numeric metrics.drift_share")
+    elif drift_share is not None and drift_share > max_drift_share:
+        reasons.append(f"drift share {drift_share:.3f} is above gates.drift.max_drift_share={max_drift_share}")
+
+    ood_metrics = _metrics(gate_results, "ood")
+    ood_rate = _number(ood_metrics.get("ood_rate"))
+    max_ood = float(gates.get("max_ood_rate", 0.05))
+    if "ood" in gate_results and ood_rate is None:
+        reasons.append("ood gate result has no numeric metrics.ood_rate")
+    elif ood_rate is not None and ood_rate > max_ood:
+        reasons.append(f"out-of-distribution rate {ood_rate:.4f} is above gates.max_ood_rate={max_ood}")
+
+    evaluation = evidence.get("evaluation")
+    evaluation = evaluation if isinstance(evaluation, Mapping) else {}
+    if evaluation:
+        for field in EVALUATION_FIELDS:
+            if _number(evaluation.get(field)) is None:
+                reasons.append(f"evaluation.{field} is missing or not a number")
+    auc = _number(evaluation.get("auc"))
+    min_auc = float(gates.get("min_auc", 0.75))
+    if auc is not None and auc < min_auc:
+        reasons.append(f"AUC {auc:.4f} is below gates.min_auc={min_auc}")
+    ece = _number(evaluation.get("ece"))
+    max_ece = float(gates.get("max_calibration_error", 0.1))
+    if ece is not None and ece > max_ece:
+        reasons.append(f"expected calibration error {ece:.4f} is above gates.max_calibration_error={max_ece}")
+    champion_auc = _number(evaluation.get("champion_auc"))
+    if auc is not None and champion_auc is not None:
+        drop = champion_auc - auc
+        max_drop = float(gates.get("max_auc_drop", 0.01))
+        if drop > max_drop:
+            reasons.append(
+                f"AUC {auc:.4f} is {drop:.4f} below the champion's {champion_auc:.4f} "
+                f"(version {evaluation.get('champion_version')}), more than gates.max_auc_drop={max_drop}"
+            )
+    return reasons

@@ -1,0 +1,156 @@
+"""A local Feast feature repository for one model: write, apply, materialise, retrieve.
+
+The embedded default of the FeatureStore component: Feast's local provider, the file
+offline store (Parquet) and a SQLite online store, all under one folder. Training frames
+come from point-in-time-correct historical retrieval and serving rows from the online
+store, both through the model's feature service, so both paths read one definition.
+`import feast` costs seconds: it happens only when a store is first needed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import sys
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from feast import FeatureService, FeatureStore
+
+DATA_FILE = "data/transactions.parquet"
+FEATURE_STORE_YAML = """\
+project: {project}
+provider: local
+registry: data/registry.db
+offline_store:
+  type: file
+online_store:
+  type: sqlite
+  path: data/online.db
+entity_key_serialization_version: 3
+"""
+
+
+class FeatureRepo:
+    """Feast repository in `workdir` built from `model_path/features.py`."""
+
+    def __init__(
+        self, workdir: Path, model_path: Path, *, project: str = "loopform", service: str | None = None
+    ) -> None:
+        self.workdir = Path(workdir).resolve()
+        self.model_path = Path(model_path).resolve()
+        self.project = project.replace("-", "_")
+        self.service_name = service
+        self._store: FeatureStore | None = None
+        self._module: ModuleType | None = None
+
+    @property
+    def data_path(self) -> Path:
+        """The offline source table (Parquet)."""
+        return self.workdir / DATA_FILE
+
+    def write(self, data: pd.DataFrame) -> Path:
+        """Write the source table, feature_store.yaml and the model's feature definitions."""
+        from loopform import data as schema
+
+        missing = [c for c in (schema.ENTITY, schema.TIMESTAMP, *schema.FEATURE_NAMES) if c not in data.columns]
+        if missing:
+            raise ValueError(f"feature source lacks column(s) {missing}")
+        (self.workdir / "data").mkdir(parents=True, exist_ok=True)
+        # Labels stay out of the feature table: they belong to the entity frame of training.
+        columns = [c for c in data.columns if c != schema.LABEL]
+        data[columns].to_parquet(self.data_path, index=False)
+        (self.workdir / "feature_store.yaml").write_text(FEATURE_STORE_YAML.format(project=self.project))
+        shutil.copyfile(self.model_path / "features.py", self.workdir / "features.py")
+        # `feast apply` imports every .py in the repo: only the definitions belong there.
+        (self.workdir / ".feastignore").write_text("data/\n")
+        self._store = None
+        self._module = None
+        return self.workdir
+
+    @property
+    def store(self) -> FeatureStore:
+        """The FeatureStore over this repository (constructed once: it costs seconds)."""
+        if self._store is None:
+            from feast import FeatureStore
+
+            if not (self.workdir / "feature_store.yaml").exists():
+                raise FileNotFoundError(f"{self.workdir} is not a feature repository yet: call write() first")
+            self._store = FeatureStore(repo_path=str(self.workdir))
+        return self._store
+
+    def definitions(self) -> ModuleType:
+        """The repository's features.py, imported under a private name."""
+        if self._module is None:
+            path = self.workdir / "features.py"
+            name = f"_loopform_feature_repo_{abs(hash(str(path)))}"
+            spec = importlib.util.spec_from_file_location(name, path)
+            if spec is None or spec.loader is None:
+                raise ImportError(f"cannot import feature definitions from {path}")
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module
+            spec.loader.exec_module(module)
+            self._module = module
+        return self._module
+
+    def _objects(self) -> list[Any]:
+        from feast import Entity, FeatureService, FeatureView
+
+        kinds = (Entity, FeatureView, FeatureService)
+        return [obj for obj in vars(self.definitions()).values() if isinstance(obj, kinds)]
+
+    def apply(self) -> list[str]:
+        """Register the entities, feature views and feature services; names of what was applied."""
+        objects = self._objects()
+        if not objects:
+            raise ValueError(f"{self.workdir / 'features.py'} defines no Feast objects")
+        self.store.apply(objects)
+        return sorted(obj.name for obj in objects)
+
+    @property
+    def feature_service(self) -> FeatureService:
+        """The model's feature service (the only one defined, or the one named at construction)."""
+        from feast import FeatureService
+
+        services = [obj for obj in self._objects() if isinstance(obj, FeatureService)]
+        if self.service_name is not None:
+            services = [s for s in services if s.name == self.service_name]
+        if len(services) != 1:
+            names = [s.name for s in services]
+            raise ValueError(
+                f"expected one feature service{f' named {self.service_name!r}' * bool(self.service_name)}, found {names}"
+            )
+        return self.store.get_feature_service(services[0].name)
+
+    def materialize(self, end: datetime, start: datetime | None = None) -> None:
+        """Load feature rows with event time in [start, end] into the online store (latest per card wins)."""
+        start = start or datetime(1970, 1, 2, tzinfo=UTC)
+        self.store.materialize(start_date=_utc(start), end_date=_utc(end))
+
+    def training_frame(self, entity_df: pd.DataFrame) -> pd.DataFrame:
+        """Point-in-time-correct features for each (card_id, event_timestamp) row; extra columns pass through.
+
+        Rows come back in event-time order. Feast's file store drops entity rows with no
+        feature row inside the view's TTL, so the result may be shorter than the input.
+        """
+        from loopform import data as schema
+
+        frame = self.store.get_historical_features(entity_df=entity_df, features=self.feature_service).to_df()
+        keys = [c for c in (schema.TIMESTAMP, schema.ENTITY, schema.ID) if c in frame.columns]
+        return frame.sort_values(keys, kind="stable").reset_index(drop=True)
+
+    def online(self, card_ids: Iterable[int]) -> pd.DataFrame:
+        """The latest materialised features of each card, in the order asked (missing cards give nulls)."""
+        from loopform import data as schema
+
+        rows = [{schema.ENTITY: int(card)} for card in card_ids]
+        return self.store.get_online_features(features=self.feature_service, entity_rows=rows).to_df()
+
+
+def _utc(moment: datetime) -> datetime:
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)

@@ -1,0 +1,227 @@
+"""Gated promotion: `loopform promote MODEL VERSION --to ENV`.
+
+Reads the evidence from the version's MLflow tags, judges it with
+`loopform.evidence.check_evidence` against ENV's gates (the same function the policy
+pack calls), and on success:
+
+1. writes `models.<model>.release` (version, image, run_id, evidence) into the stack
+   file with ruamel.yaml round-trip, so comments and layout stay and the promotion is a
+   reviewable diff;
+2. points the MLflow alias named after ENV at the version; a production environment
+   (`prod` or `production`) also moves `production` and `champion` (what the next
+   training run is compared with), and the version that held `champion` before gets the
+   tag `archived=true`;
+3. tags the version `loopform.released.<env>` with the time (the record that
+   `require_staging` consults later).
+
+Every check runs before any change; a refusal raises PromotionError and changes
+nothing (neither the stack file nor any alias or tag).
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from loopform import evidence as ev
+from loopform.spec import CONFIG_KEY, GatesSpec, Release, SpecError, load_stack, parse_spec
+
+PRODUCTION_ENVS = frozenset({"prod", "production"})
+STAGING_ENV = "staging"
+CHAMPION_ALIAS = "champion"
+RELEASED_TAG = "loopform.released.{env}"
+
+
+class PromotionError(Exception):
+    """A refused promotion; `reasons` lists every reason, and nothing was changed."""
+
+    def __init__(self, model: str, version: int | str, env: str, reasons: list[str]) -> None:
+        self.model = model
+        self.version = version
+        self.env = env
+        self.reasons = reasons
+        lines = "\n".join(f"  - {r}" for r in reasons)
+        super().__init__(f"refusing to promote {model} version {version} to {env}:\n{lines}")
+
+
+def aliases_for(env: str) -> tuple[str, ...]:
+    """The aliases a release to `env` sets: the env name, and for production also production/champion."""
+    names = [env]
+    if env in PRODUCTION_ENVS:
+        names += ["production", CHAMPION_ALIAS]
+    return tuple(dict.fromkeys(names))
+
+
+def default_image(model: str, version: int) -> str:
+    """Service image of a version when none is given (the Bento the pipeline builds is tagged so)."""
+    return f"ghcr.io/loopform/{model}:v{version}"
+
+
+def promote(
+    model: str,
+    version: int,
+    env: str,
+    *,
+    tracking_uri: str,
+    stack_path: Path,
+    gates: GatesSpec | None = None,
+    image: str | None = None,
+    now: datetime | None = None,
+) -> Release:
+    """Check the version's evidence against `env`'s gates, then release it (see module doc).
+
+    `gates` defaults to the stack file's `gates`. Raises PromotionError with every reason
+    when it refuses; then neither the stack file nor the registry has changed.
+    """
+    from mlflow.exceptions import MlflowException
+
+    from loopform import registry
+
+    now = now or datetime.now(UTC)
+    version = int(version)
+    stack_path = Path(stack_path)
+
+    def refuse(*reasons: str) -> PromotionError:
+        return PromotionError(model, version, env, list(reasons))
+
+    try:
+        spec = load_stack(stack_path)
+    except SpecError as error:
+        raise refuse(f"stack file is not valid: {error}") from None
+    if model not in spec.models:
+        known = ", ".join(sorted(spec.models)) or "none"
+        raise refuse(f"{stack_path} declares no model {model!r} under models (declared: {known})")
+    gates = gates or spec.gates
+
+    mlflow_client = registry.client(tracking_uri)
+    try:
+        model_version = mlflow_client.get_model_version(model, str(version))
+    except MlflowException:
+        raise refuse(f"the registry at {tracking_uri} has no version {version} of model {model!r}") from None
+
+    evidence = registry.read_evidence(tracking_uri, model, version)
+    raw = model_version.tags.get(registry.EVIDENCE_TAG)
+    if evidence is None and raw:
+        raise refuse(f"malformed evidence: tag {registry.EVIDENCE_TAG} is not a JSON object")
+    reasons = ev.check_evidence(evidence, gates.model_dump(), now=now)
+    if evidence is not None:
+        for key, expected in (("model", model), ("version", version), ("run_id", model_version.run_id)):
+            if evidence.get(key) != expected:
+                reasons.append(
+                    f"evidence belongs elsewhere: its {key} is {evidence.get(key)!r}, this version's is {expected!r}"
+                )
+    if (
+        gates.require_staging
+        and env != STAGING_ENV
+        and not model_version.tags.get(RELEASED_TAG.format(env=STAGING_ENV))
+    ):
+        reasons.append(f"{env} requires a prior staging release (gates.require_staging) and version {version} has none")
+    if reasons:
+        raise refuse(*reasons)
+
+    assert evidence is not None
+    release = Release(
+        version=version,
+        image=image or default_image(model, version),
+        run_id=model_version.run_id,
+        evidence=evidence,
+    )
+    text = render_release(stack_path, model, release)  # validates before anything is written
+
+    previous_champion = registry.alias_version(tracking_uri, model, CHAMPION_ALIAS) if env in PRODUCTION_ENVS else None
+    stack_path.write_text(text)
+    for alias in aliases_for(env):
+        registry.set_alias(tracking_uri, model, alias, version)
+    mlflow_client.set_model_version_tag(model, str(version), RELEASED_TAG.format(env=env), ev.now_iso(now))
+    if env in PRODUCTION_ENVS:
+        if previous_champion is not None and previous_champion != version:
+            mlflow_client.set_model_version_tag(model, str(previous_champion), registry.ARCHIVED_TAG, "true")
+        if model_version.tags.get(registry.ARCHIVED_TAG):
+            mlflow_client.delete_model_version_tag(model, str(version), registry.ARCHIVED_TAG)
+    return release
+
+
+def render_release(stack_path: Path, model: str, release: Release) -> str:
+    """The stack file's text with `models.<model>.release` set; comments and layout kept.
+
+    The result is re-parsed with the spec's own loader (PyYAML, YAML 1.1) and validated,
+    and the evidence must still verify there: what Pulumi and the policy pack read back is
+    exactly what was sealed.
+    """
+    import yaml as pyyaml
+
+    rt = _yaml()
+    document = rt.load(stack_path.read_text())
+    models = document["config"][CONFIG_KEY]["models"]
+    models[model]["release"] = _plain_yaml(release.model_dump(mode="json"))
+    buffer = io.StringIO()
+    rt.dump(document, buffer)
+    text = buffer.getvalue()
+
+    reread = pyyaml.safe_load(text)["config"][CONFIG_KEY]
+    spec = parse_spec(reread, str(stack_path))
+    written = spec.models[model].release
+    if written is None or not ev.verify(written.evidence.model_dump()) or written != release:
+        raise ValueError(f"release written to {stack_path} does not read back identically (YAML round trip)")
+    return text
+
+
+def _yaml() -> Any:
+    from ruamel.yaml import YAML
+
+    rt = YAML()  # round-trip: comments, key order and quoting of the rest of the file stay
+    rt.preserve_quotes = True
+    rt.width = 4096
+    rt.indent(mapping=2, sequence=4, offset=2)
+    rt.representer.add_representer(_Float, _represent_float)
+    rt.representer.add_representer(type(None), _represent_null)
+    return rt
+
+
+class _Float(float):
+    """A float written so YAML 1.1 readers (PyYAML) and 1.2 readers both read it back exactly."""
+
+
+def _represent_float(representer: Any, value: _Float) -> Any:
+    text = repr(float(value))
+    mantissa, e, exponent = text.partition("e")
+    if e and "." not in mantissa:
+        text = f"{mantissa}.0e{exponent}"  # '1e-05' is a string to YAML 1.1; '1.0e-05' is a float to both
+    return representer.represent_scalar("tag:yaml.org,2002:float", text)
+
+
+def _represent_null(representer: Any, value: None) -> Any:
+    return representer.represent_scalar("tag:yaml.org,2002:null", "null")  # explicit, not an empty value
+
+
+def _plain_yaml(value: Any) -> Any:
+    """Evidence as YAML-safe data: strings double-quoted (no 'yes'/time/sexagesimal surprises)."""
+    from ruamel.yaml.comments import CommentedMap
+    from ruamel.yaml.scalarstring import DoubleQuotedScalarString
+
+    if isinstance(value, Mapping):
+        out = CommentedMap()
+        for key, item in value.items():
+            out[_key(str(key))] = _plain_yaml(item)
+        return out
+    if isinstance(value, list | tuple):
+        return [_plain_yaml(v) for v in value]
+    if isinstance(value, str):
+        return DoubleQuotedScalarString(value)
+    if isinstance(value, float) and not isinstance(value, bool):
+        return _Float(value)
+    return value
+
+
+def _key(key: str) -> Any:
+    import yaml as pyyaml
+    from ruamel.yaml.scalarstring import DoubleQuotedScalarString
+
+    try:
+        plain = pyyaml.safe_load(f"{key}: 0")
+    except pyyaml.YAMLError:
+        plain = None
+    return key if isinstance(plain, dict) and list(plain) == [key] else DoubleQuotedScalarString(key)

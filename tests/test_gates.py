@@ -1,0 +1,331 @@
+"""Gates: clean data passes, each injected fault fails the gate that owns it, and drift equals Evidently.
+
+Which gate catches which fault:
+    covariate drift      drift gate (drift share above gates.drift.max_drift_share)
+    out-of-range values  validation (range/category share) and OOD (outside the reference envelope)
+    missing values       validation (missing share)
+    missing column       all three (validation: required column; drift and OOD: cannot compare)
+    wrong types          all three (validation: dtype; drift and OOD: not numeric)
+    label shift          drift gate, when both sides are labelled (the label's own drift); the
+                         prior shift also drags label-correlated features along
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy.stats import wasserstein_distance
+
+from loopform.data import FEATURE_NAMES, LABEL, NUMERIC, generate
+from loopform.gates import (
+    DriftInputError,
+    GateResult,
+    compute_drift,
+    drift_gate,
+    fit_envelope,
+    ood_gate,
+    profile,
+    validate_data,
+)
+from loopform.gates.drift import evidently_decisions, wasserstein_sorted
+from loopform.spec import DriftGate, GatesSpec
+
+GATES = GatesSpec()
+
+
+@pytest.fixture(scope="module")
+def reference() -> pd.DataFrame:
+    return generate(20_000, 7)
+
+
+@pytest.fixture(scope="module")
+def clean() -> pd.DataFrame:
+    return generate(5_000, 11)
+
+
+# --- result ------------------------------------------------------------------------------------------
+
+
+def test_gate_result_json_round_trip(tmp_path: Path) -> None:
+    result = GateResult(
+        "drift",
+        False,
+        {"drift_share": np.float64(0.5), "n": np.int64(3), "nan": float("nan"), "per": {"a": (1, 2)}},
+        ["too much"],
+        None,
+    )
+    path = result.write_json(tmp_path / "sub" / "drift.json")
+    raw = json.loads(path.read_text())
+    assert raw == {
+        "gate": "drift",
+        "passed": False,
+        "metrics": {"drift_share": 0.5, "n": 3, "nan": None, "per": {"a": [1, 2]}},
+        "failures": ["too much"],
+        "report": None,
+    }
+    back = GateResult.read_json(path)
+    assert back.to_dict() == raw
+    assert "too much" in back.summary()
+    with pytest.raises(ValueError, match="passed"):
+        GateResult.from_dict({"gate": "x", "passed": "yes"})
+    with pytest.raises(ValueError, match="unknown"):
+        GateResult.from_dict({"gate": "x", "passed": True, "extra": 1})
+
+
+# --- validation ---------------------------------------------------------------------------------------
+
+
+def test_validation_passes_clean(clean: pd.DataFrame) -> None:
+    result = validate_data(clean, GATES, require_label=True)
+    assert result.passed, result.failures
+    assert result.metrics["worst_out_of_range_share"] == 0.0
+    assert 0.01 < result.metrics["label_rate"] < 0.06
+
+
+@pytest.mark.parametrize("dtype", ["category", "string"])
+def test_validation_accepts_other_string_storage(clean: pd.DataFrame, dtype: str) -> None:
+    assert validate_data(clean.astype({"channel": dtype, "merchant_category": dtype}), GATES).passed
+    assert validate_data(clean.astype({"hour_of_day": "Int64"}), GATES).passed
+
+
+def test_validation_unlabelled_serving_data(clean: pd.DataFrame) -> None:
+    assert validate_data(clean.drop(columns=[LABEL]), GATES).passed
+    result = validate_data(clean.drop(columns=[LABEL]), GATES, require_label=True)
+    assert not result.passed and result.failures == [f"missing column {LABEL!r}"]
+
+
+@pytest.mark.parametrize(
+    ("fault", "needle"),
+    [
+        ({"out_of_range": 0.05}, "outside its range"),
+        ({"out_of_range": 0.05}, "outside its categories"),
+        ({"missing_column": "distance_from_home_km"}, "missing column 'distance_from_home_km'"),
+        ({"wrong_types": "amount"}, "column 'amount' has dtype object, expected float64"),
+        ({"wrong_types": "channel"}, "column 'channel' has dtype int64, expected strings"),
+        ({"wrong_types": "event_timestamp"}, "expected timezone-aware datetimes"),
+        ({"missing_values": 0.1}, "missing values, above gates.max_missing_share"),
+    ],
+)
+def test_validation_fails_each_fault(fault: dict, needle: str) -> None:
+    result = validate_data(generate(3_000, 5, **fault), GATES, require_label=True)
+    assert not result.passed
+    assert any(needle in f for f in result.failures), result.failures
+
+
+def test_validation_thresholds_come_from_the_spec() -> None:
+    data = generate(3_000, 5, out_of_range=0.005)
+    assert not validate_data(data, GatesSpec(max_out_of_range_share=0.001)).passed
+    assert validate_data(data, GatesSpec(max_out_of_range_share=0.02)).passed
+
+
+def test_validation_other_breakage(clean: pd.DataFrame) -> None:
+    assert validate_data(clean.iloc[:0], GATES).failures == ["data set is empty"]
+    dup = pd.concat([clean, clean.iloc[:3]])
+    assert any("duplicate" in f for f in validate_data(dup, GATES).failures)
+    bad_label = clean.assign(**{LABEL: clean[LABEL] * 2})
+    assert any("other than 0/1" in f for f in validate_data(bad_label, GATES).failures)
+    fractional = clean.assign(hour_of_day=clean["hour_of_day"] + 0.5)
+    assert any("fractional" in f for f in validate_data(fractional, GATES).failures)
+
+
+# --- drift -----------------------------------------------------------------------------------------
+
+
+def test_drift_gate_passes_clean(reference: pd.DataFrame, clean: pd.DataFrame) -> None:
+    result = drift_gate(reference, clean, GATES)
+    assert result.passed, result.failures
+    assert result.metrics["drift_share"] <= GATES.drift.max_drift_share
+    assert set(result.metrics["features"]) == set(FEATURE_NAMES)
+    assert result.metrics["label"]["drifted"] is False
+
+
+def test_drift_gate_fails_covariate_drift(reference: pd.DataFrame) -> None:
+    result = drift_gate(reference, generate(5_000, 11, covariate_drift=0.5), GATES)
+    assert not result.passed
+    assert result.metrics["drift_share"] > GATES.drift.max_drift_share
+    assert {"amount", "distance_from_home_km", "txn_count_24h"} <= set(result.metrics["drifted"])
+    assert "max_drift_share=0.3" in result.failures[0]
+    # A looser environment lets the same data through.
+    loose = GatesSpec(drift=DriftGate(max_drift_share=0.9))
+    assert drift_gate(reference, generate(5_000, 11, covariate_drift=0.5), loose).passed
+
+
+def test_drift_gate_catches_label_shift(reference: pd.DataFrame) -> None:
+    shifted = generate(5_000, 11, label_shift=0.2)
+    result = drift_gate(reference, shifted, GatesSpec(drift=DriftGate(max_drift_share=0.9)))
+    assert not result.passed
+    assert result.metrics["label"]["drifted"] is True
+    assert any("label shift" in f for f in result.failures)
+    # Unlabelled traffic: the label is simply not compared.
+    assert drift_gate(reference, generate(5_000, 11).drop(columns=[LABEL]), GATES).metrics["label"] is None
+
+
+@pytest.mark.parametrize(
+    ("fault", "needle"),
+    [
+        ({"missing_column": "amount"}, "current data lacks column(s) 'amount'"),
+        ({"wrong_types": "amount"}, "column 'amount' in current data should be numeric"),
+    ],
+)
+def test_drift_gate_fails_broken_input(reference: pd.DataFrame, fault: dict, needle: str) -> None:
+    result = drift_gate(reference, generate(2_000, 3, **fault), GATES)
+    assert not result.passed and needle in result.failures[0]
+    with pytest.raises(DriftInputError):
+        compute_drift(reference, generate(2_000, 3, **fault))
+
+
+def test_drift_thresholds_come_from_the_spec(reference: pd.DataFrame) -> None:
+    current = generate(5_000, 11, covariate_drift=0.1)
+    strict = compute_drift(reference, current, gates=GatesSpec(drift=DriftGate(feature_threshold=0.01)))
+    loose = compute_drift(reference, current, gates=GatesSpec(drift=DriftGate(feature_threshold=0.5)))
+    assert strict.drift_share == 1.0 and loose.drift_share == 0.0
+    assert {f.threshold for f in strict.features.values()} == {0.01}
+    small = compute_drift(reference.iloc[:500], current, gates=GatesSpec(drift=DriftGate(p_value=0.2)))
+    assert {f.threshold for f in small.features.values()} == {0.2}
+
+
+def test_profile_reuse_gives_the_same_stats(reference: pd.DataFrame, clean: pd.DataFrame) -> None:
+    direct = compute_drift(reference, clean)
+    reused = compute_drift(profile(reference), clean, workers=1)
+    assert direct.to_dict() == reused.to_dict()
+
+
+@pytest.mark.parametrize(("n", "m"), [(1, 1), (1, 7), (9, 2), (50, 50), (300, 1_001), (4_000, 1_500)])
+def test_wasserstein_equals_scipy(n: int, m: int) -> None:
+    rng = np.random.default_rng(n * 31 + m)
+    u, v = rng.normal(size=n), rng.gamma(2.0, size=m)
+    assert wasserstein_sorted(np.sort(u), np.sort(v)) == pytest.approx(wasserstein_distance(u, v), rel=1e-12)
+    u, v = np.round(u * 2), np.round(v * 2)  # heavy ties
+    assert wasserstein_sorted(np.sort(u), np.sort(v)) == pytest.approx(wasserstein_distance(u, v), rel=1e-12, abs=1e-15)
+
+
+def _evidently(reference: pd.DataFrame, current: pd.DataFrame, columns: list[str]) -> tuple[dict, float]:
+    from evidently import DataDefinition, Dataset, Report
+    from evidently.presets import DataDriftPreset
+
+    numeric = [c for c in columns if c in NUMERIC or pd.api.types.is_float_dtype(reference[c])]
+    definition = DataDefinition(numerical_columns=numeric, categorical_columns=[c for c in columns if c not in numeric])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        snapshot = Report([DataDriftPreset(columns=columns)]).run(
+            Dataset.from_pandas(current[columns], data_definition=definition),
+            Dataset.from_pandas(reference[columns], data_definition=definition),
+        )
+    raw = snapshot.dict()
+    share = next(m["value"]["share"] for m in raw["metrics"] if m["config"]["type"].endswith(":DriftedColumnsCount"))
+    return evidently_decisions(raw), share
+
+
+def _assert_same(ours, theirs: dict, share: float) -> None:
+    assert set(theirs) == set(ours.features)
+    for name, feature in ours.features.items():
+        assert feature.method == theirs[name]["method"], name
+        assert feature.threshold == theirs[name]["threshold"], name
+        assert feature.drifted == theirs[name]["drifted"], name
+        assert feature.score == pytest.approx(theirs[name]["score"], rel=1e-9, abs=1e-12), name
+    assert ours.drift_share == pytest.approx(share)
+
+
+@pytest.mark.parametrize(
+    ("ref_rows", "cur_rows", "drift", "missing"),
+    [
+        (300, 5_000, 0.0, 0.0),  # small reference: ks, z and chi-square
+        (300, 5_000, 0.5, 0.0),
+        (1_000, 700, 0.2, 0.05),  # boundary: still tests; NaN dropped on both sides
+        (1_001, 700, 0.2, 0.05),  # just above: distances
+        (5_000, 5_000, 0.0, 0.0),  # Wasserstein and Jensen-Shannon
+        (5_000, 5_000, 0.5, 0.0),
+    ],
+)
+def test_same_decisions_as_evidently(ref_rows: int, cur_rows: int, drift: float, missing: float) -> None:
+    reference = generate(ref_rows, 1, missing_values=missing)
+    current = generate(cur_rows, 2, covariate_drift=drift, missing_values=missing)
+    columns = list(FEATURE_NAMES)
+    theirs, share = _evidently(reference, current, columns)
+    ours = compute_drift(reference, current, columns)
+    _assert_same(ours, theirs, share)
+    if drift:
+        assert ours.drifted  # the comparison is not trivially all-clean
+
+
+def test_same_decisions_as_evidently_edge_columns() -> None:
+    """Few distinct values, unseen categories, constants and infinities, on both sides of 1000 rows."""
+    rng = np.random.default_rng(5)
+    for ref_rows in (400, 3_000):
+        frames = []
+        for rows, shift in ((ref_rows, 0), (600, 1)):
+            frames.append(
+                pd.DataFrame(
+                    {
+                        "three": rng.integers(0, 3, rows).astype(float) + (rng.random(rows) < 0.2 * shift),
+                        "binary": (rng.random(rows) < 0.3 + 0.2 * shift).astype(float),
+                        "constant": np.full(rows, 2.0),
+                        "skewed": np.where(rng.random(rows) < 0.01, np.inf, rng.lognormal(shift * 0.2, 1, rows)),
+                        "colour": rng.choice(["red", "green", "blue"] + ["violet"] * shift, rows),
+                        "flag": rng.choice(["yes", "no"], rows, p=[0.5 + 0.1 * shift, 0.5 - 0.1 * shift]),
+                    }
+                )
+            )
+        columns = list(frames[0].columns)
+        theirs, _ = _evidently(frames[0], frames[1], columns)
+        ours = compute_drift(frames[0], frames[1], columns, kinds={"colour": "categorical", "flag": "categorical"})
+        # Evidently's DriftedColumnsCount (legacy path) drops NaN but keeps +-inf when a column has no
+        # NaN, so its count can disagree with its own ValueDrift metrics; we follow ValueDrift.
+        _assert_same(ours, theirs, sum(t["drifted"] for t in theirs.values()) / len(theirs))
+        assert {f.method for f in ours.features.values()} >= (
+            {"chisquare", "z", "ks"} if ref_rows <= 1000 else {"jensenshannon", "wasserstein"}
+        )
+
+
+def test_drift_gate_writes_evidently_report(tmp_path: Path, reference: pd.DataFrame) -> None:
+    current = generate(1_500, 12, covariate_drift=0.5)
+    path = tmp_path / "reports" / "drift.html"
+    result = drift_gate(reference.iloc[:3_000], current, GATES, report_path=path)
+    assert result.report == str(path)
+    html = path.read_text()
+    assert "<html" in html.lower() and "amount" in html
+    assert result.metrics["report_agrees"] is True, result.metrics["report_mismatches"]
+    saved = GateResult.read_json(result.write_json(tmp_path / "drift.json"))
+    assert saved.metrics["drift_share"] == result.metrics["drift_share"] and not saved.passed
+
+
+# --- OOD -------------------------------------------------------------------------------------------
+
+
+def test_ood_gate_passes_clean(reference: pd.DataFrame, clean: pd.DataFrame) -> None:
+    result = ood_gate(reference, clean, GATES)
+    assert result.passed, result.failures
+    assert result.metrics["ood_rate"] < 0.01
+
+
+@pytest.mark.parametrize(
+    ("fault", "needle"),
+    [
+        ({"out_of_range": 0.05}, "out of distribution"),
+        ({"missing_column": "card_age_days"}, "lacks column 'card_age_days'"),
+        ({"wrong_types": "txn_count_24h"}, "'txn_count_24h' should be numeric"),
+    ],
+)
+def test_ood_gate_fails_each_fault(reference: pd.DataFrame, fault: dict, needle: str) -> None:
+    result = ood_gate(reference, generate(3_000, 9, **fault), GATES)
+    assert not result.passed
+    assert any(needle in f for f in result.failures), result.failures
+
+
+def test_ood_counts_unseen_categories_and_extremes(reference: pd.DataFrame, clean: pd.DataFrame) -> None:
+    envelope = fit_envelope(reference)
+    current = clean.copy()
+    current.loc[current.index[:400], "merchant_category"] = "casino"
+    current.loc[current.index[200:600], "amount"] = 10 * envelope.bounds["amount"][1]
+    current.loc[current.index[600:700], "amount"] = np.nan  # missing is not OOD
+    result = ood_gate(envelope, current, GATES)
+    assert not result.passed
+    assert result.metrics["ood_rows"] >= 600
+    assert result.metrics["per_feature"]["merchant_category"] == pytest.approx(400 / len(current))
+    assert GatesSpec(max_ood_rate=0.2).max_ood_rate > result.metrics["ood_rate"]
+    assert ood_gate(envelope, current, GatesSpec(max_ood_rate=0.2)).passed

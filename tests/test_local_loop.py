@@ -1,0 +1,96 @@
+"""End to end: `loopform up` on small data closes the loop, twice, without touching the repo's stacks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from loopform.spec import CONFIG_KEY
+
+ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def loop(tmp_path_factory: pytest.TempPathFactory):
+    from loopform.local import up
+    from loopform.serving import free_port
+
+    folder = tmp_path_factory.mktemp("loop")
+    document = yaml.safe_load((ROOT / "stacks" / "Pulumi.local.yaml").read_text())
+    platform = document["config"][CONFIG_KEY]
+    platform["local"].update(workdir=str(folder / "work"), rows=6000, traffic=240, serve_port=free_port())
+    platform["monitoring"]["min_rows"] = 200
+    stack = folder / "Pulumi.local.yaml"
+    stack.write_text(yaml.safe_dump(document))
+    repo_stacks = {p.name: p.read_bytes() for p in (ROOT / "stacks").glob("*.yaml")}
+    lines: list[str] = []
+    summary = up(stack, ROOT, echo=lines.append)
+    return summary, lines, repo_stacks, stack
+
+
+def test_registry_holds_two_gated_versions(loop) -> None:
+    from loopform import registry
+
+    summary, *_ = loop
+    assert summary.versions == [1, 2]
+    assert registry.alias_version(summary.tracking_uri, "fraud", "production") == 2
+    assert registry.alias_version(summary.tracking_uri, "fraud", "staging") == 2
+    for version in summary.versions:
+        evidence = registry.read_evidence(summary.tracking_uri, "fraud", version)
+        assert evidence is not None and evidence["version"] == version
+        assert all(gate["passed"] for gate in evidence["gates"].values())
+    tags = registry.client(summary.tracking_uri).get_model_version("fraud", "1").tags
+    assert tags.get(registry.ARCHIVED_TAG) == "true", "the replaced production version is archived"
+
+
+def test_payload_log_holds_every_answered_request(loop) -> None:
+    summary, *_ = loop
+    assert summary.requests == {"clean": 240, "drifted": 240}
+    assert summary.payload_rows == 480
+
+
+def test_monitor_detects_the_injected_drift_only(loop) -> None:
+    summary, *_ = loop
+    assert summary.monitor["clean"]["status"] == "ok" and not summary.monitor["clean"]["triggered"]
+    drifted = summary.monitor["drifted"]
+    assert drifted["status"] == "drift" and drifted["triggered"]
+    assert {"amount", "distance_from_home_km"} <= set(drifted["drifted"])
+    report = Path(drifted["report"])
+    assert report.exists() and "amount" in report.read_text(errors="replace")
+
+
+def test_releases_recorded_in_workdir_not_in_repo(loop) -> None:
+    summary, _, repo_stacks, _ = loop
+    assert {p.name: p.read_bytes() for p in (ROOT / "stacks").glob("*.yaml")} == repo_stacks
+    prod = yaml.safe_load((summary.workdir / "stacks" / "Pulumi.prod.yaml").read_text())
+    assert prod["config"][CONFIG_KEY]["models"]["fraud"]["release"]["version"] == 2
+
+
+def test_progress_is_shown(loop) -> None:
+    _, lines, *_ = loop
+    assert lines[1].startswith("[ 1/22] generate")
+    assert any("RETRAINING TRIGGERED" in line for line in lines)
+    assert any("MLflow UI" in line for line in lines)
+
+
+def test_running_twice_works(loop) -> None:
+    """A second run, as a user would start it (a new process), closes the loop again."""
+    import json
+    import subprocess
+    import sys
+
+    summary, _, _, stack = loop
+    result = subprocess.run(
+        [sys.executable, "-m", "loopform.cli", "up", "--stack", "local", "--file", str(stack)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    again = json.loads((summary.workdir / "summary.json").read_text())
+    assert again["versions"] == [1, 2] and again["production_version"] == 2
+    assert again["payload_rows"] == summary.payload_rows

@@ -1,0 +1,251 @@
+"""The drift monitor: payload windows against the reference, gauges, report, trigger, too few rows."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import threading
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+
+from loopform import data
+from loopform.gates.drift import compute_drift
+from loopform.monitor import (
+    CallbackTrigger,
+    FileTrigger,
+    RetrainEvent,
+    metrics_text,
+    parse_duration,
+    push_metrics,
+    run_monitor,
+    write_metrics,
+)
+from loopform.payloads import PayloadLog
+from loopform.spec import GatesSpec
+
+NOW = datetime(2026, 5, 4, 12, 0, tzinfo=UTC)
+GATES = GatesSpec()
+
+
+@pytest.fixture(scope="module")
+def reference() -> pd.DataFrame:
+    return data.generate(3000, 1, days=20)
+
+
+def _log(uri: str, frame: pd.DataFrame, start: datetime, span: timedelta, version: int = 1) -> None:
+    """Write frame's rows as served payloads spread evenly over [start, start + span)."""
+    step = span / len(frame)
+    with PayloadLog(uri, "fraud", flush_rows=5000, flush_seconds=3600) as log:
+        for i, row in enumerate(frame[list(data.FEATURE_NAMES)].to_dict("records")):
+            log.log({"time": start + i * step, **row, "prediction": 0, "score": 0.1, "model_version": version})
+
+
+def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def test_clean_traffic_is_no_drift(tmp_path: Path, reference: pd.DataFrame) -> None:
+    uri = str(tmp_path / "payloads")
+    _log(uri, data.generate(1500, 2, days=20), NOW - timedelta(hours=20), timedelta(hours=19))
+    fired: list[RetrainEvent] = []
+    registry = CollectorRegistry()
+    result = run_monitor(
+        "fraud",
+        reference=reference,
+        payload_uri=uri,
+        gates=GATES,
+        report_dir=tmp_path / "reports",
+        registry=registry,
+        until=NOW,
+        trigger=CallbackTrigger(fired.append),
+    )
+    assert result.status == "ok" and result.decided and not result.triggered and fired == []
+    assert result.rows == 1500
+    assert result.drift_share is not None and result.drift_share <= GATES.drift.max_drift_share
+    assert set(result.features) == set(data.FEATURE_NAMES)
+    samples = _samples(metrics_text(registry))
+    assert samples[("loopform_drift_detected", (("model", "fraud"),))] == 0
+    assert samples[("loopform_rows_seen", (("model", "fraud"),))] == 1500
+    assert samples[("loopform_drift_share", (("model", "fraud"),))] == pytest.approx(result.drift_share)
+    assert Path(result.report).is_file() and Path(result.report).stat().st_size > 10_000
+    assert json.loads(Path(result.result_path).read_text())["status"] == "ok"
+
+
+def test_drifted_traffic_raises_the_trigger_once(tmp_path: Path, reference: pd.DataFrame) -> None:
+    uri = str(tmp_path / "payloads")
+    drifted = data.generate(1200, 3, days=20, covariate_drift=1.0)
+    _log(uri, drifted, NOW - timedelta(hours=6), timedelta(hours=5))
+    _log(uri, data.generate(800, 4, days=20), NOW - timedelta(days=3), timedelta(hours=5))  # outside the window
+    registry = CollectorRegistry()
+    triggers = FileTrigger(tmp_path / "triggers")
+    result = run_monitor(
+        "fraud",
+        reference=reference,
+        payload_uri=uri,
+        gates=GATES,
+        report_dir=tmp_path / "reports",
+        registry=registry,
+        until=NOW,
+        window="24h",
+        trigger=triggers,
+    )
+    assert result.rows == 1200
+    assert result.status == "drift" and result.triggered
+    assert result.drift_share > GATES.drift.max_drift_share
+    # The monitor decides exactly as the pipeline's drift code does on the same frames.
+    expected = compute_drift(reference, drifted, data.FEATURE_NAMES, GATES)
+    assert result.drifted == expected.drifted and result.drift_share == pytest.approx(expected.drift_share)
+
+    pending = triggers.pending("fraud")
+    assert [str(p) for p in pending] == [result.trigger]
+    event = json.loads(pending[0].read_text())
+    assert event["model"] == "fraud" and event["drifted"] == result.drifted and event["report"] == result.report
+
+    samples = _samples(metrics_text(registry))
+    model = (("model", "fraud"),)
+    assert samples[("loopform_drift_detected", model)] == 1
+    assert samples[("loopform_rows_seen", model)] == 1200
+    assert samples[("loopform_drift_share", model)] == pytest.approx(result.drift_share)
+    for name, feature in result.features.items():
+        labels = (("feature", name), ("method", feature["method"]), ("model", "fraud"))
+        assert samples[("loopform_feature_drift_score", labels)] == pytest.approx(feature["score"])
+        assert samples[("loopform_feature_drifted", (("feature", name), ("model", "fraud")))] == feature["drifted"]
+
+    # A second run while retraining is pending: still drift, but no second trigger file.
+    again = run_monitor(
+        "fraud", reference=reference, payload_uri=uri, gates=GATES, registry=registry, until=NOW, trigger=triggers
+    )
+    assert again.status == "drift" and again.trigger is None and "deduplicated" in again.message
+    assert len(triggers.pending("fraud")) == 1
+    triggers.acknowledge(pending[0])
+    assert triggers.pending("fraud") == []
+
+
+def test_too_few_rows_is_no_decision(tmp_path: Path, reference: pd.DataFrame) -> None:
+    uri = str(tmp_path / "payloads")
+    _log(uri, data.generate(120, 5, days=5, covariate_drift=1.0), NOW - timedelta(hours=2), timedelta(hours=1))
+    registry = CollectorRegistry()
+    fired: list[RetrainEvent] = []
+    result = run_monitor(
+        "fraud",
+        reference=reference,
+        payload_uri=uri,
+        gates=GATES,
+        report_dir=tmp_path / "reports",
+        registry=registry,
+        until=NOW,
+        min_rows=500,
+        trigger=CallbackTrigger(fired.append),
+    )
+    assert result.status == "insufficient_data" and not result.decided
+    assert result.drift_share is None and not result.triggered and fired == []
+    assert "120 payload rows" in result.message and "min_rows=500" in result.message
+    assert result.report is None and json.loads(Path(result.result_path).read_text())["rows"] == 120
+    samples = _samples(metrics_text(registry))
+    assert samples[("loopform_monitor_decision", (("model", "fraud"),))] == 0
+    assert samples[("loopform_drift_detected", (("model", "fraud"),))] == 0
+    assert ("loopform_drift_share", (("model", "fraud"),)) not in samples
+
+
+def test_gauges_follow_repeated_runs_in_one_registry(tmp_path: Path, reference: pd.DataFrame) -> None:
+    uri = str(tmp_path / "payloads")
+    _log(uri, data.generate(600, 6, days=20, covariate_drift=1.0), NOW - timedelta(hours=3), timedelta(hours=1))
+    registry = CollectorRegistry()
+    first = run_monitor(
+        "fraud", reference=reference, payload_uri=uri, gates=GATES, registry=registry, until=NOW, min_rows=500
+    )
+    assert first.status == "drift" and not first.triggered  # no trigger configured: gauges only
+    later = run_monitor(  # a day later the window is empty: the drift series must not linger
+        "fraud", reference=reference, payload_uri=uri, gates=GATES, registry=registry, until=NOW + timedelta(days=2)
+    )
+    assert later.status == "insufficient_data" and later.rows == 0
+    text = metrics_text(registry)
+    assert "loopform_feature_drift_score{" not in text and "loopform_drift_share{" not in text
+    assert _samples(text)[("loopform_drift_detected", (("model", "fraud"),))] == 0
+    path = write_metrics(tmp_path / "textfile" / "loopform.prom", registry)
+    assert path.read_text() == text
+
+
+def test_version_filter_and_missing_columns(tmp_path: Path, reference: pd.DataFrame) -> None:
+    uri = str(tmp_path / "payloads")
+    _log(uri, data.generate(600, 7, days=20), NOW - timedelta(hours=3), timedelta(hours=1), version=1)
+    _log(uri, data.generate(600, 8, days=20, covariate_drift=1.0), NOW - timedelta(hours=2), timedelta(hours=1), 2)
+    v1 = run_monitor("fraud", reference=reference, payload_uri=uri, gates=GATES, until=NOW, version=1)
+    v2 = run_monitor("fraud", reference=reference, payload_uri=uri, gates=GATES, until=NOW, version=2)
+    assert (v1.rows, v1.status) == (600, "ok") and (v2.rows, v2.status) == (600, "drift")
+    broken = run_monitor(
+        "fraud", reference=reference.drop(columns=["amount"]), payload_uri=uri, gates=GATES, until=NOW, min_rows=10
+    )
+    assert broken.status == "error" and "amount" in broken.message and not broken.triggered
+
+
+def test_reference_from_parquet_and_parse_duration(tmp_path: Path, reference: pd.DataFrame) -> None:
+    path = tmp_path / "reference.parquet"
+    reference.to_parquet(path)
+    uri = str(tmp_path / "payloads")
+    _log(uri, data.generate(700, 9, days=20), NOW - timedelta(minutes=80), timedelta(minutes=60))
+    result = run_monitor("fraud", reference=path, payload_uri=uri, gates=GATES, until=NOW, window="1h30m")
+    assert result.rows == 700 and result.status == "ok"
+    assert result.window_start == (NOW - timedelta(minutes=90)).isoformat()
+    assert parse_duration("1h30m") == timedelta(minutes=90) and parse_duration("45s") == timedelta(seconds=45)
+    for bad in ("", "1d", "h", "10"):
+        with pytest.raises(ValueError, match="not a duration"):
+            parse_duration(bad)
+
+
+def test_push_metrics_sends_the_exposition(tmp_path: Path) -> None:
+    received: list[tuple[str, str, bytes]] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_PUT(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            received.append((self.command, self.path, body))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        registry = CollectorRegistry()
+        run_monitor("fraud", reference=pd.DataFrame(), payload_uri=str(tmp_path), gates=GATES, registry=registry)
+        push_metrics(f"127.0.0.1:{server.server_port}", registry, "fraud")
+    finally:
+        server.shutdown()
+    [(method, path, body)] = received
+    assert method == "PUT" and path == "/metrics/job/loopform-monitor/model/fraud"
+    assert b"loopform_rows_seen" in body
+
+
+def test_run_from_spec_uses_the_stack_settings(tmp_path: Path, reference: pd.DataFrame) -> None:
+    from loopform.monitor import run_from_spec
+    from loopform.spec import PlatformSpec
+
+    spec = PlatformSpec.model_validate(
+        {
+            "environment": "local",
+            "monitoring": {"payload_uri": f"file://{tmp_path}/lake", "window": "2h", "min_rows": 300},
+            "gates": {"drift": {"max_drift_share": 0.9}},
+        }
+    )
+    drifted = data.generate(400, 10, days=20, covariate_drift=1.0)
+    _log(f"{tmp_path}/lake", drifted, NOW - timedelta(minutes=100), timedelta(minutes=60))
+    _log(f"{tmp_path}/lake", drifted, NOW - timedelta(hours=5), timedelta(minutes=60))  # outside the 2h window
+    result = run_from_spec(spec, "fraud", reference=reference, until=NOW)
+    assert result.rows == 400 and result.min_rows == 300 and result.max_drift_share == 0.9
+    # Drifted traffic above the default 0.3 share but below this stack's 0.9: the stack's gate decides.
+    assert result.drift_share is not None and GatesSpec().drift.max_drift_share < result.drift_share <= 0.9
+    assert result.status == "ok" and not result.triggered

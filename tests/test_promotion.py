@@ -1,0 +1,225 @@
+"""Gated promotion against a temporary MLflow store and copies of the real stack files.
+
+Each refusal must change nothing: the stack file stays byte-identical, and no alias or
+tag of any version moves.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+import yaml
+
+from loopform import evidence as ev
+from loopform import registry
+from loopform.gates.result import GateResult
+from loopform.promotion import PromotionError, aliases_for, default_image, promote
+from loopform.spec import load_stack
+from tests.helpers_registry import gate_results, make_version, small_model
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> str:
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+
+
+@pytest.fixture(scope="module")
+def trained():
+    model, _, _, evaluation = small_model()
+    assert evaluation["auc"] > 0.8  # clears every stack's min_auc, so refusals below are the gates' doing
+    return model, evaluation
+
+
+@pytest.fixture
+def stacks(tmp_path) -> dict[str, Path]:
+    """Copies of the repository's stack files (the originals are never touched)."""
+    out = {}
+    for env in ("dev", "staging", "prod"):
+        out[env] = tmp_path / f"Pulumi.{env}.yaml"
+        shutil.copyfile(ROOT / "stacks" / f"Pulumi.{env}.yaml", out[env])
+    return out
+
+
+def state(store: str, name: str, stack: Path) -> tuple[bytes, dict[str, int], dict[str, dict[str, str]]]:
+    """Everything a promotion may change: stack file bytes, aliases, every version's tags."""
+    client = registry.client(store)
+    aliases = dict(client.get_registered_model(name).aliases)
+    tags = {v.version: dict(v.tags) for v in client.search_model_versions(f"name = '{name}'")}
+    return stack.read_bytes(), aliases, tags
+
+
+def refused(store: str, name: str, version: int, env: str, stack: Path, **kwargs) -> list[str]:
+    before = state(store, name, stack)
+    with pytest.raises(PromotionError) as info:
+        promote(name, version, env, tracking_uri=store, stack_path=stack, **kwargs)
+    assert state(store, name, stack) == before, "a refused promotion changed something"
+    assert str(version) in str(info.value) and env in str(info.value)
+    return info.value.reasons
+
+
+def rename(stack: Path, name: str) -> None:
+    """Declare the stack's fraud model under another name, so each test has its own registered model."""
+    stack.write_text(stack.read_text().replace("      fraud:\n", f"      {name}:\n"))
+
+
+def test_promote_to_staging_writes_release_and_moves_alias(store, trained, stacks):
+    model, evaluation = trained
+    rename(stacks["staging"], "fraud-a")
+    original = stacks["staging"].read_text()
+    record = make_version(store, "fraud-a", model, evaluation)
+
+    release = promote("fraud-a", record.version, "staging", tracking_uri=store, stack_path=stacks["staging"])
+
+    assert release.version == record.version and release.run_id == record.run_id
+    assert release.image == default_image("fraud-a", record.version) == f"ghcr.io/loopform/fraud-a:v{record.version}"
+    text = stacks["staging"].read_text()
+    # Round trip: every original line (comments included) is still there, in order; only the release was added.
+    lines = iter(text.splitlines())
+    assert all(any(line == other for other in lines) for line in original.splitlines())
+    assert text.startswith("# Staging: production-shaped")
+    spec = load_stack(stacks["staging"])
+    written = spec.models["fraud-a"].release
+    assert written == release
+    assert written.evidence.model_dump() == record.evidence
+    assert ev.check_evidence(written.evidence.model_dump(), spec.gates.model_dump(), now=datetime.now(UTC)) == []
+    assert registry.alias_version(store, "fraud-a", "staging") == record.version
+    tags = registry.client(store).get_model_version("fraud-a", str(record.version)).tags
+    assert "loopform.released.staging" in tags and "archived" not in tags
+
+
+def test_refuses_missing_evidence(store, trained, stacks):
+    model, evaluation = trained
+    rename(stacks["staging"], "fraud-b")
+    good = make_version(store, "fraud-b", model, evaluation)
+    promote("fraud-b", good.version, "staging", tracking_uri=store, stack_path=stacks["staging"])
+    client = registry.client(store)
+    bare = client.create_model_version("fraud-b", source=client.get_model_version("fraud-b", "1").source)
+
+    reasons = refused(store, "fraud-b", int(bare.version), "staging", stacks["staging"])
+    assert reasons[0] == "missing evidence: the version carries no release evidence"
+    assert registry.alias_version(store, "fraud-b", "staging") == good.version
+
+
+def test_refuses_failed_gate(store, trained, stacks):
+    model, evaluation = trained
+    rename(stacks["dev"], "fraud-c")
+    drifted = GateResult("drift", False, {"drift_share": 0.6}, ["6 of 9 features drifted (share 0.67 > 0.3)"])
+    record = make_version(store, "fraud-c", model, evaluation, gates=gate_results(drift=drifted))
+
+    reasons = refused(store, "fraud-c", record.version, "dev", stacks["dev"])
+    assert "gate 'drift' did not pass: 6 of 9 features drifted (share 0.67 > 0.3)" in reasons
+    assert "drift share 0.600 is above gates.drift.max_drift_share=0.3" in reasons
+    assert registry.alias_version(store, "fraud-c", "dev") is None
+
+
+def test_refuses_tampered_evidence(store, trained, stacks):
+    model, evaluation = trained
+    rename(stacks["staging"], "fraud-d")
+    weak = {**evaluation, "auc": 0.6}
+    record = make_version(store, "fraud-d", model, weak)
+    assert "AUC 0.6000 is below gates.min_auc=0.75" in refused(
+        store, "fraud-d", record.version, "staging", stacks["staging"]
+    )
+
+    # Someone edits the recorded AUC in the tag (and the key tag) to get past the gate.
+    forged = json.loads(
+        registry.client(store).get_model_version("fraud-d", str(record.version)).tags[registry.EVIDENCE_TAG]
+    )
+    forged["evaluation"]["auc"] = 0.95
+    client = registry.client(store)
+    client.set_model_version_tag("fraud-d", str(record.version), registry.EVIDENCE_TAG, json.dumps(forged))
+    client.set_model_version_tag("fraud-d", str(record.version), "loopform.auc", "0.95")
+
+    reasons = refused(store, "fraud-d", record.version, "staging", stacks["staging"])
+    assert len(reasons) == 1 and reasons[0].startswith("tampered evidence: digest mismatch")
+
+
+def test_refuses_evidence_copied_from_another_version(store, trained, stacks):
+    model, evaluation = trained
+    rename(stacks["staging"], "fraud-e")
+    first = make_version(store, "fraud-e", model, evaluation)
+    failing = make_version(store, "fraud-e", model, {**evaluation, "auc": 0.5})
+    client = registry.client(store)
+    client.set_model_version_tag(
+        "fraud-e", str(failing.version), registry.EVIDENCE_TAG, ev.canonical(first.evidence).decode()
+    )
+    reasons = refused(store, "fraud-e", failing.version, "staging", stacks["staging"])
+    assert f"evidence belongs elsewhere: its version is {first.version}, this version's is {failing.version}" in reasons
+    assert any(r.startswith("evidence belongs elsewhere: its run_id") for r in reasons)
+
+
+def test_refuses_stale_evidence_and_unknown_versions(store, trained, stacks):
+    model, evaluation = trained
+    rename(stacks["dev"], "fraud-f")
+    record = make_version(store, "fraud-f", model, evaluation)
+    later = datetime.now(UTC) + timedelta(days=61)  # dev allows 60 days
+    reasons = refused(store, "fraud-f", record.version, "dev", stacks["dev"], now=later)
+    assert len(reasons) == 1 and reasons[0].startswith("stale evidence:")
+    assert reasons[0].endswith("more than max_evidence_age_days=60")
+
+    assert refused(store, "fraud-f", 99, "dev", stacks["dev"]) == [
+        f"the registry at {store} has no version 99 of model 'fraud-f'"
+    ]
+    reasons = refused(store, "fraud-f", record.version, "dev", stacks["staging"])  # staging declares fraud only
+    assert reasons == [f"{stacks['staging']} declares no model 'fraud-f' under models (declared: fraud)"]
+
+
+def test_prod_needs_staging_first_and_archives_the_previous_champion(store, trained, stacks):
+    model, evaluation = trained
+    for env in ("staging", "prod"):
+        rename(stacks[env], "fraud-g")
+    v1 = make_version(store, "fraud-g", model, evaluation)
+
+    reasons = refused(store, "fraud-g", v1.version, "prod", stacks["prod"])
+    assert reasons == [
+        f"prod requires a prior staging release (gates.require_staging) and version {v1.version} has none"
+    ]
+
+    promote("fraud-g", v1.version, "staging", tracking_uri=store, stack_path=stacks["staging"])
+    release = promote(
+        "fraud-g", v1.version, "prod", tracking_uri=store, stack_path=stacks["prod"], image="registry.example/fraud:1"
+    )
+    assert aliases_for("prod") == ("prod", "production", "champion")
+    for alias in aliases_for("prod"):
+        assert registry.alias_version(store, "fraud-g", alias) == v1.version
+    assert load_stack(stacks["prod"]).models["fraud-g"].release.image == "registry.example/fraud:1" == release.image
+
+    v2 = make_version(store, "fraud-g", model, {**evaluation, "champion_version": v1.version})
+    promote("fraud-g", v2.version, "staging", tracking_uri=store, stack_path=stacks["staging"])
+    promote("fraud-g", v2.version, "prod", tracking_uri=store, stack_path=stacks["prod"])
+    client = registry.client(store)
+    assert client.get_model_version("fraud-g", str(v1.version)).tags.get("archived") == "true"
+    assert "archived" not in client.get_model_version("fraud-g", str(v2.version)).tags
+    assert registry.alias_version(store, "fraud-g", "champion") == v2.version
+    assert registry.champion(store, "fraud-g")[1] == v2.version
+    assert load_stack(stacks["prod"]).models["fraud-g"].release.version == v2.version
+
+
+def test_prod_gates_are_stricter_than_staging(store, trained, stacks):
+    model, evaluation = trained
+    for env in ("staging", "prod"):
+        rename(stacks[env], "fraud-h")
+    record = make_version(store, "fraud-h", model, {**evaluation, "auc": 0.78, "champion_auc": None, "auc_delta": None})
+    promote("fraud-h", record.version, "staging", tracking_uri=store, stack_path=stacks["staging"])
+    assert refused(store, "fraud-h", record.version, "prod", stacks["prod"]) == [
+        "AUC 0.7800 is below gates.min_auc=0.8"
+    ]
+
+
+def test_evidence_survives_yaml_1_1_readers(store, trained, stacks):
+    """Values YAML 1.1 would misread unquoted ('yes', times, 1e-05) read back exactly from the stack file."""
+    model, evaluation = trained
+    rename(stacks["dev"], "fraud-i")
+    odd = GateResult("ood", True, {"ood_rate": 1e-05, "rule": "yes", "window": "12:30:45", "at": "2024-01-01T00:00:00"})
+    record = make_version(store, "fraud-i", model, evaluation, gates=gate_results(ood=odd))
+    promote("fraud-i", record.version, "dev", tracking_uri=store, stack_path=stacks["dev"])
+    raw = yaml.safe_load(stacks["dev"].read_text())["config"]["loopform:platform"]["models"]["fraud-i"]["release"]
+    assert raw["evidence"] == record.evidence
+    assert raw["evidence"]["gates"]["ood"]["metrics"]["ood_rate"] == 1e-05
+    assert ev.verify(raw["evidence"])

@@ -1,0 +1,159 @@
+"""MLflow registry on a temporary SQLite store: runs, versions with evidence tags, release records, loading."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from loopform import data, registry
+from loopform import evidence as ev
+from tests.helpers_registry import gate_results, make_version, small_model
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> str:
+    """One SQLite store per module: the first migration costs seconds."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+
+
+@pytest.fixture(scope="module")
+def trained():
+    return small_model()
+
+
+@pytest.fixture(scope="module")
+def released(store, trained, tmp_path_factory):
+    model, train_df, _, evaluation = trained
+    base = tmp_path_factory.mktemp("registry")
+    run = registry.log_training_run(
+        store,
+        "fraud",
+        model,
+        gate_results=gate_results(base / "reports"),
+        training_data_fingerprint=data.fingerprint(train_df),
+        evaluation=evaluation,
+        params={"data_rows": len(train_df)},
+    )
+    record = registry.register_version(store, "fraud", run.run_id, record_dir=base / "releases")
+    return run, record
+
+
+def test_run_records_params_metrics_gates_and_reports(store, trained, released):
+    model, train_df, _, evaluation = trained
+    run, _ = released
+    client = registry.client(store)
+    logged = client.get_run(run.run_id)
+    assert logged.data.params["data_rows"] == str(len(train_df))
+    assert logged.data.params["patience"] == str(model.info["patience"])
+    assert logged.data.metrics["eval.auc"] == pytest.approx(evaluation["auc"])
+    assert logged.data.metrics["gate.drift.passed"] == 1.0
+    gates = sorted(item.path for item in client.list_artifacts(run.run_id, "gates"))
+    assert gates == ["gates/drift.json", "gates/ood.json", "gates/validation.json"]
+    assert [item.path for item in client.list_artifacts(run.run_id, "reports")] == ["reports/drift.html"]
+    recorded = registry.run_record(store, run.run_id)
+    assert recorded["evaluation"] == ev.jsonable(evaluation)
+    assert recorded["gates"]["drift"]["report"] == f"runs:/{run.run_id}/reports/drift.html"
+
+
+def test_version_tags_hold_sealed_evidence(store, trained, released):
+    _, train_df, _, evaluation = trained
+    run, record = released
+    assert record.version == 1 and record.run_id == run.run_id
+    evidence = record.evidence
+    assert ev.verify(evidence)
+    assert evidence["model"] == "fraud" and evidence["version"] == 1 and evidence["run_id"] == run.run_id
+    assert evidence["training_data_fingerprint"] == data.fingerprint(train_df)
+    assert evidence["evaluation"] == ev.jsonable(evaluation)
+    assert set(evidence["gates"]) == {"validation", "drift", "ood"}
+    assert ev.check_evidence(evidence, {"min_auc": 0.75}, now=datetime.fromisoformat(evidence["created_at"])) == []
+
+    tags = registry.client(store).get_model_version("fraud", "1").tags
+    assert json.loads(tags[registry.EVIDENCE_TAG]) == evidence
+    assert registry.read_evidence(store, "fraud", 1) == evidence
+    assert tags[registry.DIGEST_TAG] == evidence["digest"]
+    assert tags["loopform.auc"] == str(evaluation["auc"])
+    assert tags["loopform.gate.drift"] == "passed"
+    assert tags[registry.FINGERPRINT_TAG] == data.fingerprint(train_df)
+
+
+def test_release_record_json_has_the_same_content(store, released):
+    run, record = released
+    written = json.loads(Path(record.path).read_text())
+    assert written["evidence"] == record.evidence
+    assert written["version"] == 1 and written["model_uri"] == "models:/fraud/1"
+    logged = registry.client(store).list_artifacts(run.run_id, "release")
+    assert [item.path for item in logged] == ["release/fraud-v1.json"]
+
+
+def test_load_by_version_and_alias(store, trained, released):
+    model, _, holdout, _ = trained
+    expected = model.predict_proba(holdout)
+    assert registry.champion(store, "fraud") is None
+    assert registry.alias_version(store, "fraud", "staging") is None
+    loaded = registry.load_model(store, "fraud", 1)
+    assert np.array_equal(loaded.predict_proba(holdout), expected)
+    assert loaded.threshold == model.threshold
+
+    registry.set_alias(store, "fraud", "champion", 1)
+    found = registry.champion(store, "fraud")
+    assert found is not None and found[1] == 1
+    assert np.array_equal(found[0].predict_proba(holdout), expected)
+    assert np.array_equal(registry.load_model(store, "fraud", "champion").predict_proba(holdout), expected)
+
+
+def test_versions_count_up_and_untagged_versions_have_no_evidence(store, trained, released):
+    model, _, _, evaluation = trained
+    second = make_version(store, "fraud", model, evaluation)
+    assert second.version == 2 and second.run_id != released[0].run_id
+    assert second.evidence["digest"] != released[1].evidence["digest"]
+    client = registry.client(store)
+    bare = client.create_model_version("fraud", source=client.get_model_version("fraud", "2").source)
+    assert registry.read_evidence(store, "fraud", bare.version) is None
+
+
+def test_register_needs_a_logged_model(store):
+    import mlflow
+
+    mlflow.set_tracking_uri(store)
+    with mlflow.start_run(experiment_id=registry.experiment_id(store, "loopform-fraud")) as run:
+        pass
+    with pytest.raises(ValueError, match="logged no model"):
+        registry.register_version(store, "fraud", run.info.run_id)
+
+
+def test_evidence_from_the_real_gates(store, trained):
+    """The gates' own results (loopform.gates) make evidence that check_evidence accepts, or refuses on drift."""
+    from datetime import UTC, datetime
+
+    from loopform.gates.drift import drift_gate
+    from loopform.gates.ood import ood_gate
+    from loopform.gates.validation import validate_data
+    from loopform.spec import GatesSpec
+
+    model, train_df, _, evaluation = trained
+    gates = GatesSpec()
+    verdicts = {}
+    for drift in (0.0, 1.0):
+        current = data.generate(1500, seed=21, covariate_drift=drift)
+        results = [
+            validate_data(current, gates, require_label=True),
+            drift_gate(train_df, current, gates),
+            ood_gate(train_df, current, gates),
+        ]
+        run = registry.log_training_run(
+            store,
+            "fraud-gated",
+            model,
+            gate_results={r.gate: r for r in results},
+            training_data_fingerprint=data.fingerprint(train_df),
+            evaluation=evaluation,
+        )
+        record = registry.register_version(store, "fraud-gated", run.run_id)
+        assert set(record.evidence["gates"]) == {"validation", "drift", "ood"}
+        verdicts[drift] = ev.check_evidence(record.evidence, gates.model_dump(), now=datetime.now(UTC))
+    assert verdicts[0.0] == []
+    assert any(r.startswith("gate 'drift' did not pass") for r in verdicts[1.0])

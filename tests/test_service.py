@@ -1,0 +1,337 @@
+"""The fraud BentoML service over real HTTP on localhost, and `bentoml build` of its Bento.
+
+One module-scoped server: a small model trained with models/fraud/train.py, registered in a temporary
+MLflow SQLite store with alias `production`, a local Feast repo for /predict_card, and a payload log that
+only writes at shutdown (huge flush thresholds), so the last test proves that SIGTERM drains every record.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from loopform.serving import ENV_MODEL_URI, ENV_TRACKING_URI, parse_model_uri, release_from_env, request_models
+
+REPO = Path(__file__).resolve().parent.parent
+SERVICE = "bentos.fraud.service:FraudService"
+OFFLINE = {"MLFLOW_DISABLE_TELEMETRY": "true", "BENTOML_DO_NOT_TRACK": "true", "DO_NOT_TRACK": "true"}
+
+GOOD = {
+    "amount": 84.5,
+    "hour_of_day": 14,
+    "distance_from_home_km": 3.2,
+    "txn_count_24h": 2,
+    "avg_amount_30d": 61.0,
+    "card_age_days": 800,
+    "is_foreign": 0,
+    "merchant_category": "grocery",
+    "channel": "chip",
+}
+
+
+class Stack:
+    """The running server plus what the tests need to check its answers."""
+
+    def __init__(self, server: Any, model: Any, version: int, repo: Any, cards: list[int], payload_uri: str) -> None:
+        self.server = server
+        self.model = model
+        self.version = version
+        self.repo = repo
+        self.cards = cards
+        self.payload_uri = payload_uri
+        self.answered: dict[str, tuple[str, dict[str, Any]]] = {}  # request_id -> (api, body) of every 200
+
+    def post(self, api: str, body: Any, **kwargs: Any) -> httpx.Response:
+        if "content" not in kwargs:
+            kwargs["json"] = body
+        response = httpx.post(f"{self.server.url}/{api}", timeout=60.0, **kwargs)
+        if response.status_code == 200:
+            answers = response.json()
+            rows = body["transactions"] if api == "predict_batch" else [body]
+            for answer, row in zip(answers if isinstance(answers, list) else [answers], rows, strict=True):
+                self.answered[answer["request_id"]] = (api, row)
+        return response
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    for key, value in OFFLINE.items():
+        os.environ.setdefault(key, value)
+    from loopform import data, registry
+    from loopform.features import FeatureRepo
+    from loopform.serving import BentoServer
+    from models.fraud.train import train
+
+    work = tmp_path_factory.mktemp("service")
+    frame = data.generate(2500, 11, days=10, cards=150)
+    model = train(frame, 11, max_epochs=4)
+    tracking_uri = f"sqlite:///{work}/mlflow.db"
+    run = registry.log_training_run(
+        tracking_uri, "fraud", model, gate_results={}, training_data_fingerprint=data.fingerprint(frame)
+    )
+    record = registry.register_version(tracking_uri, "fraud", run.run_id)
+    registry.set_alias(tracking_uri, "fraud", "production", record.version)
+
+    repo = FeatureRepo(work / "feast", REPO / "models" / "fraud")
+    repo.write(frame)
+    repo.apply()
+    repo.materialize(frame[data.TIMESTAMP].max())
+
+    payload_uri = str(work / "lake" / "payloads")
+    env = {
+        **OFFLINE,
+        "LOOPFORM_TRACKING_URI": tracking_uri,
+        "LOOPFORM_MODEL_URI": "models:/fraud@production",
+        "LOOPFORM_FEAST_REPO": str(work / "feast"),
+        "LOOPFORM_PAYLOAD_URI": payload_uri,
+        "LOOPFORM_PAYLOAD_FLUSH_ROWS": "1000000",  # nothing is written before shutdown ...
+        "LOOPFORM_PAYLOAD_FLUSH_SECONDS": "86400",  # ... so the last test checks the drain on SIGTERM
+        "BENTOML_HOME": str(work / "bentoml"),
+        "MPLCONFIGDIR": str(work / "mpl"),
+    }
+    server = BentoServer(SERVICE, working_dir=REPO, env=env, log_path=work / "serve.log").start()
+    loaded = registry.load_model(tracking_uri, "fraud", record.version)
+    cards = sorted(int(c) for c in frame[data.ENTITY].unique())[:20]
+    yield Stack(server, loaded, record.version, repo, cards, payload_uri)
+    server.stop()
+
+
+def _score(model: Any, row: dict[str, Any]) -> float:
+    import pandas as pd
+
+    return float(model.predict_proba(pd.DataFrame([row]))[0])
+
+
+# --- schemas and configuration (no server) ------------------------------------------------------------
+
+
+def test_request_schema_is_strict() -> None:
+    from pydantic import ValidationError
+
+    from loopform import data
+
+    transaction, by_card = request_models(data.FEATURES)
+    assert transaction.model_validate(GOOD).amount == 84.5
+    for bad in (
+        {**GOOD, "amount": "84.5"},
+        {**GOOD, "hour_of_day": 14.5},
+        {**GOOD, "channel": "pigeon"},
+        {**GOOD, "x": 1},
+    ):
+        with pytest.raises(ValidationError):
+            transaction.model_validate(bad)
+    assert by_card.model_validate({"card_id": 7, "amount": 10.0}).channel is None
+    with pytest.raises(ValidationError):
+        by_card.model_validate({"amount": 10.0})
+
+
+def test_model_uri_forms_and_missing_configuration(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert parse_model_uri("models:/fraud@production") == ("fraud", "production", None)
+    assert parse_model_uri("models:/fraud/3") == ("fraud", None, 3)
+    for bad in ("fraud@production", "models:/fraud", "models:/fraud/0", "models:/@prod", "runs:/abc/model"):
+        with pytest.raises(ValueError, match="models:/NAME@ALIAS"):
+            parse_model_uri(bad)
+    monkeypatch.delenv(ENV_TRACKING_URI, raising=False)
+    monkeypatch.delenv(ENV_MODEL_URI, raising=False)
+    with pytest.raises(RuntimeError, match="LOOPFORM_TRACKING_URI and LOOPFORM_MODEL_URI"):
+        release_from_env()
+
+
+# --- over HTTP --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_predict_answers_with_the_released_version(stack: Stack) -> None:
+    response = stack.post("predict", {**GOOD, "transaction_id": "t-1"})
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    assert answer["model"] == "fraud" and answer["version"] == stack.version
+    assert math.isclose(answer["score"], _score(stack.model, GOOD), rel_tol=1e-6, abs_tol=1e-9)
+    assert answer["threshold"] == pytest.approx(stack.model.threshold)
+    assert answer["prediction"] == int(answer["score"] >= answer["threshold"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({**GOOD, "amount": "84.5"}, "amount"),  # wrong type: string for a number
+        ({**GOOD, "hour_of_day": 14.5}, "hour_of_day"),  # wrong type: float for an integer
+        ({**GOOD, "is_foreign": True}, "is_foreign"),  # wrong type: boolean
+        ({k: v for k, v in GOOD.items() if k != "channel"}, "channel"),  # missing field
+        ({**GOOD, "merchant_category": "casino"}, "merchant_category"),  # out-of-domain category
+        ({**GOOD, "amount": -5.0}, "amount"),  # outside the schema's range
+        ({**GOOD, "hour_of_day": 24}, "hour_of_day"),
+        ({**GOOD, "amout": 1.0}, "amout"),  # misspelt (unknown) field
+        ({**GOOD, "amount": None}, "amount"),
+    ],
+)
+def test_malformed_payloads_get_400_naming_the_field(stack: Stack, body: dict[str, Any], field: str) -> None:
+    response = stack.post("predict", body)
+    assert response.status_code == 400, response.text
+    detail = response.json()["detail"]
+    assert [field] in [error["loc"] for error in detail], detail
+    assert all(error["msg"] for error in detail)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "content",
+    [b"not json", b"", b"[1, 2, 3]", b'{"amount": NaN}', json.dumps({**GOOD, "amount": 1e400}).encode()],
+)
+def test_unparseable_bodies_get_400(stack: Stack, content: bytes) -> None:
+    response = stack.post("predict", None, content=content, headers={"content-type": "application/json"})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]
+
+
+@pytest.mark.slow
+def test_batch(stack: Stack) -> None:
+    rows = [GOOD, {**GOOD, "amount": 4000.0, "hour_of_day": 3, "is_foreign": 1, "channel": "online"}]
+    response = stack.post("predict_batch", {"transactions": rows})
+    assert response.status_code == 200, response.text
+    answers = response.json()
+    assert [a["score"] for a in answers] == pytest.approx([_score(stack.model, r) for r in rows], rel=1e-6)
+    assert stack.post("predict_batch", {"transactions": []}).status_code == 400
+    bad = stack.post("predict_batch", {"transactions": [GOOD, {**GOOD, "channel": "fax"}]})
+    assert bad.status_code == 400 and bad.json()["detail"][0]["loc"] == ["transactions", 1, "channel"]
+
+
+@pytest.mark.slow
+def test_predict_by_card_reads_the_online_store(stack: Stack) -> None:
+    card = stack.cards[0]
+    stored = stack.repo.online([card]).iloc[0].to_dict()
+    response = stack.post("predict_card", {"card_id": card})
+    assert response.status_code == 200, response.text
+    assert math.isclose(response.json()["score"], _score(stack.model, stored), rel_tol=1e-6, abs_tol=1e-9)
+
+    override = {"card_id": card, "amount": 4321.0, "channel": "online"}
+    response = stack.post("predict_card", override)
+    assert response.status_code == 200, response.text
+    expected = _score(stack.model, {**stored, "amount": 4321.0, "channel": "online"})
+    assert math.isclose(response.json()["score"], expected, rel_tol=1e-6, abs_tol=1e-9)
+
+
+@pytest.mark.slow
+def test_predict_by_card_errors(stack: Stack) -> None:
+    unknown = stack.post("predict_card", {"card_id": 987_654_321})
+    assert unknown.status_code == 404
+    assert "no online features for card_id=987654321" in unknown.text
+    assert stack.post("predict_card", {"card_id": "12"}).status_code == 400
+    assert stack.post("predict_card", {"card_id": stack.cards[0], "channel": "pigeon"}).status_code == 400
+    assert stack.post("predict_card", {"amount": 1.0}).status_code == 400
+    assert stack.post("predict", GOOD).status_code == 200  # still serving after the errors
+
+
+@pytest.mark.slow
+def test_concurrent_requests(stack: Stack) -> None:
+    def one(i: int) -> httpx.Response:
+        if i % 3 == 0:
+            return stack.post("predict_card", {"card_id": stack.cards[i % len(stack.cards)], "amount": float(i)})
+        if i % 7 == 0:
+            return stack.post("predict", {**GOOD, "channel": "teleport"})  # malformed ones mixed in
+        return stack.post("predict", {**GOOD, "amount": float(10 * i), "transaction_id": f"c-{i}"})
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        responses = list(pool.map(one, range(60)))
+    codes = [r.status_code for r in responses]
+    malformed = [i for i in range(60) if i % 3 and i % 7 == 0]
+    assert [codes[i] for i in malformed] == [400] * len(malformed)
+    assert all(code == 200 for i, code in enumerate(codes) if i not in malformed), codes
+    ids = [r.json()["request_id"] for r in responses if r.status_code == 200]
+    assert len(ids) == len(set(ids)) == 60 - len(malformed)
+    for i, response in enumerate(responses):
+        if i % 3 and i % 7:
+            row = {**GOOD, "amount": float(10 * i)}
+            assert math.isclose(response.json()["score"], _score(stack.model, row), rel_tol=1e-6, abs_tol=1e-9)
+
+
+def _metric(text: str, name: str, **labels: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total
+
+
+@pytest.mark.slow
+def test_prometheus_metrics_count_predictions(stack: Stack) -> None:
+    labels = {"model": "fraud", "version": str(stack.version), "api": "predict"}
+    before = httpx.get(f"{stack.server.url}/metrics").text
+    for amount in (1.0, 2.0, 3.0):
+        assert stack.post("predict", {**GOOD, "amount": amount}).status_code == 200
+    assert stack.post("predict", {**GOOD, "amount": "x"}).status_code == 400
+    after = httpx.get(f"{stack.server.url}/metrics").text
+    name = "loopform_predictions_total"
+    assert _metric(after, name, **labels) - _metric(before, name, **labels) == 3
+    score = "loopform_prediction_score_count"
+    version = {"model": "fraud", "version": str(stack.version)}
+    assert _metric(after, score, **version) - _metric(before, score, **version) == 3
+    assert _metric(after, "loopform_rejected_requests_total", model="fraud", reason="unknown_entity") >= 1
+    assert "bentoml_service_request_total" in after  # BentoML's own request metrics stay there
+
+
+@pytest.mark.slow
+def test_graceful_shutdown_logs_every_answered_request(stack: Stack) -> None:
+    """Last test of the module: SIGTERM, then the payload log holds exactly the answered requests."""
+    from loopform import data
+    from loopform.payloads import read_payloads
+
+    for i in range(20):  # traffic of its own, so the test also holds when run alone
+        assert stack.post("predict", {**GOOD, "amount": 500.0 + i}).status_code == 200
+    assert len(stack.answered) >= 20
+    assert stack.server.stop(signal.SIGTERM) == 0, stack.server.log_tail()
+    rows = read_payloads(stack.payload_uri, "fraud")
+    assert len(rows) == len(stack.answered)
+    assert set(rows["request_id"]) == set(stack.answered)
+    assert set(rows["model_version"]) == {stack.version}
+    by_id = rows.set_index("request_id")
+    for request_id, (api, body) in stack.answered.items():
+        row = by_id.loc[request_id]
+        if api == "predict_card":
+            assert row["card_id"] == body["card_id"] and row["api"] == "predict_card"
+        for name in data.FEATURE_NAMES:
+            if body.get(name) is not None:  # what was sent is what the model saw and what was logged
+                assert row[name] == body[name], (request_id, name)
+        assert json.loads(row["request"]).items() >= {k: v for k, v in body.items() if v is not None}.items()
+
+
+@pytest.mark.slow
+def test_bentoml_build(tmp_path: Path) -> None:
+    env = {**os.environ, **OFFLINE, "BENTOML_HOME": str(tmp_path / "bentoml")}
+    result = subprocess.run(
+        [sys.executable, "-m", "bentoml", "build", "-f", "bentos/fraud/bentofile.yaml", "-o", "tag", "."],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    tag = result.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
+    name, version = tag.split(":")
+    bento = tmp_path / "bentoml" / "bentos" / name / version
+    assert name == "fraud"
+    for path in (
+        "src/bentos/fraud/service.py",
+        "src/loopform/serving.py",
+        "src/loopform/payloads.py",
+        "src/models/fraud/model.py",
+    ):
+        assert (bento / path).is_file(), path
+    requirements = (bento / "env" / "python" / "requirements.txt").read_text()
+    assert "torch==2.13.0" in requirements and "bentoml==1.4.40" in requirements
+    routes = {route["name"] for route in json.loads((bento / "apis" / "schema.json").read_text())["routes"]}
+    assert routes == {"predict", "predict_batch", "predict_card"}
