@@ -86,11 +86,15 @@ class StepContext:
         path.write_text(json.dumps(value, indent=2, sort_keys=True, default=str) + "\n")
         return path
 
-    def read_json(self, name: str) -> Any:
+    def input(self, name: str) -> Path:
+        """A file an earlier step wrote into the run directory, or StepFailed naming it."""
         path = self.run_dir / name
         if not path.exists():
             raise StepFailed(f"{path} is missing: run the step that writes it first")
-        return json.loads(path.read_text())
+        return path
+
+    def read_json(self, name: str) -> Any:
+        return json.loads(self.input(name).read_text())
 
 
 def split_by_time(frame: pd.DataFrame, timestamp: str) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -124,6 +128,8 @@ def load_table(ctx: StepContext) -> pd.DataFrame:
 
     from loopform import data
 
+    if not labels_path(ctx).exists():
+        raise StepFailed(f"no labelled events at {labels_path(ctx)}: ingest data first")
     features = pd.read_parquet(ctx.repo().data_path)
     labels = pd.read_parquet(labels_path(ctx))
     return labels.merge(features, on=[data.ID, data.ENTITY, data.TIMESTAMP], how="inner")
@@ -176,6 +182,8 @@ def get_features(ctx: StepContext) -> Path:
 
     from loopform import data
 
+    if not labels_path(ctx).exists():
+        raise StepFailed(f"no labelled events at {labels_path(ctx)}: ingest data first")
     labels = pd.read_parquet(labels_path(ctx))
     entities = training_window_of(labels, ctx)[[data.ID, data.ENTITY, data.TIMESTAMP, data.LABEL]]
     frame = ctx.repo().training_frame(entities)
@@ -193,7 +201,7 @@ def train(ctx: StepContext) -> Path:
 
     from loopform import data
 
-    frame = pd.read_parquet(ctx.run_dir / "training.parquet")
+    frame = pd.read_parquet(ctx.input("training.parquet"))
     older, _ = split_by_time(frame, data.TIMESTAMP)
     model = ctx.model_module("train").train(older, seed=ctx.seed)
     path = ctx.run_dir / "model.pt"
@@ -205,7 +213,7 @@ def _load_trained(ctx: StepContext) -> Any:
     import torch
 
     ctx.model_module("model")  # the class must be importable to unpickle
-    return torch.load(ctx.run_dir / "model.pt", weights_only=False)
+    return torch.load(ctx.input("model.pt"), weights_only=False)
 
 
 def evaluate(ctx: StepContext) -> dict[str, Any]:
@@ -214,7 +222,7 @@ def evaluate(ctx: StepContext) -> dict[str, Any]:
 
     from loopform import data, registry
 
-    frame = pd.read_parquet(ctx.run_dir / "training.parquet")
+    frame = pd.read_parquet(ctx.input("training.parquet"))
     _, holdout = split_by_time(frame, data.TIMESTAMP)
     champion = registry.champion(ctx.tracking_uri, ctx.model)
     champion_model, champion_version = champion if champion else (None, None)
@@ -232,7 +240,7 @@ def register(ctx: StepContext) -> dict[str, Any]:
     from loopform import data, registry
     from loopform.gates.result import GateResult
 
-    frame = pd.read_parquet(ctx.run_dir / "training.parquet")
+    frame = pd.read_parquet(ctx.input("training.parquet"))
     older, _ = split_by_time(frame, data.TIMESTAMP)
     gate_results = {}
     for path in sorted((ctx.run_dir / "gates").glob("*.json")):

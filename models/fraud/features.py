@@ -16,7 +16,9 @@ to the transaction's own fields (amount, hour, merchant category, channel, ...).
 
 Keeping every model input in one view behind one feature service is what makes the
 training and serving paths read the same definitions (no train/serve skew). The source
-path comes from LOOPFORM_FEAST_DATA (relative paths resolve against the Feast repo).
+path comes from LOOPFORM_FEAST_DATA (relative paths resolve against the Feast repo); on
+Kubernetes the FeatureStore component sets LOOPFORM_FEAST_OFFLINE_URI, the offline store's
+folder, and the table is `transactions.parquet` in it.
 """
 
 from __future__ import annotations
@@ -38,9 +40,17 @@ card = Entity(
     description="A payment card; every feature is keyed by it.",
 )
 
+
+def _source_path() -> str:
+    if "LOOPFORM_FEAST_DATA" in os.environ:
+        return os.environ["LOOPFORM_FEAST_DATA"]
+    folder = os.environ.get("LOOPFORM_FEAST_OFFLINE_URI")
+    return f"{folder.rstrip('/')}/transactions.parquet" if folder else "data/transactions.parquet"
+
+
 transactions_source = FileSource(
     name="transactions",
-    path=os.environ.get("LOOPFORM_FEAST_DATA", "data/transactions.parquet"),
+    path=_source_path(),
     timestamp_field=data.TIMESTAMP,
     description="Card transactions with the card's profile as of each transaction (Parquet).",
 )

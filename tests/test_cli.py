@@ -1,0 +1,99 @@
+"""The runtime commands as a user or an Argo pod calls them: step, promote, monitor."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from loopform import data
+from loopform.cli import main
+from loopform.spec import load_stack, stack_file
+from loopform.steps import StepContext, ingest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _step(tmp_path: Path, name: str) -> int:
+    return main(
+        [
+            "step", name, "--stack", "local", "--model", "fraud",
+            "--run-dir", str(tmp_path / "run"), "--feature-repo", str(tmp_path / "feast"),
+            "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+        ]
+    )  # fmt: skip
+
+
+def _ingest(tmp_path: Path, frame) -> None:
+    context = StepContext(
+        model="fraud",
+        spec=load_stack(stack_file("local")),
+        run_dir=tmp_path / "run",
+        tracking_uri="unused",
+        feature_repo=tmp_path / "feast",
+        root=ROOT,
+        stack_files=ROOT / "stacks",
+    )
+    ingest(context, frame)
+
+
+def test_validate_step_passes_clean_data(tmp_path: Path) -> None:
+    _ingest(tmp_path, data.generate(4000, 3))
+    assert _step(tmp_path, "validate-data") == 0
+    gates = sorted(p.name for p in (tmp_path / "run" / "gates").glob("*.json"))
+    assert gates == ["drift.json", "ood.json", "validation.json"]
+    assert (tmp_path / "run" / "reports" / "drift.html").exists()
+
+
+def test_validate_step_stops_the_pipeline_on_bad_data(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _ingest(tmp_path, data.generate(4000, 3, out_of_range=0.05))
+    assert _step(tmp_path, "validate-data") == 1
+    err = capsys.readouterr().err
+    assert "step validate-data failed: data gates failed" in err and "max_out_of_range_share" in err
+    assert (tmp_path / "run" / "gates" / "validation.json").exists()
+    assert not (tmp_path / "run" / "training.parquet").exists()
+
+
+def test_step_needs_its_inputs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert _step(tmp_path, "evaluate") == 1
+    assert "training.parquet is missing: run the step that writes it first" in capsys.readouterr().err
+    assert main(["step", "tune", "--stack", "local", "--model", "fraud", "--run-dir", str(tmp_path)]) == 2
+    assert "no pipeline step 'tune'" in capsys.readouterr().err
+
+
+def test_promote_refuses_unknown_version_and_changes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = stack_file("staging").read_bytes()
+    code = main(["promote", "fraud", "9", "--to", "staging", "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"])
+    assert code == 1
+    assert "refusing to promote fraud version 9 to staging" in capsys.readouterr().err
+    assert stack_file("staging").read_bytes() == before
+
+
+def test_monitor_command_triggers_on_drift(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from loopform.payloads import PayloadLog
+
+    reference = tmp_path / "reference.parquet"
+    data.generate(5000, 1).to_parquet(reference)
+    now = datetime.now(UTC)
+    drifted = data.generate(600, 2, start=now - timedelta(hours=2), days=1, covariate_drift=0.8)
+    with PayloadLog(str(tmp_path / "payloads"), "fraud") as log:
+        log.log(
+            [
+                {**{f: row[f] for f in data.FEATURE_NAMES}, "time": now - timedelta(minutes=5)}
+                for row in drifted.to_dict("records")
+            ]
+        )
+    metrics = tmp_path / "metrics.prom"
+    code = main(
+        [
+            "monitor", "fraud", "--stack", "local", "--reference", str(reference),
+            "--payload-uri", str(tmp_path / "payloads"), "--report-dir", str(tmp_path / "monitor"),
+            "--metrics-file", str(metrics),
+        ]
+    )  # fmt: skip
+    assert code == 3, capsys.readouterr()
+    assert 'loopform_drift_detected{model="fraud"} 1.0' in metrics.read_text()
+    assert list((tmp_path / "monitor" / "triggers").glob("*.json"))
