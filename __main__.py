@@ -16,7 +16,7 @@ from components.platform import Platform, PlatformArgs  # noqa: E402
 from loopform.spec import InClusterPostgres, SpecError, load_from_pulumi_config  # noqa: E402
 
 try:
-    spec = load_from_pulumi_config()
+    spec = load_from_pulumi_config(ROOT)
 except SpecError as error:
     raise pulumi.RunError(str(error)) from None
 

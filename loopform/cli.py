@@ -7,7 +7,6 @@ torch for the runtime) only when it runs.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -24,11 +23,12 @@ def _stack_path(args: argparse.Namespace) -> Path:
 
 def cmd_render(args: argparse.Namespace) -> int:
     """Render the stack's resources offline and write them as YAML."""
-    spec = load_stack(_stack_path(args))  # a bad spec is reported before Pulumi starts
+    path = _stack_path(args)
+    spec = load_stack(path, Path(args.root))  # a bad spec is reported before Pulumi starts
     from loopform import render
 
     root = Path(args.root)
-    resources = render.render_stack(args.stack, root)
+    resources = render.render_stack(args.stack, root, path)
     out = Path(args.out) if args.out else root / "rendered" / args.stack
     paths = render.write(resources, out)
     rows = [
@@ -40,8 +40,9 @@ def cmd_render(args: argparse.Namespace) -> int:
     components = sum(1 for r in resources if not r.custom)
     print(f"\n{len(rows)} resources in {components} components written to {out} ({len(paths) - 1} files + _tree.txt)")
     if spec.gitops.enabled:
-        services_out = Path(args.services_out) if args.services_out else None
-        services = render.write_services(args.stack, root, services_out)
+        # The repository's GitOps folder only by default; with --out, beside the rendered files.
+        services_out = Path(args.services_out or out / "services") if args.services_out or args.out else None
+        services = render.write_services(args.stack, root, services_out, path)
         where = services_out or root / spec.gitops.path / args.stack
         print(f"{len(services)} model-service manifests written to {where} (synced by Argo CD)")
     return 0
@@ -50,7 +51,7 @@ def cmd_render(args: argparse.Namespace) -> int:
 def cmd_validate(args: argparse.Namespace) -> int:
     """Check a stack file against the spec without rendering anything."""
     path = _stack_path(args)
-    spec = load_stack(path)
+    spec = load_stack(path, Path(args.root))
     print(f"{path}: valid spec for environment {spec.environment!r} ({len(spec.models)} models)")
     return 0
 
@@ -61,10 +62,11 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     from loopform.local import up
 
-    # Third-party noise, not the user's concern: deprecations, MLflow's pickle notice and progress bars.
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    # Third-party noise, not the user's concern: library warnings, MLflow's notices and progress bars.
+    # Libraries reset warning filters when imported, so silence the display instead.
+    warnings.showwarning = lambda *args, **kwargs: None
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "ERROR")
     up(_stack_path(args), Path(args.root))
     return 0
 
@@ -81,7 +83,7 @@ def cmd_step(args: argparse.Namespace) -> int:
     from loopform.pipeline import step
     from loopform.steps import StepContext, StepFailed
 
-    spec = load_stack(_stack_path(args))
+    spec = load_stack(_stack_path(args), Path(args.root))
     if args.model not in spec.models:
         raise UsageError(f"stack {args.stack} declares no model {args.model!r} (declared: {', '.join(spec.models)})")
     declared = step(args.name)
@@ -136,7 +138,7 @@ def cmd_monitor(args: argparse.Namespace) -> int:
 
     from loopform.monitor import FileTrigger, run_monitor, write_metrics
 
-    spec = load_stack(_stack_path(args))
+    spec = load_stack(_stack_path(args), Path(args.root))
     reference = args.reference or _production_reference(_tracking_uri(args), args.model, Path(args.report_dir))
     registry = CollectorRegistry()
     result = run_monitor(
@@ -192,7 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
     render = commands.add_parser("render", help="render the stack's resources offline (no CLI, no cluster)")
     stack_args(render)
     render.add_argument("--out", help="output folder (default: rendered/<stack>)")
-    render.add_argument("--services-out", help="model-service manifests for Argo CD (default: <gitops.path>/<stack>)")
+    render.add_argument(
+        "--services-out",
+        help="model-service manifests for Argo CD (default: <out>/services with --out, else <gitops.path>/<stack>)",
+    )
     render.set_defaults(handler=cmd_render)
 
     validate = commands.add_parser("validate", help="check a stack file against the spec")

@@ -95,7 +95,7 @@ def environment_stacks(stack_path: Path, workdir: Path) -> Path:
 
 def up(stack_path: Path, root: Path, echo: Callable[[str], None] = print) -> Summary:
     """Run the whole loop; returns the summary (raises on any failed step, with the reason)."""
-    spec = load_stack(stack_path)
+    spec = load_stack(stack_path, root)
     local = spec.local
     model = sorted(spec.models)[0]
     workdir = (root / local.workdir).resolve()

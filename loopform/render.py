@@ -141,17 +141,17 @@ def render_components(
     return list(monitor.recorded)
 
 
-def stack_config(stack: str, root: Path | None = None) -> dict[str, str]:
+def stack_config(stack: str, root: Path | None = None, path: Path | None = None) -> dict[str, str]:
     """The stack file's config as the Pulumi engine hands it to a program (objects as JSON)."""
-    config = read_stack_file(stack_file(stack, root))["config"]
+    config = read_stack_file(path or stack_file(stack, root))["config"]
     values = {key: value if isinstance(value, str) else json.dumps(value) for key, value in config.items()}
     return {**RENDER_SECRETS, **values}
 
 
-def render_stack(stack: str, root: Path | None = None) -> list[RenderedResource]:
-    """Run the Pulumi program (`__main__.py`) for `stack` under mocks."""
+def render_stack(stack: str, root: Path | None = None, path: Path | None = None) -> list[RenderedResource]:
+    """Run the Pulumi program (`__main__.py`) for `stack` under mocks, with `path` as its stack file if given."""
     root = root or repo_root()
-    config = stack_config(stack, root)
+    config = stack_config(stack, root, path)
     program = str(root / "__main__.py")
     return render_components(lambda: runpy.run_path(program, run_name="__main__") and None, config, stack=stack)
 
@@ -214,13 +214,13 @@ shows both.
 """
 
 
-def write_services(stack: str, root: Path, out: Path | None = None) -> list[Path]:
-    """Write the model-service manifests Argo CD syncs into `<gitops.path>/<stack>/`."""
+def write_services(stack: str, root: Path, out: Path | None = None, path: Path | None = None) -> list[Path]:
+    """Write the model-service manifests Argo CD syncs into `<gitops.path>/<stack>/` (or `out`)."""
     from components.model_service import manifests
     from components.platform import model_services
     from loopform.spec import load_stack
 
-    spec = load_stack(stack_file(stack, root))
+    spec = load_stack(path or stack_file(stack, root))
     out = out or root / spec.gitops.path / stack
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("*.yaml"):

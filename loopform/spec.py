@@ -64,7 +64,8 @@ def _duration(value: str) -> str:
 def _uri(schemes: tuple[str, ...]) -> Any:
     def check(value: str) -> str:
         scheme, sep, rest = value.partition("://")
-        if not sep or scheme not in schemes or not rest.strip("/"):
+        host = rest.split("/", 1)[0]
+        if not sep or scheme not in schemes or not rest.strip("/") or (scheme != "file" and not host):
             raise ValueError(f"{value!r} is not a URI of scheme {', '.join(schemes)} (e.g. {schemes[0]}://bucket/path)")
         return value
 
@@ -626,12 +627,50 @@ def read_stack_file(path: Path) -> dict[str, Any]:
     return document
 
 
-def load_stack(path: Path) -> PlatformSpec:
-    """The spec in a Pulumi stack file (`config: {loopform:platform: ...}`)."""
+def load_stack(path: Path, root: Path | None = None) -> PlatformSpec:
+    """The spec in a Pulumi stack file (`config: {loopform:platform: ...}`).
+
+    With `root`, the model folders it names are checked in that repository too.
+    """
     config = read_stack_file(path)["config"]
     if CONFIG_KEY not in config:
         raise SpecError(str(path), [f"config has no key {CONFIG_KEY!r}"])
-    return parse_spec(config[CONFIG_KEY], str(path))
+    spec = parse_spec(config[CONFIG_KEY], str(path))
+    stack = _STACK_FILE.match(path.name)
+    if stack and stack.group(1) != spec.environment:
+        raise SpecError(
+            str(path),
+            [f"{CONFIG_KEY}.environment: is {spec.environment!r} but this is the stack file of {stack.group(1)!r}"],
+        )
+    if root is not None:
+        check_repository(spec, root, str(path))
+    return spec
+
+
+_STACK_FILE = re.compile(r"^Pulumi\.([^.]+)\.yaml$")
+_FEATURE_SERVICE = re.compile(r"FeatureService\(\s*name\s*=\s*[\"']([^\"']+)[\"']")
+
+
+def check_repository(spec: PlatformSpec, root: Path, source: str) -> None:
+    """Each model's folder exists with its code, and names the feature service the spec says."""
+    problems = []
+    for name, model in sorted(spec.models.items()):
+        folder = root / model.path
+        missing = [f for f in ("features.py", "model.py", "train.py") if not (folder / f).is_file()]
+        if missing:
+            problems.append(
+                f"{CONFIG_KEY}.models.{name}.path: {model.path!r} has no {', '.join(missing)} "
+                f"(a model folder holds features.py, model.py and train.py, relative to {root})"
+            )
+            continue
+        services = _FEATURE_SERVICE.findall((folder / "features.py").read_text())
+        if model.feature_service not in services:
+            problems.append(
+                f"{CONFIG_KEY}.models.{name}.feature_service: {model.feature_service!r} is not a FeatureService "
+                f"of {model.path}/features.py (defined there: {', '.join(services) or 'none'})"
+            )
+    if problems:
+        raise SpecError(source, problems)
 
 
 def stack_file(stack: str, root: Path | None = None) -> Path:
@@ -639,17 +678,28 @@ def stack_file(stack: str, root: Path | None = None) -> Path:
     return (root or repo_root()) / "stacks" / f"Pulumi.{stack}.yaml"
 
 
+ROOT_ENV = "LOOPFORM_ROOT"
+
+
 def repo_root() -> Path:
-    return Path(__file__).resolve().parent.parent
+    """The repository (stacks/, models/): $LOOPFORM_ROOT in an image, else this checkout."""
+    import os
+
+    return Path(os.environ.get(ROOT_ENV) or Path(__file__).resolve().parent.parent)
 
 
-def load_from_pulumi_config() -> PlatformSpec:
-    """The spec of the running Pulumi stack."""
+def load_from_pulumi_config(root: Path) -> PlatformSpec:
+    """The spec of the running Pulumi stack, checked against the repository at `root`."""
     import pulumi
 
     config = pulumi.Config("loopform")
     raw = config.get(CONFIG_KEY.split(":", 1)[1])
-    source = f"stacks/Pulumi.{pulumi.get_stack()}.yaml"
+    stack = pulumi.get_stack()
+    source = f"stacks/Pulumi.{stack}.yaml"
     if raw is None:
         raise SpecError(source, [f"config has no key {CONFIG_KEY!r}"])
-    return parse_spec(json.loads(raw), source)
+    spec = parse_spec(json.loads(raw), source)
+    if spec.environment != stack:
+        raise SpecError(source, [f"{CONFIG_KEY}.environment: is {spec.environment!r} but the stack is {stack!r}"])
+    check_repository(spec, root, source)
+    return spec

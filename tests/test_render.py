@@ -14,6 +14,7 @@ import pytest
 
 from loopform import render
 from loopform.cli import main
+from loopform.pipeline import PIPELINE, STEP_NAMES
 
 from .conftest import STACKS
 
@@ -117,11 +118,25 @@ def test_every_model_has_its_pipeline(stack: str, rendered) -> None:
     templates = [r for r in rendered(stack) if r.kind == "WorkflowTemplate"]
     assert [t.inputs["metadata"]["name"] for t in templates] == ["fraud-pipeline"]
     tasks = templates[0].inputs["spec"]["templates"][-1]["dag"]["tasks"]
-    assert [t["name"] for t in tasks] == [
-        "validate-data",
-        "get-features",
-        "train",
-        "evaluate",
-        "register",
-        "promote-to-staging",
-    ]
+    assert [t["name"] for t in tasks] == list(STEP_NAMES)
+    needs = {t["name"]: t.get("depends") for t in tasks}
+    for step in PIPELINE:
+        assert needs[step.name] == (" && ".join(step.needs) or None), step.name
+
+
+def test_render_reads_the_file_it_is_given(tmp_path: Path) -> None:
+    import yaml
+
+    from loopform.spec import CONFIG_KEY
+
+    root = Path(__file__).resolve().parent.parent
+    document = yaml.safe_load((root / "stacks" / "Pulumi.dev.yaml").read_text())
+    document["config"][CONFIG_KEY]["registry"]["replicas"] = 3
+    path = tmp_path / "Pulumi.dev.yaml"
+    path.write_text(yaml.safe_dump(document))
+    deploy_before = _files(root / "deploy" / "dev")
+    assert main(["render", "--stack", "dev", "--file", str(path), "--out", str(tmp_path / "out")]) == 0
+    deployment = yaml.safe_load((tmp_path / "out" / "dev-registry-server.deployment.yaml").read_text())
+    assert deployment["spec"]["replicas"] == 3
+    assert (tmp_path / "out" / "services" / "README.md").exists()
+    assert _files(root / "deploy" / "dev") == deploy_before

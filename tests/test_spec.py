@@ -138,3 +138,33 @@ def test_malformed_files(tmp_path: Path, capsys: pytest.CaptureFixture[str], con
 def test_missing_stack_file(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["validate", "--stack", "nosuchstack"]) == 2
     assert "Pulumi.nosuchstack.yaml: invalid stack spec" in capsys.readouterr().err
+
+
+def _dev_stack() -> dict:
+    return yaml.safe_load((ROOT / "stacks" / "Pulumi.dev.yaml").read_text())
+
+
+# Mistakes only the whole file and the repository reveal: tried through the CLI, as a user would.
+FILE_CASES = [
+    ("model folder missing", "models.fraud.path", "models/frod", "models.fraud.path: 'models/frod' has no features.py"),
+    ("feature service unknown", "models.fraud.feature_service", "fraud_v9", "'fraud_v9' is not a FeatureService"),
+    ("environment of another stack", "environment", "qa", "is 'qa' but this is the stack file of 'dev'"),
+    ("bucket missing from URI", "registry.artifacts", {"uri": "s3:///artifacts"}, "is not a URI of scheme"),
+]
+
+
+@pytest.mark.parametrize(("case", "key", "value", "words"), FILE_CASES, ids=[c[0] for c in FILE_CASES])
+@pytest.mark.parametrize("command", ["validate", "render"])
+def test_bad_stack_file_through_cli(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str, case: str, key: str, value: object, words: str
+) -> None:
+    document = _dev_stack()
+    _set(document["config"][CONFIG_KEY], key, value)
+    path = tmp_path / "Pulumi.dev.yaml"
+    path.write_text(yaml.safe_dump(document))
+    extra = ["--out", str(tmp_path / "out")] if command == "render" else []
+    assert main([command, "--stack", "dev", "--file", str(path), *extra]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}: invalid stack spec" in err and words in err, err
+    assert "Traceback" not in err
+    assert not (tmp_path / "out").exists()
