@@ -18,14 +18,13 @@ import pulumi_kubernetes as k8s
 import yaml
 
 from components import common
+from loopform.features import OFFLINE_URI_ENV, cluster_config
 from loopform.spec import ExternalRedis, FeatureStoreSpec, InClusterRedis
 
 COMPONENT = "feast"
 FEAST_UID = 1000
 REDIS_UID = 999
 REPO_DIR = "/feature_repo"
-#: Environment variable a feature definition reads for the offline data location.
-OFFLINE_URI_ENV = "LOOPFORM_FEAST_OFFLINE_URI"
 
 
 @dataclass
@@ -54,24 +53,6 @@ def feature_files(root: Path, model_paths: dict[str, str]) -> dict[str, str]:
     return files
 
 
-def feature_store_yaml(spec: FeatureStoreSpec) -> str:
-    """feature_store.yaml; Feast expands ${VAR} from the environment when it loads it."""
-    online: dict[str, Any] = {"type": "redis", "connection_string": "${REDIS_CONNECTION_STRING}"}
-    config = {
-        "project": spec.project,
-        "provider": "local",
-        "registry": {
-            "registry_type": "file",
-            "path": spec.registry.path,
-            "cache_ttl_seconds": spec.registry.cache_ttl_seconds,
-        },
-        "offline_store": {"type": spec.offline_store.type},
-        "online_store": online,
-        "entity_key_serialization_version": 3,
-    }
-    return yaml.safe_dump(config, sort_keys=False)
-
-
 class FeatureStore(pulumi.ComponentResource):
     """Feast on Kubernetes, every value from the spec."""
 
@@ -85,7 +66,7 @@ class FeatureStore(pulumi.ComponentResource):
         spec, ns = args.spec, args.namespace
         object_labels = common.labels(COMPONENT, name, args.labels)
 
-        repo_files = {"feature_store.yaml": feature_store_yaml(spec), **args.feature_files}
+        repo_files = {"feature_store.yaml": cluster_config(spec), **args.feature_files}
         repo_hash = hashlib.sha256(yaml.safe_dump(repo_files, sort_keys=True).encode()).hexdigest()[:8]
         repo = k8s.core.v1.ConfigMap(
             f"{name}-repo",

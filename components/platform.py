@@ -13,12 +13,13 @@ import pulumi
 import pulumi_kubernetes as k8s
 
 from components import common
-from components.feature_store import OFFLINE_URI_ENV, FeatureStore, FeatureStoreArgs, feature_files
+from components.feature_store import FeatureStore, FeatureStoreArgs, feature_files
 from components.gitops import GitOps, GitOpsArgs
 from components.gpu_pool import GpuNodePool, GpuNodePoolArgs, NvidiaDevicePlugin, NvidiaDevicePluginArgs
 from components.model_service import ModelService, ModelServiceArgs
 from components.orchestrator import Orchestrator, OrchestratorArgs
 from components.registry import ModelRegistry, ModelRegistryArgs
+from loopform.features import OFFLINE_URI_ENV
 from loopform.spec import PlatformSpec
 
 

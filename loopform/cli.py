@@ -80,6 +80,7 @@ def _tracking_uri(args: argparse.Namespace) -> str:
 
 def cmd_step(args: argparse.Namespace) -> int:
     """One pipeline step, as an Argo pod runs it."""
+    from loopform.features import OFFLINE_URI_ENV
     from loopform.pipeline import step
     from loopform.steps import StepContext, StepFailed
 
@@ -98,6 +99,7 @@ def cmd_step(args: argparse.Namespace) -> int:
         feature_repo=Path(feature_repo),
         root=Path(args.root),
         stack_files=_stack_path(args).parent,
+        offline_uri=os.environ.get(OFFLINE_URI_ENV),
     )
     try:
         declared.load()(context)

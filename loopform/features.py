@@ -22,6 +22,8 @@ if TYPE_CHECKING:
     import pandas as pd
     from feast import FeatureService, FeatureStore
 
+    from loopform.spec import FeatureStoreSpec
+
 DATA_FILE = "data/transactions.parquet"
 FEATURE_STORE_YAML = """\
 project: {project}
@@ -36,16 +38,56 @@ entity_key_serialization_version: 3
 """
 
 
+#: Set by the FeatureStore component on every Feast and pipeline pod: the offline store's folder.
+OFFLINE_URI_ENV = "LOOPFORM_FEAST_OFFLINE_URI"
+
+
+def cluster_config(spec: FeatureStoreSpec) -> str:
+    """feature_store.yaml of the platform's Feast: the shared registry, Redis online store, file offline store.
+
+    The FeatureStore component ships it as a ConfigMap; pipeline steps on Kubernetes use the same
+    text. Feast expands ${VAR} from the environment when it loads it.
+    """
+    import yaml
+
+    registry = spec.registry.path
+    config = {
+        "project": spec.project,
+        "provider": "local",
+        "registry": {
+            "registry_type": "file",
+            # Feast's file registry store takes a plain path; object-store URIs stay URIs.
+            "path": registry.removeprefix("file://"),
+            "cache_ttl_seconds": spec.registry.cache_ttl_seconds,
+        },
+        "offline_store": {"type": spec.offline_store.type},
+        "online_store": {"type": "redis", "connection_string": "${REDIS_CONNECTION_STRING}"},
+        "entity_key_serialization_version": 3,
+    }
+    return yaml.safe_dump(config, sort_keys=False)
+
+
 class FeatureRepo:
-    """Feast repository in `workdir` built from `model_path/features.py`."""
+    """Feast repository in `workdir` built from `model_path/features.py`.
+
+    By default a self-contained local repo (source table, registry and SQLite online store
+    under `workdir`); with `config`, a client of the platform's Feast (see `cluster_config`).
+    """
 
     def __init__(
-        self, workdir: Path, model_path: Path, *, project: str = "loopform", service: str | None = None
+        self,
+        workdir: Path,
+        model_path: Path,
+        *,
+        project: str = "loopform",
+        service: str | None = None,
+        config: str | None = None,
     ) -> None:
         self.workdir = Path(workdir).resolve()
         self.model_path = Path(model_path).resolve()
         self.project = project.replace("-", "_")
         self.service_name = service
+        self.config = config
         self._store: FeatureStore | None = None
         self._module: ModuleType | None = None
 
@@ -65,7 +107,13 @@ class FeatureRepo:
         # Labels stay out of the feature table: they belong to the entity frame of training.
         columns = [c for c in data.columns if c != schema.LABEL]
         data[columns].to_parquet(self.data_path, index=False)
-        (self.workdir / "feature_store.yaml").write_text(FEATURE_STORE_YAML.format(project=self.project))
+        return self.configure()
+
+    def configure(self) -> Path:
+        """Write feature_store.yaml and the model's feature definitions (no data)."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        config = self.config or FEATURE_STORE_YAML.format(project=self.project)
+        (self.workdir / "feature_store.yaml").write_text(config)
         shutil.copyfile(self.model_path / "features.py", self.workdir / "features.py")
         # `feast apply` imports every .py in the repo: only the definitions belong there.
         (self.workdir / ".feastignore").write_text("data/\n")
@@ -80,7 +128,9 @@ class FeatureRepo:
             from feast import FeatureStore
 
             if not (self.workdir / "feature_store.yaml").exists():
-                raise FileNotFoundError(f"{self.workdir} is not a feature repository yet: call write() first")
+                if self.config is None:
+                    raise FileNotFoundError(f"{self.workdir} is not a feature repository yet: call write() first")
+                self.configure()
             self._store = FeatureStore(repo_path=str(self.workdir))
         return self._store
 
@@ -88,6 +138,8 @@ class FeatureRepo:
         """The repository's features.py, imported under a private name."""
         if self._module is None:
             path = self.workdir / "features.py"
+            if not path.exists() and self.config is not None:
+                self.configure()
             name = f"_loopform_feature_repo_{abs(hash(str(path)))}"
             spec = importlib.util.spec_from_file_location(name, path)
             if spec is None or spec.loader is None:

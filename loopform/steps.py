@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 HOLDOUT_SHARE = 0.2
 REFERENCE_FILE = "reference.parquet"
 LABELS_FILE = "labels.parquet"
+SOURCE_FILE = "transactions.parquet"
 STAGING = "staging"
 
 
@@ -58,6 +59,10 @@ class StepContext:
     """Folder of the stack files promotions check gates against and record releases in."""
     seed: int = 7
     now: datetime = field(default_factory=lambda: datetime.now(UTC))
+    offline_uri: str | None = None
+    """The platform's offline store (on Kubernetes, from LOOPFORM_FEAST_OFFLINE_URI): the source table
+    and the labels live there and the Feast repo is a client of the platform's registry. None: the
+    self-contained local repo under `feature_repo`."""
 
     @property
     def model_path(self) -> Path:
@@ -71,13 +76,14 @@ class StepContext:
         return importlib.import_module(f"{package}.{name}")
 
     def repo(self) -> Any:
-        from loopform.features import FeatureRepo
+        from loopform.features import FeatureRepo, cluster_config
 
         return FeatureRepo(
             self.feature_repo,
             self.model_path,
             project=self.spec.feature_store.project,
             service=self.spec.models[self.model].feature_service,
+            config=cluster_config(self.spec.feature_store) if self.offline_uri else None,
         )
 
     def write_json(self, name: str, value: Any) -> Path:
@@ -104,9 +110,31 @@ def split_by_time(frame: pd.DataFrame, timestamp: str) -> tuple[pd.DataFrame, pd
     return ordered.iloc[:cut].reset_index(drop=True), ordered.iloc[cut:].reset_index(drop=True)
 
 
-def labels_path(ctx: StepContext) -> Path:
+def source_uri(ctx: StepContext) -> str:
+    """The Feast source table: one row of features per transaction."""
+    return f"{ctx.offline_uri.rstrip('/')}/{SOURCE_FILE}" if ctx.offline_uri else str(ctx.repo().data_path)
+
+
+def labels_uri(ctx: StepContext) -> str:
     """Labelled events (id, card, time, label): the entity frame of training. Features live in Feast."""
-    return ctx.feature_repo / "data" / LABELS_FILE
+    if ctx.offline_uri:
+        return f"{ctx.offline_uri.rstrip('/')}/{LABELS_FILE}"
+    return str(ctx.feature_repo / "data" / LABELS_FILE)
+
+
+def _exists(uri: str) -> bool:
+    from fsspec.core import url_to_fs
+
+    fs, path = url_to_fs(uri)
+    return bool(fs.exists(path))
+
+
+def _write_parquet(frame: pd.DataFrame, uri: str) -> None:
+    from fsspec.core import url_to_fs
+
+    fs, path = url_to_fs(uri)
+    fs.makedirs(fs._parent(path), exist_ok=True)
+    frame.to_parquet(uri, index=False)
 
 
 def ingest(ctx: StepContext, frame: pd.DataFrame) -> None:
@@ -115,11 +143,13 @@ def ingest(ctx: StepContext, frame: pd.DataFrame) -> None:
 
     from loopform import data
 
-    repo = ctx.repo()
-    if repo.data_path.exists():
+    if _exists(labels_uri(ctx)):
         frame = pd.concat([load_table(ctx), frame], ignore_index=True).drop_duplicates(data.ID, keep="last")
-    repo.write(frame)
-    frame[[data.ID, data.ENTITY, data.TIMESTAMP, data.LABEL]].to_parquet(labels_path(ctx), index=False)
+    if ctx.offline_uri:
+        _write_parquet(frame.drop(columns=[data.LABEL]), source_uri(ctx))
+    else:
+        ctx.repo().write(frame)
+    _write_parquet(frame[[data.ID, data.ENTITY, data.TIMESTAMP, data.LABEL]], labels_uri(ctx))
 
 
 def load_table(ctx: StepContext) -> pd.DataFrame:
@@ -128,10 +158,11 @@ def load_table(ctx: StepContext) -> pd.DataFrame:
 
     from loopform import data
 
-    if not labels_path(ctx).exists():
-        raise StepFailed(f"no labelled events at {labels_path(ctx)}: ingest data first")
-    features = pd.read_parquet(ctx.repo().data_path)
-    labels = pd.read_parquet(labels_path(ctx))
+    for uri in (labels_uri(ctx), source_uri(ctx)):
+        if not _exists(uri):
+            raise StepFailed(f"no data at {uri}: ingest labelled transactions first")
+    features = pd.read_parquet(source_uri(ctx))
+    labels = pd.read_parquet(labels_uri(ctx))
     return labels.merge(features, on=[data.ID, data.ENTITY, data.TIMESTAMP], how="inner")
 
 
@@ -182,9 +213,9 @@ def get_features(ctx: StepContext) -> Path:
 
     from loopform import data
 
-    if not labels_path(ctx).exists():
-        raise StepFailed(f"no labelled events at {labels_path(ctx)}: ingest data first")
-    labels = pd.read_parquet(labels_path(ctx))
+    if not _exists(labels_uri(ctx)):
+        raise StepFailed(f"no labelled events at {labels_uri(ctx)}: ingest data first")
+    labels = pd.read_parquet(labels_uri(ctx))
     entities = training_window_of(labels, ctx)[[data.ID, data.ENTITY, data.TIMESTAMP, data.LABEL]]
     frame = ctx.repo().training_frame(entities)
     if len(frame) < 0.9 * len(entities):

@@ -45,7 +45,10 @@ def _source_path() -> str:
     if "LOOPFORM_FEAST_DATA" in os.environ:
         return os.environ["LOOPFORM_FEAST_DATA"]
     folder = os.environ.get("LOOPFORM_FEAST_OFFLINE_URI")
-    return f"{folder.rstrip('/')}/transactions.parquet" if folder else "data/transactions.parquet"
+    if not folder:
+        return "data/transactions.parquet"
+    # Feast's file source takes s3:// and gs:// URIs, but a local folder as a plain path.
+    return f"{folder.removeprefix('file://').rstrip('/')}/transactions.parquet"
 
 
 transactions_source = FileSource(
