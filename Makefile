@@ -1,12 +1,13 @@
 # Every common task is one command.
 PY ?= .venv/bin/python
 STACK ?= dev
+PIP_EXTRA ?=
 
 .PHONY: install test lint format render up golden bench
 
 install:  ## create .venv and install loopform with its pinned dependencies
 	python3 -m venv .venv
-	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
+	$(PY) -m pip install --quiet -c constraints.txt $(PIP_EXTRA) -e ".[dev]"
 
 test: lint  ## lint, then the whole test suite
 	$(PY) -m pytest -q

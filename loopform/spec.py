@@ -348,7 +348,7 @@ class ArtifactRepository(Strict):
 class OrchestratorSpec(Strict):
     """Argo Workflows and the per-model training pipelines."""
 
-    chart_version: str = Field("0.45.26", description="argo-workflows chart version.")
+    chart_version: str = Field("0.45.2", description="argo-workflows chart version (Argo Workflows v3.6).")
     pipeline_image: str = Field("ghcr.io/loopform/pipeline:0.1.0", description="Image that runs `loopform step`.")
     artifact_repository: ArtifactRepository = Field(default_factory=ArtifactRepository)
     active_deadline_seconds: int = Field(6 * 3600, ge=60, description="Hard limit of one pipeline run.")
