@@ -88,6 +88,8 @@ def environment_stacks(stack_path: Path, workdir: Path) -> Path:
     for env in ENVIRONMENTS:
         platform = dict(document["config"][CONFIG_KEY])
         platform["environment"] = env
+        if env == PRODUCTION:  # as in stacks/Pulumi.prod.yaml: production only after staging
+            platform["gates"] = {**platform.get("gates", {}), "require_staging": True}
         text = f"# Local {env} environment of `loopform up`, made from {stack_path.name}.\n"
         (folder / f"Pulumi.{env}.yaml").write_text(text + yaml.safe_dump({"config": {CONFIG_KEY: platform}}))
     return folder

@@ -66,8 +66,9 @@ def test_monitor_detects_the_injected_drift_only(loop) -> None:
 def test_releases_recorded_in_workdir_not_in_repo(loop) -> None:
     summary, _, repo_stacks, _ = loop
     assert {p.name: p.read_bytes() for p in (ROOT / "stacks").glob("*.yaml")} == repo_stacks
-    prod = yaml.safe_load((summary.workdir / "stacks" / "Pulumi.prod.yaml").read_text())
-    assert prod["config"][CONFIG_KEY]["models"]["fraud"]["release"]["version"] == 2
+    prod = yaml.safe_load((summary.workdir / "stacks" / "Pulumi.prod.yaml").read_text())["config"][CONFIG_KEY]
+    assert prod["models"]["fraud"]["release"]["version"] == 2
+    assert prod["gates"]["require_staging"] is True, "production is gated on a prior staging release"
 
 
 def test_progress_is_shown(loop) -> None:
