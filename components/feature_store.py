@@ -19,7 +19,7 @@ import yaml
 
 from components import common
 from loopform.features import OFFLINE_URI_ENV, cluster_config
-from loopform.spec import ExternalRedis, FeatureStoreSpec, InClusterRedis
+from loopform.spec import FeatureStoreSpec, InClusterRedis
 
 COMPONENT = "feast"
 FEAST_UID = 1000
@@ -53,6 +53,18 @@ def feature_files(root: Path, model_paths: dict[str, str]) -> dict[str, str]:
     return files
 
 
+def redis_connection_env(spec: FeatureStoreSpec, name: str, namespace: str) -> dict[str, Any]:
+    """The REDIS_CONNECTION_STRING variable feature_store.yaml reads, for any pod that uses the online store.
+
+    `name` is the FeatureStore component's name: the in-cluster Redis Service is `<name>-redis`.
+    """
+    online = spec.online_store
+    if isinstance(online, InClusterRedis):
+        return {"name": "REDIS_CONNECTION_STRING", "value": f"{name}-redis.{namespace}.svc.cluster.local:6379"}
+    ref = online.connection_secret
+    return {"name": "REDIS_CONNECTION_STRING", "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}
+
+
 class FeatureStore(pulumi.ComponentResource):
     """Feast on Kubernetes, every value from the spec."""
 
@@ -75,19 +87,13 @@ class FeatureStore(pulumi.ComponentResource):
             opts=common.child(self),
         )
 
-        online = spec.online_store
-        if isinstance(online, InClusterRedis):
-            redis_host = self._redis(name, online, args)
-            redis_env: dict[str, Any] = {"name": "REDIS_CONNECTION_STRING", "value": redis_host}
+        redis_env = redis_connection_env(spec, name, ns)
+        if isinstance(spec.online_store, InClusterRedis):
+            self._redis(name, spec.online_store, args)
             depends: list[pulumi.Resource] = [repo, self._redis_workload]
-            self.online_store = pulumi.Output.from_input(redis_host)
+            self.online_store = pulumi.Output.from_input(redis_env["value"])
         else:
-            assert isinstance(online, ExternalRedis)
-            ref = online.connection_secret
-            redis_env = {
-                "name": "REDIS_CONNECTION_STRING",
-                "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}},
-            }
+            ref = spec.online_store.connection_secret
             depends = [repo]
             self.online_store = pulumi.Output.from_input(f"secret/{ref.name}#{ref.key}")
 
@@ -189,8 +195,8 @@ class FeatureStore(pulumi.ComponentResource):
             },
         }
 
-    def _redis(self, name: str, redis: InClusterRedis, args: FeatureStoreArgs) -> str:
-        """An in-cluster Redis with append-only persistence; returns host:port."""
+    def _redis(self, name: str, redis: InClusterRedis, args: FeatureStoreArgs) -> None:
+        """An in-cluster Redis with append-only persistence."""
         ns, role = args.namespace, f"{name}-redis"
         redis_labels = common.labels("redis", role, args.labels)
         k8s.core.v1.Service(
@@ -233,7 +239,6 @@ class FeatureStore(pulumi.ComponentResource):
             },
             opts=common.child(self),
         )
-        return f"{role}.{ns}.svc.cluster.local:6379"
 
     @property
     def _repo_name(self) -> str:

@@ -54,8 +54,10 @@ class ModelServiceArgs:
     labels: dict[str, str] = field(default_factory=dict)
     tracking_uri: str = ""
     """MLflow tracking URI the service loads the model version from."""
-    feature_server_url: str = ""
-    """Feast feature server for online features."""
+    feast_config: str = ""
+    """The platform's feature_store.yaml: the service reads the online store through the feature service."""
+    redis_env: dict[str, Any] = field(default_factory=dict)
+    """The REDIS_CONNECTION_STRING variable that feature_store.yaml reads (a value or a secretKeyRef)."""
     payload_uri: str = ""
     """Payload log root (partitioned Parquet)."""
 
@@ -72,14 +74,14 @@ def manifests(args: ModelServiceArgs) -> list[dict[str, Any]]:
     meta = common.metadata(name, args.namespace, object_labels, annotations)
     selector = common.selector(COMPONENT, name)
     env = [
-        {"name": "LOOPFORM_MODEL_NAME", "value": args.model},
         {"name": "LOOPFORM_MODEL_URI", "value": f"models:/{args.model}/{release.version}"},
         {"name": "LOOPFORM_TRACKING_URI", "value": args.tracking_uri},
-        {"name": "LOOPFORM_FEATURE_SERVER_URL", "value": args.feature_server_url},
         {"name": "LOOPFORM_PAYLOAD_URI", "value": args.payload_uri},
         {"name": "BENTOML_DO_NOT_TRACK", "value": "true"},
         {"name": "MLFLOW_DISABLE_TELEMETRY", "value": "true"},
     ]
+    if args.feast_config:
+        env += [{"name": "LOOPFORM_FEAST_CONFIG", "value": args.feast_config}, args.redis_env]
     container = {
         "name": "bento",
         "image": release.image,

@@ -13,13 +13,13 @@ import pulumi
 import pulumi_kubernetes as k8s
 
 from components import common
-from components.feature_store import FeatureStore, FeatureStoreArgs, feature_files
+from components.feature_store import FeatureStore, FeatureStoreArgs, feature_files, redis_connection_env
 from components.gitops import GitOps, GitOpsArgs
 from components.gpu_pool import GpuNodePool, GpuNodePoolArgs, NvidiaDevicePlugin, NvidiaDevicePluginArgs
 from components.model_service import ModelService, ModelServiceArgs
 from components.orchestrator import Orchestrator, OrchestratorArgs
 from components.registry import ModelRegistry, ModelRegistryArgs
-from loopform.features import OFFLINE_URI_ENV
+from loopform.features import OFFLINE_URI_ENV, cluster_config
 from loopform.spec import PlatformSpec
 
 
@@ -31,7 +31,6 @@ def model_services(spec: PlatformSpec) -> list[ModelServiceArgs]:
     """The service of every released model, wired to this environment's registry and feature server."""
     platform_ns = spec.cluster.namespaces.platform
     registry = common.service_url(f"{spec.environment}-registry", platform_ns, spec.registry.port)
-    features = common.service_url(f"{spec.environment}-features-server", platform_ns, spec.feature_store.server.port)
     return [
         ModelServiceArgs(
             model=model,
@@ -39,7 +38,8 @@ def model_services(spec: PlatformSpec) -> list[ModelServiceArgs]:
             namespace=spec.cluster.namespaces.serving,
             labels=common_labels(spec),
             tracking_uri=registry,
-            feature_server_url=features,
+            feast_config=cluster_config(spec.feature_store),
+            redis_env=redis_connection_env(spec.feature_store, f"{spec.environment}-features", platform_ns),
             payload_uri=spec.monitoring.payload_uri,
         )
         for model, model_spec in sorted(spec.models.items())

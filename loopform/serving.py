@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 ENV_TRACKING_URI = "LOOPFORM_TRACKING_URI"
 ENV_MODEL_URI = "LOOPFORM_MODEL_URI"
 ENV_FEAST_REPO = "LOOPFORM_FEAST_REPO"
+ENV_FEAST_CONFIG = "LOOPFORM_FEAST_CONFIG"
 ENV_MODEL_PATH = "LOOPFORM_MODEL_PATH"
 ENV_PAYLOAD_URI = "LOOPFORM_PAYLOAD_URI"
 ENV_PAYLOAD_FLUSH_ROWS = "LOOPFORM_PAYLOAD_FLUSH_ROWS"
@@ -170,6 +172,25 @@ def release_from_env() -> Release:
     return load_release(os.environ[ENV_TRACKING_URI], os.environ[ENV_MODEL_URI])
 
 
+def online_store_from_env(model_dir: Path) -> Any | None:
+    """The online-feature reader the environment configures, or None (then only raw-feature APIs work).
+
+    LOOPFORM_FEAST_REPO: a local Feast repo folder (the local loop). LOOPFORM_FEAST_CONFIG: the
+    platform's feature_store.yaml (set by the ModelService component), applied to a scratch repo
+    with the model's feature definitions from `model_dir` (LOOPFORM_MODEL_PATH overrides it).
+    """
+    import tempfile
+
+    from loopform.features import FeatureRepo
+
+    model_path = Path(os.environ.get(ENV_MODEL_PATH, str(model_dir)))
+    if os.environ.get(ENV_FEAST_REPO):
+        return FeatureRepo(Path(os.environ[ENV_FEAST_REPO]), model_path)
+    if os.environ.get(ENV_FEAST_CONFIG):
+        return FeatureRepo(Path(tempfile.mkdtemp(prefix="feast-")), model_path, config=os.environ[ENV_FEAST_CONFIG])
+    return None
+
+
 # --- metrics -------------------------------------------------------------------------------------------
 
 _METRICS: dict[str, Any] = {}
@@ -256,7 +277,7 @@ class Scorer:
         """Prediction for an entity id: stored features from the online store, request fields override them."""
         started = time.perf_counter()
         if self.online is None:
-            raise RuntimeError(f"no online feature store configured: set {ENV_FEAST_REPO}")
+            raise RuntimeError(f"no online feature store configured: set {ENV_FEAST_REPO} or {ENV_FEAST_CONFIG}")
         entity_id = int(request[self.entity])
         with self._online_lock:  # one online-store connection per process; reads are ~ms
             stored = self.online.online([entity_id])

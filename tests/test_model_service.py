@@ -72,3 +72,29 @@ def test_gitops_folder_holds_released_services(tmp_path: Path) -> None:
         "fraud-service.service.yaml",
     ]
     assert "Argo CD syncs this folder" in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_service_reads_the_platforms_feast(monkeypatch) -> None:
+    """The env the manifests set is what the service builds its online-store reader from."""
+    from loopform.features import cluster_config
+    from loopform.serving import online_store_from_env
+    from loopform.spec import FeatureStoreSpec
+
+    config = cluster_config(FeatureStoreSpec())
+    args = ModelServiceArgs(
+        model="fraud",
+        spec=_spec(),
+        feast_config=config,
+        redis_env={"name": "REDIS_CONNECTION_STRING", "value": "redis:6379"},
+    )
+    container = manifests(args)[0]["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["LOOPFORM_FEAST_CONFIG"] == config and env["REDIS_CONNECTION_STRING"] == "redis:6379"
+
+    monkeypatch.delenv("LOOPFORM_FEAST_REPO", raising=False)
+    monkeypatch.setenv("LOOPFORM_FEAST_CONFIG", env["LOOPFORM_FEAST_CONFIG"])
+    repo = online_store_from_env(Path(__file__).resolve().parent.parent / "models" / "fraud")
+    assert repo is not None and repo.config == config
+    assert (repo.configure() / "feature_store.yaml").read_text() == config
+    monkeypatch.delenv("LOOPFORM_FEAST_CONFIG")
+    assert online_store_from_env(Path(".")) is None

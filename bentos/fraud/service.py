@@ -2,7 +2,8 @@
 
 Configuration comes from the environment (set by the ModelService component or `loopform up`):
 LOOPFORM_TRACKING_URI + LOOPFORM_MODEL_URI (e.g. models:/fraud@production) name the release;
-LOOPFORM_FEAST_REPO (optional) enables scoring by card_id from the online store; LOOPFORM_PAYLOAD_URI
+LOOPFORM_FEAST_REPO (a local Feast repo) or LOOPFORM_FEAST_CONFIG (the platform's
+feature_store.yaml) enables scoring by card_id from the online store; LOOPFORM_PAYLOAD_URI
 is the payload log (local path, file:// or object-store URI). APIs:
 
 - POST /predict        raw features of one transaction
@@ -26,7 +27,6 @@ from bentoml.exceptions import NotFound, ServiceUnavailable
 from loopform import data
 from loopform.serving import (
     ENV_FEAST_REPO,
-    ENV_MODEL_PATH,
     ENV_PAYLOAD_FLUSH_ROWS,
     ENV_PAYLOAD_FLUSH_SECONDS,
     ENV_PAYLOAD_URI,
@@ -34,6 +34,7 @@ from loopform.serving import (
     Scorer,
     UnknownEntity,
     batch_model,
+    online_store_from_env,
     release_from_env,
     request_models,
     torch_threads,
@@ -43,16 +44,6 @@ Transaction, CardTransaction = request_models(data.FEATURES, entity=data.ENTITY)
 TransactionBatch = batch_model(Transaction)
 
 _MODEL_DIR = Path(__file__).resolve().parents[2] / "models" / "fraud"
-
-
-def _online_store() -> Any | None:
-    """The Feast repo's online reader, when LOOPFORM_FEAST_REPO names one (imports feast: slow, so optional)."""
-    repo = os.environ.get(ENV_FEAST_REPO)
-    if not repo:
-        return None
-    from loopform.features import FeatureRepo
-
-    return FeatureRepo(Path(repo), Path(os.environ.get(ENV_MODEL_PATH, str(_MODEL_DIR))))
 
 
 def _payload_log(model: str) -> Any:
@@ -77,7 +68,7 @@ class FraudService:
             release,
             data.FEATURE_NAMES,
             payloads=_payload_log(release.name),
-            online=_online_store(),
+            online=online_store_from_env(_MODEL_DIR),
             entity=data.ENTITY,
         )
 
