@@ -65,7 +65,6 @@ def cmd_up(args: argparse.Namespace) -> int:
     # Third-party noise, not the user's concern: library warnings, MLflow's notices and progress bars.
     # Libraries reset warning filters when imported, so silence the display instead.
     warnings.showwarning = lambda *args, **kwargs: None
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "ERROR")
     up(_stack_path(args), Path(args.root))
     return 0
@@ -95,7 +94,7 @@ def cmd_step(args: argparse.Namespace) -> int:
         model=args.model,
         spec=spec,
         run_dir=run_dir,
-        tracking_uri=_tracking_uri(args),
+        tracking_uri=args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"),
         feature_repo=Path(feature_repo),
         root=Path(args.root),
         stack_files=_stack_path(args).parent,
@@ -133,7 +132,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
 
 
 def cmd_monitor(args: argparse.Namespace) -> int:
-    """Drift of recent payloads against the production model's training data; may trigger retraining."""
+    """Drift of the production version's recent payloads against its training data; may trigger retraining."""
     from datetime import UTC, datetime
 
     from prometheus_client import CollectorRegistry
@@ -141,28 +140,41 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     from loopform.monitor import FileTrigger, run_monitor, write_metrics
 
     spec = load_stack(_stack_path(args), Path(args.root))
-    reference = args.reference or _production_reference(_tracking_uri(args), args.model, Path(args.report_dir))
+    report_dir = Path(args.report_dir)
+    version = None
+    if args.reference:
+        reference: Path = Path(args.reference)
+    else:
+        reference, version = _production_reference(_tracking_uri(args), args.model, report_dir)
+    payload_uri = args.payload_uri or spec.monitoring.payload_uri
     registry = CollectorRegistry()
-    result = run_monitor(
-        args.model,
-        reference=reference,
-        payload_uri=args.payload_uri or spec.monitoring.payload_uri,
-        gates=spec.gates,
-        window=spec.monitoring.window,
-        until=datetime.now(UTC),
-        min_rows=spec.monitoring.min_rows,
-        report_dir=args.report_dir,
-        registry=registry,
-        trigger=FileTrigger(Path(args.report_dir) / "triggers"),
-    )
+    try:
+        result = run_monitor(
+            args.model,
+            reference=reference,
+            payload_uri=payload_uri,
+            gates=spec.gates,
+            window=spec.monitoring.window,
+            until=datetime.now(UTC),
+            min_rows=spec.monitoring.min_rows,
+            report_dir=report_dir,
+            registry=registry,
+            trigger=FileTrigger(report_dir / "triggers"),
+            version=version,
+        )
+    except ImportError as error:
+        raise UsageError(f"cannot read {payload_uri}: {error} (pip install 'loopform[cluster]')") from None
     if args.metrics_file:
         write_metrics(args.metrics_file, registry)
     print(result.message)
     return 3 if result.triggered else 0
 
 
-def _production_reference(tracking_uri: str, model: str, folder: Path) -> Path:
-    """The training data of the version holding the production alias (logged by the register step)."""
+def _production_reference(tracking_uri: str, model: str, folder: Path) -> tuple[Path, int]:
+    """The training data of the version holding the production alias (logged by the register step), and that version.
+
+    Only that version's traffic is compared with it: older versions' payloads are not its business.
+    """
     from loopform import registry
 
     version = registry.alias_version(tracking_uri, model, "production")
@@ -171,7 +183,7 @@ def _production_reference(tracking_uri: str, model: str, folder: Path) -> Path:
     run_id = registry.client(tracking_uri).get_model_version(model, str(version)).run_id
     folder.mkdir(parents=True, exist_ok=True)
     local = registry.client(tracking_uri).download_artifacts(run_id, "reference/reference.parquet", str(folder))
-    return Path(local)
+    return Path(local), version
 
 
 class UsageError(Exception):
@@ -234,7 +246,11 @@ def build_parser() -> argparse.ArgumentParser:
     stack_args(monitor)
     monitor.add_argument("--reference", help="reference Parquet (default: the production version's training data)")
     monitor.add_argument("--payload-uri", help="payload log (default: monitoring.payload_uri)")
-    monitor.add_argument("--report-dir", default="monitor", help="where reports, results and triggers go")
+    monitor.add_argument(
+        "--report-dir",
+        default=".loopform/monitor",
+        help="where reports, results and triggers go (default: .loopform/monitor)",
+    )
     monitor.add_argument("--metrics-file", help="write the Prometheus gauges here (textfile collector format)")
     monitor.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
     monitor.set_defaults(handler=cmd_monitor)
@@ -243,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     handler: Handler = args.handler
     try:
         return handler(args)

@@ -191,6 +191,17 @@ def check_evidence(
             detail = "; ".join(str(f) for f in failures) if failures else "no reason recorded"
             reasons.append(f"gate {name!r} did not pass: {detail}")
 
+    validation = _metrics(gate_results, "validation")
+    for metric, limit in (
+        ("worst_missing_share", "max_missing_share"),
+        ("worst_out_of_range_share", "max_out_of_range_share"),
+    ):
+        value, allowed = _number(validation.get(metric)), _number(gates.get(limit))
+        if (gate_results.get("validation") or {}).get("passed") is True and value is None:
+            reasons.append(f"validation gate result has no numeric metrics.{metric}")
+        elif value is not None and allowed is not None and value > allowed:
+            reasons.append(f"validation {metric} {value:.4f} is above gates.{limit}={allowed}")
+
     drift_metrics = _metrics(gate_results, "drift")
     drift_share = _number(drift_metrics.get("drift_share"))
     max_drift_share = float((gates.get("drift") or {}).get("max_drift_share", 0.3))

@@ -32,6 +32,7 @@ PRODUCTION = "prod"
 ENVIRONMENTS = ("staging", PRODUCTION)
 DRIFT_STRENGTH = 0.8
 CARD_SHARE = 0.2  # share of requests scored by card id through the online store
+MARKER = ".loopform-workdir"
 
 
 @dataclass
@@ -95,15 +96,28 @@ def environment_stacks(stack_path: Path, workdir: Path) -> Path:
     return folder
 
 
+def fresh_workdir(workdir: Path, root: Path) -> Path:
+    """Empty the workdir for a new run: only a folder this command made (it holds MARKER) is ever deleted."""
+    if workdir in (root.resolve(), *root.resolve().parents) or workdir == Path.home():
+        raise ValueError(f"refusing to use {workdir} as the local workdir: it holds the repository or your home")
+    if workdir.exists():
+        if any(workdir.iterdir()) and not (workdir / MARKER).exists():
+            raise ValueError(
+                f"{workdir} is not empty and was not made by `loopform up` (no {MARKER}): "
+                "set local.workdir to a new folder or empty it yourself"
+            )
+        shutil.rmtree(workdir)
+    workdir.mkdir(parents=True)
+    (workdir / MARKER).write_text("made by `loopform up`; deleted and made anew on every run\n")
+    return workdir
+
+
 def up(stack_path: Path, root: Path, echo: Callable[[str], None] = print) -> Summary:
     """Run the whole loop; returns the summary (raises on any failed step, with the reason)."""
     spec = load_stack(stack_path, root)
     local = spec.local
     model = sorted(spec.models)[0]
-    workdir = (root / local.workdir).resolve()
-    if workdir.exists():
-        shutil.rmtree(workdir)
-    workdir.mkdir(parents=True)
+    workdir = fresh_workdir((root / local.workdir).resolve(), root)
     tracking_uri = f"sqlite:///{workdir / 'mlflow.db'}"
     payload_uri = str(workdir / "payloads")
     stacks = environment_stacks(stack_path, workdir)
@@ -112,6 +126,7 @@ def up(stack_path: Path, root: Path, echo: Callable[[str], None] = print) -> Sum
     echo(f"loopform up --stack {spec.environment}: model {model!r}, everything under {workdir}")
 
     from loopform import data
+    from loopform.monitor import FileTrigger
     from loopform.steps import StepContext, ingest
 
     now = datetime.now(UTC).replace(microsecond=0)
@@ -144,7 +159,7 @@ def up(stack_path: Path, root: Path, echo: Callable[[str], None] = print) -> Sum
         _promote(first, summary.versions[0], PRODUCTION, stacks)
         summary.production_version = summary.versions[0]
 
-    server = _server(root, workdir, tracking_uri, payload_uri, first.feature_repo, local.serve_port)
+    server = _server(root, workdir, tracking_uri, model, local.serve_port)
     with progress.phase(f"serve {model}@production with BentoML on {server.url}"):
         server.start()
         summary.endpoint = server.url
@@ -172,7 +187,11 @@ def up(stack_path: Path, root: Path, echo: Callable[[str], None] = print) -> Sum
         raise RuntimeError("the monitor did not detect the injected drift: nothing to retrain on")
 
     second = context("run-2")
+    trigger = FileTrigger(workdir / "triggers")
     with progress.phase("retraining trigger: ingest the newest labelled data and materialise"):
+        for pending in trigger.pending(model):
+            progress.note(f"handling {pending.name}")
+            trigger.acknowledge(pending)
         recent = _drifted(local.drift, local.rows, local.seed + 1, now, days=30)
         ingest(second, recent)
         second.repo().materialize(end=datetime.now(UTC))
@@ -194,6 +213,8 @@ def _pipeline(ctx: Any, progress: Progress) -> int:
             step.load()(ctx)
     release = ctx.read_json("release.json")
     evaluation = ctx.read_json("evaluation.json")
+    # The staging release the last step recorded becomes the workdir's staging stack file.
+    shutil.copyfile(ctx.run_dir / "Pulumi.staging.yaml", ctx.stack_files / "Pulumi.staging.yaml")
     progress.note(
         f"version {release['version']}: AUC {evaluation['auc']:.3f}, precision {evaluation['precision']:.3f}, "
         f"recall {evaluation['recall']:.3f}, champion {_champion(evaluation)}"
@@ -223,20 +244,24 @@ def _drifted(kind: str, rows: int, seed: int, now: datetime, days: int = 1) -> A
     return data.generate(rows, seed, start=start, days=days, covariate_drift=strength)
 
 
-def _server(root: Path, workdir: Path, tracking_uri: str, payload_uri: str, feast: Path, port: int) -> Any:
+def _server(root: Path, workdir: Path, tracking_uri: str, model: str, port: int) -> Any:
     from loopform.serving import BentoServer
 
-    env = {
-        "LOOPFORM_TRACKING_URI": tracking_uri,
-        "LOOPFORM_MODEL_URI": "models:/fraud@production",
-        "LOOPFORM_PAYLOAD_URI": payload_uri,
-        "LOOPFORM_FEAST_REPO": str(feast),
-        "MLFLOW_DISABLE_TELEMETRY": "true",
-        "BENTOML_HOME": str(workdir / "bentoml"),
-    }
+    env = {**serve_env(workdir, tracking_uri, model), "MLFLOW_DISABLE_TELEMETRY": "true"}
     return BentoServer(
         "bentos.fraud.service:FraudService", working_dir=root, env=env, port=port, log_path=workdir / "serve.log"
     )
+
+
+def serve_env(workdir: Path, tracking_uri: str, model: str) -> dict[str, str]:
+    """What the local service needs: the release, its online store and where payloads go."""
+    return {
+        "LOOPFORM_TRACKING_URI": tracking_uri,
+        "LOOPFORM_MODEL_URI": f"models:/{model}@production",
+        "LOOPFORM_FEAST_REPO": str(workdir / "feast"),
+        "LOOPFORM_PAYLOAD_URI": str(workdir / "payloads"),
+        "BENTOML_HOME": str(workdir / "bentoml"),
+    }
 
 
 def _send(url: str, frame: Any, history: Any) -> int:
@@ -310,8 +335,7 @@ def _print_summary(summary: Summary, model: str, echo: Callable[[str], None]) ->
     for report in summary.reports:
         echo(f"                       {report}")
     echo(f"  endpoint             {summary.endpoint} (stopped; serve again with:")
-    echo(
-        f"                       LOOPFORM_TRACKING_URI={summary.tracking_uri} LOOPFORM_MODEL_URI=models:/{model}@production"
-    )
+    for name, value in serve_env(summary.workdir, summary.tracking_uri, model).items():
+        echo(f"                       {name}={value} \\")
     echo("                       .venv/bin/bentoml serve bentos.fraud.service:FraudService)")
     echo(f"  MLflow UI            .venv/bin/mlflow ui --backend-store-uri {summary.tracking_uri}")

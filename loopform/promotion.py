@@ -33,6 +33,8 @@ PRODUCTION_ENVS = frozenset({"prod", "production"})
 STAGING_ENV = "staging"
 CHAMPION_ALIAS = "champion"
 RELEASED_TAG = "loopform.released.{env}"
+#: Evidence fields that must equal the run's own artifacts (gate JSONs, evaluation.json, data fingerprint).
+RECORDED_FIELDS = ("gates", "evaluation", "training_data_fingerprint")
 
 
 class PromotionError(Exception):
@@ -113,6 +115,7 @@ def promote(
                 reasons.append(
                     f"evidence belongs elsewhere: its {key} is {evidence.get(key)!r}, this version's is {expected!r}"
                 )
+        reasons += _disagreements(evidence, registry.run_record(tracking_uri, model_version.run_id))
     if (
         gates.require_staging
         and env != STAGING_ENV
@@ -142,6 +145,14 @@ def promote(
         if model_version.tags.get(registry.ARCHIVED_TAG):
             mlflow_client.delete_model_version_tag(model, str(version), registry.ARCHIVED_TAG)
     return release
+
+
+def _disagreements(evidence: dict[str, Any], recorded: dict[str, Any]) -> list[str]:
+    """A digest proves the evidence is intact, not that it is true: it must equal what its run recorded."""
+    differ = [key for key in RECORDED_FIELDS if evidence.get(key) != ev.jsonable(recorded.get(key))]
+    if not differ:
+        return []
+    return [f"forged evidence: {', '.join(differ)} differ from what run {evidence.get('run_id')} recorded"]
 
 
 def render_release(stack_path: Path, model: str, release: Release) -> str:

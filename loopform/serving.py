@@ -98,7 +98,14 @@ def request_models(features: Sequence[Any], entity: str = "card_id") -> tuple[ty
         "CardTransaction",
         __config__=config,
         __doc__="A card id (features come from the online store) plus optional fields of the transaction.",
-        **{entity: (Annotated[int, Field(strict=True, ge=0, description="Entity id in the online store.")], ...)},
+        **{
+            entity: (
+                Annotated[
+                    int, Field(strict=True, ge=0, le=2**63 - 1, description="Entity id in the online store (int64).")
+                ],
+                ...,
+            )
+        },
         transaction_id=(str | None, Field(None, max_length=200, description="Caller's id, kept in the payload log.")),
         **{f.name: _feature_type(f, optional=True) for f in features},
     )

@@ -55,6 +55,16 @@ def _cron(value: str) -> str:
     return value
 
 
+def _workdir(value: str) -> str:
+    parts = Path(value).parts
+    if not parts or value.strip() in (".", "/") or ".." in parts or Path(value) == Path(value).anchor:
+        raise ValueError(
+            f"{value!r} cannot be the local workdir: `loopform up` empties it on every run, so it must be "
+            "a folder of its own, e.g. .loopform/local (no '..', not '.' or '/')"
+        )
+    return value
+
+
 def _duration(value: str) -> str:
     if not _DURATION.match(value):
         raise ValueError(f"{value!r} is not a duration: use e.g. 30s, 5m, 1h, 1h30m")
@@ -469,7 +479,10 @@ class MonitoringSpec(Strict):
 class LocalSpec(Strict):
     """The embedded default: the whole loop on one machine (SQLite, local files, localhost)."""
 
-    workdir: str = Field(".loopform/local", description="Everything the local loop writes, relative to the repo.")
+    workdir: Annotated[str, AfterValidator(_workdir)] = Field(
+        ".loopform/local",
+        description="Everything the local loop writes: a folder of its own inside the repo (or an absolute path).",
+    )
     rows: int = Field(20000, ge=1000, description="Rows of synthetic training data.")
     traffic: int = Field(600, ge=10, description="Requests sent to the service per phase.")
     seed: int = Field(7, description="Seed of data generation and training.")

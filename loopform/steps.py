@@ -50,7 +50,8 @@ class StepContext:
     model: str
     spec: PlatformSpec
     run_dir: Path
-    tracking_uri: str
+    tracking_uri: str | None
+    """MLflow tracking URI; None where no step that runs needs MLflow."""
     feature_repo: Path
     """Folder of the model's Feast repository (source table, registry, online store)."""
     root: Path
@@ -91,6 +92,12 @@ class StepContext:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(value, indent=2, sort_keys=True, default=str) + "\n")
         return path
+
+    def mlflow(self) -> str:
+        """The tracking URI, or StepFailed saying how to give one (only some steps need it)."""
+        if not self.tracking_uri:
+            raise StepFailed("this step uses MLflow: set --tracking-uri or MLFLOW_TRACKING_URI")
+        return self.tracking_uri
 
     def input(self, name: str) -> Path:
         """A file an earlier step wrote into the run directory, or StepFailed naming it."""
@@ -140,16 +147,20 @@ def _write_parquet(frame: pd.DataFrame, uri: str) -> None:
 def ingest(ctx: StepContext, frame: pd.DataFrame) -> None:
     """Append labelled transactions: features to the Feast source table, labels beside it."""
     import pandas as pd
+    import pyarrow as pa
 
     from loopform import data
 
     if _exists(labels_uri(ctx)):
         frame = pd.concat([load_table(ctx), frame], ignore_index=True).drop_duplicates(data.ID, keep="last")
-    if ctx.offline_uri:
-        _write_parquet(frame.drop(columns=[data.LABEL]), source_uri(ctx))
-    else:
-        ctx.repo().write(frame)
-    _write_parquet(frame[[data.ID, data.ENTITY, data.TIMESTAMP, data.LABEL]], labels_uri(ctx))
+    try:
+        if ctx.offline_uri:
+            _write_parquet(frame.drop(columns=[data.LABEL]), source_uri(ctx))
+        else:
+            ctx.repo().write(frame)
+        _write_parquet(frame[[data.ID, data.ENTITY, data.TIMESTAMP, data.LABEL]], labels_uri(ctx))
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as error:
+        raise StepFailed(f"cannot store this batch beside the table: {error} (check the column types)") from None
 
 
 def load_table(ctx: StepContext) -> pd.DataFrame:
@@ -178,23 +189,28 @@ def training_window_of(table: pd.DataFrame, ctx: StepContext) -> pd.DataFrame:
 def validate_data(ctx: StepContext) -> dict[str, GateResult]:
     """Validation, drift and OOD gates on the training window; StepFailed when any fails.
 
-    Drift and OOD compare the window's newest share (what the model is evaluated on, and
-    closest to what it will serve) with the older part it trains on.
+    Validation checks the whole table's structure, then the window and, on their own, its
+    newest rows (the new data: a bad batch must not hide in the history around it). Drift
+    and OOD compare the newest rows (what the model is evaluated on, and closest to what it
+    will serve) with the older part it trains on.
     """
     from loopform import data
     from loopform.gates import drift_gate, ood_gate
-    from loopform.gates import validate_data as validation_gate
+    from loopform.gates.report import write_summary_report
 
     gates = ctx.spec.gates
     table = load_table(ctx)
-    results = {"validation": validation_gate(table, gates, require_label=True)}
+    results = {"validation": validate_table(table, ctx)}
     if results["validation"].passed:
         window = training_window_of(table, ctx)
         older, newest = split_by_time(window, data.TIMESTAMP)
+        results["validation"] = _validate_window(window, newest, ctx)
         reports = ctx.run_dir / "reports"
         reports.mkdir(parents=True, exist_ok=True)
         results["drift"] = drift_gate(older, newest, gates, reports / "drift.html")
         results["ood"] = ood_gate(older, newest, gates)
+        results["validation"].report = str(write_summary_report(window, None, reports / "validation.html"))
+        results["ood"].report = str(write_summary_report(newest, older, reports / "ood.html"))
         ctx.write_json(
             "window.json",
             {"rows": len(window), "start": str(window[data.TIMESTAMP].min()), "end": str(window[data.TIMESTAMP].max())},
@@ -205,6 +221,25 @@ def validate_data(ctx: StepContext) -> dict[str, GateResult]:
     if failed:
         raise StepFailed("data gates failed, training stops here:\n  " + "\n  ".join(failed))
     return results
+
+
+def validate_table(table: pd.DataFrame, ctx: StepContext) -> GateResult:
+    from loopform.gates import validate_data as validation_gate
+
+    return validation_gate(table, ctx.spec.gates, require_label=True)
+
+
+def _validate_window(window: pd.DataFrame, newest: pd.DataFrame, ctx: StepContext) -> GateResult:
+    """One validation result for the window and its newest rows; shares are the worse of the two."""
+    from loopform.gates.result import GateResult
+
+    parts = {"training window": validate_table(window, ctx), "newest rows": validate_table(newest, ctx)}
+    metrics = dict(parts["training window"].metrics)
+    metrics["newest"] = parts["newest rows"].metrics
+    for key in ("worst_missing_share", "worst_out_of_range_share"):
+        metrics[key] = max(part.metrics.get(key, 0.0) for part in parts.values())
+    failures = [f"{label}: {failure}" for label, part in parts.items() for failure in part.failures]
+    return GateResult("validation", not failures, metrics, failures)
 
 
 def get_features(ctx: StepContext) -> Path:
@@ -255,7 +290,7 @@ def evaluate(ctx: StepContext) -> dict[str, Any]:
 
     frame = pd.read_parquet(ctx.input("training.parquet"))
     _, holdout = split_by_time(frame, data.TIMESTAMP)
-    champion = registry.champion(ctx.tracking_uri, ctx.model)
+    champion = registry.champion(ctx.mlflow(), ctx.model)
     champion_model, champion_version = champion if champion else (None, None)
     metrics = ctx.model_module("train").evaluate(
         _load_trained(ctx), holdout, champion_model, champion_version=champion_version
@@ -281,7 +316,7 @@ def register(ctx: StepContext) -> dict[str, Any]:
             result.gate, result.passed, result.metrics, result.failures, str(report) if report.exists() else None
         )
     run = registry.log_training_run(
-        ctx.tracking_uri,
+        ctx.mlflow(),
         ctx.model,
         _load_trained(ctx),
         gate_results=gate_results,
@@ -291,8 +326,8 @@ def register(ctx: StepContext) -> dict[str, Any]:
     )
     reference = ctx.run_dir / REFERENCE_FILE
     older.to_parquet(reference, index=False)
-    registry.client(ctx.tracking_uri).log_artifact(run.run_id, str(reference), "reference")
-    record = registry.register_version(ctx.tracking_uri, ctx.model, run.run_id, model_uri=run.model_uri, now=ctx.now)
+    registry.client(ctx.mlflow()).log_artifact(run.run_id, str(reference), "reference")
+    record = registry.register_version(ctx.mlflow(), ctx.model, run.run_id, model_uri=run.model_uri, now=ctx.now)
     ctx.write_json("release.json", record.to_dict())
     return record.to_dict()
 
@@ -310,7 +345,7 @@ def promote_to_staging(ctx: StepContext) -> dict[str, Any]:
     shutil.copyfile(source, copy)
     try:
         result = promote(
-            ctx.model, release["version"], STAGING, tracking_uri=ctx.tracking_uri, stack_path=copy, now=ctx.now
+            ctx.model, release["version"], STAGING, tracking_uri=ctx.mlflow(), stack_path=copy, now=ctx.now
         )
     except PromotionError as error:
         ctx.write_json("promotion.json", {"promoted": False, "reasons": error.reasons})

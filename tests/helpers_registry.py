@@ -27,7 +27,7 @@ def gate_results(report_dir: Path | None = None, **overrides: GateResult) -> dic
         report = report_dir / "drift.html"
         report.write_text("<html><body>drift report</body></html>")
     results = {
-        "validation": GateResult("validation", True, {"missing_share": 0.0, "out_of_range_share": 0.0}),
+        "validation": GateResult("validation", True, {"worst_missing_share": 0.0, "worst_out_of_range_share": 0.0}),
         "drift": GateResult(
             "drift",
             True,

@@ -43,7 +43,25 @@ def test_validate_step_passes_clean_data(tmp_path: Path) -> None:
     assert _step(tmp_path, "validate-data") == 0
     gates = sorted(p.name for p in (tmp_path / "run" / "gates").glob("*.json"))
     assert gates == ["drift.json", "ood.json", "validation.json"]
-    assert (tmp_path / "run" / "reports" / "drift.html").exists()
+    reports = sorted(p.name for p in (tmp_path / "run" / "reports").glob("*.html"))
+    assert reports == ["drift.html", "ood.html", "validation.html"]
+
+
+def test_a_bad_new_batch_cannot_hide_in_clean_history(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    now = datetime.now(UTC)
+    _ingest(tmp_path, data.generate(20000, 3, start=now - timedelta(days=31), days=30))
+    _ingest(tmp_path, data.generate(1000, 4, start=now - timedelta(days=1), days=1, out_of_range=0.15))
+    assert _step(tmp_path, "validate-data") == 1
+    err = capsys.readouterr().err
+    assert "newest rows: column" in err and "max_out_of_range_share" in err
+
+
+def test_a_batch_of_wrong_types_is_refused(tmp_path: Path) -> None:
+    from loopform.steps import StepFailed
+
+    _ingest(tmp_path, data.generate(2000, 3))
+    with pytest.raises(StepFailed, match="check the column types"):
+        _ingest(tmp_path, data.generate(500, 4, wrong_types="amount"))
 
 
 def test_validate_step_stops_the_pipeline_on_bad_data(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

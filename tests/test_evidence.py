@@ -28,7 +28,9 @@ def make_evidence(**changes) -> dict:
         "run_id": "abc123",
         "training_data_fingerprint": "f" * 64,
         "gates": {
-            "validation": GateResult("validation", True, {"missing_share": 0.0, "out_of_range_share": 0.0}).to_dict(),
+            "validation": GateResult(
+                "validation", True, {"worst_missing_share": 0.0, "worst_out_of_range_share": 0.0}
+            ).to_dict(),
             "drift": GateResult("drift", True, {"drift_share": 0.1, "features": {"amount": {"score": 0.02}}}).to_dict(),
             "ood": GateResult("ood", True, {"ood_rate": 0.01}).to_dict(),
         },
@@ -129,8 +131,10 @@ def test_metrics_are_rejudged_against_the_target_gates():
     gates = make_evidence()["gates"]
     gates["drift"]["metrics"]["drift_share"] = 0.5
     gates["ood"]["metrics"]["ood_rate"] = 0.07
+    gates["validation"]["metrics"]["worst_out_of_range_share"] = 0.02
     reasons = ev.check_evidence(make_evidence(evaluation=evaluation, gates=gates), GATES, now=NOW)
-    assert len(reasons) == 4, reasons
+    assert len(reasons) == 5, reasons
+    assert "validation worst_out_of_range_share 0.0200 is above gates.max_out_of_range_share=0.01" in reasons
     assert "drift share 0.500 is above gates.drift.max_drift_share=0.3" in reasons
     assert "out-of-distribution rate 0.0700 is above gates.max_ood_rate=0.05" in reasons
     assert "expected calibration error 0.2000 is above gates.max_calibration_error=0.1" in reasons

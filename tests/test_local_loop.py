@@ -78,8 +78,20 @@ def test_progress_is_shown(loop) -> None:
     assert any("MLflow UI" in line for line in lines)
 
 
+def test_monitor_command_judges_only_the_production_versions_traffic(loop, tmp_path: Path, capsys) -> None:
+    """Version 2 is in production and has served nothing yet: version 1's drifted traffic is not its alarm."""
+    from loopform.cli import main
+
+    summary, _, _, stack = loop
+    args = ["monitor", "fraud", "--stack", "local", "--file", str(stack), "--tracking-uri", summary.tracking_uri]
+    code = main([*args, "--payload-uri", str(summary.workdir / "payloads"), "--report-dir", str(tmp_path)])
+    assert code == 0
+    assert "no decision: 0 payload rows" in capsys.readouterr().out
+    assert not list((tmp_path / "triggers").glob("*.json"))
+
+
 def test_running_twice_works(loop) -> None:
-    """A second run, as a user would start it (a new process), closes the loop again."""
+    """A second run, as a user would start it (a new process), closes the loop again. Runs last: it replaces the workdir."""
     import json
     import subprocess
     import sys

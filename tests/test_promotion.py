@@ -137,7 +137,15 @@ def test_refuses_tampered_evidence(store, trained, stacks):
     client.set_model_version_tag("fraud-d", str(record.version), "loopform.auc", "0.95")
 
     reasons = refused(store, "fraud-d", record.version, "staging", stacks["staging"])
-    assert len(reasons) == 1 and reasons[0].startswith("tampered evidence: digest mismatch")
+    assert reasons[0].startswith("tampered evidence: digest mismatch")
+    assert f"forged evidence: evaluation differ from what run {record.run_id} recorded" in reasons
+
+    # Resealed, the digest matches again: the run's own artifacts still tell the truth.
+    client.set_model_version_tag(
+        "fraud-d", str(record.version), registry.EVIDENCE_TAG, ev.canonical(ev.seal(forged)).decode()
+    )
+    reasons = refused(store, "fraud-d", record.version, "staging", stacks["staging"])
+    assert reasons == [f"forged evidence: evaluation differ from what run {record.run_id} recorded"]
 
 
 def test_refuses_evidence_copied_from_another_version(store, trained, stacks):

@@ -228,6 +228,7 @@ def test_predict_by_card_errors(stack: Stack) -> None:
     assert unknown.status_code == 404
     assert "no online features for card_id=987654321" in unknown.text
     assert stack.post("predict_card", {"card_id": "12"}).status_code == 400
+    assert stack.post("predict_card", {"card_id": 2**70}).status_code == 400  # beyond int64: never a 500
     assert stack.post("predict_card", {"card_id": stack.cards[0], "channel": "pigeon"}).status_code == 400
     assert stack.post("predict_card", {"amount": 1.0}).status_code == 400
     assert stack.post("predict", GOOD).status_code == 200  # still serving after the errors
