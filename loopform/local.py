@@ -200,7 +200,8 @@ def up(stack_path: Path, root: Path, echo: Callable[[str], None] = print) -> Sum
         _promote(second, summary.versions[1], PRODUCTION, stacks)
         summary.production_version = summary.versions[1]
 
-    summary.reports = sorted(str(p) for p in workdir.rglob("*.html"))
+    # Each run's gate reports and the monitor's (MLflow keeps its own copies of the gate reports).
+    summary.reports = sorted(str(p) for folder in ("runs", "monitor") for p in (workdir / folder).rglob("*.html"))
     (workdir / "summary.json").write_text(json.dumps(summary.to_dict(), indent=2, default=str))
     _print_summary(summary, model, echo)
     return summary
@@ -331,7 +332,7 @@ def _print_summary(summary: Summary, model: str, echo: Callable[[str], None]) ->
     echo(f"  requests answered    {summary.requests}; payload log rows: {summary.payload_rows}")
     for phase, result in summary.monitor.items():
         echo(f"  monitor ({phase:<7})    {_monitor_line(result)}")
-    echo(f"  reports              {len(summary.reports)} HTML reports under {summary.workdir}")
+    echo(f"  reports              {len(summary.reports)} HTML reports (gate reports also in each MLflow run):")
     for report in summary.reports:
         echo(f"                       {report}")
     echo(f"  endpoint             {summary.endpoint} (stopped; serve again with:")
