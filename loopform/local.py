@@ -126,7 +126,6 @@ def up(stack_path: Path, root: Path, echo: Callable[[str], None] = print) -> Sum
     echo(f"loopform up --stack {spec.environment}: model {model!r}, everything under {workdir}")
 
     from loopform import data
-    from loopform.monitor import FileTrigger
     from loopform.steps import StepContext, ingest
 
     now = datetime.now(UTC).replace(microsecond=0)
@@ -183,28 +182,35 @@ def up(stack_path: Path, root: Path, echo: Callable[[str], None] = print) -> Sum
     with progress.phase("drift monitor on the drifted window"):
         summary.monitor["drifted"] = _monitor(first, reference, payload_uri, drift_start, None, workdir)
         progress.note(_monitor_line(summary.monitor["drifted"]))
-    if not summary.monitor["drifted"]["triggered"]:
-        raise RuntimeError("the monitor did not detect the injected drift: nothing to retrain on")
-
-    second = context("run-2")
-    trigger = FileTrigger(workdir / "triggers")
-    with progress.phase("retraining trigger: ingest the newest labelled data and materialise"):
-        for pending in trigger.pending(model):
-            progress.note(f"handling {pending.name}")
-            trigger.acknowledge(pending)
-        recent = _drifted(local.drift, local.rows, local.seed + 1, now, days=30)
-        ingest(second, recent)
-        second.repo().materialize(end=datetime.now(UTC))
-    summary.versions.append(_pipeline(second, progress))
-    with progress.phase(f"promote version {summary.versions[1]} to {PRODUCTION} through its gates"):
-        _promote(second, summary.versions[1], PRODUCTION, stacks)
-        summary.production_version = summary.versions[1]
+    if summary.monitor["drifted"]["triggered"]:
+        _retrain(context("run-2"), workdir, summary, progress, local, now)
+    else:
+        progress.note(f"no retraining: the monitor saw no drift crossing the threshold ({local.drift} drift injected)")
 
     # Each run's gate reports and the monitor's (MLflow keeps its own copies of the gate reports).
     summary.reports = sorted(str(p) for folder in ("runs", "monitor") for p in (workdir / folder).rglob("*.html"))
     (workdir / "summary.json").write_text(json.dumps(summary.to_dict(), indent=2, default=str))
     _print_summary(summary, model, echo)
     return summary
+
+
+def _retrain(ctx: Any, workdir: Path, summary: Summary, progress: Progress, local: Any, now: datetime) -> None:
+    """What the trigger starts: the newest labelled data in, the pipeline, and the gated promotion."""
+    from loopform.monitor import FileTrigger
+    from loopform.steps import ingest
+
+    trigger = FileTrigger(workdir / "triggers")
+    with progress.phase("retraining trigger: ingest the newest labelled data and materialise"):
+        for pending in trigger.pending(ctx.model):
+            progress.note(f"handling {pending.name}")
+            trigger.acknowledge(pending)
+        ingest(ctx, _drifted(local.drift, local.rows, local.seed + 1, now, days=30))
+        ctx.repo().materialize(end=datetime.now(UTC))
+    version = _pipeline(ctx, progress)
+    summary.versions.append(version)
+    with progress.phase(f"promote version {version} to {PRODUCTION} through its gates"):
+        _promote(ctx, version, PRODUCTION, ctx.stack_files)
+        summary.production_version = version
 
 
 def _pipeline(ctx: Any, progress: Progress) -> int:

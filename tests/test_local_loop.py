@@ -90,6 +90,25 @@ def test_monitor_command_judges_only_the_production_versions_traffic(loop, tmp_p
     assert not list((tmp_path / "triggers").glob("*.json"))
 
 
+def test_without_drift_nothing_is_retrained(tmp_path: Path) -> None:
+    from loopform.local import up
+    from loopform.serving import free_port
+
+    document = yaml.safe_load((ROOT / "stacks" / "Pulumi.local.yaml").read_text())
+    platform = document["config"][CONFIG_KEY]
+    platform["local"].update(
+        workdir=str(tmp_path / "work"), rows=4000, traffic=200, serve_port=free_port(), drift="none"
+    )
+    platform["monitoring"]["min_rows"] = 150
+    stack = tmp_path / "Pulumi.local.yaml"
+    stack.write_text(yaml.safe_dump(document))
+    lines: list[str] = []
+    summary = up(stack, ROOT, echo=lines.append)
+    assert summary.versions == [1] and summary.production_version == 1
+    assert not summary.monitor["drifted"]["triggered"]
+    assert any("no retraining" in line for line in lines)
+
+
 def test_running_twice_works(loop) -> None:
     """A second run, as a user would start it (a new process), closes the loop again. Runs last: it replaces the workdir."""
     import json
