@@ -93,3 +93,54 @@ def volume_claim(name: str, size: str, storage_class: str | None) -> dict[str, A
     if storage_class:
         spec["storageClassName"] = storage_class
     return {"metadata": {"name": name}, "spec": spec}
+
+
+def custom_resource(name: str, manifest: dict[str, Any], opts: pulumi.ResourceOptions) -> Any:
+    """A custom resource declared from its rendered manifest (apiVersion, kind, metadata, spec)."""
+    from pulumi_kubernetes.apiextensions import CustomResource
+
+    return CustomResource(
+        name,
+        api_version=manifest["apiVersion"],
+        kind=manifest["kind"],
+        metadata=manifest["metadata"],
+        spec=manifest["spec"],
+        opts=opts,
+    )
+
+
+def metadata_name(metadata: Any) -> str:
+    """metadata.name of a resource's output (a dict from a custom resource, ObjectMeta when typed)."""
+    return metadata["name"] if isinstance(metadata, dict) else metadata.name
+
+
+def service_account_with_role(
+    parent: pulumi.Resource,
+    prefix: str,
+    account: str,
+    *,
+    account_namespace: str,
+    role_namespace: str,
+    rules: list[dict[str, Any]],
+    labels: dict[str, str],
+) -> tuple[Any, Any]:
+    """A ServiceAccount, a Role in `role_namespace` with `rules`, and the RoleBinding between them.
+
+    Children are `<prefix>-sa`, `<prefix>-role` and `<prefix>-binding`; returns (account, binding):
+    a workload that depends on the binding runs with its permissions in place.
+    """
+    from pulumi_kubernetes.core.v1 import ServiceAccount
+    from pulumi_kubernetes.rbac.v1 import Role, RoleBinding
+
+    service_account = ServiceAccount(
+        f"{prefix}-sa", metadata=metadata(account, account_namespace, labels), opts=child(parent)
+    )
+    role = Role(f"{prefix}-role", metadata=metadata(account, role_namespace, labels), rules=rules, opts=child(parent))
+    binding = RoleBinding(
+        f"{prefix}-binding",
+        metadata=metadata(account, role_namespace, labels),
+        role_ref={"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": account},
+        subjects=[{"kind": "ServiceAccount", "name": account, "namespace": account_namespace}],
+        opts=child(parent, depends_on=[service_account, role]),
+    )
+    return service_account, binding

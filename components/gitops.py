@@ -18,9 +18,7 @@ from typing import Any
 import pulumi
 from pulumi_kubernetes.apiextensions import CustomResource
 from pulumi_kubernetes.batch.v1 import Job
-from pulumi_kubernetes.core.v1 import ServiceAccount
 from pulumi_kubernetes.helm.v4 import Chart, ChartArgs, RepositoryOptsArgs
-from pulumi_kubernetes.rbac.v1 import Role, RoleBinding
 
 from components import common
 from loopform.spec import GitOpsSpec, Namespaces, RetryPolicy
@@ -177,23 +175,14 @@ class GitOps(pulumi.ComponentResource):
         base_labels = dict(args.labels)
 
         init_labels = common.labels("argocd-redis-secret-init", name, base_labels)
-        init_account = ServiceAccount(
-            f"{name}-redis-secret-init-sa",
-            metadata=common.metadata(REDIS_SECRET_INIT, namespace, init_labels),
-            opts=common.child(self),
-        )
-        init_role = Role(
-            f"{name}-redis-secret-init-role",
-            metadata=common.metadata(REDIS_SECRET_INIT, namespace, init_labels),
+        _, init_binding = common.service_account_with_role(
+            self,
+            f"{name}-redis-secret-init",
+            REDIS_SECRET_INIT,
+            account_namespace=namespace,
+            role_namespace=namespace,
             rules=redis_secret_init_rules(),
-            opts=common.child(self),
-        )
-        init_binding = RoleBinding(
-            f"{name}-redis-secret-init-binding",
-            metadata=common.metadata(REDIS_SECRET_INIT, namespace, init_labels),
-            role_ref={"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": REDIS_SECRET_INIT},
-            subjects=[{"kind": "ServiceAccount", "name": REDIS_SECRET_INIT, "namespace": namespace}],
-            opts=common.child(self, depends_on=[init_account, init_role]),
+            labels=init_labels,
         )
         job = redis_secret_init_job(namespace, args.argocd_version, init_labels)
         init_job = Job(

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pulumi
-from pulumi_kubernetes.apiextensions import CustomResource
 from pulumi_kubernetes.helm.v4 import Chart, ChartArgs, RepositoryOptsArgs
 
 from components import common
@@ -184,25 +183,17 @@ class GpuNodePool(pulumi.ComponentResource):
 
         node_pool_name: pulumi.Input[str | None] = None
         if isinstance(args.pool, KarpenterPool):
-            node_class_doc = node_class_manifest(args.pool_name, args.pool, object_labels)
-            node_class = CustomResource(
+            node_class = common.custom_resource(
                 f"{name}-node-class",
-                api_version=node_class_doc["apiVersion"],
-                kind=node_class_doc["kind"],
-                metadata=node_class_doc["metadata"],
-                spec=node_class_doc["spec"],
-                opts=common.child(self),
+                node_class_manifest(args.pool_name, args.pool, object_labels),
+                common.child(self),
             )
-            node_pool_doc = node_pool_manifest(args.pool_name, args.pool, object_labels)
-            node_pool = CustomResource(
+            node_pool = common.custom_resource(
                 f"{name}-node-pool",
-                api_version=node_pool_doc["apiVersion"],
-                kind=node_pool_doc["kind"],
-                metadata=node_pool_doc["metadata"],
-                spec=node_pool_doc["spec"],
-                opts=common.child(self, depends_on=[node_class]),
+                node_pool_manifest(args.pool_name, args.pool, object_labels),
+                common.child(self, depends_on=[node_class]),
             )
-            node_pool_name = node_pool.metadata.apply(_metadata_name)
+            node_pool_name = node_pool.metadata.apply(common.metadata_name)
 
         self.pool_name = pulumi.Output.from_input(args.pool_name)
         self.node_selector = pulumi.Output.from_input(self.scheduling.node_selector())
@@ -218,11 +209,6 @@ class GpuNodePool(pulumi.ComponentResource):
                 "node_pool_name": self.node_pool_name,
             }
         )
-
-
-def _metadata_name(metadata: Any) -> str:
-    """metadata.name of a custom resource's output (a dict, or ObjectMeta when typed)."""
-    return metadata["name"] if isinstance(metadata, dict) else metadata.name
 
 
 # --- device plugin and DCGM exporter (once per platform) -----------------------------------------

@@ -18,9 +18,8 @@ from typing import Any
 import pulumi
 import yaml
 from pulumi_kubernetes.apiextensions import CustomResource
-from pulumi_kubernetes.core.v1 import ConfigMap, ServiceAccount
+from pulumi_kubernetes.core.v1 import ConfigMap
 from pulumi_kubernetes.helm.v4 import Chart, ChartArgs, RepositoryOptsArgs
-from pulumi_kubernetes.rbac.v1 import Role, RoleBinding
 
 from components import common
 from components.workflow import (
@@ -178,44 +177,23 @@ class Orchestrator(pulumi.ComponentResource):
             opts=common.child(self),
         )
 
-        runner_labels = common.labels("pipeline-runner", name, base_labels)
-        runner = ServiceAccount(
-            f"{name}-runner-sa",
-            metadata=common.metadata(RUNNER_SERVICE_ACCOUNT, namespace, runner_labels),
-            opts=common.child(self),
-        )
-        runner_role = Role(
-            f"{name}-runner-role",
-            metadata=common.metadata(RUNNER_SERVICE_ACCOUNT, namespace, runner_labels),
+        runner, runner_binding = common.service_account_with_role(
+            self,
+            f"{name}-runner",
+            RUNNER_SERVICE_ACCOUNT,
+            account_namespace=namespace,
+            role_namespace=namespace,
             rules=runner_rules(),
-            opts=common.child(self),
+            labels=common.labels("pipeline-runner", name, base_labels),
         )
-        RoleBinding(
-            f"{name}-runner-binding",
-            metadata=common.metadata(RUNNER_SERVICE_ACCOUNT, namespace, runner_labels),
-            role_ref={"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": RUNNER_SERVICE_ACCOUNT},
-            subjects=[{"kind": "ServiceAccount", "name": RUNNER_SERVICE_ACCOUNT, "namespace": namespace}],
-            opts=common.child(self, depends_on=[runner, runner_role]),
-        )
-
-        submitter_labels = common.labels("workflow-submitter", name, base_labels)
-        submitter = ServiceAccount(
-            f"{name}-submitter-sa",
-            metadata=common.metadata(SUBMITTER_SERVICE_ACCOUNT, submitter_namespace, submitter_labels),
-            opts=common.child(self),
-        )
-        submitter_role = Role(
-            f"{name}-submitter-role",
-            metadata=common.metadata(SUBMITTER_SERVICE_ACCOUNT, namespace, submitter_labels),
+        submitter, _ = common.service_account_with_role(
+            self,
+            f"{name}-submitter",
+            SUBMITTER_SERVICE_ACCOUNT,
+            account_namespace=submitter_namespace,
+            role_namespace=namespace,
             rules=submitter_rules(list(self.template_names.values())),
-            opts=common.child(self),
-        )
-        RoleBinding(
-            f"{name}-submitter-binding",
-            metadata=common.metadata(SUBMITTER_SERVICE_ACCOUNT, namespace, submitter_labels),
-            role_ref={"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": SUBMITTER_SERVICE_ACCOUNT},
-            subjects=[{"kind": "ServiceAccount", "name": SUBMITTER_SERVICE_ACCOUNT, "namespace": submitter_namespace}],
-            opts=common.child(self, depends_on=[submitter, submitter_role]),
+            labels=common.labels("workflow-submitter", name, base_labels),
         )
 
         pipeline_labels = common.labels("training-pipeline", name, base_labels)
@@ -230,22 +208,17 @@ class Orchestrator(pulumi.ComponentResource):
                 kind=template_doc["kind"],
                 metadata=template_doc["metadata"],
                 spec=_template_spec(args, namespace, pipeline_labels, model, model_spec),
-                opts=common.child(self, depends_on=[chart, artifacts, runner]),
+                opts=common.child(self, depends_on=[chart, artifacts, runner, runner_binding]),
             )
-            templates[model] = template.metadata.apply(_name)
+            templates[model] = template.metadata.apply(common.metadata_name)
             if model_spec.training.schedule:
                 cron_doc = render_cron_workflow(
                     _context(args, namespace, pipeline_labels, {}), model, model_spec.training.schedule
                 )
-                cron = CustomResource(
-                    f"{name}-{model}-cron",
-                    api_version=cron_doc["apiVersion"],
-                    kind=cron_doc["kind"],
-                    metadata=cron_doc["metadata"],
-                    spec=cron_doc["spec"],
-                    opts=common.child(self, depends_on=[template]),
+                cron = common.custom_resource(
+                    f"{name}-{model}-cron", cron_doc, common.child(self, depends_on=[template])
                 )
-                crons[model] = cron.metadata.apply(_name)
+                crons[model] = cron.metadata.apply(common.metadata_name)
 
         self.namespace = pulumi.Output.from_input(namespace)
         self.workflow_templates = pulumi.Output.all(**templates) if templates else pulumi.Output.from_input({})
@@ -289,8 +262,3 @@ def _template_spec(
     if not args.step_env:
         return render({})
     return pulumi.Output.all(**dict(args.step_env)).apply(render)
-
-
-def _name(metadata: Any) -> str:
-    """metadata.name of a custom resource's output (a dict, or ObjectMeta when typed)."""
-    return metadata["name"] if isinstance(metadata, dict) else metadata.name
