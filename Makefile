@@ -26,8 +26,8 @@ render:  ## offline render of a stack: make render STACK=prod
 up:  ## the whole data loop on this machine, from the embedded defaults
 	.venv/bin/loopform up --stack local
 
-golden:  ## regenerate the golden manifests after an intended change (review the diff!)
-	LOOPFORM_REGENERATE_GOLDEN=1 $(PY) -m pytest -q tests/test_render.py
+golden:  ## regenerate the golden manifests and the README's prerequisites after an intended change (review the diff!)
+	LOOPFORM_REGENERATE_GOLDEN=1 $(PY) -m pytest -q tests/test_render.py tests/test_prerequisites.py -k "golden or readme"
 
 bench:
 	$(PY) bench/drift.py --rows 200000 --cols 20

@@ -12,23 +12,22 @@ import pulumi_kubernetes as k8s
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
-from components.platform import Platform, PlatformArgs  # noqa: E402
-from loopform.spec import InClusterPostgres, SpecError, load_from_pulumi_config  # noqa: E402
+from components.platform import Platform, PlatformArgs, secret_config  # noqa: E402
+from loopform.spec import SpecError, load_from_pulumi_config  # noqa: E402
 
 try:
     spec = load_from_pulumi_config(ROOT)
 except SpecError as error:
     raise pulumi.RunError(str(error)) from None
 
-config = pulumi.Config("loopform")
-password = config.require_secret("registryDbPassword") if isinstance(spec.registry.backend, InClusterPostgres) else None
+args = PlatformArgs(spec=spec, root=ROOT, **secret_config(pulumi.Config("loopform"), spec))
 
 provider_opts = None
 if spec.cluster.kube_context:
     provider = k8s.Provider("kubernetes", context=spec.cluster.kube_context)
     provider_opts = pulumi.ResourceOptions(providers=[provider])
 
-platform = Platform(spec.environment, PlatformArgs(spec=spec, root=ROOT, registry_db_password=password), provider_opts)
+platform = Platform(spec.environment, args, provider_opts)
 
 pulumi.export("tracking_uri", platform.tracking_uri)
 pulumi.export("feature_server_url", platform.feature_server_url)

@@ -61,6 +61,11 @@ def container_security(read_only_root: bool = True) -> dict[str, Any]:
     }
 
 
+def env_from(sources: list[dict[str, Any]]) -> dict[str, Any]:
+    """A container's `envFrom` entry, left out when there is nothing to load."""
+    return {"envFrom": list(sources)} if sources else {}
+
+
 def http_probe(path: str, port: str, period: int = 10, initial_delay: int = 5) -> dict[str, Any]:
     return {
         "httpGet": {"path": path, "port": port},
@@ -123,17 +128,19 @@ def service_account_with_role(
     role_namespace: str,
     rules: list[dict[str, Any]],
     labels: dict[str, str],
+    annotations: dict[str, str] | None = None,
 ) -> tuple[Any, Any]:
     """A ServiceAccount, a Role in `role_namespace` with `rules`, and the RoleBinding between them.
 
-    Children are `<prefix>-sa`, `<prefix>-role` and `<prefix>-binding`; returns (account, binding):
+    Children are `<prefix>-sa` (with `annotations`, e.g. its IAM role), `<prefix>-role` and
+    `<prefix>-binding`; returns (account, binding):
     a workload that depends on the binding runs with its permissions in place.
     """
     from pulumi_kubernetes.core.v1 import ServiceAccount
     from pulumi_kubernetes.rbac.v1 import Role, RoleBinding
 
     service_account = ServiceAccount(
-        f"{prefix}-sa", metadata=metadata(account, account_namespace, labels), opts=child(parent)
+        f"{prefix}-sa", metadata=metadata(account, account_namespace, labels, annotations), opts=child(parent)
     )
     role = Role(f"{prefix}-role", metadata=metadata(account, role_namespace, labels), rules=rules, opts=child(parent))
     binding = RoleBinding(
@@ -144,3 +151,17 @@ def service_account_with_role(
         opts=child(parent, depends_on=[service_account, role]),
     )
     return service_account, binding
+
+
+def service_account(
+    parent: pulumi.Resource,
+    name: str,
+    account: str,
+    namespace: str,
+    labels: dict[str, str],
+    annotations: dict[str, str],
+) -> Any:
+    """A workload's own ServiceAccount (its identity: the IAM role annotation, where IRSA is used)."""
+    from pulumi_kubernetes.core.v1 import ServiceAccount
+
+    return ServiceAccount(name, metadata=metadata(account, namespace, labels, annotations), opts=child(parent))

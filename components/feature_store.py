@@ -9,6 +9,7 @@ The operator would add a CRD controller for what five objects express directly.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,13 +19,19 @@ import pulumi_kubernetes as k8s
 import yaml
 
 from components import common
+from components.secrets import SharedSecret, SharedSecretArgs
 from loopform.features import OFFLINE_URI_ENV, cluster_config
-from loopform.spec import FeatureStoreSpec, InClusterRedis
+from loopform.identity import FEAST_ACCOUNT
+from loopform.spec import ExternalRedis, FeatureStoreSpec, InClusterRedis
 
 COMPONENT = "feast"
 FEAST_UID = 1000
 REDIS_UID = 999
 REPO_DIR = "/feature_repo"
+REPO_SOURCE_DIR = "/feature_repo_source"
+CONNECTION_KEY = "connection_string"
+#: Copy the ConfigMap's files, dereferenced; the shell glob skips its `..data` and `..<timestamp>` entries.
+REPO_COPY_COMMAND = ["sh", "-c", f'cp -L "{REPO_SOURCE_DIR}"/* "{REPO_DIR}"/']
 
 
 @dataclass
@@ -40,6 +47,16 @@ class FeatureStoreArgs:
     namespace: str = "loopform-system"
     labels: dict[str, str] = field(default_factory=dict)
     storage_class: str | None = None
+    service_account: str = FEAST_ACCOUNT
+    """ServiceAccount of every Feast pod (its object-store identity)."""
+    account_annotations: dict[str, str] = field(default_factory=dict)
+    """Annotations of that ServiceAccount, e.g. the IRSA role ARN."""
+    credentials_env_from: list[dict[str, Any]] = field(default_factory=list)
+    """`envFrom` with static object-store keys, when that is the identity."""
+    redis_password: pulumi.Input[str] | None = None
+    """AUTH password of an external Redis with `auth` (Pulumi secret config `loopform:redisPassword`)."""
+    client_namespaces: Sequence[str] = ()
+    """Other namespaces whose pods read the online store (model services): its connection Secret goes there too."""
 
 
 def feature_files(root: Path, model_paths: dict[str, str]) -> dict[str, str]:
@@ -53,16 +70,39 @@ def feature_files(root: Path, model_paths: dict[str, str]) -> dict[str, str]:
     return files
 
 
+def connection_secret_name(name: str) -> str:
+    """The Secret holding an external online store's connection string (`name`: the FeatureStore's)."""
+    return f"{name}-online-store"
+
+
 def redis_connection_env(spec: FeatureStoreSpec, name: str, namespace: str) -> dict[str, Any]:
     """The REDIS_CONNECTION_STRING variable feature_store.yaml reads, for any pod that uses the online store.
 
-    `name` is the FeatureStore component's name: the in-cluster Redis Service is `<name>-redis`.
+    `name` is the FeatureStore component's name: the in-cluster Redis Service is `<name>-redis`; an
+    external Redis's connection string is in the Secret `<name>-online-store`, which the component
+    creates in its own namespace and in each client namespace.
     """
     online = spec.online_store
     if isinstance(online, InClusterRedis):
         return {"name": "REDIS_CONNECTION_STRING", "value": f"{name}-redis.{namespace}.svc.cluster.local:6379"}
-    ref = online.connection_secret
-    return {"name": "REDIS_CONNECTION_STRING", "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}
+    ref = {"name": connection_secret_name(name), "key": CONNECTION_KEY}
+    return {"name": "REDIS_CONNECTION_STRING", "valueFrom": {"secretKeyRef": ref}}
+
+
+def redis_connection_string(online: ExternalRedis, password: str | None) -> str:
+    """Feast's Redis connection string: `host:port[,ssl=true][,password=...]` (comma-separated options)."""
+    parts = [f"{online.host}:{online.port}"]
+    if online.ssl:
+        parts.append("ssl=true")
+    if online.auth:
+        if not password:
+            raise ValueError("feature_store.online_store.auth needs pulumi config set --secret loopform:redisPassword")
+        if "," in password:
+            raise ValueError(
+                "loopform:redisPassword: Feast splits its connection string on ',': use a token without one"
+            )
+        parts.append(f"password={password}")
+    return ",".join(parts)
 
 
 class FeatureStore(pulumi.ComponentResource):
@@ -87,19 +127,34 @@ class FeatureStore(pulumi.ComponentResource):
             opts=common.child(self),
         )
 
+        account = common.service_account(
+            self, f"{name}-sa", args.service_account, ns, object_labels, args.account_annotations
+        )
         redis_env = redis_connection_env(spec, name, ns)
-        if isinstance(spec.online_store, InClusterRedis):
-            self._redis(name, spec.online_store, args)
-            depends: list[pulumi.Resource] = [repo, self._redis_workload]
+        online = spec.online_store
+        if isinstance(online, InClusterRedis):
+            self._redis(name, online, args)
+            depends: list[pulumi.Resource] = [repo, account, self._redis_workload]
             self.online_store = pulumi.Output.from_input(redis_env["value"])
         else:
-            ref = spec.online_store.connection_secret
-            depends = [repo]
-            self.online_store = pulumi.Output.from_input(f"secret/{ref.name}#{ref.key}")
+            connection = pulumi.Output.from_input(args.redis_password).apply(
+                lambda password: redis_connection_string(online, password)
+            )
+            secret = SharedSecret(
+                f"{name}-online-store",
+                SharedSecretArgs(
+                    secret_name=connection_secret_name(name),
+                    namespaces=[ns, *args.client_namespaces],
+                    string_data={CONNECTION_KEY: connection},
+                    labels=object_labels,
+                ),
+                common.child(self),
+            )
+            depends = [repo, account, secret]
+            self.online_store = pulumi.Output.from_input(f"{online.host}:{online.port}")
 
         env = [redis_env, {"name": OFFLINE_URI_ENV, "value": spec.offline_store.data_uri}]
-        env_from = [{"secretRef": {"name": spec.credentials_secret}}] if spec.credentials_secret else []
-        pod = self._pod_template(spec, args.image, env, env_from, object_labels)
+        pod = self._pod_template(spec, args, env, repo_hash)
 
         apply_job = k8s.batch.v1.Job(
             f"{name}-apply",
@@ -161,27 +216,45 @@ class FeatureStore(pulumi.ComponentResource):
         self.register_outputs({"feature_server_url": self.feature_server_url, "online_store": self.online_store})
 
     def _pod_template(
-        self,
-        spec: FeatureStoreSpec,
-        image: str,
-        env: list[dict[str, Any]],
-        env_from: list[dict[str, Any]],
-        labels: dict[str, str],
+        self, spec: FeatureStoreSpec, args: FeatureStoreArgs, env: list[dict[str, Any]], repo_hash: str
     ) -> dict[str, Any]:
-        """The pod every Feast workload runs: the repo mounted read-only, a scratch dir for Feast."""
+        """The pod every Feast workload runs: the repo as plain files, a scratch dir for Feast.
+
+        A ConfigMap volume is a set of symlinks into a hidden `..<timestamp>/` folder; `feast apply`
+        resolves each `*.py` and turns the resolved path into a module name starting with `..`, which
+        importlib rejects. So an init container copies the files (dereferenced, dot-entries left
+        behind) from the ConfigMap into an emptyDir, and Feast runs there.
+        """
+        labels = common.labels(COMPONENT, self._name, args.labels)
+        security = common.container_security()
         return {
-            "metadata": {"labels": labels},
+            # A changed feature repo rolls the server (and the next materialisation) onto it.
+            "metadata": {"labels": labels, "annotations": {"loopform.dev/feature-repo-checksum": repo_hash}},
             "spec": {
+                "serviceAccountName": args.service_account,
                 "securityContext": common.pod_security(FEAST_UID),
+                "initContainers": [
+                    {
+                        "name": "feature-repo",
+                        "image": args.image,
+                        "command": REPO_COPY_COMMAND,
+                        "resources": {"requests": {"cpu": "10m", "memory": "32Mi"}, "limits": {"memory": "64Mi"}},
+                        "securityContext": security,
+                        "volumeMounts": [
+                            {"name": "repo-source", "mountPath": REPO_SOURCE_DIR, "readOnly": True},
+                            {"name": "repo", "mountPath": REPO_DIR},
+                        ],
+                    }
+                ],
                 "containers": [
                     {
                         "name": "feast",
-                        "image": image,
+                        "image": args.image,
                         "workingDir": REPO_DIR,
                         "env": [*env, {"name": "HOME", "value": "/tmp"}],
-                        "envFrom": env_from,
+                        **common.env_from(args.credentials_env_from),
                         "resources": common.resources(spec.server.resources),
-                        "securityContext": common.container_security(),
+                        "securityContext": security,
                         "volumeMounts": [
                             {"name": "repo", "mountPath": REPO_DIR, "readOnly": True},
                             {"name": "tmp", "mountPath": "/tmp"},
@@ -189,7 +262,8 @@ class FeatureStore(pulumi.ComponentResource):
                     }
                 ],
                 "volumes": [
-                    {"name": "repo", "configMap": {"name": self._repo_name}},
+                    {"name": "repo-source", "configMap": {"name": self._repo_name}},
+                    {"name": "repo", "emptyDir": {}},
                     {"name": "tmp", "emptyDir": {}},
                 ],
             },

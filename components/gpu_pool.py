@@ -265,7 +265,8 @@ class NvidiaDevicePluginArgs:
     namespace: str
     """Namespace of the DaemonSets; must admit privileged pods (hostPath, SYS_ADMIN), e.g. kube-system."""
     prometheus_release: str | None = None
-    """`release` label the Prometheus Operator selects ServiceMonitors by; None installs no ServiceMonitor."""
+    """`release` label the Prometheus Operator selects ServiceMonitors by; None (no Prometheus Operator CRDs
+    in the cluster) installs no ServiceMonitor: the dcgm-exporter chart renders one whenever enabled."""
 
 
 class NvidiaDevicePlugin(pulumi.ComponentResource):

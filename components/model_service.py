@@ -17,6 +17,7 @@ import pulumi
 import pulumi_kubernetes as k8s
 
 from components import common
+from loopform.identity import SERVING_ACCOUNT
 from loopform.spec import ModelSpec
 
 COMPONENT = "model-service"
@@ -60,6 +61,10 @@ class ModelServiceArgs:
     """The REDIS_CONNECTION_STRING variable that feature_store.yaml reads (a value or a secretKeyRef)."""
     payload_uri: str = ""
     """Payload log root (partitioned Parquet)."""
+    service_account: str = SERVING_ACCOUNT
+    """ServiceAccount the service runs as (created by the Platform, with its IAM role where IRSA is used)."""
+    credentials_env_from: list[dict[str, Any]] = field(default_factory=list)
+    """`envFrom` with static object-store keys, when that is the identity (the Secret is the Platform's)."""
 
 
 def manifests(args: ModelServiceArgs) -> list[dict[str, Any]]:
@@ -86,6 +91,8 @@ def manifests(args: ModelServiceArgs) -> list[dict[str, Any]]:
         "name": "bento",
         "image": release.image,
         "env": env,
+        # MLflow artifacts, the Feast registry and the payload log are on object storage.
+        **common.env_from(args.credentials_env_from),
         "ports": [{"name": "http", "containerPort": serving.port}],
         "readinessProbe": common.http_probe("/readyz", "http", period=5),
         "livenessProbe": common.http_probe("/livez", "http", period=20, initial_delay=30),
@@ -113,6 +120,7 @@ def manifests(args: ModelServiceArgs) -> list[dict[str, Any]]:
                     },
                 },
                 "spec": {
+                    "serviceAccountName": args.service_account,
                     "terminationGracePeriodSeconds": 40,
                     "securityContext": common.pod_security(BENTO_UID),
                     "containers": [container],

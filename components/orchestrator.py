@@ -30,25 +30,30 @@ from components.workflow import (
     render_workflow_template,
     template_name,
 )
+from loopform.identity import ACCESS_KEY, RUNNER_ACCOUNT, SECRET_KEY
 from loopform.spec import ArtifactRepository, ExistingPool, KarpenterPool, ModelSpec, Namespaces, OrchestratorSpec
 
 ARGO_HELM_REPO = "https://argoproj.github.io/argo-helm"
 ARGO_API_GROUP = "argoproj.io"
-RUNNER_SERVICE_ACCOUNT = "loopform-pipeline-runner"
+RUNNER_SERVICE_ACCOUNT = RUNNER_ACCOUNT
 SUBMITTER_SERVICE_ACCOUNT = "loopform-workflow-submitter"
 
 
-def argo_workflows_values(spec: OrchestratorSpec, namespace: str, prometheus_release: str | None) -> dict[str, Any]:
-    """argo-workflows chart values built from the spec."""
+def argo_workflows_values(spec: OrchestratorSpec, prometheus_release: str | None) -> dict[str, Any]:
+    """argo-workflows chart values built from the spec.
+
+    `prometheus_release` None means the cluster has no Prometheus Operator: no ServiceMonitor.
+    (Chart 0.45.2 has no `useDefaultArtifactRepo`, and `controller.workflowNamespaces` does
+    nothing with `singleNamespace`: neither is set.)
+    """
     service_monitor: dict[str, Any] = {"enabled": prometheus_release is not None}
     if prometheus_release is not None:
         service_monitor["additionalLabels"] = {"release": prometheus_release}
     return {
         "crds": {"install": True, "keep": True},
-        # Roles instead of ClusterRoles; the controller only sees the pipelines namespace.
+        # Roles instead of ClusterRoles; the controller only sees its release namespace (pipelines).
         "singleNamespace": True,
         "controller": {
-            "workflowNamespaces": [namespace],
             # Only Workflows that reference a WorkflowTemplate run: submitters cannot run arbitrary pods.
             "workflowRestrictions": {"templateReferencing": "Strict"},
             "clusterWorkflowTemplates": {"enabled": False},
@@ -58,13 +63,11 @@ def argo_workflows_values(spec: OrchestratorSpec, namespace: str, prometheus_rel
         "server": {"clusterWorkflowTemplates": {"enabled": False}},
         # The chart's workflow ServiceAccount and Role are replaced by the runner below.
         "workflow": {"serviceAccount": {"create": False}, "rbac": {"create": False}},
-        # The artifact repository is our own ConfigMap in the workflow namespace.
-        "useDefaultArtifactRepo": False,
     }
 
 
-def artifact_repository(spec: ArtifactRepository) -> dict[str, Any]:
-    """One Argo ArtifactRepository (S3-compatible); static keys when a Secret is named, else workload identity."""
+def artifact_repository(spec: ArtifactRepository, static_keys_secret: str | None = None) -> dict[str, Any]:
+    """One Argo ArtifactRepository (S3-compatible): the static-keys Secret when named, else workload identity."""
     s3: dict[str, Any] = {
         "bucket": spec.bucket,
         "endpoint": spec.endpoint,
@@ -73,9 +76,9 @@ def artifact_repository(spec: ArtifactRepository) -> dict[str, Any]:
     }
     if spec.region:
         s3["region"] = spec.region
-    if spec.credentials_secret:
-        s3["accessKeySecret"] = {"name": spec.credentials_secret, "key": "accessKey"}
-        s3["secretKeySecret"] = {"name": spec.credentials_secret, "key": "secretKey"}
+    if static_keys_secret:
+        s3["accessKeySecret"] = {"name": static_keys_secret, "key": ACCESS_KEY}
+        s3["secretKeySecret"] = {"name": static_keys_secret, "key": SECRET_KEY}
     else:
         s3["useSDKCreds"] = True
     # Step logs are kept with the run so pods can be deleted as soon as they finish.
@@ -121,11 +124,14 @@ class OrchestratorArgs:
     labels: Mapping[str, str] = field(default_factory=dict)
     """Common labels added to every object."""
     step_env: Mapping[str, pulumi.Input[str]] = field(default_factory=dict)
-    """Environment of every step (e.g. MLFLOW_TRACKING_URI, FEAST_FEATURE_SERVER_URL); values may be Outputs."""
-    step_env_from_secrets: Sequence[str] = ()
-    """Existing Secrets in the pipelines namespace loaded into every step's environment."""
+    """Environment of every step (e.g. MLFLOW_TRACKING_URI, LOOPFORM_FEAST_OFFLINE_URI); values may be Outputs."""
+    static_keys_secret: str | None = None
+    """Secret (in the pipelines namespace) with static object-store keys: every step loads it, and the
+    artifact repository reads it. None: steps and the executor use the runner's workload identity."""
+    runner_annotations: Mapping[str, str] = field(default_factory=dict)
+    """Annotations of the runner ServiceAccount, e.g. the IRSA role ARN."""
     prometheus_release: str | None = None
-    """`release` label for the controller's ServiceMonitor; None installs none."""
+    """`release` label for the controller's ServiceMonitor; None (no Prometheus Operator) installs none."""
 
 
 class Orchestrator(pulumi.ComponentResource):
@@ -158,7 +164,7 @@ class Orchestrator(pulumi.ComponentResource):
                 version=spec.chart_version,
                 namespace=namespace,
                 repository_opts=RepositoryOptsArgs(repo=ARGO_HELM_REPO),
-                values=argo_workflows_values(spec, namespace, args.prometheus_release),
+                values=argo_workflows_values(spec, args.prometheus_release),
             ),
             opts=common.child(self),
         )
@@ -172,7 +178,9 @@ class Orchestrator(pulumi.ComponentResource):
                 {"workflows.argoproj.io/default-artifact-repository": ARTIFACT_REPOSITORY_KEY},
             ),
             data={
-                ARTIFACT_REPOSITORY_KEY: yaml.safe_dump(artifact_repository(spec.artifact_repository), sort_keys=True)
+                ARTIFACT_REPOSITORY_KEY: yaml.safe_dump(
+                    artifact_repository(spec.artifact_repository, args.static_keys_secret), sort_keys=True
+                )
             },
             opts=common.child(self),
         )
@@ -185,6 +193,7 @@ class Orchestrator(pulumi.ComponentResource):
             role_namespace=namespace,
             rules=runner_rules(),
             labels=common.labels("pipeline-runner", name, base_labels),
+            annotations=dict(args.runner_annotations),
         )
         submitter, _ = common.service_account_with_role(
             self,
@@ -247,7 +256,7 @@ def _context(args: OrchestratorArgs, namespace: str, labels: dict[str, str], env
         service_account=RUNNER_SERVICE_ACCOUNT,
         labels=labels,
         env=env,
-        env_from_secrets=tuple(args.step_env_from_secrets),
+        env_from_secrets=(args.static_keys_secret,) if args.static_keys_secret else (),
     )
 
 

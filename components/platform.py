@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pulumi
 import pulumi_kubernetes as k8s
@@ -19,8 +20,11 @@ from components.gpu_pool import GpuNodePool, GpuNodePoolArgs, NvidiaDevicePlugin
 from components.model_service import ModelService, ModelServiceArgs
 from components.orchestrator import Orchestrator, OrchestratorArgs
 from components.registry import ModelRegistry, ModelRegistryArgs
+from components.secrets import SharedSecret, SharedSecretArgs
+from loopform import identity
 from loopform.features import OFFLINE_URI_ENV, cluster_config
-from loopform.spec import PlatformSpec
+from loopform.prerequisites import DB_PASSWORD_CONFIG, REDIS_PASSWORD_CONFIG
+from loopform.spec import ExternalRedis, PlatformSpec
 
 
 def common_labels(spec: PlatformSpec) -> dict[str, str]:
@@ -41,10 +45,29 @@ def model_services(spec: PlatformSpec) -> list[ModelServiceArgs]:
             feast_config=cluster_config(spec.feature_store),
             redis_env=redis_connection_env(spec.feature_store, f"{spec.environment}-features", platform_ns),
             payload_uri=spec.monitoring.payload_uri,
+            service_account=identity.SERVING_ACCOUNT,
+            credentials_env_from=identity.credentials_env_from(spec),
         )
         for model, model_spec in sorted(spec.models.items())
         if model_spec.release is not None
     ]
+
+
+def secret_config(config: pulumi.Config, spec: PlatformSpec) -> dict[str, Any]:
+    """The secrets PlatformArgs takes, from the stack's secret config: those the spec needs, each required.
+
+    A missing one stops the program with Pulumi's own message naming the key to set.
+    """
+    secrets: dict[str, Any] = {"registry_db_password": config.require_secret(DB_PASSWORD_CONFIG)}
+    online = spec.feature_store.online_store
+    if isinstance(online, ExternalRedis) and online.auth:
+        secrets["redis_password"] = config.require_secret(REDIS_PASSWORD_CONFIG)
+    if identity.static_keys_secret(spec):
+        secrets["object_store_keys"] = (
+            config.require_secret(identity.ACCESS_KEY_CONFIG),
+            config.require_secret(identity.SECRET_KEY_CONFIG),
+        )
+    return secrets
 
 
 @dataclass
@@ -56,7 +79,12 @@ class PlatformArgs:
     root: Path
     """Repository root, where model folders (features.py) are read from."""
     registry_db_password: pulumi.Input[str] | None = None
-    """Secret password of the in-cluster MLflow database (config loopform:registryDbPassword)."""
+    """Secret password of the MLflow database user (config loopform:registryDbPassword)."""
+    redis_password: pulumi.Input[str] | None = None
+    """AUTH password of an external Redis (config loopform:redisPassword)."""
+    object_store_keys: tuple[pulumi.Input[str], pulumi.Input[str]] | None = None
+    """Access key id and secret key, where cluster.identity is static-keys
+    (config loopform:objectStoreAccessKeyId, loopform:objectStoreSecretAccessKey)."""
 
 
 class Platform(pulumi.ComponentResource):
@@ -92,7 +120,19 @@ class Platform(pulumi.ComponentResource):
                 opts=common.child(self),
             )
 
-        in_platform = common.child(self, depends_on=[created["platform"]])
+        credentials = self._credentials(name, args, labels, list(created.values()))
+        serving_account = common.service_account(
+            self,
+            f"{name}-serving-sa",
+            identity.SERVING_ACCOUNT,
+            cluster.namespaces.serving,
+            common.labels("model-service", identity.SERVING_ACCOUNT, labels),
+            identity.account_annotations(spec, "serving"),
+        )
+        env_from = identity.credentials_env_from(spec)
+        prometheus_release = spec.monitoring.prometheus_release if spec.monitoring.prometheus_operator else None
+
+        in_platform = common.child(self, depends_on=[created["platform"], *credentials])
         registry = ModelRegistry(
             f"{name}-registry",
             ModelRegistryArgs(
@@ -101,6 +141,8 @@ class Platform(pulumi.ComponentResource):
                 labels=labels,
                 storage_class=cluster.storage_class,
                 db_password=args.registry_db_password,
+                account_annotations=identity.account_annotations(spec, "registry"),
+                credentials_env_from=env_from,
             ),
             in_platform,
         )
@@ -113,8 +155,12 @@ class Platform(pulumi.ComponentResource):
                 namespace=cluster.namespaces.platform,
                 labels=labels,
                 storage_class=cluster.storage_class,
+                account_annotations=identity.account_annotations(spec, "feature_store"),
+                credentials_env_from=env_from,
+                redis_password=args.redis_password,
+                client_namespaces=[cluster.namespaces.serving],
             ),
-            in_platform,
+            common.child(self, depends_on=[created["platform"], created["serving"], *credentials]),
         )
 
         pools = []
@@ -130,17 +176,15 @@ class Platform(pulumi.ComponentResource):
             NvidiaDevicePlugin(
                 f"{name}-nvidia",
                 NvidiaDevicePluginArgs(
-                    gpu=spec.gpu, namespace=spec.gpu.namespace, prometheus_release=spec.monitoring.prometheus_release
+                    gpu=spec.gpu, namespace=spec.gpu.namespace, prometheus_release=prometheus_release
                 ),
                 common.child(self),
             )
 
         step_env = {
             "MLFLOW_TRACKING_URI": registry.tracking_uri,
-            "LOOPFORM_FEATURE_SERVER_URL": features.feature_server_url,
             OFFLINE_URI_ENV: spec.feature_store.offline_store.data_uri,
         }
-        secrets = [s for s in (spec.registry.artifacts.credentials_secret, spec.feature_store.credentials_secret) if s]
         orchestrator = Orchestrator(
             f"{name}-orchestrator",
             OrchestratorArgs(
@@ -151,10 +195,11 @@ class Platform(pulumi.ComponentResource):
                 gpu_pools=spec.gpu.pools,
                 labels=labels,
                 step_env=step_env,
-                step_env_from_secrets=sorted(set(secrets)),
-                prometheus_release=spec.monitoring.prometheus_release,
+                static_keys_secret=identity.static_keys_secret(spec),
+                runner_annotations=identity.account_annotations(spec, "pipelines"),
+                prometheus_release=prometheus_release,
             ),
-            common.child(self, depends_on=[created["pipelines"], created["monitoring"], *pools]),
+            common.child(self, depends_on=[created["pipelines"], created["monitoring"], *credentials, *pools]),
         )
 
         if spec.gitops.enabled:
@@ -172,7 +217,9 @@ class Platform(pulumi.ComponentResource):
 
         # With GitOps, Argo CD applies the services from the rendered folder; else Pulumi does.
         if not spec.gitops.enabled:
-            in_serving = common.child(self, depends_on=[created["serving"], registry, features])
+            in_serving = common.child(
+                self, depends_on=[created["serving"], serving_account, *credentials, registry, features]
+            )
             for service in model_services(spec):
                 ModelService(f"{name}-{service.model}", service, in_serving)
 
@@ -188,3 +235,29 @@ class Platform(pulumi.ComponentResource):
                 "workflow_submitter": self.workflow_submitter,
             }
         )
+
+    def _credentials(
+        self, name: str, args: PlatformArgs, labels: dict[str, str], namespaces: list[pulumi.Resource]
+    ) -> list[pulumi.Resource]:
+        """The static-keys Secret in every namespace whose workloads read object storage (none otherwise)."""
+        secret = identity.static_keys_secret(args.spec)
+        if secret is None:
+            return []
+        if args.object_store_keys is None:
+            raise ValueError(
+                "cluster.identity is static-keys: pulumi config set --secret loopform:"
+                f"{identity.ACCESS_KEY_CONFIG} <id> and loopform:{identity.SECRET_KEY_CONFIG} <key>"
+            )
+        access_key, secret_key = args.object_store_keys
+        return [
+            SharedSecret(
+                f"{name}-object-store",
+                SharedSecretArgs(
+                    secret_name=secret,
+                    namespaces=identity.static_keys_namespaces(args.spec),
+                    string_data={identity.ACCESS_KEY: access_key, identity.SECRET_KEY: secret_key},
+                    labels=common.labels("object-store-credentials", secret, labels),
+                ),
+                common.child(self, depends_on=namespaces),
+            )
+        ]

@@ -10,17 +10,37 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote
 
 import pulumi
 import pulumi_kubernetes as k8s
 
 from components import common
+from loopform.identity import MLFLOW_ACCOUNT
 from loopform.spec import ExternalDatabase, InClusterPostgres, RegistrySpec
 
 COMPONENT = "mlflow"
 POSTGRES_UID = 999  # the postgres image's user
 MLFLOW_UID = 1000
 URL_KEY = "url"
+PASSWORD_KEY = "POSTGRES_PASSWORD"
+
+
+def database_url(user: str, password: str, host: str, port: int, database: str, sslmode: str | None = None) -> str:
+    """The SQLAlchemy URL of a PostgreSQL database, the user and password percent-escaped.
+
+    A password with `@`, `:`, `/` or `%` would otherwise end the user-info part early.
+    """
+    url = f"postgresql://{quote(user, safe='')}:{quote(password, safe='')}@{host}:{port}/{quote(database, safe='')}"
+    return f"{url}?sslmode={sslmode}" if sslmode else url
+
+
+#: The migration reads the URL from the environment: it never appears in a command line.
+MIGRATE_COMMAND = [
+    "python",
+    "-c",
+    "import os; from mlflow.db import upgrade; upgrade.callback(os.environ['MLFLOW_BACKEND_STORE_URI'])",
+]
 
 
 @dataclass
@@ -36,7 +56,13 @@ class ModelRegistryArgs:
     storage_class: str | None = None
     """StorageClass of the database volume; none uses the cluster default."""
     db_password: pulumi.Input[str] | None = None
-    """Password of the in-cluster PostgreSQL (a Pulumi secret); required for the in-cluster backend."""
+    """Password of the database user (Pulumi secret config `loopform:registryDbPassword`); required."""
+    service_account: str = MLFLOW_ACCOUNT
+    """ServiceAccount the server and the migration run as (their object-store identity)."""
+    account_annotations: dict[str, str] = field(default_factory=dict)
+    """Annotations of that ServiceAccount, e.g. the IRSA role ARN."""
+    credentials_env_from: list[dict[str, Any]] = field(default_factory=list)
+    """`envFrom` with static object-store keys, when that is the identity."""
 
 
 class ModelRegistry(pulumi.ComponentResource):
@@ -50,27 +76,43 @@ class ModelRegistry(pulumi.ComponentResource):
         super().__init__("loopform:registry:ModelRegistry", name, None, opts)
         spec, ns = args.spec, args.namespace
         object_labels = common.labels(COMPONENT, name, args.labels)
+        if args.db_password is None:
+            raise ValueError(
+                "the MLflow database needs a password: "
+                "pulumi config set --secret loopform:registryDbPassword <password>"
+            )
 
         backend = spec.backend
+        database: list[pulumi.Resource] = []
         if isinstance(backend, InClusterPostgres):
-            if args.db_password is None:
-                raise ValueError(
-                    "the in-cluster PostgreSQL backend needs a password: "
-                    "pulumi config set --secret loopform:registryDbPassword <password>"
-                )
-            url_secret, url_key, database = self._postgres(name, backend, args, object_labels)
+            db_host, db_port, sslmode = f"{name}-postgres.{ns}.svc.cluster.local", 5432, None
         else:
             assert isinstance(backend, ExternalDatabase)
-            url_secret, url_key, database = backend.url_secret.name, backend.url_secret.key, []
+            db_host, db_port, sslmode = backend.host, backend.port, backend.sslmode
+        url = pulumi.Output.from_input(args.db_password).apply(
+            lambda password: database_url(backend.user, password, db_host, db_port, backend.database, sslmode)
+        )
+        secret_data: dict[str, pulumi.Input[str]] = {URL_KEY: pulumi.Output.secret(url)}
+        if isinstance(backend, InClusterPostgres):
+            secret_data[PASSWORD_KEY] = pulumi.Output.secret(args.db_password)
+        url_secret = k8s.core.v1.Secret(
+            f"{name}-db",
+            metadata=common.metadata(f"{name}-db", ns, common.labels("postgresql", f"{name}-postgres", args.labels)),
+            type="Opaque",
+            string_data=secret_data,
+            opts=common.child(self),
+        )
+        if isinstance(backend, InClusterPostgres):
+            database = self._postgres(name, backend, args, url_secret)
 
+        account = common.service_account(
+            self, f"{name}-sa", args.service_account, ns, object_labels, args.account_annotations
+        )
         backend_env = {
             "name": "MLFLOW_BACKEND_STORE_URI",
-            "valueFrom": {"secretKeyRef": {"name": url_secret, "key": url_key}},
+            "valueFrom": {"secretKeyRef": {"name": f"{name}-db", "key": URL_KEY}},
         }
         env = [backend_env, *self._artifact_env(spec)]
-        env_from = (
-            [{"secretRef": {"name": spec.artifacts.credentials_secret}}] if spec.artifacts.credentials_secret else []
-        )
         security = common.pod_security(MLFLOW_UID)
 
         # A new MLflow version gets a new Job name, so the migration reruns before the rollout.
@@ -84,12 +126,13 @@ class ModelRegistry(pulumi.ComponentResource):
                     "metadata": {"labels": object_labels},
                     "spec": {
                         "restartPolicy": "OnFailure",
+                        "serviceAccountName": args.service_account,
                         "securityContext": security,
                         "containers": [
                             {
                                 "name": "migrate",
                                 "image": spec.server_image,
-                                "command": ["mlflow", "db", "upgrade", "$(MLFLOW_BACKEND_STORE_URI)"],
+                                "command": MIGRATE_COMMAND,
                                 "env": [backend_env],
                                 "resources": common.resources(spec.resources),
                                 "securityContext": common.container_security(read_only_root=False),
@@ -98,7 +141,7 @@ class ModelRegistry(pulumi.ComponentResource):
                     },
                 },
             },
-            opts=common.child(self, depends_on=database, delete_before_replace=True),
+            opts=common.child(self, depends_on=[*database, url_secret, account], delete_before_replace=True),
         )
 
         port = spec.port
@@ -114,6 +157,7 @@ class ModelRegistry(pulumi.ComponentResource):
                 "template": {
                     "metadata": {"labels": object_labels},
                     "spec": {
+                        "serviceAccountName": args.service_account,
                         "securityContext": security,
                         "containers": [
                             {
@@ -125,13 +169,13 @@ class ModelRegistry(pulumi.ComponentResource):
                                     "--host=0.0.0.0",
                                     f"--port={port}",
                                     f"--workers={spec.workers}",
-                                    "--backend-store-uri=$(MLFLOW_BACKEND_STORE_URI)",
+                                    # The backend URI (with its password) comes from MLFLOW_BACKEND_STORE_URI.
                                     "--serve-artifacts",
                                     f"--artifacts-destination={spec.artifacts.uri}",
                                     f"--allowed-hosts={allowed_hosts}",
                                 ],
                                 "env": env,
-                                "envFrom": env_from,
+                                **common.env_from(args.credentials_env_from),
                                 "ports": [{"name": "http", "containerPort": port}],
                                 "readinessProbe": common.http_probe("/health", "http"),
                                 "livenessProbe": common.http_probe("/health", "http", period=20, initial_delay=30),
@@ -160,25 +204,11 @@ class ModelRegistry(pulumi.ComponentResource):
         self.register_outputs({"tracking_uri": self.tracking_uri, "service_name": self.service_name})
 
     def _postgres(
-        self, name: str, backend: InClusterPostgres, args: ModelRegistryArgs, object_labels: dict[str, str]
-    ) -> tuple[str, str, list[pulumi.Resource]]:
-        """An in-cluster PostgreSQL; returns the Secret and key holding the database URL."""
+        self, name: str, backend: InClusterPostgres, args: ModelRegistryArgs, secret: pulumi.Resource
+    ) -> list[pulumi.Resource]:
+        """An in-cluster PostgreSQL whose password is the `POSTGRES_PASSWORD` key of the URL Secret."""
         ns, role = args.namespace, f"{name}-postgres"
         db_labels = common.labels("postgresql", role, args.labels)
-        host = f"{role}.{ns}.svc.cluster.local"
-        url = pulumi.Output.concat(
-            f"postgresql://{backend.user}:", args.db_password, f"@{host}:5432/{backend.database}"
-        )
-        secret = k8s.core.v1.Secret(
-            f"{name}-db",
-            metadata=common.metadata(f"{name}-db", ns, db_labels),
-            type="Opaque",
-            string_data={
-                "POSTGRES_PASSWORD": pulumi.Output.secret(args.db_password),
-                URL_KEY: pulumi.Output.secret(url),
-            },
-            opts=common.child(self),
-        )
         service = k8s.core.v1.Service(
             f"{name}-postgres-service",
             metadata=common.metadata(role, ns, db_labels),
@@ -195,7 +225,7 @@ class ModelRegistry(pulumi.ComponentResource):
             {"name": "PGDATA", "value": "/var/lib/postgresql/data/pgdata"},
             {
                 "name": "POSTGRES_PASSWORD",
-                "valueFrom": {"secretKeyRef": {"name": f"{name}-db", "key": "POSTGRES_PASSWORD"}},
+                "valueFrom": {"secretKeyRef": {"name": f"{name}-db", "key": PASSWORD_KEY}},
             },
         ]
         ready = ["pg_isready", "-U", backend.user, "-d", backend.database]
@@ -229,7 +259,7 @@ class ModelRegistry(pulumi.ComponentResource):
             },
             opts=common.child(self, depends_on=[secret, service]),
         )
-        return f"{name}-db", URL_KEY, [statefulset]
+        return [statefulset]
 
     @staticmethod
     def _artifact_env(spec: RegistrySpec) -> list[dict[str, str]]:

@@ -39,6 +39,15 @@ def cmd_render(args: argparse.Namespace) -> int:
     _table(("KIND", "NAME", "NAMESPACE"), sorted(rows))
     components = sum(1 for r in resources if not r.custom)
     print(f"\n{len(rows)} resources in {components} components written to {out} ({len(paths) - 1} files + _tree.txt)")
+    from loopform.prerequisites import report
+
+    print(f"\n{report(spec)}")
+    problems = render.check_references(resources, spec)
+    if problems:
+        print(f"error: {len(problems)} object(s) would not start on the cluster:", file=sys.stderr)
+        for problem in problems:
+            print(f"  - {problem}", file=sys.stderr)
+        return 1
     if spec.gitops.enabled:
         # The repository's GitOps folder only by default; with --out, beside the rendered files.
         services_out = Path(args.services_out or out / "services") if args.services_out or args.out else None
@@ -53,6 +62,42 @@ def cmd_validate(args: argparse.Namespace) -> int:
     path = _stack_path(args)
     spec = load_stack(path, Path(args.root))
     print(f"{path}: valid spec for environment {spec.environment!r} ({len(spec.models)} models)")
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """Check the stack's cluster prerequisites against the cluster of the kubeconfig."""
+    spec = load_stack(_stack_path(args), Path(args.root))
+    from loopform import doctor
+
+    try:
+        return doctor.doctor(spec, kubeconfig=args.kubeconfig, context=args.context)
+    except doctor.DoctorError as error:
+        raise UsageError(str(error)) from None
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    """Append labelled events to the stack's offline store (how a new platform gets its first data)."""
+    from loopform.ingest import ingest_batch, read_batch, synthetic_batch
+    from loopform.steps import StepFailed
+
+    spec = load_stack(_stack_path(args), Path(args.root))
+    if (args.path is None) == (args.synthetic is None):
+        raise UsageError("give a FILE of labelled events (.parquet or .csv) or --synthetic ROWS, not both")
+    model = args.model or (next(iter(spec.models)) if len(spec.models) == 1 else None)
+    if model is None:
+        raise UsageError(f"stack {args.stack} has several models: name one with --model ({', '.join(spec.models)})")
+    offline_uri = args.offline_uri or spec.feature_store.offline_store.data_uri
+    try:
+        frame = read_batch(Path(args.path)) if args.path else synthetic_batch(args.synthetic, args.seed)
+        done = ingest_batch(spec, model, frame, Path(args.root), offline_uri)
+    except StepFailed as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except ImportError as error:
+        raise UsageError(f"cannot write {offline_uri}: {error} (pip install 'loopform[cluster]')") from None
+    print(f"ingested {done.rows} labelled events of model {model}: {done.total} in the offline store")
+    print(f"  features: {done.source_uri}\n  labels:   {done.labels_uri}")
     return 0
 
 
@@ -217,6 +262,25 @@ def build_parser() -> argparse.ArgumentParser:
     validate = commands.add_parser("validate", help="check a stack file against the spec")
     stack_args(validate)
     validate.set_defaults(handler=cmd_validate)
+
+    doctor = commands.add_parser(
+        "doctor", help="check the stack's cluster prerequisites with your kubeconfig (exit 1 when one is missing)"
+    )
+    stack_args(doctor)
+    doctor.add_argument("--context", help="kubeconfig context (default: cluster.kube_context, else the current one)")
+    doctor.add_argument("--kubeconfig", help="kubeconfig file (default: $KUBECONFIG, else ~/.kube/config)")
+    doctor.set_defaults(handler=cmd_doctor)
+
+    seed = commands.add_parser("ingest", help="append labelled events to the stack's offline store (seed it)")
+    seed.add_argument("path", nargs="?", help="labelled events: a .parquet or .csv file with the model's columns")
+    stack_args(seed)
+    seed.add_argument("--model", help="model whose data it is (default: the stack's only model)")
+    seed.add_argument("--synthetic", type=int, metavar="ROWS", help="a demo batch from the generator instead of a file")
+    seed.add_argument("--seed", type=int, default=7, help="seed of --synthetic (default: 7)")
+    seed.add_argument(
+        "--offline-uri", help="offline store folder (default: feature_store.offline_store.data_uri of the stack)"
+    )
+    seed.set_defaults(handler=cmd_ingest)
 
     up = commands.add_parser("up", help="run the whole data loop on this machine (use --stack local)")
     stack_args(up)

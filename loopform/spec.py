@@ -97,13 +97,6 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class SecretRef(Strict):
-    """A key of a Secret that already exists in the cluster (created outside this stack)."""
-
-    name: Name = Field(description="Secret name, in the namespace of the workload that reads it.")
-    key: str = Field(description="Key inside the Secret's data.")
-
-
 class Resources(Strict):
     """Container requests and limits."""
 
@@ -132,6 +125,69 @@ class Namespaces(Strict):
     gitops: Name = Field("argocd", description="Argo CD.")
 
 
+_ROLE_ARN = re.compile(r"^arn:aws[a-z-]*:iam::[0-9]{12}:role/[A-Za-z0-9+=,.@_/-]{1,512}$")
+
+
+def _role_arn(value: str) -> str:
+    if not _ROLE_ARN.match(value):
+        raise ValueError(f"{value!r} is not an IAM role ARN: use arn:aws:iam::<12-digit account>:role/<name>")
+    return value
+
+
+RoleArn = Annotated[str, AfterValidator(_role_arn)]
+
+
+class WorkloadRoles(Strict):
+    """The IAM role of each workload that reads or writes object storage: one each, least privilege."""
+
+    registry: RoleArn = Field(description="MLflow server and its migration: the artifact bucket.")
+    feature_store: RoleArn = Field(
+        description="Feast apply, server and materialisation: the Feast registry and offline store."
+    )
+    pipelines: RoleArn = Field(
+        description="Pipeline steps and the Argo executor: offline store, MLflow artifacts, workflow artifacts."
+    )
+    serving: RoleArn = Field(description="Model services: MLflow artifacts, the Feast registry, the payload log.")
+
+
+class IrsaIdentity(Strict):
+    """IAM Roles for Service Accounts: each workload's ServiceAccount is annotated with its role ARN.
+
+    Each role must trust the cluster's OIDC provider for exactly that ServiceAccount (`loopform render`
+    lists the subjects).
+    """
+
+    kind: Literal["irsa"] = "irsa"
+    roles: WorkloadRoles
+
+
+class PodIdentity(Strict):
+    """EKS Pod Identity: an association maps each workload's ServiceAccount to its role.
+
+    Associations are AWS objects, not Kubernetes ones: `loopform render` lists the
+    `aws eks create-pod-identity-association` command for each.
+    """
+
+    kind: Literal["pod-identity"] = "pod-identity"
+    cluster_name: str = Field(min_length=1, description="EKS cluster name the associations belong to.")
+    roles: WorkloadRoles
+
+
+class StaticKeys(Strict):
+    """Static access keys (MinIO, or no workload identity): the explicit alternative.
+
+    The keys come from Pulumi secret config (`loopform:objectStoreAccessKeyId`,
+    `loopform:objectStoreSecretAccessKey`); the program creates the Secret in every namespace
+    whose workloads read it.
+    """
+
+    kind: Literal["static-keys"] = "static-keys"
+    secret_name: Name = Field("loopform-object-store", description="Name of the Secret the program creates.")
+
+
+Identity = Annotated[IrsaIdentity | PodIdentity | StaticKeys, Field(discriminator="kind")]
+
+
 class ClusterSpec(Strict):
     """The existing Kubernetes cluster the stack deploys into."""
 
@@ -139,6 +195,11 @@ class ClusterSpec(Strict):
     namespaces: Namespaces = Field(default_factory=Namespaces)
     labels: dict[str, str] = Field(default_factory=dict, description="Labels added to every object.")
     storage_class: str | None = Field(None, description="StorageClass for volumes; none uses the default.")
+    identity: Identity | None = Field(
+        None,
+        description="How workloads reach object storage: irsa, pod-identity or static-keys. Required when any "
+        "URI of the spec is s3:// (except on the local stack, which runs no pods).",
+    )
 
 
 # --- model registry (MLflow) ----------------------------------------------------------------
@@ -156,10 +217,16 @@ class InClusterPostgres(Strict):
 
 
 class ExternalDatabase(Strict):
-    """A managed database; its SQLAlchemy URL lives in an existing Secret."""
+    """A managed PostgreSQL (RDS, Cloud SQL); its password is the secret config `loopform:registryDbPassword`."""
 
     kind: Literal["external"] = "external"
-    url_secret: SecretRef = Field(description="Secret key holding the SQLAlchemy URL (postgresql://...).")
+    host: str = Field(min_length=1, description="Database host name.")
+    port: int = Field(5432, ge=1, le=65535)
+    database: Name = Field("mlflow", description="Database name.")
+    user: Name = Field("mlflow", description="Database user.")
+    sslmode: Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"] = Field(
+        "require", description="libpq sslmode of the connection."
+    )
 
 
 class ArtifactStore(Strict):
@@ -167,10 +234,6 @@ class ArtifactStore(Strict):
 
     uri: ObjectStoreUri = Field("s3://loopform-mlflow/artifacts", description="Default artifact root.")
     endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, R2); none uses AWS.")
-    credentials_secret: Name | None = Field(
-        None,
-        description="Existing Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY; none uses workload identity.",
-    )
 
 
 class RegistrySpec(Strict):
@@ -209,10 +272,17 @@ class InClusterRedis(Strict):
 
 
 class ExternalRedis(Strict):
-    """A managed Redis; its Feast connection string lives in an existing Secret."""
+    """A managed Redis (ElastiCache); with `auth`, its password is the secret config `loopform:redisPassword`.
+
+    The program builds Feast's connection string from these and creates the Secret in every
+    namespace that reads the online store.
+    """
 
     kind: Literal["external"] = "external"
-    connection_secret: SecretRef = Field(description="Secret key holding 'host:port,ssl=true,password=...'.")
+    host: str = Field(min_length=1, description="Redis host name (the primary or configuration endpoint).")
+    port: int = Field(6379, ge=1, le=65535)
+    ssl: bool = Field(True, description="TLS to Redis (in-transit encryption).")
+    auth: bool = Field(True, description="Redis AUTH with the password from `loopform:redisPassword`.")
 
 
 class FeastRegistry(Strict):
@@ -251,9 +321,6 @@ class FeatureStoreSpec(Strict):
     online_store: InClusterRedis | ExternalRedis = Field(default_factory=InClusterRedis, discriminator="kind")
     server: FeatureServer = Field(default_factory=FeatureServer)
     materialization_schedule: Cron = Field("*/30 * * * *", description="When to run materialize-incremental.")
-    credentials_secret: Name | None = Field(
-        None, description="Existing Secret with object-store credentials as AWS_* variables."
-    )
 
 
 # --- GPU node pools ---------------------------------------------------------------------------
@@ -273,10 +340,16 @@ GPU_TAINT = Taint(key="nvidia.com/gpu", value="present", effect="NoSchedule")
 class KarpenterNodeClass(Strict):
     """The EC2NodeClass the NodePool's nodes are launched from."""
 
-    role: str = Field("KarpenterNodeRole-loopform", description="IAM role of the nodes.")
+    role: str = Field(
+        min_length=1,
+        description="IAM role name of the nodes (the node role your Karpenter installation created; "
+        "it needs an EKS access entry or aws-auth mapping). No default: a wrong role never makes a node.",
+    )
     ami_alias: str = Field("al2023@latest", description="amiSelectorTerms alias (GPU AMIs are picked per instance).")
     discovery_tag: str = Field(
-        "loopform", description="Value of tag karpenter.sh/discovery for subnets and security groups."
+        min_length=1,
+        description="Value of tag karpenter.sh/discovery on the cluster's subnets and security groups "
+        "(usually the cluster name). No default: with no match no node launches.",
     )
     volume_size: Quantity = Field("200Gi", description="Root volume size.")
 
@@ -290,7 +363,7 @@ class KarpenterPool(Strict):
     gpu_limit: int = Field(8, ge=1, description="Most GPUs the pool may hold at once.")
     gpus_per_node: int = Field(1, ge=1, le=16, description="Largest GPU count of one node in this pool.")
     consolidate_after: Duration = Field("5m", description="How long an empty node waits before removal.")
-    node_class: KarpenterNodeClass = Field(default_factory=KarpenterNodeClass)
+    node_class: KarpenterNodeClass = Field(description="Node role and discovery tag of the cluster (required).")
     labels: dict[str, str] = Field(default_factory=dict, description="Extra node labels.")
 
     def node_labels(self, pool: str) -> dict[str, str]:
@@ -350,9 +423,6 @@ class ArtifactRepository(Strict):
     region: str | None = Field(None)
     insecure: bool = Field(False, description="Plain HTTP (MinIO in a lab).")
     key_format: str = Field("{{workflow.name}}/{{pod.name}}")
-    credentials_secret: Name | None = Field(
-        None, description="Existing Secret with accessKey and secretKey; none uses workload identity."
-    )
 
 
 class OrchestratorSpec(Strict):
@@ -471,6 +541,11 @@ class MonitoringSpec(Strict):
     min_rows: int = Field(500, ge=1, description="Fewest payload rows the monitor needs to decide.")
     payload_uri: ObjectStoreUri = Field("s3://loopform-lake/payloads", description="Payload log (partitioned Parquet).")
     alert_for: Duration = Field("15m", description="How long drift must hold before the alert fires.")
+    prometheus_operator: bool = Field(
+        False,
+        description="The cluster has the Prometheus Operator CRDs (ServiceMonitor, PrometheusRule). Off, nothing "
+        "that needs them is declared or rendered by a chart.",
+    )
     prometheus_release: str = Field(
         "kube-prometheus-stack", description="`release` label the Prometheus Operator selects rules by."
     )
@@ -504,6 +579,34 @@ class PlatformSpec(Strict):
     gates: GatesSpec = Field(default_factory=GatesSpec)
     monitoring: MonitoringSpec = Field(default_factory=MonitoringSpec)
     local: LocalSpec = Field(default_factory=LocalSpec, description="Settings of `loopform up` (local stack).")
+
+    @property
+    def is_local(self) -> bool:
+        """The embedded default (`loopform up`): runs no pods, so cluster-only settings do not apply."""
+        return self.environment == "local"
+
+    def bucket_uris(self) -> dict[str, str]:
+        """Every object-store location the platform's workloads read or write, by spec key."""
+        return {
+            "registry.artifacts.uri": self.registry.artifacts.uri,
+            "feature_store.registry.path": self.feature_store.registry.path,
+            "feature_store.offline_store.data_uri": self.feature_store.offline_store.data_uri,
+            "monitoring.payload_uri": self.monitoring.payload_uri,
+            "orchestrator.artifact_repository.bucket": f"s3://{self.orchestrator.artifact_repository.bucket}",
+        }
+
+    @model_validator(mode="after")
+    def _identity_for_object_storage(self) -> PlatformSpec:
+        if self.is_local or self.cluster.identity is not None:
+            return self
+        s3 = sorted(key for key, uri in self.bucket_uris().items() if uri.startswith("s3://"))
+        if s3:
+            raise SpecReferenceError(
+                ("cluster", "identity"),
+                f"required: {', '.join(s3)} are on s3://, and pods get no credentials without it; "
+                "set kind irsa (roles per workload), pod-identity (cluster_name and roles) or static-keys",
+            )
+        return self
 
     @model_validator(mode="after")
     def _references(self) -> PlatformSpec:
@@ -582,7 +685,7 @@ def _problems(error: ValidationError) -> list[str]:
     return problems
 
 
-_UNION_TAGS = {"in-cluster", "external", "karpenter", "existing"}
+_UNION_TAGS = {"in-cluster", "external", "karpenter", "existing", "irsa", "pod-identity", "static-keys"}
 
 
 def _allowed_keys(loc: tuple[Any, ...]) -> str:

@@ -44,6 +44,27 @@ def test_released_model_gets_zero_downtime_service() -> None:
     assert objects["HorizontalPodAutoscaler"]["spec"]["minReplicas"] == 2
 
 
+def test_service_runs_as_its_account_with_the_static_keys_when_those_are_the_identity() -> None:
+    def pod(**extra) -> dict:
+        (deployment,) = [
+            m for m in manifests(ModelServiceArgs(model="fraud", spec=_spec(), **extra)) if m["kind"] == "Deployment"
+        ]
+        return deployment["spec"]["template"]["spec"]
+
+    assert pod()["serviceAccountName"] == "loopform-model-service"
+    assert "envFrom" not in pod()["containers"][0]
+    keys = [{"secretRef": {"name": "loopform-object-store"}}]
+    assert pod(credentials_env_from=keys)["containers"][0]["envFrom"] == keys
+
+
+def test_platform_declares_the_serving_account_with_its_role(rendered) -> None:
+    (account,) = [r.manifest() for r in rendered("dev") if r.name == "dev-serving-sa"]
+    assert account["metadata"]["namespace"] == "loopform-serving"
+    assert account["metadata"]["name"] == "loopform-model-service"
+    role = account["metadata"]["annotations"]["eks.amazonaws.com/role-arn"]
+    assert role == "arn:aws:iam::123456789012:role/loopform-dev-serving"
+
+
 def test_unreleased_model_has_no_service() -> None:
     assert manifests(ModelServiceArgs(model="fraud", spec=_spec(None))) == []
 

@@ -268,7 +268,9 @@ def test_orchestrator_children_names_parents_and_outputs(stack: str) -> None:
     assert chart["namespace"] == spec.cluster.namespaces.pipelines
     values = chart["values"]
     assert values["singleNamespace"] is True
-    assert values["controller"]["workflowNamespaces"] == [spec.cluster.namespaces.pipelines]
+    # Ignored by chart 0.45.2 (dropped in 0.26.0 / no effect with singleNamespace): not set at all.
+    assert "useDefaultArtifactRepo" not in values and "workflowNamespaces" not in values["controller"]
+    assert values["controller"]["serviceMonitor"] == {"enabled": False}
     assert values["controller"]["workflowRestrictions"] == {"templateReferencing": "Strict"}
 
     for model in spec.models:
@@ -320,21 +322,32 @@ def test_artifact_repository_configmap(stack: str) -> None:
     assert repository["s3"]["bucket"] == store.bucket
     assert repository["s3"]["endpoint"] == store.endpoint
     assert repository["s3"]["keyFormat"] == store.key_format
-    assert repository["s3"]["accessKeySecret"] == {"name": store.credentials_secret, "key": "accessKey"}
-    assert repository["s3"]["secretKeySecret"] == {"name": store.credentials_secret, "key": "secretKey"}
+    # Every stack uses a workload identity: the executor takes the runner account's role.
+    assert repository["s3"]["useSDKCreds"] is True and "accessKeySecret" not in repository["s3"]
     assert repository["archiveLogs"] is True
 
 
-def test_artifact_repository_without_credentials_uses_workload_identity() -> None:
+def test_artifact_repository_with_static_keys_reads_the_secret_and_steps_load_it() -> None:
     data = read_stack_file(stack_file("dev"))["config"]["loopform:platform"]
     data["orchestrator"]["artifact_repository"] = {"bucket": "b", "region": "eu-west-1"}
     spec = parse_spec(data, "test")
-    resources, _ = _render(_args(spec))
+    resources, _ = _render(_args(spec, static_keys_secret="keys"))
     repository = yaml.safe_load(resources["orch-artifact-repository"].manifest()["data"]["default-v1"])
     argo.ArtifactRepository.model_validate(repository, extra="forbid")
-    assert repository["s3"]["useSDKCreds"] is True
     assert repository["s3"]["region"] == "eu-west-1"
-    assert "accessKeySecret" not in repository["s3"]
+    assert repository["s3"]["accessKeySecret"] == {"name": "keys", "key": "AWS_ACCESS_KEY_ID"}
+    assert repository["s3"]["secretKeySecret"] == {"name": "keys", "key": "AWS_SECRET_ACCESS_KEY"}
+    assert "useSDKCreds" not in repository["s3"]
+    for step in STEP_NAMES:
+        container = _templates(resources["orch-fraud-template"].manifest())[step]["container"]
+        assert container["envFrom"] == [{"secretRef": {"name": "keys"}}]
+
+
+def test_runner_account_carries_its_role() -> None:
+    role = "arn:aws:iam::123456789012:role/runner"
+    resources, _ = _render(_args(_spec("dev"), runner_annotations={"eks.amazonaws.com/role-arn": role}))
+    account = resources["orch-runner-sa"].manifest()
+    assert account["metadata"]["annotations"] == {"eks.amazonaws.com/role-arn": role}
 
 
 def test_accounts_have_least_privilege() -> None:
@@ -397,7 +410,7 @@ def test_step_environment_outputs_reach_every_step() -> None:
             "MLFLOW_TRACKING_URI": pulumi.Output.from_input("http://mlflow.ml.svc:5000"),
             "FEAST_PROJECT": "loopform",
         },
-        step_env_from_secrets=["mlflow-artifacts"],
+        static_keys_secret="loopform-object-store",
     )
     resources, _ = _render(args)
     doc = resources["orch-fraud-template"].manifest()
@@ -408,4 +421,4 @@ def test_step_environment_outputs_reach_every_step() -> None:
             {"name": "FEAST_PROJECT", "value": "loopform"},
             {"name": "MLFLOW_TRACKING_URI", "value": "http://mlflow.ml.svc:5000"},
         ]
-        assert container["envFrom"] == [{"secretRef": {"name": "mlflow-artifacts"}}]
+        assert container["envFrom"] == [{"secretRef": {"name": "loopform-object-store"}}]

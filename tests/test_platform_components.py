@@ -7,10 +7,12 @@ from pathlib import Path
 import pulumi
 import pytest
 
-from components.feature_store import FeatureStore, FeatureStoreArgs, feature_files
-from components.registry import ModelRegistry, ModelRegistryArgs
+from pulumi.runtime.rpc import is_rpc_secret
+
+from components.feature_store import FeatureStore, FeatureStoreArgs, feature_files, redis_connection_string
+from components.registry import MIGRATE_COMMAND, ModelRegistry, ModelRegistryArgs
 from loopform.render import REDACTED, RenderedResource, render_components
-from loopform.spec import ExternalDatabase, ExternalRedis, FeatureStoreSpec, RegistrySpec, SecretRef
+from loopform.spec import ExternalDatabase, ExternalRedis, FeatureStoreSpec, RegistrySpec
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -49,6 +51,7 @@ def test_registry_in_cluster_postgres() -> None:
     assert set(by_name) == {
         "reg",
         "reg-db",
+        "reg-sa",
         "reg-postgres",
         "reg-postgres-service",
         "reg-migrate",
@@ -76,24 +79,85 @@ def test_registry_in_cluster_postgres() -> None:
     migrate = by_name["reg-migrate"]
     assert migrate.urn in server.dependencies
     assert by_name["reg-postgres"].urn in migrate.dependencies
-    assert _container(migrate)["command"][:3] == ["mlflow", "db", "upgrade"]
+    assert _container(migrate)["command"] == MIGRATE_COMMAND
 
     secret = by_name["reg-db"].manifest()
     assert secret["stringData"] == {"POSTGRES_PASSWORD": REDACTED, "url": REDACTED}
 
 
-def test_registry_external_database_creates_no_database() -> None:
-    spec = RegistrySpec(backend=ExternalDatabase(url_secret=SecretRef(name="db", key="dsn")))
-    resources, _ = _render(lambda: ModelRegistry("reg", ModelRegistryArgs(spec=spec, namespace="ml")))
-    names = {r.name for r in resources}
-    assert "reg-postgres" not in names and "reg-db" not in names
-    env = _container(_by_name(resources)["reg-server"])["env"]
-    assert env[0]["valueFrom"]["secretKeyRef"] == {"name": "db", "key": "dsn"}
+def _secret_value(resource: RenderedResource, key: str) -> str:
+    data = resource.inputs["stringData"]
+    data = data["value"] if is_rpc_secret(data) else data  # a secret value wraps the whole property
+    value = data[key]
+    return value["value"] if is_rpc_secret(value) else value
 
 
-def test_registry_in_cluster_needs_password() -> None:
+PASSWORD = "p@ss:w/rd%1?"
+
+
+def test_registry_external_database_gets_its_url_secret_built_and_escaped() -> None:
+    from sqlalchemy.engine import make_url
+
+    spec = RegistrySpec(backend=ExternalDatabase(host="db.example.internal", user="ml", database="tracking"))
+    resources, _ = _render(
+        lambda: ModelRegistry("reg", ModelRegistryArgs(spec=spec, namespace="ml", db_password=PASSWORD))
+    )
+    by_name = _by_name(resources)
+    assert "reg-postgres" not in by_name
+    assert set(by_name["reg-db"].manifest()["stringData"]) == {"url"}
+    url = make_url(_secret_value(by_name["reg-db"], "url"))
+    assert (url.username, url.password, url.host, url.port, url.database) == (
+        "ml",
+        PASSWORD,
+        "db.example.internal",
+        5432,
+        "tracking",
+    )
+    assert url.query["sslmode"] == "require"
+    env = _container(by_name["reg-server"])["env"]
+    assert env[0]["valueFrom"]["secretKeyRef"] == {"name": "reg-db", "key": "url"}
+
+
+def test_the_database_url_is_in_no_command_line() -> None:
+    resources, _ = _render(lambda: ModelRegistry("reg", ModelRegistryArgs(db_password=PASSWORD)))
+    by_name = _by_name(resources)
+    for name in ("reg-server", "reg-migrate"):
+        container = _container(by_name[name])
+        command = " ".join([*container["command"], *container.get("args", [])])
+        assert "MLFLOW_BACKEND_STORE_URI)" not in command and "backend-store-uri" not in command, command
+        assert by_name[name].inputs["spec"]["template"]["spec"]["serviceAccountName"] == "loopform-mlflow"
+    assert _container(by_name["reg-migrate"])["command"] == MIGRATE_COMMAND
+    url = make_url_of(by_name["reg-db"])
+    assert url.password == PASSWORD and url.host == "reg-postgres.loopform-system.svc.cluster.local"
+
+
+def make_url_of(secret: RenderedResource):
+    from sqlalchemy.engine import make_url
+
+    return make_url(_secret_value(secret, "url"))
+
+
+@pytest.mark.slow
+def test_the_migration_command_migrates_from_the_environment(tmp_path: Path) -> None:
+    """The Job's exact command, run here against SQLite: MLflow's schema appears, the URL read from the env."""
+    import sqlite3
+    import subprocess
+    import sys
+
+    database = tmp_path / "mlflow.db"
+    command = [sys.executable if part == "python" else part for part in MIGRATE_COMMAND]
+    env = {"PATH": "/usr/bin:/bin", "MLFLOW_BACKEND_STORE_URI": f"sqlite:///{database}"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    tables = {row[0] for row in sqlite3.connect(database).execute("select name from sqlite_master")}
+    assert {"experiments", "runs", "registered_models", "alembic_version"} <= tables
+
+
+@pytest.mark.parametrize("backend", [None, ExternalDatabase(host="db")])
+def test_registry_needs_a_password(backend) -> None:
+    spec = RegistrySpec(backend=backend) if backend else RegistrySpec()
     with pytest.raises(Exception, match="registryDbPassword"):
-        render_components(lambda: ModelRegistry("reg", ModelRegistryArgs()))
+        render_components(lambda: ModelRegistry("reg", ModelRegistryArgs(spec=spec)))
 
 
 def test_migration_job_name_follows_the_mlflow_version() -> None:
@@ -136,17 +200,38 @@ def test_feature_store_in_cluster_redis() -> None:
     assert _container(by_name["fs-server"])["image"] == "img:1"
 
 
-def test_feature_store_external_redis_reads_secret() -> None:
-    spec = FeatureStoreSpec(online_store=ExternalRedis(connection_secret=SecretRef(name="redis", key="conn")))
-    resources, outputs = _render(lambda: FeatureStore("fs", FeatureStoreArgs(spec=spec)))
-    names = {r.name for r in resources}
-    assert "fs-redis" not in names
-    env = _container(_by_name(resources)["fs-server"])["env"]
+def test_feature_store_external_redis_gets_its_connection_secret_where_it_is_read() -> None:
+    spec = FeatureStoreSpec(online_store=ExternalRedis(host="redis.example", port=6380))
+    resources, outputs = _render(
+        lambda: FeatureStore(
+            "fs", FeatureStoreArgs(spec=spec, namespace="ml", redis_password="tok", client_namespaces=["serving"])
+        )
+    )
+    by_name = _by_name(resources)
+    assert "fs-redis" not in by_name
+    for namespace in ("ml", "serving"):
+        secret = by_name[f"fs-online-store-{namespace}"]
+        assert secret.inputs["metadata"] == {
+            **secret.inputs["metadata"],
+            "name": "fs-online-store",
+            "namespace": namespace,
+        }
+        assert _secret_value(secret, "connection_string") == "redis.example:6380,ssl=true,password=tok"
+    env = _container(by_name["fs-server"])["env"]
     assert env[0] == {
         "name": "REDIS_CONNECTION_STRING",
-        "valueFrom": {"secretKeyRef": {"name": "redis", "key": "conn"}},
+        "valueFrom": {"secretKeyRef": {"name": "fs-online-store", "key": "connection_string"}},
     }
-    assert outputs["online_store"] == "secret/redis#conn"
+    assert outputs["online_store"] == "redis.example:6380"
+
+
+def test_redis_connection_string_refuses_what_feast_cannot_parse() -> None:
+    online = ExternalRedis(host="r", auth=True)
+    with pytest.raises(ValueError, match="redisPassword"):
+        redis_connection_string(online, None)
+    with pytest.raises(ValueError, match="','"):
+        redis_connection_string(online, "a,b")
+    assert redis_connection_string(ExternalRedis(host="r", ssl=False, auth=False), None) == "r:6379"
 
 
 def test_feature_files_names_the_missing_model(tmp_path: Path) -> None:

@@ -23,17 +23,25 @@ def test_every_stack_file_is_a_valid_spec() -> None:
 
 
 def test_defaults_fill_every_section() -> None:
-    spec = PlatformSpec(environment="dev")
+    spec = PlatformSpec(environment="local")
     assert spec.registry.backend.kind == "in-cluster"
     assert spec.feature_store.online_store.kind == "in-cluster"
     assert spec.cluster.namespaces.platform == "loopform-system"
     assert spec.gates.drift.max_drift_share == 0.3
 
 
+ROLES = {w: f"arn:aws:iam::123456789012:role/{w}" for w in ("registry", "feature_store", "pipelines", "serving")}
+
+
 def _base() -> dict:
     return {
         "environment": "dev",
-        "gpu": {"pools": {"gpu": {"kind": "karpenter", "gpus_per_node": 1}}},
+        "cluster": {"identity": {"kind": "irsa", "roles": dict(ROLES)}},
+        "gpu": {
+            "pools": {
+                "gpu": {"kind": "karpenter", "gpus_per_node": 1, "node_class": {"role": "R", "discovery_tag": "c"}}
+            }
+        },
         "models": {"fraud": {"path": "models/fraud", "feature_service": "fraud_v1", "training": {"gpu_pool": "gpu"}}},
     }
 
@@ -64,7 +72,24 @@ BAD = [
     ("cron with six fields", "monitoring.schedule", "0 0 * * * *", f"{CONFIG_KEY}.monitoring.schedule", "five fields"),
     ("bad URI", "registry.artifacts", {"uri": "bucket/artifacts"}, "registry.artifacts.uri", "s3://bucket/path"),
     ("unknown kind", "feature_store.online_store", {"kind": "memcached"}, "online_store", "'memcached' is not one of"),
-    ("external db without secret", "registry.backend", {"kind": "external"}, "backend.url_secret", "Field required"),
+    ("external db without host", "registry.backend", {"kind": "external"}, "backend.host", "Field required"),
+    ("no identity for s3", "cluster.identity", None, f"{CONFIG_KEY}.cluster.identity", "required: feature_store"),
+    ("bad role ARN", "cluster.identity.roles.serving", "loopform-serving", "roles.serving", "not an IAM role ARN"),
+    (
+        "pod identity without cluster",
+        "cluster.identity",
+        {"kind": "pod-identity", "roles": ROLES},
+        "cluster_name",
+        "required",
+    ),
+    (
+        "karpenter without node class",
+        "gpu.pools.gpu.node_class",
+        {"discovery_tag": "c"},
+        "node_class.role",
+        "Field required",
+    ),
+    ("karpenter without discovery tag", "gpu.pools.gpu.node_class", {"role": "R"}, "discovery_tag", "Field required"),
     ("bad namespace name", "cluster.namespaces.platform", "Loopform_System", "namespaces.platform", "DNS-1123"),
     ("undefined GPU pool", "models.fraud.training.gpu_pool", "big", "models.fraud.training.gpu_pool", "'big'"),
     ("too many GPUs", "models.fraud.training.gpus", 4, "models.fraud.training.gpus", "gpus_per_node"),
