@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pulumi
 import pytest
-
 from pulumi.runtime.rpc import is_rpc_secret
 
 from components.feature_store import FeatureStore, FeatureStoreArgs, feature_files, redis_connection_string
