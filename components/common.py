@@ -93,11 +93,50 @@ def child(parent: pulumi.Resource, **extra: Any) -> pulumi.ResourceOptions:
     return pulumi.ResourceOptions(parent=parent, **extra)
 
 
-def volume_claim(name: str, size: str, storage_class: str | None) -> dict[str, Any]:
+def stateful(parent: pulumi.Resource, protect: bool, **extra: Any) -> pulumi.ResourceOptions:
+    """Options of a resource that holds data: protected (Pulumi refuses to delete or replace it) and retained
+    on delete (a `pulumi destroy` after unprotecting leaves it in the cluster) when `protect` is on."""
+    return child(parent, protect=protect, retain_on_delete=protect, **extra)
+
+
+def claim_name(workload: str) -> str:
+    """The claim a one-replica StatefulSet's `data` volumeClaimTemplate would have made (`data-<name>-0`)."""
+    return f"data-{workload}-0"
+
+
+def persistent_volume_claim(
+    parent: pulumi.Resource,
+    name: str,
+    workload: str,
+    namespace: str,
+    labels: dict[str, str],
+    size: str,
+    storage_class: str | None,
+    protect: bool,
+    guards: dict[str, str] | None = None,
+) -> Any:
+    """A workload's volume as its own PersistentVolumeClaim rather than a volumeClaimTemplate.
+
+    A volumeClaimTemplate is immutable: growing it replaces the StatefulSet and still leaves the old,
+    smaller claim attached. A claim of its own grows in place (with a StorageClass that allows
+    expansion), is protected with the data, and outlives the StatefulSet.
+
+    `guards` are annotations whose change must never be applied to the data in place (e.g. the
+    PostgreSQL major version): a change of one asks Pulumi to replace the claim, which protection
+    refuses, so the deploy stops before anything changes.
+    """
+    from pulumi_kubernetes.core.v1 import PersistentVolumeClaim
+
     spec: dict[str, Any] = {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": size}}}
     if storage_class:
         spec["storageClassName"] = storage_class
-    return {"metadata": {"name": name}, "spec": spec}
+    replace_on = [f'metadata.annotations["{key}"]' for key in sorted(guards or {})]
+    return PersistentVolumeClaim(
+        name,
+        metadata=metadata(claim_name(workload), namespace, labels, guards),
+        spec=spec,
+        opts=stateful(parent, protect, replace_on_changes=replace_on or None),
+    )
 
 
 def custom_resource(name: str, manifest: dict[str, Any], opts: pulumi.ResourceOptions) -> Any:

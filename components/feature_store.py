@@ -18,9 +18,10 @@ import pulumi
 import pulumi_kubernetes as k8s
 import yaml
 
-from components import common
+from components import common, secrets
+from components.registry import POSTGRES_UID, DatabaseEndpoint, database_url
 from components.secrets import SharedSecret, SharedSecretArgs
-from loopform.features import OFFLINE_URI_ENV, cluster_config
+from loopform.features import OFFLINE_URI_ENV, REGISTRY_URL_ENV, cluster_config
 from loopform.identity import FEAST_ACCOUNT
 from loopform.spec import ExternalRedis, FeatureStoreSpec, InClusterRedis
 
@@ -57,6 +58,14 @@ class FeatureStoreArgs:
     """AUTH password of an external Redis with `auth` (Pulumi secret config `loopform:redisPassword`)."""
     client_namespaces: Sequence[str] = ()
     """Other namespaces whose pods read the online store (model services): its connection Secret goes there too."""
+    protect_data: bool = True
+    """Protect and retain the in-cluster Redis and its volume (cluster.protect_data)."""
+    registry_database: DatabaseEndpoint | None = None
+    """The platform's PostgreSQL (ModelRegistry.database): the SQL registry's database is created on it."""
+    registry_password: pulumi.Input[str] | None = None
+    """Password of the registry's role (a Pulumi secret; the Platform derives it from the database password)."""
+    registry_client_namespaces: Sequence[str] = ()
+    """Other namespaces whose pods read the registry (pipeline steps, model services): its Secret goes there too."""
 
 
 def feature_files(root: Path, model_paths: dict[str, str]) -> dict[str, str]:
@@ -68,6 +77,40 @@ def feature_files(root: Path, model_paths: dict[str, str]) -> dict[str, str]:
             raise FileNotFoundError(f"models.{model}.path: {source} does not exist (each model needs a features.py)")
         files[f"{model}_features.py"] = source.read_text()
     return files
+
+
+def registry_secret_name(name: str) -> str:
+    """The Secret with the SQL registry's URL (`name`: the FeatureStore's), in every namespace that reads it."""
+    return f"{name}-registry"
+
+
+def registry_url_env(name: str) -> dict[str, Any]:
+    """The FEAST_REGISTRY_URL variable feature_store.yaml reads, for any pod that uses the registry."""
+    return {"name": REGISTRY_URL_ENV, "valueFrom": {"secretKeyRef": {"name": registry_secret_name(name), "key": "url"}}}
+
+
+def registry_url(spec: FeatureStoreSpec, database: DatabaseEndpoint, password: str) -> str:
+    """SQLAlchemy URL of the registry (psycopg2 driver), the password percent-escaped."""
+    url = database_url(
+        spec.registry.user, password, database.host, database.port, spec.registry.database, database.sslmode
+    )
+    return url.replace("postgresql://", "postgresql+psycopg2://", 1)
+
+
+#: Creates the registry's role and database if missing and sets the role's password, connected as the
+#: platform database's user (libpq PG* variables from its Secret). Idempotent; values come in with \\getenv (no
+#: password in any argv) and format() quotes every identifier (%I) and literal (%L), so none is spliced into SQL.
+REGISTRY_DATABASE_SQL = """\
+\\getenv user FEAST_REGISTRY_USER
+\\getenv database FEAST_REGISTRY_DATABASE
+\\getenv password FEAST_REGISTRY_PASSWORD
+SELECT format('CREATE ROLE %I LOGIN', :'user') WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = :'user') \\gexec
+SELECT format('ALTER ROLE %I WITH LOGIN PASSWORD %L', :'user', :'password') \\gexec
+SELECT format('GRANT %I TO %I', :'user', current_user) WHERE NOT pg_has_role(current_user, :'user', 'MEMBER') \\gexec
+SELECT format('CREATE DATABASE %I OWNER %I', :'database', :'user')
+  WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = :'database') \\gexec
+"""
+REGISTRY_DATABASE_COMMAND = ["sh", "-c", 'printf "%s" "$REGISTRY_SQL" | psql -q -v ON_ERROR_STOP=1']
 
 
 def connection_secret_name(name: str) -> str:
@@ -153,7 +196,9 @@ class FeatureStore(pulumi.ComponentResource):
             depends = [repo, account, secret]
             self.online_store = pulumi.Output.from_input(f"{online.host}:{online.port}")
 
-        env = [redis_env, {"name": OFFLINE_URI_ENV, "value": spec.offline_store.data_uri}]
+        registry = self._registry(name, args, object_labels)
+        depends.append(registry)
+        env = [redis_env, registry_url_env(name), {"name": OFFLINE_URI_ENV, "value": spec.offline_store.data_uri}]
         pod = self._pod_template(spec, args, env, repo_hash)
 
         apply_job = k8s.batch.v1.Job(
@@ -183,7 +228,7 @@ class FeatureStore(pulumi.ComponentResource):
             },
             opts=common.child(self, depends_on=[apply_job]),
         )
-        k8s.core.v1.Service(
+        service = k8s.core.v1.Service(
             f"{name}-server-service",
             metadata=common.metadata(f"{name}-server", ns, object_labels),
             spec={
@@ -212,7 +257,10 @@ class FeatureStore(pulumi.ComponentResource):
             opts=common.child(self, depends_on=[apply_job]),
         )
 
-        self.feature_server_url = pulumi.Output.from_input(common.service_url(f"{name}-server", ns, port))
+        # Derived from the Service, so whatever uses the URL waits until the server is up behind it.
+        self.feature_server_url = service.metadata.apply(
+            lambda meta: common.service_url(meta.name, meta.namespace, port)
+        )
         self.register_outputs({"feature_server_url": self.feature_server_url, "online_store": self.online_store})
 
     def _pod_template(
@@ -228,8 +276,17 @@ class FeatureStore(pulumi.ComponentResource):
         labels = common.labels(COMPONENT, self._name, args.labels)
         security = common.container_security()
         return {
-            # A changed feature repo rolls the server (and the next materialisation) onto it.
-            "metadata": {"labels": labels, "annotations": {"loopform.dev/feature-repo-checksum": repo_hash}},
+            # A changed feature repo, or a rotated registry password, rolls the server (and the next
+            # materialisation) onto it.
+            "metadata": {
+                "labels": labels,
+                "annotations": {
+                    "loopform.dev/feature-repo-checksum": repo_hash,
+                    "loopform.dev/registry-password-checksum": secrets.checksum(
+                        args.registry_password or "", "loopform-feast-registry"
+                    ),
+                },
+            },
             "spec": {
                 "serviceAccountName": args.service_account,
                 "securityContext": common.pod_security(FEAST_UID),
@@ -283,6 +340,9 @@ class FeatureStore(pulumi.ComponentResource):
             opts=common.child(self),
         )
         ping = ["redis-cli", "ping"]
+        claim = common.persistent_volume_claim(
+            self, f"{name}-redis-data", role, ns, redis_labels, redis.storage, args.storage_class, args.protect_data
+        )
         self._redis_workload = k8s.apps.v1.StatefulSet(
             f"{name}-redis",
             metadata=common.metadata(role, ns, redis_labels),
@@ -307,11 +367,69 @@ class FeatureStore(pulumi.ComponentResource):
                                 "volumeMounts": [{"name": "data", "mountPath": "/data"}],
                             }
                         ],
+                        "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": common.claim_name(role)}}],
                     },
                 },
-                "volumeClaimTemplates": [common.volume_claim("data", redis.storage, args.storage_class)],
             },
-            opts=common.child(self),
+            opts=common.stateful(self, args.protect_data, depends_on=[claim]),
+        )
+
+    def _registry(self, name: str, args: FeatureStoreArgs, labels: dict[str, str]) -> pulumi.Resource:
+        """The registry's Secret in every namespace that reads it, and the Job that makes its role and database."""
+        database, password = args.registry_database, args.registry_password
+        if database is None or password is None:
+            raise ValueError(
+                "the Feast SQL registry needs the platform's PostgreSQL (registry_database) and a password"
+            )
+        spec, ns = args.spec, args.namespace
+        url = pulumi.Output.from_input(password).apply(lambda value: registry_url(spec, database, value))
+        secret = SharedSecret(
+            f"{name}-registry",
+            SharedSecretArgs(
+                secret_name=registry_secret_name(name),
+                namespaces=[ns, *args.registry_client_namespaces],
+                string_data={"url": url, "password": password},
+                labels=labels,
+            ),
+            common.child(self),
+        )
+        # A new password gets a new Job name: the Job reruns and sets it.
+        version = secrets.checksum(password, "loopform-feast-registry")
+        password_ref = {"secretKeyRef": {"name": registry_secret_name(name), "key": "password"}}
+        return k8s.batch.v1.Job(
+            f"{name}-registry-db",
+            metadata=version.apply(lambda tag: common.metadata(f"{name}-registry-db-{tag[:8]}", ns, labels)),
+            spec={
+                "backoffLimit": 6,
+                "template": {
+                    "metadata": {"labels": labels},
+                    "spec": {
+                        "restartPolicy": "OnFailure",
+                        "automountServiceAccountToken": False,
+                        "securityContext": common.pod_security(POSTGRES_UID),
+                        "containers": [
+                            {
+                                "name": "registry-database",
+                                "image": spec.registry.client_image,
+                                "command": REGISTRY_DATABASE_COMMAND,
+                                "env": [
+                                    {"name": "REGISTRY_SQL", "value": REGISTRY_DATABASE_SQL},
+                                    {"name": "FEAST_REGISTRY_USER", "value": spec.registry.user},
+                                    {"name": "FEAST_REGISTRY_DATABASE", "value": spec.registry.database},
+                                    {"name": "FEAST_REGISTRY_PASSWORD", "valueFrom": password_ref},
+                                ],
+                                "envFrom": [{"secretRef": {"name": database.admin_secret}}],
+                                "resources": {
+                                    "requests": {"cpu": "10m", "memory": "32Mi"},
+                                    "limits": {"memory": "64Mi"},
+                                },
+                                "securityContext": common.container_security(),
+                            }
+                        ],
+                    },
+                },
+            },
+            opts=common.child(self, depends_on=[secret], delete_before_replace=True),
         )
 
     @property

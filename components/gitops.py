@@ -57,10 +57,13 @@ def application_path(spec: GitOpsSpec, environment: str) -> str:
     return f"{spec.path.rstrip('/')}/{environment}"
 
 
-def argocd_values(argocd_version: str) -> dict[str, Any]:
+def argocd_values(argocd_version: str, install_crds: bool = True) -> dict[str, Any]:
     """argo-cd chart values: the redis-secret-init hook is replaced by our own Job (see module doc)."""
     return {
-        "crds": {"install": True, "keep": True},
+        # Only the stack with cluster.shared_addons installs the CRDs. keep false: with `keep` the chart marks
+        # them helm.sh/resource-policy: keep, Chart v4 retains them on destroy, and the next `up` then fails
+        # with AlreadyExists (pulumi-kubernetes >= 4.29 creates rather than upserts).
+        "crds": {"install": install_crds, "keep": False},
         "global": {"image": {"repository": ARGOCD_IMAGE_REPOSITORY, "tag": argocd_version}},
         "redisSecretInit": {"enabled": False},
         # No SSO is configured, so Dex would only be an idle attack surface.
@@ -158,6 +161,8 @@ class GitOpsArgs:
     """Retry of failed syncs."""
     service_kinds: Sequence[tuple[str, str]] = SERVICE_KINDS
     """(API group, kind) pairs the AppProject lets the Application deploy."""
+    install_crds: bool = True
+    """Install the Argo CD CRDs (cluster.shared_addons: one stack per cluster does)."""
 
 
 class GitOps(pulumi.ComponentResource):
@@ -199,7 +204,7 @@ class GitOps(pulumi.ComponentResource):
                 version=spec.chart_version,
                 namespace=namespace,
                 repository_opts=RepositoryOptsArgs(repo=ARGO_HELM_REPO),
-                values=argocd_values(args.argocd_version),
+                values=argocd_values(args.argocd_version, args.install_crds),
             ),
             opts=common.child(self, depends_on=[init_job]),
         )

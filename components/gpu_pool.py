@@ -83,12 +83,14 @@ def gpu_pod_resources(gpus: int, base: Mapping[str, Mapping[str, str]]) -> dict[
     return {"requests": requests, "limits": limits}
 
 
-def karpenter_object_name(pool_name: str) -> str:
-    """Cluster-scoped name of a pool's NodePool and EC2NodeClass."""
-    return f"loopform-{pool_name}"
+def karpenter_object_name(environment: str, pool_name: str) -> str:
+    """Cluster-scoped name of a pool's NodePool and EC2NodeClass: environment-scoped, so stacks can share a cluster."""
+    return f"loopform-{environment}-{pool_name}"
 
 
-def node_pool_manifest(pool_name: str, pool: KarpenterPool, labels: Mapping[str, str]) -> dict[str, Any]:
+def node_pool_manifest(
+    environment: str, pool_name: str, pool: KarpenterPool, labels: Mapping[str, str]
+) -> dict[str, Any]:
     """The karpenter.sh/v1 NodePool: GPU instance families, capacity types, taints, GPU limit, scale to zero."""
     sched = scheduling(pool_name, pool)
     requirements = [
@@ -101,7 +103,7 @@ def node_pool_manifest(pool_name: str, pool: KarpenterPool, labels: Mapping[str,
     return {
         "apiVersion": "karpenter.sh/v1",
         "kind": "NodePool",
-        "metadata": {"name": karpenter_object_name(pool_name), "labels": dict(labels)},
+        "metadata": {"name": karpenter_object_name(environment, pool_name), "labels": dict(labels)},
         "spec": {
             "template": {
                 "metadata": {"labels": sched.node_labels},
@@ -109,7 +111,7 @@ def node_pool_manifest(pool_name: str, pool: KarpenterPool, labels: Mapping[str,
                     "nodeClassRef": {
                         "group": "karpenter.k8s.aws",
                         "kind": "EC2NodeClass",
-                        "name": karpenter_object_name(pool_name),
+                        "name": karpenter_object_name(environment, pool_name),
                     },
                     "requirements": requirements,
                     "taints": sched.node_taints(),
@@ -122,14 +124,16 @@ def node_pool_manifest(pool_name: str, pool: KarpenterPool, labels: Mapping[str,
     }
 
 
-def node_class_manifest(pool_name: str, pool: KarpenterPool, labels: Mapping[str, str]) -> dict[str, Any]:
+def node_class_manifest(
+    environment: str, pool_name: str, pool: KarpenterPool, labels: Mapping[str, str]
+) -> dict[str, Any]:
     """The karpenter.k8s.aws/v1 EC2NodeClass the pool's nodes launch from."""
     node_class = pool.node_class
     discovery = [{"tags": {DISCOVERY_TAG: node_class.discovery_tag}}]
     return {
         "apiVersion": "karpenter.k8s.aws/v1",
         "kind": "EC2NodeClass",
-        "metadata": {"name": karpenter_object_name(pool_name), "labels": dict(labels)},
+        "metadata": {"name": karpenter_object_name(environment, pool_name), "labels": dict(labels)},
         "spec": {
             "role": node_class.role,
             # With an alias, Karpenter picks the accelerated (NVIDIA) variant for GPU instance types.
@@ -158,6 +162,8 @@ class GpuNodePoolArgs:
 
     pool_name: str
     """Key of the pool in gpu.pools; steps name it in models.<m>.training.gpu_pool."""
+    environment: str = "dev"
+    """Environment of the stack: cluster-scoped objects carry it in their names."""
     pool: KarpenterPool | ExistingPool
     """The pool's spec object: its taints and labels are the only source of scheduling constraints."""
     labels: Mapping[str, str] = field(default_factory=dict)
@@ -185,12 +191,12 @@ class GpuNodePool(pulumi.ComponentResource):
         if isinstance(args.pool, KarpenterPool):
             node_class = common.custom_resource(
                 f"{name}-node-class",
-                node_class_manifest(args.pool_name, args.pool, object_labels),
+                node_class_manifest(args.environment, args.pool_name, args.pool, object_labels),
                 common.child(self),
             )
             node_pool = common.custom_resource(
                 f"{name}-node-pool",
-                node_pool_manifest(args.pool_name, args.pool, object_labels),
+                node_pool_manifest(args.environment, args.pool_name, args.pool, object_labels),
                 common.child(self, depends_on=[node_class]),
             )
             node_pool_name = node_pool.metadata.apply(common.metadata_name)

@@ -59,6 +59,8 @@ class ModelServiceArgs:
     """The platform's feature_store.yaml: the service reads the online store through the feature service."""
     redis_env: dict[str, Any] = field(default_factory=dict)
     """The REDIS_CONNECTION_STRING variable that feature_store.yaml reads (a value or a secretKeyRef)."""
+    registry_env: dict[str, Any] = field(default_factory=dict)
+    """The FEAST_REGISTRY_URL variable that feature_store.yaml reads (a secretKeyRef)."""
     payload_uri: str = ""
     """Payload log root (partitioned Parquet)."""
     service_account: str = SERVING_ACCOUNT
@@ -86,7 +88,8 @@ def manifests(args: ModelServiceArgs) -> list[dict[str, Any]]:
         {"name": "MLFLOW_DISABLE_TELEMETRY", "value": "true"},
     ]
     if args.feast_config:
-        env += [{"name": "LOOPFORM_FEAST_CONFIG", "value": args.feast_config}, args.redis_env]
+        feast_env = [{"name": "LOOPFORM_FEAST_CONFIG", "value": args.feast_config}, args.redis_env, args.registry_env]
+        env += [variable for variable in feast_env if variable]
     container = {
         "name": "bento",
         "image": release.image,

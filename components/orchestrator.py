@@ -39,7 +39,9 @@ RUNNER_SERVICE_ACCOUNT = RUNNER_ACCOUNT
 SUBMITTER_SERVICE_ACCOUNT = "loopform-workflow-submitter"
 
 
-def argo_workflows_values(spec: OrchestratorSpec, prometheus_release: str | None) -> dict[str, Any]:
+def argo_workflows_values(
+    spec: OrchestratorSpec, prometheus_release: str | None, install_crds: bool = True
+) -> dict[str, Any]:
     """argo-workflows chart values built from the spec.
 
     `prometheus_release` None means the cluster has no Prometheus Operator: no ServiceMonitor.
@@ -50,7 +52,10 @@ def argo_workflows_values(spec: OrchestratorSpec, prometheus_release: str | None
     if prometheus_release is not None:
         service_monitor["additionalLabels"] = {"release": prometheus_release}
     return {
-        "crds": {"install": True, "keep": True},
+        # Only the stack with cluster.shared_addons installs the CRDs. keep false: with `keep` the chart marks
+        # them helm.sh/resource-policy: keep, Chart v4 retains them on destroy, and the next `up` then fails
+        # with AlreadyExists (pulumi-kubernetes >= 4.29 creates rather than upserts).
+        "crds": {"install": install_crds, "keep": False},
         # Roles instead of ClusterRoles; the controller only sees its release namespace (pipelines).
         "singleNamespace": True,
         "controller": {
@@ -125,6 +130,8 @@ class OrchestratorArgs:
     """Common labels added to every object."""
     step_env: Mapping[str, pulumi.Input[str]] = field(default_factory=dict)
     """Environment of every step (e.g. MLFLOW_TRACKING_URI, LOOPFORM_FEAST_OFFLINE_URI); values may be Outputs."""
+    step_secret_env: Mapping[str, tuple[str, str]] = field(default_factory=dict)
+    """Environment of every step from Secrets in the pipelines namespace: name -> (Secret, key)."""
     static_keys_secret: str | None = None
     """Secret (in the pipelines namespace) with static object-store keys: every step loads it, and the
     artifact repository reads it. None: steps and the executor use the runner's workload identity."""
@@ -132,6 +139,8 @@ class OrchestratorArgs:
     """Annotations of the runner ServiceAccount, e.g. the IRSA role ARN."""
     prometheus_release: str | None = None
     """`release` label for the controller's ServiceMonitor; None (no Prometheus Operator) installs none."""
+    install_crds: bool = True
+    """Install the Argo Workflows CRDs (cluster.shared_addons: one stack per cluster does)."""
 
 
 class Orchestrator(pulumi.ComponentResource):
@@ -164,7 +173,7 @@ class Orchestrator(pulumi.ComponentResource):
                 version=spec.chart_version,
                 namespace=namespace,
                 repository_opts=RepositoryOptsArgs(repo=ARGO_HELM_REPO),
-                values=argo_workflows_values(spec, args.prometheus_release),
+                values=argo_workflows_values(spec, args.prometheus_release, args.install_crds),
             ),
             opts=common.child(self),
         )
@@ -256,6 +265,7 @@ def _context(args: OrchestratorArgs, namespace: str, labels: dict[str, str], env
         service_account=RUNNER_SERVICE_ACCOUNT,
         labels=labels,
         env=env,
+        secret_env=dict(args.step_secret_env),
         env_from_secrets=(args.static_keys_secret,) if args.static_keys_secret else (),
     )
 

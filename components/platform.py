@@ -14,15 +14,22 @@ import pulumi
 import pulumi_kubernetes as k8s
 
 from components import common
-from components.feature_store import FeatureStore, FeatureStoreArgs, feature_files, redis_connection_env
+from components.feature_store import (
+    FeatureStore,
+    FeatureStoreArgs,
+    feature_files,
+    redis_connection_env,
+    registry_secret_name,
+    registry_url_env,
+)
 from components.gitops import GitOps, GitOpsArgs
 from components.gpu_pool import GpuNodePool, GpuNodePoolArgs, NvidiaDevicePlugin, NvidiaDevicePluginArgs
 from components.model_service import ModelService, ModelServiceArgs
 from components.orchestrator import Orchestrator, OrchestratorArgs
 from components.registry import ModelRegistry, ModelRegistryArgs
-from components.secrets import SharedSecret, SharedSecretArgs
+from components.secrets import SharedSecret, SharedSecretArgs, derived_password
 from loopform import identity
-from loopform.features import OFFLINE_URI_ENV, cluster_config
+from loopform.features import OFFLINE_URI_ENV, REGISTRY_URL_ENV, cluster_config
 from loopform.prerequisites import DB_PASSWORD_CONFIG, REDIS_PASSWORD_CONFIG
 from loopform.spec import ExternalRedis, PlatformSpec
 
@@ -44,6 +51,7 @@ def model_services(spec: PlatformSpec) -> list[ModelServiceArgs]:
             tracking_uri=registry,
             feast_config=cluster_config(spec.feature_store),
             redis_env=redis_connection_env(spec.feature_store, f"{spec.environment}-features", platform_ns),
+            registry_env=registry_url_env(f"{spec.environment}-features"),
             payload_uri=spec.monitoring.payload_uri,
             service_account=identity.SERVING_ACCOUNT,
             credentials_env_from=identity.credentials_env_from(spec),
@@ -97,6 +105,8 @@ class Platform(pulumi.ComponentResource):
     """WorkflowTemplate name per model, for the retraining trigger."""
     workflow_submitter: pulumi.Output[str]
     """ServiceAccount (in the monitoring namespace) allowed to submit those templates."""
+    argocd_application: pulumi.Output[str | None]
+    """The Argo CD Application that syncs this environment's model services (None without GitOps)."""
 
     def __init__(self, name: str, args: PlatformArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("loopform:platform:Platform", name, None, opts)
@@ -117,7 +127,8 @@ class Platform(pulumi.ComponentResource):
                         "pod-security.kubernetes.io/warn": "restricted",
                     },
                 },
-                opts=common.child(self),
+                # Deleting a namespace deletes everything in it: the one holding the databases is protected.
+                opts=common.stateful(self, cluster.protect_data and role == "platform"),
             )
 
         credentials = self._credentials(name, args, labels, list(created.values()))
@@ -143,6 +154,7 @@ class Platform(pulumi.ComponentResource):
                 db_password=args.registry_db_password,
                 account_annotations=identity.account_annotations(spec, "registry"),
                 credentials_env_from=env_from,
+                protect_data=cluster.protect_data,
             ),
             in_platform,
         )
@@ -159,8 +171,15 @@ class Platform(pulumi.ComponentResource):
                 credentials_env_from=env_from,
                 redis_password=args.redis_password,
                 client_namespaces=[cluster.namespaces.serving],
+                protect_data=cluster.protect_data,
+                registry_database=registry.database,
+                registry_password=derived_password(args.registry_db_password, f"feast-registry:{spec.environment}"),
+                registry_client_namespaces=[cluster.namespaces.pipelines, cluster.namespaces.serving],
             ),
-            common.child(self, depends_on=[created["platform"], created["serving"], *credentials]),
+            # Its SQL registry lives on the registry's PostgreSQL.
+            common.child(
+                self, depends_on=[created["platform"], created["serving"], created["pipelines"], *credentials, registry]
+            ),
         )
 
         pools = []
@@ -168,11 +187,11 @@ class Platform(pulumi.ComponentResource):
             pools.append(
                 GpuNodePool(
                     f"{name}-gpu-{pool_name}",
-                    GpuNodePoolArgs(pool_name=pool_name, pool=pool, labels=labels),
+                    GpuNodePoolArgs(pool_name=pool_name, pool=pool, environment=spec.environment, labels=labels),
                     common.child(self),
                 )
             )
-        if spec.gpu.pools:
+        if spec.gpu.pools and cluster.shared_addons:  # once per cluster: two plugins would fight over the GPUs
             NvidiaDevicePlugin(
                 f"{name}-nvidia",
                 NvidiaDevicePluginArgs(
@@ -195,15 +214,23 @@ class Platform(pulumi.ComponentResource):
                 gpu_pools=spec.gpu.pools,
                 labels=labels,
                 step_env=step_env,
+                step_secret_env={REGISTRY_URL_ENV: (registry_secret_name(f"{name}-features"), "url")},
                 static_keys_secret=identity.static_keys_secret(spec),
                 runner_annotations=identity.account_annotations(spec, "pipelines"),
                 prometheus_release=prometheus_release,
+                install_crds=cluster.shared_addons,
             ),
-            common.child(self, depends_on=[created["pipelines"], created["monitoring"], *credentials, *pools]),
+            # Pipelines train against the registry and the feature store: both must be up first.
+            common.child(
+                self,
+                depends_on=[created["pipelines"], created["monitoring"], *credentials, *pools, registry, features],
+            ),
         )
 
+        self.argocd_application: pulumi.Output[str | None] = pulumi.Output.from_input(None)
         if spec.gitops.enabled:
-            GitOps(
+            # The services Argo CD syncs load models from the registry and features from the store.
+            gitops = GitOps(
                 f"{name}-gitops",
                 GitOpsArgs(
                     spec=spec.gitops,
@@ -211,9 +238,21 @@ class Platform(pulumi.ComponentResource):
                     namespaces=cluster.namespaces,
                     labels=labels,
                     argocd_version=spec.gitops.argocd_version,
+                    install_crds=cluster.shared_addons,
                 ),
-                common.child(self, depends_on=[created["gitops"], created["serving"]]),
+                common.child(
+                    self,
+                    depends_on=[
+                        created["gitops"],
+                        created["serving"],
+                        serving_account,
+                        *credentials,
+                        registry,
+                        features,
+                    ],
+                ),
             )
+            self.argocd_application = gitops.application_name
 
         # With GitOps, Argo CD applies the services from the rendered folder; else Pulumi does.
         if not spec.gitops.enabled:
@@ -233,6 +272,7 @@ class Platform(pulumi.ComponentResource):
                 "feature_server_url": self.feature_server_url,
                 "workflow_templates": self.workflow_templates,
                 "workflow_submitter": self.workflow_submitter,
+                "argocd_application": self.argocd_application,
             }
         )
 

@@ -15,7 +15,7 @@ from urllib.parse import quote
 import pulumi
 import pulumi_kubernetes as k8s
 
-from components import common
+from components import common, secrets
 from loopform.identity import MLFLOW_ACCOUNT
 from loopform.spec import ExternalDatabase, InClusterPostgres, RegistrySpec
 
@@ -33,6 +33,27 @@ def database_url(user: str, password: str, host: str, port: int, database: str, 
     """
     url = f"postgresql://{quote(user, safe='')}:{quote(password, safe='')}@{host}:{port}/{quote(database, safe='')}"
     return f"{url}?sslmode={sslmode}" if sslmode else url
+
+
+PASSWORD_CHECKSUM = "loopform.dev/database-password-checksum"
+#: The data directory's PostgreSQL major version: a new major cannot start on it (dump and restore instead).
+POSTGRES_MAJOR = "loopform.dev/postgres-major-version"
+#: postStart of the PostgreSQL container: set the role's password to the Secret's, through the local socket
+#: (trusted inside the container), on every start. psql reads it with \\getenv: it is in no argv. The postgres image applies POSTGRES_PASSWORD only to an
+#: empty data directory, so without this a rotated password would never reach the database. `postgres` is
+#: the maintenance database initdb creates, present before POSTGRES_DB is.
+APPLY_PASSWORD_COMMAND = [
+    "sh",
+    "-c",
+    """for attempt in $(seq 60); do
+  if pg_isready -q -h /var/run/postgresql && printf '%s\\n' '\\getenv password POSTGRES_PASSWORD' \\
+      "ALTER ROLE CURRENT_USER WITH PASSWORD :'password';" \\
+    | psql -q -v ON_ERROR_STOP=1 -h /var/run/postgresql -U "$POSTGRES_USER" -d postgres
+  then exit 0; fi
+  sleep 2
+done
+exit 1""",
+]
 
 
 #: The migration reads the URL from the environment: it never appears in a command line.
@@ -63,6 +84,18 @@ class ModelRegistryArgs:
     """Annotations of that ServiceAccount, e.g. the IRSA role ARN."""
     credentials_env_from: list[dict[str, Any]] = field(default_factory=list)
     """`envFrom` with static object-store keys, when that is the identity."""
+    protect_data: bool = True
+    """Protect and retain the database, its volume and its Secret (cluster.protect_data)."""
+
+
+@dataclass(frozen=True)
+class DatabaseEndpoint:
+    """Where the platform's PostgreSQL is, and the Secret (libpq PG* keys) of its administering user."""
+
+    host: str
+    port: int
+    sslmode: str | None
+    admin_secret: str
 
 
 class ModelRegistry(pulumi.ComponentResource):
@@ -71,6 +104,8 @@ class ModelRegistry(pulumi.ComponentResource):
     tracking_uri: pulumi.Output[str]
     """URI that clients (pipelines, services) set as MLFLOW_TRACKING_URI."""
     service_name: pulumi.Output[str]
+    database: DatabaseEndpoint
+    """The platform's PostgreSQL, for other databases on it (Feast's registry)."""
 
     def __init__(self, name: str, args: ModelRegistryArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("loopform:registry:ModelRegistry", name, None, opts)
@@ -83,7 +118,7 @@ class ModelRegistry(pulumi.ComponentResource):
             )
 
         backend = spec.backend
-        database: list[pulumi.Resource] = []
+        database: list[pulumi.Resource] = []  # the in-cluster PostgreSQL, when the spec asks for one
         if isinstance(backend, InClusterPostgres):
             db_host, db_port, sslmode = f"{name}-postgres.{ns}.svc.cluster.local", 5432, None
         else:
@@ -92,18 +127,29 @@ class ModelRegistry(pulumi.ComponentResource):
         url = pulumi.Output.from_input(args.db_password).apply(
             lambda password: database_url(backend.user, password, db_host, db_port, backend.database, sslmode)
         )
-        secret_data: dict[str, pulumi.Input[str]] = {URL_KEY: pulumi.Output.secret(url)}
+        # The URL for MLflow; the same connection as libpq variables for psql and pg_dump (no URL in argv).
+        libpq = {"PGHOST": db_host, "PGPORT": str(db_port), "PGUSER": backend.user, "PGDATABASE": backend.database}
+        if sslmode:
+            libpq["PGSSLMODE"] = sslmode
+        secret_data: dict[str, pulumi.Input[str]] = {
+            URL_KEY: pulumi.Output.secret(url),
+            **libpq,
+            "PGPASSWORD": pulumi.Output.secret(args.db_password),
+        }
         if isinstance(backend, InClusterPostgres):
             secret_data[PASSWORD_KEY] = pulumi.Output.secret(args.db_password)
+        self.database = DatabaseEndpoint(host=db_host, port=db_port, sslmode=sslmode, admin_secret=f"{name}-db")
         url_secret = k8s.core.v1.Secret(
             f"{name}-db",
             metadata=common.metadata(f"{name}-db", ns, common.labels("postgresql", f"{name}-postgres", args.labels)),
             type="Opaque",
             string_data=secret_data,
-            opts=common.child(self),
+            opts=common.stateful(self, args.protect_data),
         )
+        # Consumers roll when the password changes.
+        checksum = secrets.checksum(args.db_password, "loopform-db-password")
         if isinstance(backend, InClusterPostgres):
-            database = self._postgres(name, backend, args, url_secret)
+            database = self._postgres(name, backend, args, url_secret, checksum)
 
         account = common.service_account(
             self, f"{name}-sa", args.service_account, ns, object_labels, args.account_annotations
@@ -155,7 +201,7 @@ class ModelRegistry(pulumi.ComponentResource):
                 "selector": {"matchLabels": common.selector(COMPONENT, name)},
                 "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
                 "template": {
-                    "metadata": {"labels": object_labels},
+                    "metadata": {"labels": object_labels, "annotations": {PASSWORD_CHECKSUM: checksum}},
                     "spec": {
                         "serviceAccountName": args.service_account,
                         "securityContext": security,
@@ -200,11 +246,17 @@ class ModelRegistry(pulumi.ComponentResource):
         )
 
         self.service_name = service.metadata.name
-        self.tracking_uri = pulumi.Output.from_input(common.service_url(name, ns, port))
+        # Derived from the Service, so whatever uses the URI waits until the server is up behind it.
+        self.tracking_uri = service.metadata.apply(lambda meta: common.service_url(meta.name, meta.namespace, port))
         self.register_outputs({"tracking_uri": self.tracking_uri, "service_name": self.service_name})
 
     def _postgres(
-        self, name: str, backend: InClusterPostgres, args: ModelRegistryArgs, secret: pulumi.Resource
+        self,
+        name: str,
+        backend: InClusterPostgres,
+        args: ModelRegistryArgs,
+        secret: pulumi.Resource,
+        checksum: pulumi.Input[str],
     ) -> list[pulumi.Resource]:
         """An in-cluster PostgreSQL whose password is the `POSTGRES_PASSWORD` key of the URL Secret."""
         ns, role = args.namespace, f"{name}-postgres"
@@ -229,6 +281,17 @@ class ModelRegistry(pulumi.ComponentResource):
             },
         ]
         ready = ["pg_isready", "-U", backend.user, "-d", backend.database]
+        claim = common.persistent_volume_claim(
+            self,
+            f"{name}-postgres-data",
+            role,
+            ns,
+            db_labels,
+            backend.storage,
+            args.storage_class,
+            args.protect_data,
+            guards={POSTGRES_MAJOR: backend.major_version},
+        )
         statefulset = k8s.apps.v1.StatefulSet(
             f"{name}-postgres",
             metadata=common.metadata(role, ns, db_labels),
@@ -237,7 +300,8 @@ class ModelRegistry(pulumi.ComponentResource):
                 "replicas": 1,
                 "selector": {"matchLabels": common.selector("postgresql", role)},
                 "template": {
-                    "metadata": {"labels": db_labels},
+                    # A new password rolls the pod; its postStart hook then applies it to the role.
+                    "metadata": {"labels": db_labels, "annotations": {PASSWORD_CHECKSUM: checksum}},
                     "spec": {
                         "securityContext": common.pod_security(POSTGRES_UID),
                         "containers": [
@@ -248,16 +312,17 @@ class ModelRegistry(pulumi.ComponentResource):
                                 "ports": [{"name": "postgres", "containerPort": 5432}],
                                 "readinessProbe": common.exec_probe(ready, period=5),
                                 "livenessProbe": common.exec_probe(ready, period=20),
+                                "lifecycle": {"postStart": {"exec": {"command": APPLY_PASSWORD_COMMAND}}},
                                 "resources": common.resources(backend.resources),
                                 "securityContext": common.container_security(read_only_root=False),
                                 "volumeMounts": [{"name": "data", "mountPath": "/var/lib/postgresql/data"}],
                             }
                         ],
+                        "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": common.claim_name(role)}}],
                     },
                 },
-                "volumeClaimTemplates": [common.volume_claim("data", backend.storage, args.storage_class)],
             },
-            opts=common.child(self, depends_on=[secret, service]),
+            opts=common.stateful(self, args.protect_data, depends_on=[secret, service, claim]),
         )
         return [statefulset]
 

@@ -8,6 +8,8 @@ nothing is left for an operator to create by hand.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -51,3 +53,24 @@ class SharedSecret(pulumi.ComponentResource):
         self.secret_name = pulumi.Output.from_input(args.secret_name)
         self.namespaces = pulumi.Output.from_input(sorted(set(args.namespaces)))
         self.register_outputs({"secret_name": self.secret_name, "namespaces": self.namespaces})
+
+
+def derived_password(secret: pulumi.Input[str], purpose: str) -> pulumi.Output[str]:
+    """A password for `purpose` derived from `secret` (HMAC-SHA256): stable, rotates with it, never configured twice."""
+    return pulumi.Output.secret(
+        pulumi.Output.from_input(secret).apply(
+            lambda value: hmac.new(value.encode(), purpose.encode(), hashlib.sha256).hexdigest()[:40]
+        )
+    )
+
+
+def checksum(secret: pulumi.Input[str], purpose: str) -> pulumi.Output[str]:
+    """A short one-way digest of a secret, for names and annotations that must change when it does.
+
+    Unsecret on purpose: it reveals nothing usable of a random password, and a secret annotation
+    would hide the whole pod spec from every preview diff.
+    """
+    digest = pulumi.Output.from_input(secret).apply(
+        lambda value: hashlib.sha256(f"{purpose}:{value}".encode()).hexdigest()[:16]
+    )
+    return pulumi.Output.unsecret(digest)

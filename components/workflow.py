@@ -17,7 +17,17 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from hera.workflows import DAG, Artifact, Container, CronWorkflow, EmptyDirVolume, Env, SecretEnvFrom, WorkflowTemplate
+from hera.workflows import (
+    DAG,
+    Artifact,
+    Container,
+    CronWorkflow,
+    EmptyDirVolume,
+    Env,
+    SecretEnv,
+    SecretEnvFrom,
+    WorkflowTemplate,
+)
 from hera.workflows import models as m
 from hera.workflows.retry_strategy import RetryPolicy, RetryStrategy
 
@@ -56,6 +66,8 @@ class PipelineContext:
     labels: Mapping[str, str] = field(default_factory=dict)
     env: Mapping[str, str] = field(default_factory=dict)
     """Extra environment of every step (e.g. MLFLOW_TRACKING_URI), plain strings."""
+    secret_env: Mapping[str, tuple[str, str]] = field(default_factory=dict)
+    """Environment of every step from Secrets in `namespace`: name -> (Secret, key)."""
     env_from_secrets: Sequence[str] = ()
     """Secrets in `namespace` whose keys become environment variables of every step."""
 
@@ -109,7 +121,14 @@ def _container(ctx: PipelineContext, model: str, spec: ModelSpec, step: Step, fi
         image=ctx.orchestrator.pipeline_image,
         command=["loopform"],
         args=["step", step.name, "--model", model, "--stack", ctx.environment, "--run-dir", RUN_DIR],
-        env=[Env(name=key, value=value) for key, value in sorted(ctx.env.items())] or None,
+        env=[
+            *(Env(name=key, value=value) for key, value in sorted(ctx.env.items())),
+            *(
+                SecretEnv(name=key, secret_name=ref[0], secret_key=ref[1])
+                for key, ref in sorted(ctx.secret_env.items())
+            ),
+        ]
+        or None,
         env_from=[SecretEnvFrom(name=secret) for secret in ctx.env_from_secrets] or None,
         resources=m.ResourceRequirements(requests=resources["requests"], limits=resources["limits"]),
         inputs=None if first else [Artifact(name=RUN_ARTIFACT, path=RUN_DIR)],

@@ -42,22 +42,25 @@ entity_key_serialization_version: 3
 OFFLINE_URI_ENV = "LOOPFORM_FEAST_OFFLINE_URI"
 
 
-def cluster_config(spec: FeatureStoreSpec) -> str:
-    """feature_store.yaml of the platform's Feast: the shared registry, Redis online store, file offline store.
+#: The Feast SQL registry's SQLAlchemy URL (with its password): set from a Secret on every pod that reads it.
+REGISTRY_URL_ENV = "FEAST_REGISTRY_URL"
 
-    The FeatureStore component ships it as a ConfigMap; pipeline steps on Kubernetes use the same
-    text. Feast expands ${VAR} from the environment when it loads it.
+
+def cluster_config(spec: FeatureStoreSpec) -> str:
+    """feature_store.yaml of the platform's Feast: the SQL registry, Redis online store, file offline store.
+
+    The FeatureStore component ships it as a ConfigMap; pipeline steps and model services use the same
+    text. Feast expands ${VAR} from the environment when it loads it, so the registry URL and the Redis
+    connection string (both with passwords) come from Secrets, never from this file.
     """
     import yaml
 
-    registry = spec.registry.path
     config = {
         "project": spec.project,
         "provider": "local",
         "registry": {
-            "registry_type": "file",
-            # Feast's file registry store takes a plain path; object-store URIs stay URIs.
-            "path": registry.removeprefix("file://"),
+            "registry_type": "sql",
+            "path": f"${{{REGISTRY_URL_ENV}}}",
             "cache_ttl_seconds": spec.registry.cache_ttl_seconds,
         },
         "offline_store": {"type": spec.offline_store.type},

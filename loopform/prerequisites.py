@@ -106,6 +106,14 @@ def _crds(spec: PlatformSpec) -> Iterable[Prerequisite]:
             why=f"Karpenter v1, for the karpenter pools ({', '.join(f'gpu.pools.{p}' for p in karpenter)})",
             fix="install Karpenter v1 with its CRDs: https://karpenter.sh/docs/getting-started/",
         )
+    if not spec.cluster.shared_addons:
+        for crd in _shared_crds(spec):
+            yield Prerequisite(
+                "crd",
+                crd,
+                why="cluster.shared_addons is off: the stack that has it on installs the Argo CRDs",
+                fix="pulumi up the stack whose spec sets cluster.shared_addons: true first",
+            )
     if spec.monitoring.prometheus_operator:
         yield Prerequisite(
             "crd",
@@ -114,6 +122,16 @@ def _crds(spec: PlatformSpec) -> Iterable[Prerequisite]:
             fix="install the Prometheus Operator (e.g. the kube-prometheus-stack chart), "
             "or set monitoring.prometheus_operator: false",
         )
+
+
+def _shared_crds(spec: PlatformSpec) -> list[str]:
+    """The Argo CRDs this stack's objects need (WorkflowTemplate, CronWorkflow; AppProject, Application)."""
+    crds = ["workflowtemplates.argoproj.io"]
+    if any(model.training.schedule for model in spec.models.values()):
+        crds.append("cronworkflows.argoproj.io")
+    if spec.gitops.enabled:
+        crds += ["appprojects.argoproj.io", "applications.argoproj.io"]
+    return crds
 
 
 def _cluster_services(spec: PlatformSpec) -> Iterable[Prerequisite]:

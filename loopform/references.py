@@ -202,6 +202,8 @@ def object_refs(manifest: dict[str, Any]) -> list[Ref]:
             refs.append(
                 Ref("StorageClass", None, claim["spec"].get("storageClassName") or DEFAULT_STORAGE_CLASS, by=by)
             )
+    elif kind == "PersistentVolumeClaim":
+        refs.append(Ref("StorageClass", None, spec.get("storageClassName") or DEFAULT_STORAGE_CLASS, by=by))
     elif kind == "WorkflowTemplate":
         refs.extend(_workflow_template_refs(manifest, namespace, by))
     elif kind == "CronWorkflow":

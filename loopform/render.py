@@ -42,6 +42,21 @@ class RenderedResource:
     custom: bool
     inputs: dict[str, Any] = field(repr=False)
     dependencies: tuple[str, ...] = ()
+    protect: bool = False
+    retain_on_delete: bool = False
+    delete_before_replace: bool = False
+    replace_on_changes: tuple[str, ...] = ()
+
+    @property
+    def options(self) -> list[str]:
+        """The resource options that change what a deploy may do to it, for reviewers."""
+        flags = (
+            ("protect", self.protect),
+            ("retain-on-delete", self.retain_on_delete),
+            ("delete-before-replace", self.delete_before_replace),
+        )
+        replace_on = [f"replace-on-changes {path}" for path in self.replace_on_changes]
+        return [name for name, on in flags if on] + replace_on
 
     @property
     def kind(self) -> str:
@@ -120,6 +135,10 @@ class _RecordingMonitor(MockMonitor):
                     custom=bool(request.custom),
                     inputs=inputs,
                     dependencies=tuple(request.dependencies),
+                    protect=bool(request.protect),
+                    retain_on_delete=bool(request.retainOnDelete),
+                    delete_before_replace=bool(request.deleteBeforeReplace),
+                    replace_on_changes=tuple(request.replaceOnChanges),
                 )
             )
         return response
@@ -179,7 +198,8 @@ def tree(resources: Iterable[RenderedResource]) -> str:
 
     def walk(parent: str | None, depth: int) -> None:
         for resource in sorted(by_parent.get(parent, []), key=lambda r: (r.type_, r.name)):
-            lines.append(f"{'  ' * depth}{resource.type_} {resource.name}")
+            options = f" [{', '.join(resource.options)}]" if resource.options else ""
+            lines.append(f"{'  ' * depth}{resource.type_} {resource.name}{options}")
             walk(resource.urn, depth + 1)
 
     walk(None, 0)

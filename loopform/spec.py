@@ -116,13 +116,29 @@ class Resources(Strict):
 
 
 class Namespaces(Strict):
-    """Namespaces the platform creates, one per concern."""
+    """Namespaces the platform creates, one per concern.
+
+    In a stack spec, each one left out is `loopform-<environment>-<suffix>` (system, pipelines,
+    serving, monitoring, argocd), so several environments can share a cluster.
+    """
 
     platform: Name = Field("loopform-system", description="MLflow, Feast and their databases.")
     pipelines: Name = Field("loopform-pipelines", description="Argo Workflows and training workflows.")
     serving: Name = Field("loopform-serving", description="BentoML model services.")
     monitoring: Name = Field("loopform-monitoring", description="Drift monitor, rules and the retraining trigger.")
     gitops: Name = Field("argocd", description="Argo CD.")
+
+    @staticmethod
+    def for_environment(environment: str) -> dict[str, str]:
+        """The environment-scoped default of every namespace."""
+        suffixes = {
+            "platform": "system",
+            "pipelines": "pipelines",
+            "serving": "serving",
+            "monitoring": "monitoring",
+            "gitops": "argocd",
+        }
+        return {role: f"loopform-{environment}-{suffix}" for role, suffix in suffixes.items()}
 
 
 _ROLE_ARN = re.compile(r"^arn:aws[a-z-]*:iam::[0-9]{12}:role/[A-Za-z0-9+=,.@_/-]{1,512}$")
@@ -191,10 +207,27 @@ Identity = Annotated[IrsaIdentity | PodIdentity | StaticKeys, Field(discriminato
 class ClusterSpec(Strict):
     """The existing Kubernetes cluster the stack deploys into."""
 
-    kube_context: str | None = Field(None, description="kubeconfig context; none uses the current context.")
-    namespaces: Namespaces = Field(default_factory=Namespaces)
+    kube_context: str | None = Field(
+        None,
+        description="kubeconfig context the stack deploys to, always through an explicit provider. Required on "
+        "every stack but local: without it Pulumi would deploy wherever kubectl points.",
+    )
+    namespaces: Namespaces = Field(
+        default_factory=Namespaces, description="Namespaces; each left out is loopform-<environment>-<suffix>."
+    )
     labels: dict[str, str] = Field(default_factory=dict, description="Labels added to every object.")
     storage_class: str | None = Field(None, description="StorageClass for volumes; none uses the default.")
+    protect_data: bool = Field(
+        True,
+        description="The environment holds data: the namespace with the databases, the PostgreSQL and Redis "
+        "StatefulSets, their volumes and the database Secret are protected (Pulumi refuses to delete or replace "
+        "them) and retained on delete. Turn off only for a throw-away environment.",
+    )
+    shared_addons: bool = Field(
+        True,
+        description="This stack installs the cluster-wide add-ons: the Argo CRDs, the NVIDIA device plugin and "
+        "the DCGM exporter. On a cluster shared by several environments, exactly one stack keeps this on.",
+    )
     identity: Identity | None = Field(
         None,
         description="How workloads reach object storage: irsa, pod-identity or static-keys. Required when any "
@@ -205,11 +238,33 @@ class ClusterSpec(Strict):
 # --- model registry (MLflow) ----------------------------------------------------------------
 
 
+_POSTGRES_TAG = re.compile(r":(\d+)(\.\d+)*([-@].*)?$")
+
+
+def _postgres_image(value: str) -> str:
+    if not _POSTGRES_TAG.search(value.split("/")[-1]):
+        raise ValueError(
+            f"{value!r} has no version tag: name the PostgreSQL version (e.g. postgres:16.4), since a major "
+            "version change needs a dump and restore that the platform refuses to do implicitly"
+        )
+    return value
+
+
 class InClusterPostgres(Strict):
     """A PostgreSQL StatefulSet with a volume, for environments without a managed database."""
 
     kind: Literal["in-cluster"] = "in-cluster"
-    image: str = Field("postgres:16.4", description="PostgreSQL image.")
+    image: Annotated[str, AfterValidator(_postgres_image)] = Field(
+        "postgres:16.4", description="PostgreSQL image, tagged with its version (the major version is guarded)."
+    )
+
+    @property
+    def major_version(self) -> str:
+        """The PostgreSQL major version of the image tag (16 for postgres:16.4)."""
+        match = _POSTGRES_TAG.search(self.image.split("/")[-1])
+        assert match is not None  # the validator guarantees it
+        return match.group(1)
+
     storage: Quantity = Field("10Gi", description="Volume size.")
     database: Name = Field("mlflow", description="Database name.")
     user: Name = Field("mlflow", description="Database user.")
@@ -239,11 +294,11 @@ class ArtifactStore(Strict):
 class RegistrySpec(Strict):
     """MLflow tracking server and model registry."""
 
-    mlflow_version: str = Field("3.17.0", description="MLflow version; selects the image tag.")
+    mlflow_version: str = Field("3.17.2", description="MLflow version; selects the image tag.")
     image: str | None = Field(
         None,
         description="Server image; none uses ghcr.io/loopform/mlflow:v<mlflow_version> (images/mlflow: "
-        "upstream MLflow plus the PostgreSQL and S3 drivers the upstream image lacks).",
+        "MLflow with the PostgreSQL and S3 drivers, pinned by constraints.txt).",
     )
     replicas: int = Field(1, ge=1, le=20, description="Tracking server replicas.")
     port: int = Field(5000, ge=1, le=65535, description="Service port.")
@@ -286,10 +341,21 @@ class ExternalRedis(Strict):
 
 
 class FeastRegistry(Strict):
-    """Where Feast keeps its registry of feature definitions."""
+    """Feast's registry: the SQL registry, in a database of its own on the platform's PostgreSQL.
 
-    path: ObjectStoreUri = Field("s3://loopform-feast/registry.db", description="Registry file URI.")
+    The `feast apply` Job and every materialisation write the registry. A file registry on object
+    storage is rewritten whole by each writer, so two at once lose one's write (Feast's docs warn of
+    it); the SQL registry writes row by row in transactions. Its role and database are created, and
+    its password set, by a Job that connects as the MLflow database user (the in-cluster PostgreSQL's
+    superuser, or a managed database's user, which needs CREATEROLE and CREATEDB).
+    """
+
+    database: Name = Field("feast", description="Database of the registry on the platform's PostgreSQL.")
+    user: Name = Field("feast", description="Role the Feast pods, pipeline steps and model services connect as.")
     cache_ttl_seconds: int = Field(60, ge=0, description="How long servers cache the registry.")
+    client_image: str = Field(
+        "postgres:16.4", description="Image with psql for the Job that creates role and database."
+    )
 
 
 class OfflineStore(Strict):
@@ -589,11 +655,33 @@ class PlatformSpec(Strict):
         """Every object-store location the platform's workloads read or write, by spec key."""
         return {
             "registry.artifacts.uri": self.registry.artifacts.uri,
-            "feature_store.registry.path": self.feature_store.registry.path,
             "feature_store.offline_store.data_uri": self.feature_store.offline_store.data_uri,
             "monitoring.payload_uri": self.monitoring.payload_uri,
             "orchestrator.artifact_repository.bucket": f"s3://{self.orchestrator.artifact_repository.bucket}",
         }
+
+    @model_validator(mode="before")
+    @classmethod
+    def _environment_namespaces(cls, data: Any) -> Any:
+        """Fill the namespaces left out with the environment-scoped defaults."""
+        if not isinstance(data, dict) or not isinstance(data.get("environment"), str):
+            return data
+        cluster = data.get("cluster", {})
+        given = cluster.get("namespaces", {}) if isinstance(cluster, dict) else None
+        if not isinstance(given, dict):
+            return data  # the field validators report the wrong type
+        namespaces = {**Namespaces.for_environment(data["environment"]), **given}
+        return {**data, "cluster": {**cluster, "namespaces": namespaces}}
+
+    @model_validator(mode="after")
+    def _cluster_stacks_name_their_cluster(self) -> PlatformSpec:
+        if not self.is_local and not self.cluster.kube_context:
+            raise SpecReferenceError(
+                ("cluster", "kube_context"),
+                "required on every stack but local: name the kubeconfig context this environment deploys to "
+                "(else `pulumi up` goes wherever kubectl points)",
+            )
+        return self
 
     @model_validator(mode="after")
     def _identity_for_object_storage(self) -> PlatformSpec:

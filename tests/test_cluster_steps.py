@@ -10,7 +10,7 @@ import yaml
 
 from loopform import data
 from loopform.cli import main
-from loopform.features import OFFLINE_URI_ENV, FeatureRepo, cluster_config
+from loopform.features import OFFLINE_URI_ENV, REGISTRY_URL_ENV, FeatureRepo, cluster_config
 from loopform.spec import CONFIG_KEY, load_stack
 from loopform.steps import LABELS_FILE, SOURCE_FILE, StepContext, ingest
 
@@ -23,13 +23,14 @@ def platform(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, str
     offline = f"file://{tmp_path / 'offline'}"
     document = yaml.safe_load((ROOT / "stacks" / "Pulumi.dev.yaml").read_text())
     feature_store = document["config"][CONFIG_KEY]["feature_store"]
-    feature_store["registry"]["path"] = f"file://{tmp_path / 'registry.db'}"
     feature_store["offline_store"]["data_uri"] = offline
     stack = tmp_path / "Pulumi.dev.yaml"
     stack.write_text(yaml.safe_dump(document))
     # What the WorkflowTemplate's step container and the FeatureStore component set.
     monkeypatch.setenv(OFFLINE_URI_ENV, offline)
     monkeypatch.setenv("REDIS_CONNECTION_STRING", "localhost:6379")
+    # The SQL registry (PostgreSQL on the cluster) on SQLite here; Feast reads its URL from the registry Secret.
+    monkeypatch.setenv(REGISTRY_URL_ENV, f"sqlite:///{tmp_path / 'registry.db'}")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     spec = load_stack(stack)
     # The `feast apply` Job of the FeatureStore component, with the ConfigMap's feature_store.yaml.
@@ -65,4 +66,8 @@ def test_steps_read_the_platform_offline_store(platform: tuple[Path, str], tmp_p
     assert len(training) == len(labels) and data.LABEL in training
     feature_store = yaml.safe_load((tmp_path / "work" / "feast" / "feature_store.yaml").read_text())
     assert feature_store["online_store"]["type"] == "redis"
-    assert feature_store["registry"]["path"] == str(tmp_path / "registry.db")
+    assert feature_store["registry"] == {
+        "registry_type": "sql",
+        "path": f"${{{REGISTRY_URL_ENV}}}",
+        "cache_ttl_seconds": 60,
+    }

@@ -20,8 +20,10 @@ from typing import Any
 import pytest
 
 from components.feature_store import FeatureStore, FeatureStoreArgs, feature_files
+from components.registry import DatabaseEndpoint
+from loopform.features import REGISTRY_URL_ENV
 from loopform.render import render_components
-from loopform.spec import FeastRegistry, FeatureStoreSpec, OfflineStore
+from loopform.spec import FeatureStoreSpec, OfflineStore
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -41,12 +43,15 @@ def kubelet_configmap_volume(folder: Path, data: dict[str, str]) -> Path:
 
 def _rendered_apply_job(tmp_path: Path) -> tuple[dict[str, Any], dict[str, str]]:
     """The apply Job's pod spec and the repo ConfigMap's data, from the real component under mocks."""
-    spec = FeatureStoreSpec(
-        registry=FeastRegistry(path=f"file://{tmp_path}/registry/registry.db"),
-        offline_store=OfflineStore(data_uri=f"file://{tmp_path}/offline"),
-    )
+    spec = FeatureStoreSpec(offline_store=OfflineStore(data_uri=f"file://{tmp_path}/offline"))
     files = feature_files(ROOT, {"fraud": "models/fraud"})
-    resources = render_components(lambda: FeatureStore("fs", FeatureStoreArgs(spec=spec, feature_files=files)))
+    args = FeatureStoreArgs(
+        spec=spec,
+        feature_files=files,
+        registry_database=DatabaseEndpoint("db", 5432, None, "db-admin"),
+        registry_password="pw",
+    )
+    resources = render_components(lambda: FeatureStore("fs", args))
     by_name = {r.name: r.inputs for r in resources}
     return by_name["fs-apply"]["spec"]["template"]["spec"], by_name["fs-repo"]["data"]
 
@@ -54,7 +59,11 @@ def _rendered_apply_job(tmp_path: Path) -> tuple[dict[str, Any], dict[str, str]]
 class Node:
     """The volumes of one pod on this machine, and how its containers' paths map onto them."""
 
-    def __init__(self, pod: dict[str, Any], configmap_data: dict[str, str], root: Path) -> None:
+    def __init__(
+        self, pod: dict[str, Any], configmap_data: dict[str, str], root: Path, secrets: dict[str, str]
+    ) -> None:
+        self.secrets = secrets
+        """Values of the env variables the pod reads from Secrets."""
         self.volumes: dict[str, Path] = {}
         for volume in pod["volumes"]:
             folder = root / "volumes" / volume["name"]
@@ -77,6 +86,7 @@ class Node:
 
         env = {"PATH": f"{BIN}:{os.environ['PATH']}", "FEAST_USAGE": "False"}
         env.update({e["name"]: host(e["value"]) for e in container.get("env", []) if "value" in e})
+        env.update({e["name"]: self.secrets[e["name"]] for e in container.get("env", []) if "valueFrom" in e})
         command = [host(part) for part in [*container["command"], *container.get("args", [])]]
         cwd = host(container.get("workingDir", "/"))
         return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
@@ -91,7 +101,9 @@ def rendered_job(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, An
 
 def test_feast_apply_runs_on_the_rendered_pod(rendered_job, tmp_path: Path) -> None:
     pod, data, store = rendered_job
-    node = Node(pod, data, tmp_path)
+    # The registry Secret's URL: Feast's SQL registry, on SQLite here (PostgreSQL on the cluster).
+    registry = f"sqlite:///{store}/registry.db"
+    node = Node(pod, data, tmp_path, {REGISTRY_URL_ENV: registry, "REDIS_CONNECTION_STRING": "localhost:6379"})
     for init in pod.get("initContainers", []):
         done = node.run(init)
         assert done.returncode == 0, f"init container {init['name']} failed: {done.stderr}"
@@ -107,17 +119,26 @@ def test_feast_apply_runs_on_the_rendered_pod(rendered_job, tmp_path: Path) -> N
     from feast import FeatureStore as Store
 
     repo = node.volumes["repo"]
-    registered = Store(repo_path=str(repo))
-    assert [s.name for s in registered.list_feature_services()] == ["fraud_v1"]
-    assert {v.name for v in registered.list_feature_views()} == {"card_transactions"}
-    assert (store / "registry" / "registry.db").exists()
+    os.environ[REGISTRY_URL_ENV] = registry
+    try:
+        registered = Store(repo_path=str(repo))
+        assert [s.name for s in registered.list_feature_services()] == ["fraud_v1"]
+        assert {v.name for v in registered.list_feature_views()} == {"card_transactions"}
+    finally:
+        del os.environ[REGISTRY_URL_ENV]
+    assert (store / "registry.db").exists()
 
 
 def test_feast_apply_directly_on_a_configmap_mount_fails_as_on_the_cluster(rendered_job, tmp_path: Path) -> None:
     """The old design (Feast running in the ConfigMap volume itself) fails here exactly as in the cluster."""
     _, data, _ = rendered_job
     repo = kubelet_configmap_volume(tmp_path / "repo", data)
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "REDIS_CONNECTION_STRING": "localhost:6379"}
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}:{os.environ['PATH']}",
+        "REDIS_CONNECTION_STRING": "localhost:6379",
+        REGISTRY_URL_ENV: f"sqlite:///{tmp_path}/registry.db",
+    }
     done = subprocess.run(["feast", "apply"], cwd=repo, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode != 0
     assert "relative import" in done.stderr or "TypeError" in done.stderr, done.stderr

@@ -101,7 +101,7 @@ def test_karpenter_pool_declares_node_pool_and_node_class() -> None:
     node_pool = resources["gpu-big-node-pool"]
     assert node_pool.type_ == "kubernetes:karpenter.sh/v1:NodePool"
     manifest = node_pool.manifest()
-    assert manifest["metadata"]["name"] == "loopform-big"
+    assert manifest["metadata"]["name"] == "loopform-dev-big"
     assert manifest["metadata"]["labels"]["env"] == "t"
     template = manifest["spec"]["template"]
     assert template["metadata"]["labels"] == {"loopform.dev/gpu-pool": "big", "team": "ml"}
@@ -109,7 +109,7 @@ def test_karpenter_pool_declares_node_pool_and_node_class() -> None:
     assert template["spec"]["nodeClassRef"] == {
         "group": "karpenter.k8s.aws",
         "kind": "EC2NodeClass",
-        "name": "loopform-big",
+        "name": "loopform-dev-big",
     }
     requirements = {(r["key"], r["operator"]): r["values"] for r in template["spec"]["requirements"]}
     assert requirements == {
@@ -140,7 +140,7 @@ def test_karpenter_pool_declares_node_pool_and_node_class() -> None:
         "node_selector": {"loopform.dev/gpu-pool": "big", "team": "ml"},
         "tolerations": [{"key": "nvidia.com/gpu", "operator": "Equal", "value": "present", "effect": "NoSchedule"}],
         "gpu_limit": 6,
-        "node_pool_name": "loopform-big",
+        "node_pool_name": "loopform-dev-big",
     }
 
 

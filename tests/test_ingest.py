@@ -24,7 +24,6 @@ def stack(tmp_path: Path) -> tuple[Path, Path]:
     feature_store = document["config"][CONFIG_KEY]["feature_store"]
     offline = tmp_path / "offline"
     feature_store["offline_store"]["data_uri"] = f"file://{offline}"
-    feature_store["registry"]["path"] = f"file://{tmp_path / 'registry.db'}"
     path = tmp_path / "Pulumi.dev.yaml"
     path.write_text(yaml.safe_dump(document))
     return path, offline

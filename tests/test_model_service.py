@@ -59,7 +59,7 @@ def test_service_runs_as_its_account_with_the_static_keys_when_those_are_the_ide
 
 def test_platform_declares_the_serving_account_with_its_role(rendered) -> None:
     (account,) = [r.manifest() for r in rendered("dev") if r.name == "dev-serving-sa"]
-    assert account["metadata"]["namespace"] == "loopform-serving"
+    assert account["metadata"]["namespace"] == "loopform-dev-serving"
     assert account["metadata"]["name"] == "loopform-model-service"
     role = account["metadata"]["annotations"]["eks.amazonaws.com/role-arn"]
     assert role == "arn:aws:iam::123456789012:role/loopform-dev-serving"

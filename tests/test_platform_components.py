@@ -9,7 +9,7 @@ import pytest
 from pulumi.runtime.rpc import is_rpc_secret
 
 from components.feature_store import FeatureStore, FeatureStoreArgs, feature_files, redis_connection_string
-from components.registry import MIGRATE_COMMAND, ModelRegistry, ModelRegistryArgs
+from components.registry import MIGRATE_COMMAND, DatabaseEndpoint, ModelRegistry, ModelRegistryArgs
 from loopform.render import REDACTED, RenderedResource, render_components
 from loopform.spec import ExternalDatabase, ExternalRedis, FeatureStoreSpec, RegistrySpec
 
@@ -52,6 +52,7 @@ def test_registry_in_cluster_postgres() -> None:
         "reg-db",
         "reg-sa",
         "reg-postgres",
+        "reg-postgres-data",
         "reg-postgres-service",
         "reg-migrate",
         "reg-server",
@@ -66,7 +67,7 @@ def test_registry_in_cluster_postgres() -> None:
     assert server.inputs["spec"]["replicas"] == 2
     assert server.inputs["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
     container = _container(server)
-    assert container["image"] == "ghcr.io/loopform/mlflow:v3.17.0"
+    assert container["image"] == "ghcr.io/loopform/mlflow:v3.17.2"
     assert container["readinessProbe"]["httpGet"]["path"] == "/health"
     assert container["securityContext"]["allowPrivilegeEscalation"] is False
     assert {
@@ -81,7 +82,8 @@ def test_registry_in_cluster_postgres() -> None:
     assert _container(migrate)["command"] == MIGRATE_COMMAND
 
     secret = by_name["reg-db"].manifest()
-    assert secret["stringData"] == {"POSTGRES_PASSWORD": REDACTED, "url": REDACTED}
+    libpq = {"PGHOST", "PGPORT", "PGUSER", "PGPASSWORD", "PGDATABASE"}  # in-cluster: no TLS, no PGSSLMODE
+    assert secret["stringData"] == dict.fromkeys({"POSTGRES_PASSWORD", "url", *libpq}, REDACTED)
 
 
 def _secret_value(resource: RenderedResource, key: str) -> str:
@@ -92,6 +94,8 @@ def _secret_value(resource: RenderedResource, key: str) -> str:
 
 
 PASSWORD = "p@ss:w/rd%1?"
+#: The platform's PostgreSQL, where the Feast SQL registry lives.
+REGISTRY_DATABASE = {"registry_database": DatabaseEndpoint("db", 5432, None, "reg-db"), "registry_password": "pw"}
 
 
 def test_registry_external_database_gets_its_url_secret_built_and_escaped() -> None:
@@ -103,7 +107,10 @@ def test_registry_external_database_gets_its_url_secret_built_and_escaped() -> N
     )
     by_name = _by_name(resources)
     assert "reg-postgres" not in by_name
-    assert set(by_name["reg-db"].manifest()["stringData"]) == {"url"}
+    # The URL for MLflow, the same connection as libpq variables for psql and pg_dump; no POSTGRES_PASSWORD.
+    libpq = {"PGHOST", "PGPORT", "PGUSER", "PGPASSWORD", "PGDATABASE", "PGSSLMODE"}
+    assert set(by_name["reg-db"].manifest()["stringData"]) == {"url", *libpq}
+    assert _secret_value(by_name["reg-db"], "PGPASSWORD") == PASSWORD
     url = make_url(_secret_value(by_name["reg-db"], "url"))
     assert (url.username, url.password, url.host, url.port, url.database) == (
         "ml",
@@ -172,7 +179,10 @@ def test_feature_store_in_cluster_redis() -> None:
     files = feature_files(ROOT, {"fraud": "models/fraud"})
     resources, outputs = _render(
         lambda: FeatureStore(
-            "fs", FeatureStoreArgs(spec=FeatureStoreSpec(), feature_files=files, namespace="ml", image="img:1")
+            "fs",
+            FeatureStoreArgs(
+                spec=FeatureStoreSpec(), feature_files=files, namespace="ml", image="img:1", **REGISTRY_DATABASE
+            ),
         )
     )
     by_name = _by_name(resources)
@@ -185,7 +195,10 @@ def test_feature_store_in_cluster_redis() -> None:
         "fs-server-service",
         "fs-materialize",
     } <= set(by_name)
-    assert all(r.parent == by_name["fs"].urn for r in resources if r.name != "fs")
+    # Children of the component, or of its SharedSecret (the registry Secret in each namespace).
+    shared = by_name["fs-registry"].urn
+    assert all(r.parent in (by_name["fs"].urn, shared) for r in resources if r.name != "fs")
+    assert by_name["fs-registry"].parent == by_name["fs"].urn
     assert outputs["feature_server_url"] == "http://fs-server.ml.svc.cluster.local:6566"
     assert outputs["online_store"] == "fs-redis.ml.svc.cluster.local:6379"
 
@@ -203,7 +216,10 @@ def test_feature_store_external_redis_gets_its_connection_secret_where_it_is_rea
     spec = FeatureStoreSpec(online_store=ExternalRedis(host="redis.example", port=6380))
     resources, outputs = _render(
         lambda: FeatureStore(
-            "fs", FeatureStoreArgs(spec=spec, namespace="ml", redis_password="tok", client_namespaces=["serving"])
+            "fs",
+            FeatureStoreArgs(
+                spec=spec, namespace="ml", redis_password="tok", client_namespaces=["serving"], **REGISTRY_DATABASE
+            ),
         )
     )
     by_name = _by_name(resources)

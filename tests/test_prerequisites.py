@@ -100,14 +100,14 @@ def test_a_missing_service_account_secret_key_or_crd_is_caught(rendered) -> None
     monitor = {
         "apiVersion": "monitoring.coreos.com/v1",
         "kind": "ServiceMonitor",
-        "metadata": {"name": "m", "namespace": "loopform-serving"},
+        "metadata": {"name": "m", "namespace": "loopform-dev-serving"},
         "spec": {},
     }
     missing = {str(r) for r in unresolved(Manifests([*objects, monitor], manifests.charts), needed)}
     assert missing == {
-        "ServiceAccount loopform-serving/loopform-model-service",
-        "Secret loopform-system/dev-registry-db key 'password'",
-        "Secret loopform-system/mlflow-artifacts",
+        "ServiceAccount loopform-dev-serving/loopform-model-service",
+        "Secret loopform-dev-system/dev-registry-db key 'password'",
+        "Secret loopform-dev-system/mlflow-artifacts",
         "CustomResourceDefinition servicemonitors.monitoring.coreos.com",
     }
 
@@ -120,8 +120,8 @@ def test_a_pod_reading_s3_without_identity_is_caught(rendered) -> None:
         if not (m["kind"] == "ServiceAccount" and m["metadata"]["name"] in {"loopform-feast", "loopform-model-service"})
     ]
     missing = pods_without_object_store_credentials(Manifests(objects, manifests.charts), [])
-    assert any("Deployment loopform-serving/fraud-service" in line for line in missing), missing
-    assert any("Job loopform-system/dev-features-apply" in line for line in missing), missing
+    assert any("Deployment loopform-dev-serving/fraud-service" in line for line in missing), missing
+    assert any("Job loopform-dev-system/dev-features-apply" in line for line in missing), missing
     # The MLflow migration names no s3:// location: it needs no object-store identity.
     assert not any("dev-registry-migrate" in line for line in missing)
 
@@ -136,7 +136,7 @@ def test_prerequisites_follow_the_spec() -> None:
     assert ("secret-config", "loopform:redisPassword") in names["prod"]
     assert ("api-service", "v1beta1.metrics.k8s.io") in names["prod"]
     assert ("iam-oidc-provider", "the cluster's OIDC issuer") in names["dev"]
-    assert ("pod-identity-association", "loopform-serving/loopform-model-service") in names["staging"]
+    assert ("pod-identity-association", "loopform-staging-serving/loopform-model-service") in names["staging"]
     assert ("daemonset", "eks-pod-identity-agent") in names["staging"]
     assert {name for kind, name in names["prod"] if kind == "bucket"} == {
         "loopform-prod-mlflow",
@@ -165,7 +165,7 @@ def test_static_keys_are_created_in_every_namespace_that_reads_them(tmp_path: Pa
         for m in manifests.objects
         if m["kind"] == "Secret"
     }
-    for namespace in ("loopform-system", "loopform-pipelines", "loopform-serving"):
+    for namespace in ("loopform-dev-system", "loopform-dev-pipelines", "loopform-dev-serving"):
         assert secrets[(namespace, "loopform-object-store")] == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
     needed = prerequisites.prerequisites(spec)
     assert unresolved(manifests, needed) == []
@@ -293,7 +293,8 @@ def test_render_fails_when_an_object_would_not_start(
     errors = capsys.readouterr().err
     assert "would not start on the cluster" in errors
     assert (
-        "IAMRole loopform-dev-serving (referenced by ServiceAccount loopform-serving/loopform-model-service)" in errors
+        "IAMRole loopform-dev-serving (referenced by ServiceAccount loopform-dev-serving/loopform-model-service)"
+        in errors
     )
     assert "CustomResourceDefinition nodepools.karpenter.sh" in errors
 

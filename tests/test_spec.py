@@ -26,7 +26,7 @@ def test_defaults_fill_every_section() -> None:
     spec = PlatformSpec(environment="local")
     assert spec.registry.backend.kind == "in-cluster"
     assert spec.feature_store.online_store.kind == "in-cluster"
-    assert spec.cluster.namespaces.platform == "loopform-system"
+    assert spec.cluster.namespaces.platform == "loopform-local-system"
     assert spec.gates.drift.max_drift_share == 0.3
 
 
@@ -36,7 +36,7 @@ ROLES = {w: f"arn:aws:iam::123456789012:role/{w}" for w in ("registry", "feature
 def _base() -> dict:
     return {
         "environment": "dev",
-        "cluster": {"identity": {"kind": "irsa", "roles": dict(ROLES)}},
+        "cluster": {"kube_context": "dev", "identity": {"kind": "irsa", "roles": dict(ROLES)}},
         "gpu": {
             "pools": {
                 "gpu": {"kind": "karpenter", "gpus_per_node": 1, "node_class": {"role": "R", "discovery_tag": "c"}}

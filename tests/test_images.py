@@ -1,0 +1,347 @@
+"""Each image's install set contains what its programs import for `s3://`, at the versions the tests ran with.
+
+The install set of an image is what pip resolves for the install arguments written in the image's own
+definition: the `pip install` line of a Dockerfile (with the files it installs from mapped back through its
+COPY lines) and the bentofile's `python.packages`. pip resolves it with `--dry-run --report` against the
+repository's constraints.txt, so editing a Dockerfile, a requirements file, pyproject.toml's extras, the
+bentofile or constraints.txt changes what is tested. The resolution needs a package index: these tests are
+skipped, with the reason, only where pip reaches none.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path, PurePosixPath
+from urllib.parse import urlparse
+
+import pytest
+import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import Version
+
+ROOT = Path(__file__).resolve().parent.parent
+CONSTRAINTS = ROOT / "constraints.txt"
+BENTOFILE = ROOT / "bentos" / "fraud" / "bentofile.yaml"
+DOCKERFILES = {
+    "pipeline": ROOT / "images" / "pipeline" / "Dockerfile",
+    "mlflow": ROOT / "images" / "mlflow" / "Dockerfile",
+}
+# Index hosts an image names that this machine (and CI) cannot reach. The PyTorch CPU index only offers the
+# CPU build of the same pinned torch, which pip finds here through its find-links.
+UNREACHABLE_INDEX_HOSTS = {"download.pytorch.org"}
+
+# What each image's programs import, for s3:// above all: Feast's S3 registry imports boto3, pandas/pyarrow
+# open s3:// through s3fs, MLflow's S3 artifact repository imports boto3, the server's backend is PostgreSQL.
+REQUIRED = {
+    "pipeline": {"feast", "boto3", "s3fs", "redis", "torch", "mlflow"},
+    "mlflow": {"mlflow", "boto3", "psycopg2-binary"},
+    "bento": {"bentoml", "boto3", "s3fs", "redis", "feast", "mlflow", "torch"},
+}
+IMAGES = sorted(REQUIRED)
+
+# pip install options that do not change what is resolved.
+_PIP_FLAGS_IGNORED = {
+    "--no-cache-dir",
+    "--no-compile",
+    "--quiet",
+    "-q",
+    "--disable-pip-version-check",
+    "--root-user-action=ignore",
+    "--upgrade",
+    "-U",
+}
+_PIP_OPTIONS_WITH_PATH = {"-c": "-c", "--constraint": "-c", "-r": "-r", "--requirement": "-r"}
+_PIP_OPTIONS_WITH_URL = {"--extra-index-url", "--index-url", "-i", "--find-links", "-f"}
+
+
+def constraint_pins() -> dict[str, Requirement]:
+    pins: dict[str, Requirement] = {}
+    for line in CONSTRAINTS.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            req = Requirement(line)
+            pins[canonicalize_name(req.name)] = req
+    return pins
+
+
+def pinned_version(req: Requirement) -> str | None:
+    """The version of an exact `name==X` pin, else None."""
+    specs = list(req.specifier)
+    if len(specs) == 1 and specs[0].operator == "==" and "*" not in specs[0].version:
+        return specs[0].version
+    return None
+
+
+# --- Dockerfiles -------------------------------------------------------------------------------------------
+
+
+def dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
+    out: list[tuple[str, str]] = []
+    buf = ""
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.endswith("\\"):
+            buf += line[:-1] + " "
+            continue
+        buf += line
+        keyword, _, rest = buf.partition(" ")
+        out.append((keyword.upper(), rest.strip()))
+        buf = ""
+    assert not buf, f"{path}: a continuation line runs off the end"
+    return out
+
+
+def _image_path(workdir: PurePosixPath, path: str) -> PurePosixPath:
+    p = PurePosixPath(path)
+    return p if p.is_absolute() else workdir / p
+
+
+def _is_pip_install(tokens: list[str]) -> int | None:
+    """Index of the first argument after `pip install` / `python -m pip install`, else None."""
+    for i, tok in enumerate(tokens[:-1]):
+        if PurePosixPath(tok).name in {"pip", "pip3"} and tokens[i + 1] == "install":
+            return i + 2
+    return None
+
+
+def dockerfile_install_args(path: Path) -> tuple[str, list[str]]:
+    """The base image and the `pip install` arguments of a Dockerfile, with image paths mapped to the repository.
+
+    A file in the image maps back to the repository through the COPY line that put it there (the build
+    context is the repository root); a local project directory maps through its pyproject.toml.
+    """
+    workdir = PurePosixPath("/")
+    copies: dict[PurePosixPath, Path] = {}  # image path -> repository path (file or directory)
+    base = ""
+    installs: list[tuple[PurePosixPath, list[str]]] = []  # (working directory, arguments)
+    for keyword, args in dockerfile_instructions(path):
+        if keyword == "FROM":
+            base = args.split()[0]
+        elif keyword == "WORKDIR":
+            workdir = _image_path(workdir, args)
+        elif keyword == "ADD":
+            raise AssertionError(f"{path}: ADD is not read by this test; use COPY or teach it")
+        elif keyword == "COPY":
+            parts = json.loads(args) if args.startswith("[") else shlex.split(args)
+            assert not any(p.startswith("--from") for p in parts), f"{path}: COPY --from is not the repository"
+            *sources, dest = [p for p in parts if not p.startswith("--")]
+            dest_dir = dest.endswith("/") or dest in {".", "./"} or len(sources) > 1
+            dest_path = _image_path(workdir, dest)
+            for src in sources:
+                repo_src = ROOT / src
+                assert repo_src.exists(), f"{path}: COPY source {src} is not in the repository"
+                if repo_src.is_dir():
+                    copies[dest_path] = repo_src  # docker copies a directory's contents into dest
+                else:
+                    copies[dest_path / repo_src.name if dest_dir else dest_path] = repo_src
+        elif keyword == "RUN":
+            tokens = shlex.split(args)
+            segment: list[str] = []
+            for tok in [*tokens, "&&"]:
+                if tok in {"&&", "||", ";"}:
+                    start = _is_pip_install(segment)
+                    if start is not None:
+                        installs.append((workdir, segment[start:]))
+                    segment = []
+                else:
+                    segment.append(tok)
+    assert len(installs) == 1, f"{path}: expected one `pip install`, found {len(installs)}"
+
+    def to_repo(image_path: PurePosixPath) -> Path:
+        for dest, src in copies.items():
+            if image_path == dest:
+                return src
+            if src.is_dir() and dest in image_path.parents:
+                return src / image_path.relative_to(dest)
+        raise AssertionError(f"{path}: {image_path} is installed from but no COPY line puts it in the image")
+
+    run_dir, raw = installs[0]
+    out: list[str] = []
+    it = iter(raw)
+    for tok in it:
+        if "$" in tok:
+            raise AssertionError(f"{path}: variable in pip install argument {tok!r}: the install set is not fixed")
+        name, eq, value = tok.partition("=")
+        if tok in _PIP_FLAGS_IGNORED:
+            continue
+        if name in _PIP_OPTIONS_WITH_PATH:
+            value = value if eq else next(it)
+            out += [_PIP_OPTIONS_WITH_PATH[name], str(to_repo(_image_path(run_dir, value)))]
+        elif name in _PIP_OPTIONS_WITH_URL:
+            value = value if eq else next(it)
+            if urlparse(value).hostname not in UNREACHABLE_INDEX_HOSTS:
+                out += [name, value]
+        elif tok.startswith("-"):
+            raise AssertionError(f"{path}: pip option {tok!r} is not understood by this test; teach it")
+        elif tok.startswith((".", "/")):  # a local project, maybe with extras: .[cluster]
+            local, _, extras = tok.partition("[")
+            project = to_repo(_image_path(run_dir, local) / "pyproject.toml").parent
+            out.append(f"{project}[{extras}" if extras else str(project))
+        else:
+            out.append(tok)
+    return base, out
+
+
+# --- bentofile ---------------------------------------------------------------------------------------------
+
+
+def bento_python() -> dict:
+    return yaml.safe_load(BENTOFILE.read_text())["python"]
+
+
+def bento_install_args() -> list[str]:
+    """What `bentoml build` writes to the Bento's requirements.txt and install.sh, plus the constraints."""
+    python = bento_python()
+    understood = {"packages", "lock_packages", "extra_index_url", "index_url", "find_links"}
+    assert set(python) <= understood, f"bentofile python options this test does not read: {set(python) - understood}"
+    # `bentoml build` does not take constraints.txt: the bentofile pins its packages to constraints.txt's versions
+    # (test_bentofile_pins_equal_constraints), and resolving with the constraints checks that they agree.
+    args = ["-c", str(CONSTRAINTS)]
+    urls = [("--index-url", python["index_url"])] if python.get("index_url") else []
+    urls += [("--extra-index-url", url) for url in python.get("extra_index_url") or []]
+    for option, url in urls:
+        if urlparse(url).hostname not in UNREACHABLE_INDEX_HOSTS:
+            args += [option, url]
+    for link in python.get("find_links") or []:
+        args += ["--find-links", link]
+    return [*args, *python["packages"]]
+
+
+# --- resolution --------------------------------------------------------------------------------------------
+
+
+def install_args(image: str) -> list[str]:
+    if image == "bento":
+        return bento_install_args()
+    return dockerfile_install_args(DOCKERFILES[image])[1]
+
+
+def _pip(*args: str) -> list[str]:
+    return [sys.executable, "-m", "pip", *args]
+
+
+@functools.cache
+def _index_unreachable() -> str | None:
+    """Why pip reaches no package index, or None where it reaches one (asked at most once per session).
+
+    Asked only after a resolution failed, and about a package with no version, so a bad pin fails the test
+    instead of skipping it.
+    """
+    probe = subprocess.run(
+        _pip("install", "--dry-run", "--ignore-installed", "--no-deps", "--quiet", "boto3"),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    if probe.returncode == 0:
+        return None
+    tail = (probe.stderr.strip().splitlines() or ["no output"])[-1]
+    return f"pip reaches no package index (`pip install --dry-run --no-deps boto3` failed: {tail})"
+
+
+@pytest.fixture(scope="module")
+def install_set(tmp_path_factory):
+    """resolve(image) -> {distribution: (version, is a local project)}: one pip resolution per image.
+
+    The resolutions are independent, so they run side by side, started when the first test asks.
+    """
+    tmp = tmp_path_factory.mktemp("pip-report")
+    runs: dict[str, tuple[list[str], subprocess.Popen | None, BaseException | None]] = {}
+    for image in IMAGES:
+        try:
+            args = install_args(image)
+        except (AssertionError, KeyError, ValueError) as exc:  # a definition this test cannot read
+            runs[image] = ([], None, exc)
+            continue
+        with (tmp / f"{image}.log").open("w") as log:
+            proc = subprocess.Popen(
+                _pip("install", "--dry-run", "--ignore-installed", "--quiet", "--report", str(tmp / f"{image}.json"))
+                + args,
+                cwd=ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        runs[image] = (args, proc, None)
+
+    @functools.cache
+    def resolve(image: str) -> dict[str, tuple[str, bool]]:
+        args, proc, error = runs[image]
+        if error is not None:
+            raise error
+        if proc.wait() != 0:
+            if reason := _index_unreachable():
+                pytest.skip(reason)
+            output = (tmp / f"{image}.log").read_text()
+            raise AssertionError(f"{image}: pip cannot resolve {shlex.join(args)}:\n{output[-4000:]}")
+        return {
+            canonicalize_name(item["metadata"]["name"]): (
+                item["metadata"]["version"],
+                "dir_info" in item.get("download_info", {}),
+            )
+            for item in json.loads((tmp / f"{image}.json").read_text())["install"]
+        }
+
+    yield resolve
+    for _, proc, _ in runs.values():
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.parametrize("image", IMAGES)
+def test_install_set_contains_what_the_image_imports(install_set, image):
+    resolved = install_set(image)
+    missing = sorted(REQUIRED[image] - set(resolved))
+    assert not missing, f"{image} image installs none of {missing} (install arguments: {install_args(image)})"
+
+
+@pytest.mark.parametrize("image", IMAGES)
+def test_install_set_is_exactly_constraints(install_set, image):
+    """Every distribution an image installs is pinned in constraints.txt, at the pinned version."""
+    pins = constraint_pins()
+    resolved = install_set(image)
+    unpinned = sorted(name for name, (_, local) in resolved.items() if not local and name not in pins)
+    assert not unpinned, f"{image}: installs distributions constraints.txt does not pin: {unpinned}"
+    differ = {
+        name: (version, str(pins[name].specifier))
+        for name, (version, _) in resolved.items()
+        if name in pins and not pins[name].specifier.contains(Version(version), prereleases=True)
+    }
+    assert not differ, f"{image}: resolved versions differ from constraints.txt: {differ}"
+
+
+@pytest.mark.parametrize("image", sorted(DOCKERFILES))
+def test_dockerfile_installs_through_constraints_on_plain_python(image):
+    """A known interpreter and nothing preinstalled, so the install set above is the image's install set."""
+    base, args = dockerfile_install_args(DOCKERFILES[image])
+    tested = f"{sys.version_info.major}.{sys.version_info.minor}"
+    python = re.fullmatch(r"(?:docker\.io/)?(?:library/)?python:(\d+\.\d+)(?:\.\d+)?(?:-[\w.-]+)?", base)
+    assert python, f"{image}: base image {base} is not the plain python image: what it has installed is unknown"
+    assert python[1] == tested, f"{image}: base image {base} is not Python {tested}, the Python the test resolved with"
+    constraints = [args[i + 1] for i, a in enumerate(args[:-1]) if a == "-c"]
+    assert str(CONSTRAINTS) in constraints, f"{image}: `pip install` does not use the repository's constraints.txt"
+
+
+def test_bentofile_pins_equal_constraints():
+    pins = constraint_pins()
+    python = bento_python()
+    assert str(python["lock_packages"]).lower() == "false"
+    tested = f"{sys.version_info.major}.{sys.version_info.minor}"
+    assert yaml.safe_load(BENTOFILE.read_text())["docker"]["python_version"] == tested
+    differ = {}
+    for line in python["packages"]:
+        req = Requirement(line)
+        name = canonicalize_name(req.name)
+        want = pinned_version(pins[name]) if name in pins else None
+        if pinned_version(req) is None or want is None or Version(pinned_version(req)) != Version(want):
+            differ[line] = f"constraints.txt: {pins.get(name, 'not pinned')}"
+    assert not differ, f"bentofile packages not pinned (==) to constraints.txt's version: {differ}"
