@@ -21,7 +21,8 @@ except SpecError as error:
     raise pulumi.RunError(str(error)) from None
 if spec.is_local:
     raise pulumi.RunError(
-        "stack local is the embedded default and runs no cluster objects: run it with `loopform up --stack local`"
+        f"stack {spec.environment} has cluster.kind none: it declares nothing; run it with "
+        f"`loopform up --stack {spec.environment}`"
     )
 
 args = PlatformArgs(spec=spec, root=ROOT, **secret_config(pulumi.Config("loopform"), spec))

@@ -1,14 +1,18 @@
 """ModelRegistry: the MLflow tracking server and model registry.
 
-Typed Kubernetes resources rather than a chart: the schema migration must run as a Job
-that the server Deployment waits for (Pulumi's Chart resource runs no hooks), and the
-backend (in-cluster PostgreSQL or an external database from a Secret) is a spec choice.
+Typed Kubernetes resources rather than a chart: the schema migration must run before any
+server of the new version and while none of the old one writes (Pulumi's Chart resource runs no
+hooks), and the backend (in-cluster PostgreSQL or a managed database) is a spec choice. So the
+server Deployment recreates its pods, and each pod's init container runs the upgrade script:
+under an advisory lock, when the database is behind this MLflow, a pg_dump to the artifact store
+first (MLflow's migrations are not guaranteed transactional), then the migration.
 """
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -31,7 +35,8 @@ def database_url(user: str, password: str, host: str, port: int, database: str, 
 
     A password with `@`, `:`, `/` or `%` would otherwise end the user-info part early.
     """
-    url = f"postgresql://{quote(user, safe='')}:{quote(password, safe='')}@{host}:{port}/{quote(database, safe='')}"
+    # SQLAlchemy 2.1 maps plain postgresql:// to psycopg 3; the images install psycopg2.
+    url = f"postgresql+psycopg2://{quote(user, safe='')}:{quote(password, safe='')}@{host}:{port}/{quote(database, safe='')}"
     return f"{url}?sslmode={sslmode}" if sslmode else url
 
 
@@ -56,12 +61,16 @@ exit 1""",
 ]
 
 
-#: The migration reads the URL from the environment: it never appears in a command line.
-MIGRATE_COMMAND = [
-    "python",
-    "-c",
-    "import os; from mlflow.db import upgrade; upgrade.callback(os.environ['MLFLOW_BACKEND_STORE_URI'])",
-]
+#: The schema upgrade the server pods run first (components/scripts/mlflow_upgrade.py): an advisory lock, then,
+#: when the database is behind this MLflow, a pg_dump to the artifact store and `mlflow db upgrade`'s migration.
+UPGRADE_SCRIPT = Path(__file__).resolve().parent / "scripts" / "mlflow_upgrade.py"
+UPGRADE_CHECKSUM = "loopform.dev/upgrade-script-checksum"
+SCRIPTS_DIR = "/opt/loopform"
+
+
+def backup_uri(spec: RegistrySpec) -> str:
+    """Where schema upgrades put their database backups: beside the artifacts, in the artifact bucket."""
+    return f"{spec.artifacts.uri.rstrip('/')}/_loopform/backups"
 
 
 @dataclass
@@ -161,34 +170,28 @@ class ModelRegistry(pulumi.ComponentResource):
         env = [backend_env, *self._artifact_env(spec)]
         security = common.pod_security(MLFLOW_UID)
 
-        # A new MLflow version gets a new Job name, so the migration reruns before the rollout.
-        version_tag = hashlib.sha256(spec.server_image.encode()).hexdigest()[:8]
-        migrate = k8s.batch.v1.Job(
-            f"{name}-migrate",
-            metadata=common.metadata(f"{name}-migrate-{version_tag}", ns, object_labels),
-            spec={
-                "backoffLimit": 4,
-                "template": {
-                    "metadata": {"labels": object_labels},
-                    "spec": {
-                        "restartPolicy": "OnFailure",
-                        "serviceAccountName": args.service_account,
-                        "securityContext": security,
-                        "containers": [
-                            {
-                                "name": "migrate",
-                                "image": spec.server_image,
-                                "command": MIGRATE_COMMAND,
-                                "env": [backend_env],
-                                "resources": common.resources(spec.resources),
-                                "securityContext": common.container_security(read_only_root=False),
-                            }
-                        ],
-                    },
-                },
-            },
-            opts=common.child(self, depends_on=[*database, url_secret, account], delete_before_replace=True),
+        # Before any server starts: back up and migrate the schema when this MLflow's is newer (see module doc).
+        script = UPGRADE_SCRIPT.read_text()
+        scripts = k8s.core.v1.ConfigMap(
+            f"{name}-scripts",
+            metadata=common.metadata(f"{name}-scripts", ns, object_labels),
+            data={UPGRADE_SCRIPT.name: script},
+            opts=common.child(self),
         )
+        upgrade = {
+            "name": "upgrade-schema",
+            "image": spec.server_image,
+            "command": ["python", f"{SCRIPTS_DIR}/{UPGRADE_SCRIPT.name}"],
+            "env": [backend_env, {"name": "LOOPFORM_BACKUP_URI", "value": backup_uri(spec)}, *self._artifact_env(spec)],
+            **common.env_from(args.credentials_env_from),
+            "resources": common.resources(spec.resources),
+            "securityContext": common.container_security(read_only_root=False),
+            "volumeMounts": [
+                {"name": "scripts", "mountPath": SCRIPTS_DIR, "readOnly": True},
+                {"name": "tmp", "mountPath": "/tmp"},
+            ],
+        }
+        script_checksum = hashlib.sha256(script.encode()).hexdigest()[:16]
 
         port = spec.port
         hosts = [f"{name}", f"{name}.{ns}", f"{name}.{ns}.svc", f"{name}.{ns}.svc.cluster.local", "localhost"]
@@ -199,12 +202,22 @@ class ModelRegistry(pulumi.ComponentResource):
             spec={
                 "replicas": spec.replicas,
                 "selector": {"matchLabels": common.selector(COMPONENT, name)},
-                "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+                # Recreate: every old server is gone before the new pods' init container migrates, so no
+                # server of the old version writes during a migration (a short gap on each rollout).
+                "strategy": {"type": "Recreate"},
                 "template": {
-                    "metadata": {"labels": object_labels, "annotations": {PASSWORD_CHECKSUM: checksum}},
+                    "metadata": {
+                        "labels": object_labels,
+                        "annotations": {PASSWORD_CHECKSUM: checksum, UPGRADE_CHECKSUM: script_checksum},
+                    },
                     "spec": {
                         "serviceAccountName": args.service_account,
                         "securityContext": security,
+                        "initContainers": [upgrade],
+                        "volumes": [
+                            {"name": "scripts", "configMap": {"name": f"{name}-scripts"}},
+                            {"name": "tmp", "emptyDir": {}},
+                        ],
                         "containers": [
                             {
                                 "name": "mlflow",
@@ -232,7 +245,7 @@ class ModelRegistry(pulumi.ComponentResource):
                     },
                 },
             },
-            opts=common.child(self, depends_on=[migrate]),
+            opts=common.child(self, depends_on=[*database, url_secret, account, scripts]),
         )
 
         service = k8s.core.v1.Service(

@@ -25,6 +25,10 @@ def cmd_render(args: argparse.Namespace) -> int:
     """Render the stack's resources offline and write them as YAML."""
     path = _stack_path(args)
     spec = load_stack(path, Path(args.root))  # a bad spec is reported before Pulumi starts
+    if spec.is_local:
+        raise UsageError(
+            f"stack {args.stack} has cluster.kind none and declares nothing: `loopform up --stack {args.stack}` runs it"
+        )
     from loopform import render
 
     root = Path(args.root)

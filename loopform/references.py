@@ -238,7 +238,13 @@ def object_refs(manifest: dict[str, Any]) -> list[Ref]:
         refs.append(Ref("Namespace", None, spec["destination"]["namespace"], by=by))
     elif kind == "AppProject":
         refs.extend(Ref("Namespace", None, d["namespace"], by=by) for d in spec.get("destinations") or [])
-    refs.extend(Ref("Bucket", None, bucket, by=by) for text in _strings(manifest) for bucket in _S3.findall(text))
+    # Any s3:// location an object names is a bucket it needs; program source shipped in a ConfigMap only
+    # mentions them (docstrings, examples): its locations come in through the environment.
+    scanned = manifest
+    if kind == "ConfigMap":
+        data = {key: value for key, value in (manifest.get("data") or {}).items() if not key.endswith(".py")}
+        scanned = {**manifest, "data": data}
+    refs.extend(Ref("Bucket", None, bucket, by=by) for text in _strings(scanned) for bucket in _S3.findall(text))
     return refs
 
 

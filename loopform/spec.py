@@ -207,10 +207,15 @@ Identity = Annotated[IrsaIdentity | PodIdentity | StaticKeys, Field(discriminato
 class ClusterSpec(Strict):
     """The existing Kubernetes cluster the stack deploys into."""
 
+    kind: Literal["kubernetes", "none"] = Field(
+        "kubernetes",
+        description="kubernetes: `pulumi up` declares the platform in a cluster. none: the stack runs on this "
+        "machine with `loopform up` (SQLite, local files, localhost) and declares nothing; Pulumi refuses it.",
+    )
     kube_context: str | None = Field(
         None,
-        description="kubeconfig context the stack deploys to, always through an explicit provider. Required on "
-        "every stack but local: without it Pulumi would deploy wherever kubectl points.",
+        description="kubeconfig context the stack deploys to, always through an explicit provider. Required "
+        "unless kind is none: without it Pulumi would deploy wherever kubectl points.",
     )
     namespaces: Namespaces = Field(
         default_factory=Namespaces, description="Namespaces; each left out is loopform-<environment>-<suffix>."
@@ -231,7 +236,7 @@ class ClusterSpec(Strict):
     identity: Identity | None = Field(
         None,
         description="How workloads reach object storage: irsa, pod-identity or static-keys. Required when any "
-        "URI of the spec is s3:// (except on the local stack, which runs no pods).",
+        "URI of the spec is s3:// (unless kind is none: such a stack runs no pods).",
     )
 
 
@@ -648,8 +653,8 @@ class PlatformSpec(Strict):
 
     @property
     def is_local(self) -> bool:
-        """The embedded default (`loopform up`): runs no pods, so cluster-only settings do not apply."""
-        return self.environment == "local"
+        """A stack with no cluster (`loopform up`): runs no pods, so cluster-only settings do not apply."""
+        return self.cluster.kind == "none"
 
     def bucket_uris(self) -> dict[str, str]:
         """Every object-store location the platform's workloads read or write, by spec key."""
@@ -678,8 +683,8 @@ class PlatformSpec(Strict):
         if not self.is_local and not self.cluster.kube_context:
             raise SpecReferenceError(
                 ("cluster", "kube_context"),
-                "required on every stack but local: name the kubeconfig context this environment deploys to "
-                "(else `pulumi up` goes wherever kubectl points)",
+                "required on every stack with a cluster: name the kubeconfig context this environment deploys to "
+                "(else `pulumi up` goes wherever kubectl points), or set cluster.kind: none for `loopform up`",
             )
         return self
 

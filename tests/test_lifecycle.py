@@ -85,11 +85,11 @@ def _template_annotations(resource: render.RenderedResource) -> dict[str, str]:
     return resource.inputs["spec"]["template"]["metadata"].get("annotations", {})
 
 
-def test_a_password_rotation_rolls_the_database_and_mlflow_but_not_the_migration() -> None:
+def test_a_password_rotation_rolls_the_database_and_mlflow() -> None:
     before, after = _rendered_with_password("first-password"), _rendered_with_password("second-password")
-    for name in ("dev-registry-postgres", "dev-registry-server"):
+    for name in ("dev-registry-postgres", "dev-registry-server", "dev-features-server"):
         assert _template_annotations(before[name]) != _template_annotations(after[name]), f"{name} does not roll"
-    assert before["dev-registry-migrate"].inputs == after["dev-registry-migrate"].inputs
+    assert before["dev-orchestrator-fraud-template"].inputs == after["dev-orchestrator-fraud-template"].inputs
     # The digest in the annotation is not the password, and the password is in no manifest.
     for resource in after.values():
         if resource.is_kubernetes_object:
@@ -118,7 +118,7 @@ def test_validate_refuses_a_cluster_stack_without_a_kube_context(
 ) -> None:
     path = _write_stack(tmp_path, "staging", lambda spec: spec["cluster"].pop("kube_context"))
     assert main(["validate", "--stack", "staging", "--file", str(path)]) == 2
-    assert "loopform:platform.cluster.kube_context: required on every stack but local" in capsys.readouterr().err
+    assert "loopform:platform.cluster.kube_context: required on every stack with a cluster" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("stack", STACKS)
@@ -127,9 +127,11 @@ def test_the_program_always_uses_an_explicit_provider_for_the_stack_context(stac
     assert [p.inputs["context"] for p in providers] == [load_stack(stack_file(stack)).cluster.kube_context]
 
 
-def test_the_local_stack_refuses_pulumi() -> None:
+def test_the_local_stack_refuses_pulumi(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(Exception, match="loopform up --stack local"):
-        render.render_stack("local", ROOT)
+        render.render_stack("local", ROOT)  # the program itself, as `pulumi up -s local` runs it
+    assert main(["render", "--stack", "local"]) == 2
+    assert "loopform up --stack local" in capsys.readouterr().err
 
 
 def test_up_workflow_puts_staging_and_prod_behind_environment_approvals() -> None:

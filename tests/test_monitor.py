@@ -237,6 +237,7 @@ def test_run_from_spec_uses_the_stack_settings(tmp_path: Path, reference: pd.Dat
     spec = PlatformSpec.model_validate(
         {
             "environment": "local",
+            "cluster": {"kind": "none"},
             "monitoring": {"payload_uri": f"file://{tmp_path}/lake", "window": "2h", "min_rows": 300},
             "gates": {"drift": {"max_drift_share": 0.9}},
         }

@@ -9,7 +9,7 @@ import pytest
 from pulumi.runtime.rpc import is_rpc_secret
 
 from components.feature_store import FeatureStore, FeatureStoreArgs, feature_files, redis_connection_string
-from components.registry import MIGRATE_COMMAND, DatabaseEndpoint, ModelRegistry, ModelRegistryArgs
+from components.registry import SCRIPTS_DIR, UPGRADE_SCRIPT, DatabaseEndpoint, ModelRegistry, ModelRegistryArgs
 from loopform.render import REDACTED, RenderedResource, render_components
 from loopform.spec import ExternalDatabase, ExternalRedis, FeatureStoreSpec, RegistrySpec
 
@@ -54,7 +54,7 @@ def test_registry_in_cluster_postgres() -> None:
         "reg-postgres",
         "reg-postgres-data",
         "reg-postgres-service",
-        "reg-migrate",
+        "reg-scripts",
         "reg-server",
         "reg-service",
     }
@@ -65,7 +65,8 @@ def test_registry_in_cluster_postgres() -> None:
 
     server = by_name["reg-server"]
     assert server.inputs["spec"]["replicas"] == 2
-    assert server.inputs["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    # No old server writes while the new pods' init container migrates.
+    assert server.inputs["spec"]["strategy"] == {"type": "Recreate"}
     container = _container(server)
     assert container["image"] == "ghcr.io/loopform/mlflow:v3.17.2"
     assert container["readinessProbe"]["httpGet"]["path"] == "/health"
@@ -75,11 +76,14 @@ def test_registry_in_cluster_postgres() -> None:
         "valueFrom": {"secretKeyRef": {"name": "reg-db", "key": "url"}},
     } in container["env"]
 
-    # The server waits for the migration Job, which waits for the database.
-    migrate = by_name["reg-migrate"]
-    assert migrate.urn in server.dependencies
-    assert by_name["reg-postgres"].urn in migrate.dependencies
-    assert _container(migrate)["command"] == MIGRATE_COMMAND
+    # The server waits for its database and the upgrade script, which its init container runs first.
+    assert {by_name["reg-postgres"].urn, by_name["reg-scripts"].urn} <= set(server.dependencies)
+    (upgrade,) = server.inputs["spec"]["template"]["spec"]["initContainers"]
+    assert upgrade["command"] == ["python", f"{SCRIPTS_DIR}/{UPGRADE_SCRIPT.name}"]
+    assert by_name["reg-scripts"].inputs["data"] == {UPGRADE_SCRIPT.name: UPGRADE_SCRIPT.read_text()}
+    assert {"name": "LOOPFORM_BACKUP_URI", "value": "s3://loopform-mlflow/artifacts/_loopform/backups"} in upgrade[
+        "env"
+    ]
 
     secret = by_name["reg-db"].manifest()
     libpq = {"PGHOST", "PGPORT", "PGUSER", "PGPASSWORD", "PGDATABASE"}  # in-cluster: no TLS, no PGSSLMODE
@@ -127,14 +131,15 @@ def test_registry_external_database_gets_its_url_secret_built_and_escaped() -> N
 def test_the_database_url_is_in_no_command_line() -> None:
     resources, _ = _render(lambda: ModelRegistry("reg", ModelRegistryArgs(db_password=PASSWORD)))
     by_name = _by_name(resources)
-    for name in ("reg-server", "reg-migrate"):
-        container = _container(by_name[name])
+    pod = by_name["reg-server"].inputs["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "loopform-mlflow"
+    for container in [*pod["initContainers"], *pod["containers"]]:
         command = " ".join([*container["command"], *container.get("args", [])])
         assert "MLFLOW_BACKEND_STORE_URI)" not in command and "backend-store-uri" not in command, command
-        assert by_name[name].inputs["spec"]["template"]["spec"]["serviceAccountName"] == "loopform-mlflow"
-    assert _container(by_name["reg-migrate"])["command"] == MIGRATE_COMMAND
     url = make_url_of(by_name["reg-db"])
     assert url.password == PASSWORD and url.host == "reg-postgres.loopform-system.svc.cluster.local"
+    # SQLAlchemy 2.1 reads plain postgresql:// as psycopg 3, which the images do not install.
+    assert url.drivername == "postgresql+psycopg2"
 
 
 def make_url_of(secret: RenderedResource):
@@ -144,18 +149,26 @@ def make_url_of(secret: RenderedResource):
 
 
 @pytest.mark.slow
-def test_the_migration_command_migrates_from_the_environment(tmp_path: Path) -> None:
-    """The Job's exact command, run here against SQLite: MLflow's schema appears, the URL read from the env."""
+def test_the_rendered_init_container_migrates_from_the_environment(tmp_path: Path) -> None:
+    """The init container as rendered (command, mounted script, env), run here against SQLite."""
     import sqlite3
     import subprocess
     import sys
 
-    database = tmp_path / "mlflow.db"
-    command = [sys.executable if part == "python" else part for part in MIGRATE_COMMAND]
-    env = {"PATH": "/usr/bin:/bin", "MLFLOW_BACKEND_STORE_URI": f"sqlite:///{database}"}
+    resources, _ = _render(lambda: ModelRegistry("reg", ModelRegistryArgs(db_password="pw")))
+    by_name = _by_name(resources)
+    (upgrade,) = by_name["reg-server"].inputs["spec"]["template"]["spec"]["initContainers"]
+    scripts = tmp_path / "scripts"  # the ConfigMap volume at SCRIPTS_DIR
+    scripts.mkdir()
+    for file, text in by_name["reg-scripts"].inputs["data"].items():
+        (scripts / file).write_text(text)
+    command = [sys.executable, *(part.replace(SCRIPTS_DIR, str(scripts)) for part in upgrade["command"][1:])]
+    env = {e["name"]: e["value"] for e in upgrade["env"] if "value" in e}
+    env |= {"PATH": "/usr/bin:/bin", "MLFLOW_BACKEND_STORE_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    env["LOOPFORM_BACKUP_URI"] = f"file://{tmp_path / 'backups'}"  # the artifact bucket on the cluster
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    tables = {row[0] for row in sqlite3.connect(database).execute("select name from sqlite_master")}
+    tables = {row[0] for row in sqlite3.connect(tmp_path / "mlflow.db").execute("select name from sqlite_master")}
     assert {"experiments", "runs", "registered_models", "alembic_version"} <= tables
 
 
@@ -166,13 +179,14 @@ def test_registry_needs_a_password(backend) -> None:
         render_components(lambda: ModelRegistry("reg", ModelRegistryArgs(spec=spec)))
 
 
-def test_migration_job_name_follows_the_mlflow_version() -> None:
-    def job_name(version: str) -> str:
+def test_an_mlflow_version_change_upgrades_with_the_new_image() -> None:
+    def images(version: str) -> set[str]:
         spec = RegistrySpec(mlflow_version=version)
         resources, _ = _render(lambda: ModelRegistry("reg", ModelRegistryArgs(spec=spec, db_password="pw")))
-        return _by_name(resources)["reg-migrate"].inputs["metadata"]["name"]
+        pod = _by_name(resources)["reg-server"].inputs["spec"]["template"]["spec"]
+        return {c["image"] for c in [*pod["initContainers"], *pod["containers"]]}
 
-    assert job_name("3.17.0") != job_name("3.18.0")
+    assert images("3.18.0") == {"ghcr.io/loopform/mlflow:v3.18.0"}
 
 
 def test_feature_store_in_cluster_redis() -> None:

@@ -122,8 +122,8 @@ def test_a_pod_reading_s3_without_identity_is_caught(rendered) -> None:
     missing = pods_without_object_store_credentials(Manifests(objects, manifests.charts), [])
     assert any("Deployment loopform-dev-serving/fraud-service" in line for line in missing), missing
     assert any("Job loopform-dev-system/dev-features-apply" in line for line in missing), missing
-    # The MLflow migration names no s3:// location: it needs no object-store identity.
-    assert not any("dev-registry-migrate" in line for line in missing)
+    # The PostgreSQL StatefulSet names no s3:// location: it needs no object-store identity.
+    assert not any("dev-registry-postgres" in line for line in missing)
 
 
 def test_prerequisites_follow_the_spec() -> None:

@@ -23,7 +23,7 @@ def test_every_stack_file_is_a_valid_spec() -> None:
 
 
 def test_defaults_fill_every_section() -> None:
-    spec = PlatformSpec(environment="local")
+    spec = PlatformSpec(environment="local", cluster={"kind": "none"})
     assert spec.registry.backend.kind == "in-cluster"
     assert spec.feature_store.online_store.kind == "in-cluster"
     assert spec.cluster.namespaces.platform == "loopform-local-system"
