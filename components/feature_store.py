@@ -98,7 +98,10 @@ def registry_url(spec: FeatureStoreSpec, database: DatabaseEndpoint, password: s
 
 
 #: Creates the registry's role and database if missing and sets the role's password, connected as the
-#: platform database's user (libpq PG* variables from its Secret). Idempotent; values come in with \\getenv (no
+#: platform database's user (libpq PG* variables from its Secret). CREATE DATABASE ... OWNER needs the user to be
+#: able to SET ROLE to the owner: PostgreSQL 16 makes a CREATEROLE user (RDS's) a member WITH ADMIN but without
+#: SET of the roles it creates, hence the GRANT checks SET there (MEMBER before 16). Idempotent; values come in
+#: with \\getenv (no
 #: password in any argv) and format() quotes every identifier (%I) and literal (%L), so none is spliced into SQL.
 REGISTRY_DATABASE_SQL = """\
 \\getenv user FEAST_REGISTRY_USER
@@ -106,7 +109,9 @@ REGISTRY_DATABASE_SQL = """\
 \\getenv password FEAST_REGISTRY_PASSWORD
 SELECT format('CREATE ROLE %I LOGIN', :'user') WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = :'user') \\gexec
 SELECT format('ALTER ROLE %I WITH LOGIN PASSWORD %L', :'user', :'password') \\gexec
-SELECT format('GRANT %I TO %I', :'user', current_user) WHERE NOT pg_has_role(current_user, :'user', 'MEMBER') \\gexec
+SELECT format('GRANT %I TO %I', :'user', current_user)
+  WHERE NOT pg_has_role(current_user, :'user', CASE WHEN current_setting('server_version_num')::int >= 160000
+                                                    THEN 'SET' ELSE 'MEMBER' END) \\gexec
 SELECT format('CREATE DATABASE %I OWNER %I', :'database', :'user')
   WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = :'database') \\gexec
 """

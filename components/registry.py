@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import quote
 
@@ -65,12 +65,21 @@ exit 1""",
 #: when the database is behind this MLflow, a pg_dump to the artifact store and `mlflow db upgrade`'s migration.
 UPGRADE_SCRIPT = Path(__file__).resolve().parent / "scripts" / "mlflow_upgrade.py"
 UPGRADE_CHECKSUM = "loopform.dev/upgrade-script-checksum"
+UPGRADE_DEADLINE_SECONDS = 3600
 SCRIPTS_DIR = "/opt/loopform"
 
 
 def backup_uri(spec: RegistrySpec) -> str:
-    """Where schema upgrades put their database backups: beside the artifacts, in the artifact bucket."""
-    return f"{spec.artifacts.uri.rstrip('/')}/_loopform/backups"
+    """Where schema upgrades put their database backups: the artifact bucket, outside the artifact root.
+
+    Inside `--artifacts-destination` MLflow's artifact proxy would let any client list, download or
+    delete the dumps; the bucket's root level is out of its reach.
+    """
+    scheme, _, rest = spec.artifacts.uri.partition("://")
+    bucket = rest.partition("/")[0]
+    if scheme == "file":  # a folder: beside the artifact root
+        return f"file://{str(PurePosixPath('/' + rest.lstrip('/')).parent).rstrip('/')}/loopform-backups/mlflow"
+    return f"{scheme}://{bucket}/loopform-backups/mlflow"
 
 
 @dataclass
@@ -203,8 +212,10 @@ class ModelRegistry(pulumi.ComponentResource):
                 "replicas": spec.replicas,
                 "selector": {"matchLabels": common.selector(COMPONENT, name)},
                 # Recreate: every old server is gone before the new pods' init container migrates, so no
-                # server of the old version writes during a migration (a short gap on each rollout).
+                # server of the old version writes during a migration (a short gap on each rollout). A large
+                # dump and migration can take long: the rollout gets an hour before it counts as failed.
                 "strategy": {"type": "Recreate"},
+                "progressDeadlineSeconds": UPGRADE_DEADLINE_SECONDS,
                 "template": {
                     "metadata": {
                         "labels": object_labels,
@@ -245,7 +256,11 @@ class ModelRegistry(pulumi.ComponentResource):
                     },
                 },
             },
-            opts=common.child(self, depends_on=[*database, url_secret, account, scripts]),
+            opts=common.child(
+                self,
+                depends_on=[*database, url_secret, account, scripts],
+                custom_timeouts=pulumi.CustomTimeouts(create="60m", update="60m"),
+            ),
         )
 
         service = k8s.core.v1.Service(

@@ -278,6 +278,9 @@ def _storage_class(cluster: Cluster, item: Prerequisite) -> Result:
             return Result(item, "missing", f"StorageClass {item.name} not found")
         chosen = found
     name = (chosen.get("metadata") or {}).get("name")
+    if chosen.get("allowVolumeExpansion") is not True:  # volumes are grown in place (README, day two)
+        fix = f"kubectl patch storageclass {name} -p '{{\"allowVolumeExpansion\": true}}'"
+        return Result(item, "missing", f"StorageClass {name} does not allow volume expansion", fix)
     provisioner = str(chosen.get("provisioner") or "")
     driver = MIGRATED_TO_CSI.get(provisioner, provisioner)
     if driver.startswith("kubernetes.io/"):

@@ -148,7 +148,8 @@ def _cluster_services(spec: PlatformSpec) -> Iterable[Prerequisite]:
         yield Prerequisite(
             "storage-class",
             name,
-            why=f"volumes of {', '.join(stateful)}; its provisioner must run (on EKS: the EBS CSI driver add-on)",
+            why=f"volumes of {', '.join(stateful)}; its provisioner must run (on EKS: the EBS CSI driver add-on) "
+            "and allowVolumeExpansion be true, so volumes grow in place",
             fix=(
                 "aws eks create-addon --cluster-name <cluster> --addon-name aws-ebs-csi-driver; then make a "
                 "StorageClass the default (provisioner ebs.csi.aws.com, annotation "
@@ -194,7 +195,7 @@ def _identity(spec: PlatformSpec) -> Iterable[Prerequisite]:
                 "iam-role",
                 str(arn),
                 why=f"{workload.what}: trust {workload.subject} (sts:AssumeRoleWithWebIdentity), "
-                f"allow the buckets it uses",
+                f"allow {_access(spec, workload.name)}",
                 fix=f"aws iam get-role --role-name {str(arn).rsplit('/', 1)[-1]}",
             )
     elif isinstance(chosen, PodIdentity):
@@ -210,10 +211,24 @@ def _identity(spec: PlatformSpec) -> Iterable[Prerequisite]:
             yield Prerequisite(
                 "pod-identity-association",
                 f"{workload.namespace}/{workload.service_account}",
-                why=f"{workload.what} runs as this ServiceAccount and needs role {arn} (trusting pods.eks.amazonaws.com)",
+                why=f"{workload.what} runs as this ServiceAccount and needs role {arn} (trusting "
+                f"pods.eks.amazonaws.com) that allows {_access(spec, workload.name)}",
                 fix=f"aws eks create-pod-identity-association --cluster-name {chosen.cluster_name} "
                 f"--namespace {workload.namespace} --service-account {workload.service_account} --role-arn {arn}",
             )
+
+
+def _access(spec: PlatformSpec, workload: str) -> str:
+    """The object-store access a workload's role needs."""
+    artifacts, offline = spec.registry.artifacts.uri, spec.feature_store.offline_store.data_uri
+    bucket = artifacts.removeprefix("s3://").split("/", 1)[0]
+    needs = {
+        "registry": f"{artifacts} and the schema backups in s3://{bucket}/loopform-backups/mlflow/",
+        "feature_store": f"{offline} (read)",
+        "pipelines": f"{offline}, {artifacts}, s3://{spec.orchestrator.artifact_repository.bucket}",
+        "serving": f"{artifacts} (read), {spec.monitoring.payload_uri}",
+    }
+    return f"s3 Get/Put/List on {needs[workload]}"
 
 
 def _buckets(spec: PlatformSpec) -> Iterable[Prerequisite]:
@@ -253,7 +268,12 @@ def _karpenter(spec: PlatformSpec) -> Iterable[Prerequisite]:
 def _secret_config(spec: PlatformSpec) -> Iterable[Prerequisite]:
     backend = spec.registry.backend
     if isinstance(backend, InClusterPostgres | ExternalDatabase):
-        where = "in-cluster PostgreSQL" if isinstance(backend, InClusterPostgres) else f"database at {backend.host}"
+        where = (
+            "in-cluster PostgreSQL"
+            if isinstance(backend, InClusterPostgres)
+            else f"database at {backend.host} (user {backend.user} needs CREATEROLE and CREATEDB: a Job makes "
+            f"Feast's registry role and database with it)"
+        )
         yield Prerequisite(
             "secret-config",
             f"loopform:{DB_PASSWORD_CONFIG}",

@@ -251,7 +251,7 @@ def test_default_storage_class_without_its_csi_driver(
     assert EBS_DRIVER in api.paths
 
 
-def _default_class(api: FakeApiServer, provisioner: str | None) -> None:
+def _default_class(api: FakeApiServer, provisioner: str | None, expandable: bool = True) -> None:
     """Make gp2 (or nothing, with None) the default class, with `provisioner`."""
     listed = copy.deepcopy(api.routes[STORAGE_CLASSES][1])
     gp2, gp3 = listed["items"]
@@ -259,6 +259,8 @@ def _default_class(api: FakeApiServer, provisioner: str | None) -> None:
     if provisioner:
         gp2["metadata"]["annotations"]["storageclass.kubernetes.io/is-default-class"] = "true"
         gp2["provisioner"] = provisioner
+        if expandable:
+            gp2["allowVolumeExpansion"] = True
     api.routes[STORAGE_CLASSES] = (200, listed)
 
 
@@ -271,6 +273,17 @@ def test_in_tree_ebs_class_needs_the_csi_driver_it_migrated_to(
     line = line_of(capsys.readouterr().out, "(default)")
     assert "StorageClass gp2: provisioner kubernetes.io/aws-ebs (migrated to CSI driver ebs.csi.aws.com)" in line
     assert line.endswith("--addon-name aws-ebs-csi-driver")
+
+
+def test_a_class_that_cannot_grow_volumes_is_reported(
+    tmp_path: Path, api: FakeApiServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Volumes grow in place: EKS's stock gp2 class has no allowVolumeExpansion, so growth would be refused."""
+    _default_class(api, "ebs.csi.aws.com", expandable=False)
+    assert doctor(tmp_path, api) == 1
+    line = line_of(capsys.readouterr().out, "(default)")
+    assert "StorageClass gp2 does not allow volume expansion" in line
+    assert """kubectl patch storageclass gp2 -p '{"allowVolumeExpansion": true}'""" in line
 
 
 def test_in_tree_provisioner_without_csi_is_not_asked_for_a_driver(

@@ -64,19 +64,36 @@ def test_the_registry_secret_reaches_every_namespace_that_reads_it_and_feast_rea
     assert f"${{{REGISTRY_URL_ENV}}}" in cluster_config(FeatureStoreSpec())
 
 
-def _job_env(server, password: str) -> dict[str, str]:
+def _job_env(server, password: str, admin: tuple[str, str] | None = None) -> dict[str, str]:
     """The Job container's environment: the rendered values, the platform user's libpq variables."""
     container = _rendered()["fs-registry-db"].inputs["spec"]["template"]["spec"]["containers"][0]
     env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    user, admin_password = admin or (server.user, server.password)
     return server.env(
         **env,
         FEAST_REGISTRY_PASSWORD=password,
         PGHOST="127.0.0.1",
         PGPORT=str(server.port),
-        PGUSER=server.user,
-        PGPASSWORD=server.password,
+        PGUSER=user,
+        PGPASSWORD=admin_password,
         PGDATABASE="mlflow",
     )
+
+
+@pytest.mark.slow
+@needs_postgres
+def test_the_job_works_for_a_managed_databases_user_that_is_no_superuser() -> None:
+    """RDS's master user has CREATEROLE and CREATEDB, not superuser: CREATE DATABASE ... OWNER needs the GRANT."""
+    with postgres(user="mlflow", password="admin-pw") as server:
+        assert server.psql("CREATE ROLE platform LOGIN CREATEROLE CREATEDB PASSWORD 'platform-pw'").returncode == 0
+        assert server.psql("CREATE DATABASE mlflow OWNER platform").returncode == 0
+        for _ in range(2):  # idempotent
+            env = _job_env(server, "feast-pw", admin=("platform", "platform-pw"))
+            done = subprocess.run(REGISTRY_DATABASE_COMMAND, env=env, **server.run)
+            assert done.returncode == 0, done.stderr
+        owner = server.psql("select pg_get_userbyid(datdba) from pg_database where datname = 'feast'")
+        assert owner.stdout.strip() == "feast"
+        assert server.psql("select 1", user="feast", password="feast-pw", database="feast").returncode == 0
 
 
 @pytest.mark.slow

@@ -81,9 +81,10 @@ def test_registry_in_cluster_postgres() -> None:
     (upgrade,) = server.inputs["spec"]["template"]["spec"]["initContainers"]
     assert upgrade["command"] == ["python", f"{SCRIPTS_DIR}/{UPGRADE_SCRIPT.name}"]
     assert by_name["reg-scripts"].inputs["data"] == {UPGRADE_SCRIPT.name: UPGRADE_SCRIPT.read_text()}
-    assert {"name": "LOOPFORM_BACKUP_URI", "value": "s3://loopform-mlflow/artifacts/_loopform/backups"} in upgrade[
-        "env"
-    ]
+    # Backups go to the bucket, outside the artifact root MLflow's proxy serves to any client.
+    backups = {"name": "LOOPFORM_BACKUP_URI", "value": "s3://loopform-mlflow/loopform-backups/mlflow"}
+    assert backups in upgrade["env"]
+    assert server.inputs["spec"]["progressDeadlineSeconds"] == 3600
 
     secret = by_name["reg-db"].manifest()
     libpq = {"PGHOST", "PGPORT", "PGUSER", "PGPASSWORD", "PGDATABASE"}  # in-cluster: no TLS, no PGSSLMODE
