@@ -11,8 +11,10 @@ random password generated in the cluster, before the first Argo CD pod starts.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pulumi
@@ -28,6 +30,7 @@ ARGOCD_IMAGE_REPOSITORY = "quay.io/argoproj/argocd"
 IN_CLUSTER = "https://kubernetes.default.svc"
 REDIS_SECRET = "argocd-redis"
 REDIS_SECRET_INIT = "argocd-redis-secret-init"
+RELEASES_ANNOTATION = "loopform.dev/releases"
 
 #: Kinds a model service consists of (ModelService component); the AppProject allows only these.
 SERVICE_KINDS: tuple[tuple[str, str], ...] = (
@@ -57,7 +60,9 @@ def application_path(spec: GitOpsSpec, environment: str) -> str:
     return f"{spec.path.rstrip('/')}/{environment}"
 
 
-def argocd_values(argocd_version: str, install_crds: bool = True) -> dict[str, Any]:
+def argocd_values(
+    argocd_version: str, install_crds: bool = True, gpg_keys: Mapping[str, str] | None = None
+) -> dict[str, Any]:
     """argo-cd chart values: the redis-secret-init hook is replaced by our own Job (see module doc)."""
     return {
         # Only the stack with cluster.shared_addons installs the CRDs. keep false: with `keep` the chart marks
@@ -68,6 +73,8 @@ def argocd_values(argocd_version: str, install_crds: bool = True) -> dict[str, A
         "redisSecretInit": {"enabled": False},
         # No SSO is configured, so Dex would only be an idle attack surface.
         "dex": {"enabled": False},
+        # The release keys the AppProject's signatureKeys name (argocd-gpg-keys-cm).
+        "configs": {"gpg": {"keys": dict(gpg_keys or {})}},
     }
 
 
@@ -110,14 +117,30 @@ def redis_secret_init_job(namespace: str, argocd_version: str, labels: Mapping[s
 
 
 def app_project_spec(spec: GitOpsSpec, namespaces: Namespaces, kinds: Sequence[tuple[str, str]]) -> dict[str, Any]:
-    """An AppProject that may only deploy the listed kinds, from the spec's repository, into the serving namespace."""
-    return {
+    """An AppProject that may only deploy the listed kinds, from the spec's repository, into the serving namespace,
+    and (with signature keys) only from commits signed by a release key."""
+    project: dict[str, Any] = {
         "description": "Model services released by loopform",
         "sourceRepos": [spec.repo_url],
         "destinations": [{"server": IN_CLUSTER, "namespace": namespaces.serving}],
         "clusterResourceWhitelist": [],
         "namespaceResourceWhitelist": [{"group": group, "kind": kind} for group, kind in kinds],
     }
+    if spec.signature_keys:
+        project["signatureKeys"] = [{"keyID": key_id} for key_id in spec.signature_keys]
+    return project
+
+
+def public_keys(spec: GitOpsSpec, root: Path) -> dict[str, str]:
+    """The release keys' ASCII-armored public keys, by key id, as the chart's `configs.gpg.keys` takes them."""
+    return {key_id: (root / spec.public_keys / f"{key_id}.asc").read_text() for key_id in spec.signature_keys}
+
+
+def releases_annotation(releases: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
+    """The signed records of the services the Application syncs: what the policy pack judges on this road."""
+    if not releases:
+        return {}
+    return {RELEASES_ANNOTATION: json.dumps(dict(releases), sort_keys=True, separators=(",", ":"))}
 
 
 def application_spec(spec: GitOpsSpec, environment: str, namespaces: Namespaces, retry: RetryPolicy) -> dict[str, Any]:
@@ -163,6 +186,10 @@ class GitOpsArgs:
     """(API group, kind) pairs the AppProject lets the Application deploy."""
     install_crds: bool = True
     """Install the Argo CD CRDs (cluster.shared_addons: one stack per cluster does)."""
+    gpg_keys: Mapping[str, str] = field(default_factory=dict)
+    """Release keys' armored public keys by key id (`public_keys`), imported for commit verification."""
+    releases: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    """Signed release record of each model the Application syncs, for the policy pack."""
 
 
 class GitOps(pulumi.ComponentResource):
@@ -204,7 +231,7 @@ class GitOps(pulumi.ComponentResource):
                 version=spec.chart_version,
                 namespace=namespace,
                 repository_opts=RepositoryOptsArgs(repo=ARGO_HELM_REPO),
-                values=argocd_values(args.argocd_version, args.install_crds),
+                values=argocd_values(args.argocd_version, args.install_crds, args.gpg_keys),
             ),
             opts=common.child(self, depends_on=[init_job]),
         )
@@ -218,7 +245,9 @@ class GitOps(pulumi.ComponentResource):
             spec=app_project_spec(spec, args.namespaces, args.service_kinds),
             opts=common.child(self, depends_on=[chart]),
         )
-        application_metadata = common.metadata(application_name(args.environment), namespace, gitops_labels)
+        application_metadata = common.metadata(
+            application_name(args.environment), namespace, gitops_labels, releases_annotation(args.releases)
+        )
         # Deleting the Application deletes the services it deployed (cascading), not only the record.
         application_metadata["finalizers"] = ["resources-finalizer.argocd.argoproj.io"]
         CustomResource(

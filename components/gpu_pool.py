@@ -156,6 +156,11 @@ def node_class_manifest(
     }
 
 
+def pool_description(sched: GpuScheduling, kind: str) -> dict[str, Any]:
+    """A pool as the GpuNodePool component registers it: name, kind, the labels and taints of its nodes."""
+    return {"pool": sched.pool, "kind": kind, "nodeLabels": sched.node_selector(), "taints": sched.node_taints()}
+
+
 @dataclass(frozen=True, kw_only=True)
 class GpuNodePoolArgs:
     """Inputs of one GPU pool."""
@@ -183,8 +188,11 @@ class GpuNodePool(pulumi.ComponentResource):
     """The same constraints as plain data, for components that render pod specs."""
 
     def __init__(self, name: str, args: GpuNodePoolArgs, opts: pulumi.ResourceOptions | None = None) -> None:
-        super().__init__("loopform:gpu:GpuNodePool", name, None, opts)
-        self.scheduling = scheduling(args.pool_name, args.pool)
+        sched = scheduling(args.pool_name, args.pool)
+        # The pool as its inputs: the policy pack (gpu-workloads-on-declared-pools) reads an `existing` pool's
+        # labels and taints here, since no Kubernetes object of the stack declares that pool.
+        super().__init__("loopform:gpu:GpuNodePool", name, pool_description(sched, args.pool.kind), opts)
+        self.scheduling = sched
         object_labels = common.labels("gpu-pool", args.pool_name, dict(args.labels))
 
         node_pool_name: pulumi.Input[str | None] = None

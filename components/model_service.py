@@ -3,8 +3,9 @@
 The manifests are built by one pure function, `manifests`, so they can take either road:
 with GitOps enabled, `loopform render` writes them to `<gitops.path>/<environment>/` and
 Argo CD syncs them (Pulumi declares none, so no object has two owners); without GitOps, the
-`ModelService` component declares them directly. Either way the release's evidence rides
-along as annotations, so what runs says why it was allowed to.
+`ModelService` component declares them directly. Either way the Deployment carries the signed
+release record as an annotation, so what runs says why it was allowed to, and the service
+loads exactly the version and files the record names (LOOPFORM_ARTIFACTS_DIGEST).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import pulumi
 import pulumi_kubernetes as k8s
 
 from components import common
+from loopform import record
 from loopform.identity import SERVING_ACCOUNT
 from loopform.spec import ModelSpec
 
@@ -29,17 +31,25 @@ def service_name(model: str) -> str:
     return f"{model}-service"
 
 
-def evidence_annotations(spec: ModelSpec) -> dict[str, str]:
-    """The release and its evidence, as annotations the policy pack and a reviewer can read."""
+def release_annotations(spec: ModelSpec) -> dict[str, str]:
+    """The signed release record (what the policy pack verifies and judges), and its version for people."""
     release = spec.release
     if release is None:
         return {}
-    evidence = release.evidence.model_dump(mode="json")
     return {
         f"{ANNOTATION_PREFIX}model-version": str(release.version),
-        f"{ANNOTATION_PREFIX}run-id": release.run_id,
-        f"{ANNOTATION_PREFIX}evidence-digest": release.evidence.digest,
-        f"{ANNOTATION_PREFIX}evidence": json.dumps(evidence, sort_keys=True, separators=(",", ":")),
+        f"{ANNOTATION_PREFIX}release": json.dumps(release.record(), sort_keys=True, separators=(",", ":")),
+    }
+
+
+def pod_annotations(spec: ModelSpec) -> dict[str, str]:
+    """What the pods carry: which version, the record's signature (a new release rolls the pods)."""
+    release = spec.release
+    if release is None:
+        return {}
+    return {
+        f"{ANNOTATION_PREFIX}model-version": str(release.version),
+        f"{ANNOTATION_PREFIX}release-signature": release.signature,
     }
 
 
@@ -77,11 +87,10 @@ def manifests(args: ModelServiceArgs) -> list[dict[str, Any]]:
     serving = args.spec.serving
     name = service_name(args.model)
     object_labels = common.labels(COMPONENT, name, {**args.labels, f"{ANNOTATION_PREFIX}model": args.model})
-    annotations = evidence_annotations(args.spec)
-    meta = common.metadata(name, args.namespace, object_labels, annotations)
+    meta = common.metadata(name, args.namespace, object_labels, release_annotations(args.spec))
     selector = common.selector(COMPONENT, name)
     env = [
-        {"name": "LOOPFORM_MODEL_URI", "value": f"models:/{args.model}/{release.version}"},
+        *({"name": name, "value": value} for name, value in record.release_env(release.record()).items()),
         {"name": "LOOPFORM_TRACKING_URI", "value": args.tracking_uri},
         {"name": "LOOPFORM_PAYLOAD_URI", "value": args.payload_uri},
         {"name": "BENTOML_DO_NOT_TRACK", "value": "true"},
@@ -116,7 +125,7 @@ def manifests(args: ModelServiceArgs) -> list[dict[str, Any]]:
                 "metadata": {
                     "labels": object_labels,
                     "annotations": {
-                        **annotations,
+                        **pod_annotations(args.spec),
                         "prometheus.io/scrape": "true",
                         "prometheus.io/port": str(serving.port),
                         "prometheus.io/path": "/metrics",

@@ -37,6 +37,9 @@ ARGO_HELM_REPO = "https://argoproj.github.io/argo-helm"
 ARGO_API_GROUP = "argoproj.io"
 RUNNER_SERVICE_ACCOUNT = RUNNER_ACCOUNT
 SUBMITTER_SERVICE_ACCOUNT = "loopform-workflow-submitter"
+#: The executor's `init` and `wait` containers in every step pod: the chart leaves them without requests or a
+#: memory limit; the wait container archives the run directory to the artifact store.
+EXECUTOR_RESOURCES = {"requests": {"cpu": "100m", "memory": "64Mi"}, "limits": {"memory": "512Mi"}}
 
 
 def argo_workflows_values(
@@ -68,6 +71,12 @@ def argo_workflows_values(
         "server": {"clusterWorkflowTemplates": {"enabled": False}},
         # The chart's workflow ServiceAccount and Role are replaced by the runner below.
         "workflow": {"serviceAccount": {"create": False}, "rbac": {"create": False}},
+        # The controller adds these containers to every step pod: hardened like the steps (the pod-level
+        # non-root user and seccomp profile come from the WorkflowTemplate), so the pods meet `restricted`.
+        "executor": {
+            "resources": EXECUTOR_RESOURCES,
+            "securityContext": common.container_security(read_only_root=False),
+        },
     }
 
 

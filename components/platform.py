@@ -22,7 +22,7 @@ from components.feature_store import (
     registry_secret_name,
     registry_url_env,
 )
-from components.gitops import GitOps, GitOpsArgs
+from components.gitops import GitOps, GitOpsArgs, public_keys
 from components.gpu_pool import GpuNodePool, GpuNodePoolArgs, NvidiaDevicePlugin, NvidiaDevicePluginArgs
 from components.model_service import ModelService, ModelServiceArgs
 from components.orchestrator import Orchestrator, OrchestratorArgs
@@ -239,6 +239,12 @@ class Platform(pulumi.ComponentResource):
                     labels=labels,
                     argocd_version=spec.gitops.argocd_version,
                     install_crds=cluster.shared_addons,
+                    gpg_keys=public_keys(spec.gitops, args.root),
+                    releases={
+                        model: model_spec.release.record()
+                        for model, model_spec in sorted(spec.models.items())
+                        if model_spec.release is not None
+                    },
                 ),
                 common.child(
                     self,

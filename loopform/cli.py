@@ -61,6 +61,34 @@ def cmd_render(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    """Run the policy pack offline over the stack's resources and the GitOps folder (exit 1 on a mandatory one)."""
+    path = _stack_path(args)
+    spec = load_stack(path, Path(args.root))
+    if spec.is_local:
+        raise UsageError(
+            f"stack {args.stack} has cluster.kind none and declares nothing: `loopform up --stack {args.stack}` runs it"
+        )
+    from loopform.check import CheckError, check, format_violations
+
+    try:
+        result = check(
+            args.stack,
+            Path(args.root),
+            Path(args.file) if args.file else None,
+            policy_config=Path(args.policy_config) if args.policy_config else None,
+            pack_dir=Path(args.policy_pack) if args.policy_pack else None,
+        )
+    except CheckError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"policy config: {result.config_path}")
+    for line in format_violations(result.violations):
+        print(line)
+    print(result.summary())
+    return 1 if result.mandatory else 0
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     """Check a stack file against the spec without rendering anything."""
     path = _stack_path(args)
@@ -159,24 +187,60 @@ def cmd_step(args: argparse.Namespace) -> int:
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
-    """Promote a registered version to an environment through its gates."""
-    from loopform.promotion import PromotionError, promote
+    """Promote a registered version to an environment through its gates, as a signed release record."""
+    from loopform import record
+    from loopform.promotion import PromotionError, Signer, promote
 
-    path = stack_file(args.to, Path(args.root))
+    root = Path(args.root)
+    path = stack_file(args.to, root)
+    try:
+        key = record.load_key(Path(args.signing_key) if args.signing_key else None)
+    except (OSError, record.RecordError) as error:
+        raise UsageError(str(error)) from None
+    policy = Path(args.policy_config) if args.policy_config else root / "policies" / "config" / f"{args.to}.json"
     try:
         release = promote(
-            args.model, args.version, args.to, tracking_uri=_tracking_uri(args), stack_path=path, image=args.image
+            args.model,
+            args.version,
+            args.to,
+            tracking_uri=_tracking_uri(args),
+            stack_path=path,
+            signer=Signer(key, policy),
+            image=args.image,
         )
     except PromotionError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    print(f"promoted {args.model} version {release.version} to {args.to}: release written to {path}")
+    print(
+        f"promoted {args.model} version {release.version} to {args.to}: release record signed by key "
+        f"{release.key_id} written to {path}"
+    )
     spec = load_stack(path)
     if spec.gitops.enabled:
         from loopform.render import write_services
 
-        written = write_services(args.to, Path(args.root))
+        written = write_services(args.to, root)
         print(f"{len(written)} model-service manifests written to {spec.gitops.path}/{args.to}: commit both for review")
+    return 0
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    """Create a release key pair; print the entry that trusts its public key in a policy config."""
+    import json
+
+    from loopform import record
+
+    out = Path(args.out)
+    if out.exists():
+        raise UsageError(f"{out} exists: a release key is never overwritten (choose another path)")
+    key, pem = record.generate_key()
+    record.write_key(out, pem)
+    entry = {**record.trusted_key(key, args.env or ["staging", "prod"]).to_dict()}
+    if args.owner:
+        entry["owner"] = args.owner
+    print(f"private key written to {out} (mode 600): keep it in your secret store, never in the repository")
+    print('add this to "trusted_keys" of "release-signed" in policies/config/<env>.json:')
+    print(json.dumps(entry, indent=2))
     return 0
 
 
@@ -263,6 +327,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     render.set_defaults(handler=cmd_render)
 
+    check = commands.add_parser(
+        "check", help="run the policy pack offline over the stack and its GitOps folder (exit 1: a mandatory one)"
+    )
+    stack_args(check)
+    check.add_argument(
+        "--policy-config",
+        help="policy config JSON (default: <file's dir>/../policy/<stack>.json beside --file, else "
+        "policies/config/<stack>.json)",
+    )
+    check.add_argument("--policy-pack", help="policy pack folder (default: policies)")
+    check.set_defaults(handler=cmd_check)
+
     validate = commands.add_parser("validate", help="check a stack file against the spec")
     stack_args(validate)
     validate.set_defaults(handler=cmd_validate)
@@ -307,7 +383,24 @@ def build_parser() -> argparse.ArgumentParser:
     promote.add_argument("--to", required=True, help="environment: stacks/Pulumi.<env>.yaml gets the release")
     promote.add_argument("--image", help="service image (default: ghcr.io/loopform/<model>:v<version>)")
     promote.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
+    promote.add_argument(
+        "--signing-key",
+        help="Ed25519 private key (PEM) that signs the record (default: $LOOPFORM_SIGNING_KEY, "
+        "a PEM text, or $LOOPFORM_SIGNING_KEY_FILE, a path)",
+    )
+    promote.add_argument(
+        "--policy-config",
+        help="policy config whose trusted keys judge the record (default: policies/config/<env>.json)",
+    )
     promote.set_defaults(handler=cmd_promote)
+
+    keygen = commands.add_parser("keygen", help="create a release key pair; print its trusted-key entry")
+    keygen.add_argument("--out", required=True, help="where to write the private key (never in the repository)")
+    keygen.add_argument(
+        "--env", action="append", help="environment the key may release to (repeatable; default: staging and prod)"
+    )
+    keygen.add_argument("--owner", help="who holds the key, recorded in the entry for reviewers")
+    keygen.set_defaults(handler=cmd_keygen)
 
     monitor = commands.add_parser("monitor", help="drift of recent payloads; exit 3 when retraining is triggered")
     monitor.add_argument("model")

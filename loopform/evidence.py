@@ -13,6 +13,7 @@ Layout of an evidence record (top-level keys):
     gates                      {"validation": GateResult dict, "drift": ..., "ood": ...}
     evaluation                 {auc, precision, recall, ece, threshold,
                                 champion_version, champion_auc, auc_delta}
+    artifacts                  {"digest": sha256 over the model's files, "files": {path: sha256}}
     digest                     sha256 hex of canonical JSON of every other key
 
 The digest makes tampering visible (an edited metric in a stack file no longer matches);
@@ -38,6 +39,7 @@ REQUIRED_FIELDS: tuple[str, ...] = (
     "created_at",
     "gates",
     "evaluation",
+    "artifacts",
 )
 EVALUATION_FIELDS: tuple[str, ...] = ("auc", "precision", "recall", "ece", "threshold")
 # Clocks of the machine that sealed the evidence and the one that checks it may differ a little.

@@ -48,6 +48,8 @@ class Summary:
     monitor: dict[str, dict[str, Any]] = field(default_factory=dict)
     reports: list[str] = field(default_factory=list)
     payload_rows: int = 0
+    release: dict[str, Any] = field(default_factory=dict)
+    """The signed production record that was served first."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -82,18 +84,49 @@ class Progress:
 
 
 def environment_stacks(stack_path: Path, workdir: Path) -> Path:
-    """Stack files for the local staging and production environments, made from the local stack."""
+    """Stack files for the local staging and production environments, made from the local stack.
+
+    They declare a cluster (the direct road, no GitOps) so `loopform check` can render them and
+    send the released services through the policy pack; nothing ever deploys them.
+    """
     folder = workdir / "stacks"
     folder.mkdir(parents=True, exist_ok=True)
     document = read_stack_file(stack_path)
     for env in ENVIRONMENTS:
         platform = dict(document["config"][CONFIG_KEY])
         platform["environment"] = env
+        platform["cluster"] = {
+            "kind": "kubernetes",
+            "kube_context": f"loopform-local-{env}",
+            "identity": {"kind": "static-keys"},
+        }
+        platform["gitops"] = {"enabled": False}
         if env == PRODUCTION:  # as in stacks/Pulumi.prod.yaml: production only after staging
             platform["gates"] = {**platform.get("gates", {}), "require_staging": True}
         text = f"# Local {env} environment of `loopform up`, made from {stack_path.name}.\n"
         (folder / f"Pulumi.{env}.yaml").write_text(text + yaml.safe_dump({"config": {CONFIG_KEY: platform}}))
     return folder
+
+
+def signers(workdir: Path, root: Path, stacks: Path) -> dict[str, Any]:
+    """The local loop's own release key and, per environment, the policy config that trusts it.
+
+    The configs are the repository's `policies/config/<env>.json` with the local stacks' gate
+    thresholds and this key: `loopform check --file <workdir>/stacks/Pulumi.<env>.yaml` finds them.
+    """
+    from loopform import policy_config, record
+    from loopform.promotion import Signer
+
+    key, pem = record.generate_key()
+    record.write_key(workdir / "keys" / "release.pem", pem)
+    trusted = [record.trusted_key(key, ENVIRONMENTS)]
+    found = {}
+    for env in ENVIRONMENTS:
+        base = json.loads((root / "policies" / "config" / f"{env}.json").read_text())
+        gates = load_stack(stacks / f"Pulumi.{env}.yaml").gates
+        config = policy_config.for_environment(base, env, gates, trusted)
+        found[env] = Signer(key, policy_config.write(workdir / "policy" / f"{env}.json", config))
+    return found
 
 
 def fresh_workdir(workdir: Path, root: Path) -> Path:
@@ -121,6 +154,7 @@ def up(stack_path: Path, root: Path, echo: Callable[[str], None] = print) -> Sum
     tracking_uri = f"sqlite:///{workdir / 'mlflow.db'}"
     payload_uri = str(workdir / "payloads")
     stacks = environment_stacks(stack_path, workdir)
+    keys = signers(workdir, root, stacks)
     summary = Summary(workdir=workdir, tracking_uri=tracking_uri)
     progress = Progress(total=10 + 2 * len(PIPELINE), echo=echo)
     echo(f"loopform up --stack {spec.environment}: model {model!r}, everything under {workdir}")
@@ -141,6 +175,7 @@ def up(stack_path: Path, root: Path, echo: Callable[[str], None] = print) -> Sum
             stack_files=stacks,
             seed=local.seed,
             now=datetime.now(UTC),
+            signer=keys["staging"],
         )
 
     first = context("run-1")
@@ -155,10 +190,10 @@ def up(stack_path: Path, root: Path, echo: Callable[[str], None] = print) -> Sum
 
     summary.versions.append(_pipeline(first, progress))
     with progress.phase(f"promote version {summary.versions[0]} to {PRODUCTION} through its gates"):
-        _promote(first, summary.versions[0], PRODUCTION, stacks)
+        released = summary.release = _promote(first, summary.versions[0], keys[PRODUCTION], root, progress)
         summary.production_version = summary.versions[0]
 
-    server = _server(root, workdir, tracking_uri, model, local.serve_port)
+    server = _server(root, workdir, tracking_uri, released, local.serve_port)
     with progress.phase(f"serve {model}@production with BentoML on {server.url}"):
         server.start()
         summary.endpoint = server.url
@@ -183,7 +218,7 @@ def up(stack_path: Path, root: Path, echo: Callable[[str], None] = print) -> Sum
         summary.monitor["drifted"] = _monitor(first, reference, payload_uri, drift_start, None, workdir)
         progress.note(_monitor_line(summary.monitor["drifted"]))
     if summary.monitor["drifted"]["triggered"]:
-        _retrain(context("run-2"), workdir, summary, progress, local, now)
+        _retrain(context("run-2"), workdir, summary, progress, local, now, keys[PRODUCTION])
     else:
         progress.note(f"no retraining: the monitor saw no drift crossing the threshold ({local.drift} drift injected)")
 
@@ -194,7 +229,9 @@ def up(stack_path: Path, root: Path, echo: Callable[[str], None] = print) -> Sum
     return summary
 
 
-def _retrain(ctx: Any, workdir: Path, summary: Summary, progress: Progress, local: Any, now: datetime) -> None:
+def _retrain(
+    ctx: Any, workdir: Path, summary: Summary, progress: Progress, local: Any, now: datetime, signer: Any
+) -> None:
     """What the trigger starts: the newest labelled data in, the pipeline, and the gated promotion."""
     from loopform.monitor import FileTrigger
     from loopform.steps import ingest
@@ -209,7 +246,7 @@ def _retrain(ctx: Any, workdir: Path, summary: Summary, progress: Progress, loca
     version = _pipeline(ctx, progress)
     summary.versions.append(version)
     with progress.phase(f"promote version {version} to {PRODUCTION} through its gates"):
-        _promote(ctx, version, PRODUCTION, ctx.stack_files)
+        summary.release = _promote(ctx, version, signer, ctx.root, progress)
         summary.production_version = version
 
 
@@ -235,10 +272,19 @@ def _champion(evaluation: dict[str, Any]) -> str:
     return f"version {evaluation['champion_version']} AUC {evaluation['champion_auc']:.3f} on the same holdout"
 
 
-def _promote(ctx: Any, version: int, env: str, stacks: Path) -> None:
+def _promote(ctx: Any, version: int, signer: Any, root: Path, progress: Progress) -> dict[str, Any]:
+    """Release the version to production, then prove the policy pack admits the workdir's prod stack."""
+    from loopform.check import check, format_violations
     from loopform.promotion import promote
 
-    promote(ctx.model, version, env, tracking_uri=ctx.tracking_uri, stack_path=stacks / f"Pulumi.{env}.yaml")
+    path = ctx.stack_files / f"Pulumi.{PRODUCTION}.yaml"
+    release = promote(ctx.model, version, PRODUCTION, tracking_uri=ctx.tracking_uri, stack_path=path, signer=signer)
+    result = check(PRODUCTION, root, path, signer.policy_config)
+    if result.mandatory:
+        lines = "\n".join(format_violations([v for v in result.violations if v.mandatory]))
+        raise RuntimeError(f"the policy pack refuses {path} after promoting version {version}:\n{lines}")
+    progress.note(f"signed record in {path}; policy pack: {result.summary()}")
+    return release.record()
 
 
 def _drifted(kind: str, rows: int, seed: int, now: datetime, days: int = 1) -> Any:
@@ -251,20 +297,23 @@ def _drifted(kind: str, rows: int, seed: int, now: datetime, days: int = 1) -> A
     return data.generate(rows, seed, start=start, days=days, covariate_drift=strength)
 
 
-def _server(root: Path, workdir: Path, tracking_uri: str, model: str, port: int) -> Any:
+def _server(root: Path, workdir: Path, tracking_uri: str, release: dict[str, Any], port: int) -> Any:
     from loopform.serving import BentoServer
 
-    env = {**serve_env(workdir, tracking_uri, model), "MLFLOW_DISABLE_TELEMETRY": "true"}
+    env = {**serve_env(workdir, tracking_uri, release), "MLFLOW_DISABLE_TELEMETRY": "true"}
     return BentoServer(
         "bentos.fraud.service:FraudService", working_dir=root, env=env, port=port, log_path=workdir / "serve.log"
     )
 
 
-def serve_env(workdir: Path, tracking_uri: str, model: str) -> dict[str, str]:
-    """What the local service needs: the release, its online store and where payloads go."""
+def serve_env(workdir: Path, tracking_uri: str, release: dict[str, Any]) -> dict[str, str]:
+    """What the local service needs: the signed release (version and artifacts digest), its online store and
+    where payloads go."""
+    from loopform.record import release_env
+
     return {
         "LOOPFORM_TRACKING_URI": tracking_uri,
-        "LOOPFORM_MODEL_URI": f"models:/{model}@production",
+        **release_env(release),
         "LOOPFORM_FEAST_REPO": str(workdir / "feast"),
         "LOOPFORM_PAYLOAD_URI": str(workdir / "payloads"),
         "BENTOML_HOME": str(workdir / "bentoml"),
@@ -342,7 +391,7 @@ def _print_summary(summary: Summary, model: str, echo: Callable[[str], None]) ->
     for report in summary.reports:
         echo(f"                       {report}")
     echo(f"  endpoint             {summary.endpoint} (stopped; serve again with:")
-    for name, value in serve_env(summary.workdir, summary.tracking_uri, model).items():
+    for name, value in serve_env(summary.workdir, summary.tracking_uri, summary.release).items():
         echo(f"                       {name}={value} \\")
     echo("                       .venv/bin/bentoml serve bentos.fraud.service:FraudService)")
     echo(f"  MLflow UI            .venv/bin/mlflow ui --backend-store-uri {summary.tracking_uri}")

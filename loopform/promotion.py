@@ -1,38 +1,44 @@
 """Gated promotion: `loopform promote MODEL VERSION --to ENV`.
 
 Reads the evidence from the version's MLflow tags, judges it with
-`loopform.evidence.check_evidence` against ENV's gates (the same function the policy
-pack calls), and on success:
+`loopform.evidence.check_evidence` against ENV's gates, checks that the registry still
+serves the files the evidence names, and on success:
 
-1. writes `models.<model>.release` (version, image, run_id, evidence) into the stack
-   file with ruamel.yaml round-trip, so comments and layout stay and the promotion is a
-   reviewable diff;
+1. writes a compact, signed release record (`loopform.record`) into `models.<model>.release`
+   of the stack file with ruamel.yaml round-trip, so comments and layout stay and the
+   promotion is a reviewable diff of about 30 lines; the full evidence stays in the run;
 2. points the MLflow alias named after ENV at the version; a production environment
    (`prod` or `production`) also moves `production` and `champion` (what the next
    training run is compared with), and the version that held `champion` before gets the
    tag `archived=true`;
-3. tags the version `loopform.released.<env>` with the time (the record that
-   `require_staging` consults later).
+3. tags the version `loopform.release.<env>` with the signed record, which is where a later
+   production promotion finds the staging record it must carry. The tag is only a courier:
+   MLflow tags are writable by any client, so the record counts only because its signature
+   verifies with a key the environment's policy config trusts for staging.
 
-Every check runs before any change; a refusal raises PromotionError and changes
-nothing (neither the stack file nor any alias or tag).
+The signing key must be one the target environment's policy config trusts for it, so a
+promotion that the policy pack would refuse is refused here first. Every check runs
+before any change; a refusal raises PromotionError and changes nothing.
 """
 
 from __future__ import annotations
 
 import io
+import json
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from loopform import evidence as ev
+from loopform import record as rec
 from loopform.spec import CONFIG_KEY, GatesSpec, Release, SpecError, load_stack, parse_spec
 
 PRODUCTION_ENVS = frozenset({"prod", "production"})
-STAGING_ENV = "staging"
+STAGING_ENV = rec.STAGING
 CHAMPION_ALIAS = "champion"
-RELEASED_TAG = "loopform.released.{env}"
+RELEASE_TAG = "loopform.release.{env}"
 #: Evidence fields that must equal the run's own artifacts (gate JSONs, evaluation.json, data fingerprint).
 RECORDED_FIELDS = ("gates", "evaluation", "training_data_fingerprint")
 
@@ -47,6 +53,16 @@ class PromotionError(Exception):
         self.reasons = reasons
         lines = "\n".join(f"  - {r}" for r in reasons)
         super().__init__(f"refusing to promote {model} version {version} to {env}:\n{lines}")
+
+
+@dataclass(frozen=True)
+class Signer:
+    """The key a promotion signs with, and the policy config whose trusted keys judge the result."""
+
+    key: Any
+    """Ed25519 private key (`loopform.record.load_key`)."""
+    policy_config: Path
+    """The target environment's policy config (`policies/config/<env>.json`)."""
 
 
 def aliases_for(env: str) -> tuple[str, ...]:
@@ -69,6 +85,7 @@ def promote(
     *,
     tracking_uri: str,
     stack_path: Path,
+    signer: Signer,
     gates: GatesSpec | None = None,
     image: str | None = None,
     now: datetime | None = None,
@@ -97,54 +114,112 @@ def promote(
         known = ", ".join(sorted(spec.models)) or "none"
         raise refuse(f"{stack_path} declares no model {model!r} under models (declared: {known})")
     gates = gates or spec.gates
+    try:
+        environment, trusted = rec.read_policy_config(signer.policy_config)
+    except (OSError, ValueError, KeyError, rec.RecordError) as error:
+        raise refuse(f"cannot read the trusted keys of {signer.policy_config}: {error}") from None
+    key = rec.trusted_key(signer.key, ())
+    reasons = _key_reasons(key.key_id, env, environment, trusted, signer.policy_config)
 
     mlflow_client = registry.client(tracking_uri)
     try:
         model_version = mlflow_client.get_model_version(model, str(version))
     except MlflowException:
-        raise refuse(f"the registry at {tracking_uri} has no version {version} of model {model!r}") from None
+        raise refuse(*reasons, f"the registry at {tracking_uri} has no version {version} of model {model!r}") from None
 
     evidence = registry.read_evidence(tracking_uri, model, version)
     raw = model_version.tags.get(registry.EVIDENCE_TAG)
     if evidence is None and raw:
         raise refuse(f"malformed evidence: tag {registry.EVIDENCE_TAG} is not a JSON object")
-    reasons = ev.check_evidence(evidence, gates.model_dump(), now=now)
+    reasons += ev.check_evidence(evidence, gates.model_dump(), now=now)
     if evidence is not None:
-        for key, expected in (("model", model), ("version", version), ("run_id", model_version.run_id)):
-            if evidence.get(key) != expected:
+        for field, expected in (("model", model), ("version", version), ("run_id", model_version.run_id)):
+            if evidence.get(field) != expected:
                 reasons.append(
-                    f"evidence belongs elsewhere: its {key} is {evidence.get(key)!r}, this version's is {expected!r}"
+                    f"evidence belongs elsewhere: its {field} is {evidence.get(field)!r}, this version's is {expected!r}"
                 )
         reasons += _disagreements(evidence, registry.run_record(tracking_uri, model_version.run_id))
-    if (
-        gates.require_staging
-        and env != STAGING_ENV
-        and not model_version.tags.get(RELEASED_TAG.format(env=STAGING_ENV))
-    ):
-        reasons.append(f"{env} requires a prior staging release (gates.require_staging) and version {version} has none")
+        reasons += _artifact_reasons(evidence, registry.model_file_digests(tracking_uri, f"models:/{model}/{version}"))
+    staged = None
+    if gates.require_staging and env != STAGING_ENV:
+        staged, why = _staging_record(model_version.tags.get(RELEASE_TAG.format(env=STAGING_ENV)), evidence, trusted)
+        if why:
+            reasons.append(f"{env} requires a prior staging release (gates.require_staging): {why}")
     if reasons:
         raise refuse(*reasons)
 
     assert evidence is not None
-    release = Release(
-        version=version,
-        image=image or default_image(model, version),
-        run_id=model_version.run_id,
-        evidence=evidence,
-    )
+    unsigned = rec.build(evidence, image=image or default_image(model, version), released_at=ev.now_iso(now))
+    if staged is not None:
+        unsigned["staging"] = rec.staging_proof(staged)
+    signed = rec.sign(unsigned, env, signer.key)
+    problems = rec.verify(signed, env, trusted)
+    if problems:  # the checks above should make this impossible; never write a record the pack refuses
+        raise refuse(*problems)
+    release = Release.model_validate(signed)
     text = render_release(stack_path, model, release)  # validates before anything is written
 
     previous_champion = registry.alias_version(tracking_uri, model, CHAMPION_ALIAS) if env in PRODUCTION_ENVS else None
     stack_path.write_text(text)
     for alias in aliases_for(env):
         registry.set_alias(tracking_uri, model, alias, version)
-    mlflow_client.set_model_version_tag(model, str(version), RELEASED_TAG.format(env=env), ev.now_iso(now))
+    mlflow_client.set_model_version_tag(model, str(version), RELEASE_TAG.format(env=env), json.dumps(signed))
     if env in PRODUCTION_ENVS:
         if previous_champion is not None and previous_champion != version:
             mlflow_client.set_model_version_tag(model, str(previous_champion), registry.ARCHIVED_TAG, "true")
         if model_version.tags.get(registry.ARCHIVED_TAG):
             mlflow_client.delete_model_version_tag(model, str(version), registry.ARCHIVED_TAG)
     return release
+
+
+def _key_reasons(key_id: str, env: str, environment: str, trusted: list[rec.TrustedKey], config: Path) -> list[str]:
+    """The signing key must be one the target environment's policy config trusts for it."""
+    if environment != env:
+        return [f"{config} is the policy config of {environment or 'no environment'!r}, not of {env!r}"]
+    for key in trusted:
+        if key.key_id == key_id:
+            return (
+                []
+                if env in key.environments
+                else [
+                    f"signing key {key_id} is trusted by {config} only for "
+                    f"{', '.join(key.environments) or 'nothing'}, not {env}"
+                ]
+            )
+    return [
+        f"signing key {key_id} is not among the trusted keys of {config} (add it: `loopform keygen` prints the entry)"
+    ]
+
+
+def _artifact_reasons(evidence: Mapping[str, Any], files: Mapping[str, str]) -> list[str]:
+    """The registry must still serve exactly the files the evidence was sealed over."""
+    sealed = (evidence.get("artifacts") or {}).get("files") or {}
+    if not sealed:
+        return []  # check_evidence already reports the missing artifacts field
+    changed = sorted(path for path in set(sealed) | set(files) if sealed.get(path) != files.get(path))
+    if not changed:
+        return []
+    return [f"the model's artifacts changed since registration: {', '.join(changed)} differ from the sealed digests"]
+
+
+def _staging_record(
+    raw: str | None, evidence: Mapping[str, Any] | None, trusted: list[rec.TrustedKey]
+) -> tuple[dict[str, Any] | None, str]:
+    """The version's signed staging record, or why there is none that verifies."""
+    if not raw:
+        return None, "the version carries no signed staging record (promote it to staging first)"
+    try:
+        staged = json.loads(raw)
+    except json.JSONDecodeError:
+        return None, "its staging record is not JSON"
+    if not isinstance(staged, dict):
+        return None, "its staging record is not a JSON object"
+    problems = rec.verify(staged, STAGING_ENV, trusted)
+    if problems:
+        return None, "; ".join(problems)
+    if evidence is not None and staged.get("evidence") != rec.DIGEST_PREFIX + str(evidence.get("digest")):
+        return None, "the staging record was signed over other evidence"
+    return staged, ""
 
 
 def _disagreements(evidence: dict[str, Any], recorded: dict[str, Any]) -> list[str]:
@@ -167,7 +242,7 @@ def render_release(stack_path: Path, model: str, release: Release) -> str:
     rt = _yaml()
     document = rt.load(stack_path.read_text())
     models = document["config"][CONFIG_KEY]["models"]
-    models[model]["release"] = _plain_yaml(release.model_dump(mode="json"))
+    models[model]["release"] = _plain_yaml(release.record())
     buffer = io.StringIO()
     rt.dump(document, buffer)
     text = buffer.getvalue()
@@ -175,7 +250,7 @@ def render_release(stack_path: Path, model: str, release: Release) -> str:
     reread = pyyaml.safe_load(text)["config"][CONFIG_KEY]
     spec = parse_spec(reread, str(stack_path))
     written = spec.models[model].release
-    if written is None or not ev.verify(written.evidence.model_dump()) or written != release:
+    if written is None or written != release or written.record() != release.record():
         raise ValueError(f"release written to {stack_path} does not read back identically (YAML round trip)")
     return text
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loopform import evidence as ev
+from loopform import record as rec
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -248,6 +249,7 @@ def register_version(
     if model_name not in {m.name for m in mlflow_client.search_registered_models(f"name = '{model_name}'")}:
         mlflow_client.create_registered_model(model_name)
     version = mlflow_client.create_model_version(model_name, source=model_uri, run_id=run_id)
+    files = model_file_digests(tracking_uri, f"models:/{model_name}/{version.version}")
     sealed = ev.seal(
         {
             "model": model_name,
@@ -256,6 +258,7 @@ def register_version(
             "training_data_fingerprint": recorded["training_data_fingerprint"],
             "gates": recorded["gates"],
             "evaluation": recorded["evaluation"],
+            "artifacts": {"digest": rec.artifacts_digest(files), "files": files},
         },
         now=now,
     )
@@ -276,6 +279,25 @@ def register_version(
     mlflow.set_tracking_uri(tracking_uri)
     mlflow_client.log_dict(run_id, record.to_dict(), f"{RELEASE_DIR}/{model_name}-v{version.version}.json")
     return ReleaseRecord(**{**record.to_dict(), "path": str(path) if path else None})
+
+
+def download_model(tracking_uri: str, model_uri: str, dst: Path) -> Path:
+    """The model's files (MLmodel, weights, environment) in a local folder."""
+    import os
+
+    import mlflow
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no progress bars in logs
+
+    return Path(
+        mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst), tracking_uri=tracking_uri)
+    )
+
+
+def model_file_digests(tracking_uri: str, model_uri: str) -> dict[str, str]:
+    """sha256 of each of the model's files, as the registry serves them now."""
+    with tempfile.TemporaryDirectory() as tmp:
+        return rec.file_digests(download_model(tracking_uri, model_uri, Path(tmp)))
 
 
 def read_evidence(tracking_uri: str, model_name: str, version: int | str) -> dict[str, Any] | None:

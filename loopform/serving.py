@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 ENV_TRACKING_URI = "LOOPFORM_TRACKING_URI"
 ENV_MODEL_URI = "LOOPFORM_MODEL_URI"
+ENV_ARTIFACTS_DIGEST = "LOOPFORM_ARTIFACTS_DIGEST"
 ENV_FEAST_REPO = "LOOPFORM_FEAST_REPO"
 ENV_FEAST_CONFIG = "LOOPFORM_FEAST_CONFIG"
 ENV_MODEL_PATH = "LOOPFORM_MODEL_PATH"
@@ -150,11 +151,25 @@ def parse_model_uri(uri: str) -> tuple[str, str | None, int | None]:
     raise ValueError(f"model URI {uri!r} must look like models:/NAME@ALIAS or models:/NAME/VERSION")
 
 
-def load_release(tracking_uri: str, model_uri: str) -> Release:
-    """Resolve an alias to its version once, then load exactly that version (the alias may move meanwhile)."""
+class ArtifactDigestError(RuntimeError):
+    """The registry serves other files than the signed release record names (e.g. swapped weights)."""
+
+
+def load_release(tracking_uri: str, model_uri: str, artifacts_digest: str | None = None) -> Release:
+    """Resolve an alias to its version once, then load exactly that version (the alias may move meanwhile).
+
+    With `artifacts_digest` (from the signed release record) the files are downloaded first and
+    refused unless their digest matches, so a weights file swapped in the artifact store is
+    caught at load, before any request is scored.
+    """
+    import tempfile
+
     import mlflow
     import mlflow.pytorch
     from mlflow import MlflowClient
+
+    from loopform import record
+    from loopform.registry import download_model
 
     name, alias, version = parse_model_uri(model_uri)
     mlflow.set_tracking_uri(tracking_uri)
@@ -163,20 +178,35 @@ def load_release(tracking_uri: str, model_uri: str) -> Release:
         version = int(client.get_model_version_by_alias(name, alias).version)
     assert version is not None
     pinned = f"models:/{name}/{version}"
-    model = mlflow.pytorch.load_model(pinned, map_location="cpu")
+    source: str | Path = pinned
+    if artifacts_digest:
+        folder = download_model(tracking_uri, pinned, Path(tempfile.mkdtemp(prefix=f"loopform-{name}-v{version}-")))
+        found = record.artifacts_digest(record.file_digests(folder))
+        if found != artifacts_digest:
+            raise ArtifactDigestError(
+                f"refusing {pinned}: its files hash to {found}, the signed release record names {artifacts_digest} "
+                "(the artifacts were replaced after the release was signed)"
+            )
+        source = folder
+    model = mlflow.pytorch.load_model(str(source), map_location="cpu")
     model.eval()
     return Release(model=model, name=name, version=version, uri=pinned)
 
 
 def release_from_env() -> Release:
-    """The release named by LOOPFORM_TRACKING_URI and LOOPFORM_MODEL_URI (clear error when unset)."""
+    """The release named by LOOPFORM_TRACKING_URI and LOOPFORM_MODEL_URI (clear error when unset).
+
+    LOOPFORM_ARTIFACTS_DIGEST, when set (the platform sets it from the signed record), pins the files.
+    """
     missing = [name for name in (ENV_TRACKING_URI, ENV_MODEL_URI) if not os.environ.get(name)]
     if missing:
         raise RuntimeError(
             f"set {' and '.join(missing)}: the service loads its model from MLflow, "
             f"e.g. {ENV_TRACKING_URI}=sqlite:////abs/mlflow.db {ENV_MODEL_URI}=models:/fraud@production"
         )
-    return load_release(os.environ[ENV_TRACKING_URI], os.environ[ENV_MODEL_URI])
+    return load_release(
+        os.environ[ENV_TRACKING_URI], os.environ[ENV_MODEL_URI], os.environ.get(ENV_ARTIFACTS_DIGEST) or None
+    )
 
 
 def online_store_from_env(model_dir: Path) -> Any | None:

@@ -517,6 +517,17 @@ class GitOpsSpec(Strict):
     repo_url: GitUrl = Field("https://github.com/loopform/loopform.git", description="Repository Argo CD syncs.")
     target_revision: str = Field("main")
     path: str = Field("deploy", description="Folder of rendered service manifests; the environment is appended.")
+    signature_keys: list[Annotated[str, Field(pattern=r"^[0-9A-F]{16}$")]] = Field(
+        default_factory=list,
+        description="GnuPG key ids (16 upper-case hex digits) of release keys: Argo CD syncs only commits signed "
+        "by one of them (AppProject signatureKeys). Empty: any commit syncs, which the policy pack refuses in "
+        "staging and prod.",
+    )
+    public_keys: str = Field(
+        "deploy/keys",
+        description="Folder (in the repository) with each signature key's ASCII-armored public key, named "
+        "<KEY_ID>.asc; Argo CD imports them (argocd-gpg-keys-cm).",
+    )
 
 
 # --- models, gates, monitoring ----------------------------------------------------------------------
@@ -554,22 +565,44 @@ class ServingSpec(Strict):
         return self
 
 
-class Evidence(Strict):
-    """What the pipeline proved about a model version; the policy pack checks it."""
+class StagingProof(Strict):
+    """The signed staging release of the same version, carried by a production record."""
 
-    model_config = ConfigDict(extra="allow", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
-    digest: str = Field(description="sha256 over the canonical JSON of the other evidence fields.")
-    created_at: str = Field(description="ISO-8601 time the evidence was recorded.")
+    image: str
+    released_at: str
+    key_id: str
+    signature: str
 
 
 class Release(Strict):
-    """A model version released to this environment (written by `loopform promote`)."""
+    """A signed release record (written by `loopform promote`; see `loopform.record`).
 
+    The full evidence stays in the MLflow run; the record carries its digest, the model's
+    artifacts digest and the few numbers the policy pack judges, signed with Ed25519.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field(description="Registered model name (the key under `models`).")
     version: int = Field(ge=1, description="MLflow model version.")
-    image: str = Field(description="Service image with the model's Bento.")
     run_id: str = Field(description="MLflow run that produced the version.")
-    evidence: Evidence
+    image: str = Field(description="Service image with the model's Bento.")
+    artifacts: str = Field(pattern=r"^sha256:[0-9a-f]{64}$", description="Digest over the model's files.")
+    evidence: str = Field(pattern=r"^sha256:[0-9a-f]{64}$", description="Digest of the full evidence artifact.")
+    created_at: str = Field(description="ISO-8601 time the evidence was sealed.")
+    released_at: str = Field(description="ISO-8601 time this release was signed.")
+    gates: dict[str, dict[str, bool | int | float | None]] = Field(
+        description="Each gate's verdict and the numbers the rules judge."
+    )
+    staging: StagingProof | None = Field(None, description="The signed staging release (production records).")
+    key_id: str = Field(description="Id of the Ed25519 key that signed the record.")
+    signature: str = Field(description="Ed25519 signature (base64) over the record and its environment.")
+
+    def record(self) -> dict[str, Any]:
+        """The record as signed: plain JSON data, without an absent staging proof."""
+        return self.model_dump(mode="json", exclude_none=False, exclude={"staging"} if self.staging is None else None)
 
 
 class ModelSpec(Strict):
@@ -699,6 +732,16 @@ class PlatformSpec(Strict):
                 f"required: {', '.join(s3)} are on s3://, and pods get no credentials without it; "
                 "set kind irsa (roles per workload), pod-identity (cluster_name and roles) or static-keys",
             )
+        return self
+
+    @model_validator(mode="after")
+    def _releases_name_their_model(self) -> PlatformSpec:
+        for name, model in self.models.items():
+            if model.release is not None and model.release.model != name:
+                raise SpecReferenceError(
+                    ("models", name, "release", "model"),
+                    f"is {model.release.model!r}: a release record of another model cannot serve as {name!r}",
+                )
         return self
 
     @model_validator(mode="after")
@@ -878,6 +921,13 @@ def check_repository(spec: PlatformSpec, root: Path, source: str) -> None:
                 f"{CONFIG_KEY}.models.{name}.feature_service: {model.feature_service!r} is not a FeatureService "
                 f"of {model.path}/features.py (defined there: {', '.join(services) or 'none'})"
             )
+    if spec.gitops.enabled:
+        for key_id in spec.gitops.signature_keys:
+            if not (root / spec.gitops.public_keys / f"{key_id}.asc").is_file():
+                problems.append(
+                    f"{CONFIG_KEY}.gitops.signature_keys: key {key_id} has no public key at "
+                    f"{spec.gitops.public_keys}/{key_id}.asc (export it with `gpg --export --armor {key_id}`)"
+                )
     if problems:
         raise SpecError(source, problems)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -64,6 +65,8 @@ class StepContext:
     """The platform's offline store (on Kubernetes, from LOOPFORM_FEAST_OFFLINE_URI): the source table
     and the labels live there and the Feast repo is a client of the platform's registry. None: the
     self-contained local repo under `feature_repo`."""
+    signer: Any = None
+    """`loopform.promotion.Signer` that signs the staging record; None reads the key from the environment."""
 
     @property
     def model_path(self) -> Path:
@@ -333,19 +336,44 @@ def register(ctx: StepContext) -> dict[str, Any]:
 
 
 def promote_to_staging(ctx: StepContext) -> dict[str, Any]:
-    """Gate the new version against staging's thresholds and point the staging alias at it."""
-    from loopform.promotion import PromotionError, promote
+    """Gate the new version against staging's thresholds, sign its staging record and move the staging alias.
+
+    Signing needs the staging key: `ctx.signer`, or $LOOPFORM_SIGNING_KEY(_FILE) with the
+    repository's staging policy config. A pipeline without it (the cluster's, where any pod
+    could read a mounted key) stops at a gated candidate: the release is `loopform promote`,
+    run where the key is (CI).
+    """
+    from loopform import record
+    from loopform.promotion import PromotionError, Signer, promote
 
     release = ctx.read_json("release.json")
     source = ctx.stack_files / f"Pulumi.{STAGING}.yaml"
     if not source.exists():
         raise StepFailed(f"no staging stack file at {source}")
+    signer = ctx.signer
+    if signer is None and (os.environ.get(record.KEY_ENV) or os.environ.get(record.KEY_FILE_ENV)):
+        signer = Signer(record.load_key(), ctx.root / "policies" / "config" / f"{STAGING}.json")
+    if signer is None:
+        outcome = {
+            "promoted": False,
+            "version": release["version"],
+            "reason": f"no signing key ({record.KEY_ENV} or {record.KEY_FILE_ENV}): release it with "
+            f"`loopform promote {ctx.model} {release['version']} --to {STAGING}` where the staging key is",
+        }
+        ctx.write_json("promotion.json", outcome)
+        return outcome
     # The step records the release in a copy: the reviewed change to the real stack file is `loopform promote`.
     copy = ctx.run_dir / source.name
     shutil.copyfile(source, copy)
     try:
         result = promote(
-            ctx.model, release["version"], STAGING, tracking_uri=ctx.mlflow(), stack_path=copy, now=ctx.now
+            ctx.model,
+            release["version"],
+            STAGING,
+            tracking_uri=ctx.mlflow(),
+            stack_path=copy,
+            signer=signer,
+            now=ctx.now,
         )
     except PromotionError as error:
         ctx.write_json("promotion.json", {"promoted": False, "reasons": error.reasons})

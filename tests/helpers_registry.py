@@ -61,3 +61,15 @@ def make_version(
         evaluation=evaluation,
     )
     return registry.register_version(uri, name, run.run_id, record_dir=record_dir)
+
+
+def stored_weights(uri: str, name: str, version: int) -> tuple[Path, str]:
+    """The largest file of a version's model (its weights) where the store keeps it, and its path in the model."""
+    import mlflow
+
+    client = registry.client(uri)
+    source = client.get_model_version(name, str(version)).source
+    location = Path(client.get_logged_model(source.removeprefix("models:/")).artifact_location.removeprefix("file://"))
+    weights = max((p for p in location.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    assert mlflow.artifacts.download_artifacts(artifact_uri=source, tracking_uri=uri)  # the store serves it
+    return weights, weights.relative_to(location).as_posix()

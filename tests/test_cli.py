@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -81,12 +82,28 @@ def test_step_needs_its_inputs(tmp_path: Path, capsys: pytest.CaptureFixture[str
 
 
 def test_promote_refuses_unknown_version_and_changes_nothing(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     before = stack_file("staging").read_bytes()
-    code = main(["promote", "fraud", "9", "--to", "staging", "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"])
+    store = f"sqlite:///{tmp_path / 'm.db'}"
+    monkeypatch.delenv("LOOPFORM_SIGNING_KEY", raising=False)
+    monkeypatch.delenv("LOOPFORM_SIGNING_KEY_FILE", raising=False)
+    assert main(["promote", "fraud", "9", "--to", "staging", "--tracking-uri", store]) == 2
+    assert "no signing key: pass --signing-key PATH" in capsys.readouterr().err
+
+    # A new key prints the entry to trust it; the shipped staging config does not trust it yet.
+    key = tmp_path / "keys" / "release.pem"
+    assert main(["keygen", "--out", str(key), "--env", "staging", "--owner", "release-bot"]) == 0
+    out = capsys.readouterr().out
+    entry = json.loads(out[out.index("{") :])
+    assert entry["environments"] == ["staging"] and entry["owner"] == "release-bot"
+    assert main(["keygen", "--out", str(key)]) == 2  # never overwritten
+    code = main(["promote", "fraud", "9", "--to", "staging", "--tracking-uri", store, "--signing-key", str(key)])
     assert code == 1
-    assert "refusing to promote fraud version 9 to staging" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "refusing to promote fraud version 9 to staging" in err
+    assert f"signing key {entry['key_id']} is not among the trusted keys of" in err
+    assert "has no version 9 of model 'fraud'" in err
     assert stack_file("staging").read_bytes() == before
 
 

@@ -15,6 +15,7 @@ import pytest
 from loopform import evidence as ev
 from loopform.gates.result import GateResult
 from loopform.spec import GatesSpec, load_stack
+from tests import records
 
 ROOT = Path(__file__).resolve().parent.parent
 NOW = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
@@ -22,31 +23,8 @@ GATES = GatesSpec().model_dump()
 
 
 def make_evidence(**changes) -> dict:
-    body = {
-        "model": "fraud",
-        "version": 3,
-        "run_id": "abc123",
-        "training_data_fingerprint": "f" * 64,
-        "gates": {
-            "validation": GateResult(
-                "validation", True, {"worst_missing_share": 0.0, "worst_out_of_range_share": 0.0}
-            ).to_dict(),
-            "drift": GateResult("drift", True, {"drift_share": 0.1, "features": {"amount": {"score": 0.02}}}).to_dict(),
-            "ood": GateResult("ood", True, {"ood_rate": 0.01}).to_dict(),
-        },
-        "evaluation": {
-            "auc": 0.91,
-            "precision": 0.5,
-            "recall": 0.6,
-            "ece": 0.01,
-            "threshold": 0.3,
-            "champion_version": 2,
-            "champion_auc": 0.905,
-            "auc_delta": 0.005,
-        },
-    }
-    body.update(changes)
-    return ev.seal(body, now=NOW - timedelta(days=1))
+    """Evidence sealed a day before NOW that passes every default gate."""
+    return records.evidence(created=NOW - timedelta(days=1), **changes)
 
 
 def test_evidence_module_is_stdlib_only():

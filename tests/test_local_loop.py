@@ -71,6 +71,32 @@ def test_releases_recorded_in_workdir_not_in_repo(loop) -> None:
     assert prod["gates"]["require_staging"] is True, "production is gated on a prior staging release"
 
 
+def test_the_policy_pack_admits_the_loops_own_release_and_refuses_an_edit(loop, capsys) -> None:
+    """The loop signs with its own key; the config beside its stacks trusts it. Any hand edit breaks the signature."""
+    from loopform import record
+    from loopform.cli import main
+
+    summary, lines, *_ = loop
+    assert any("policy pack: 0 mandatory" in line for line in lines), "up checks its prod stack after each promotion"
+    prod = summary.workdir / "stacks" / "Pulumi.prod.yaml"
+    assert main(["check", "--stack", "prod", "--file", str(prod)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith("0 mandatory")
+
+    text = prod.read_text()
+    released = yaml.safe_load(text)["config"][CONFIG_KEY]["models"]["fraud"]["release"]
+    assert released["staging"]["released_at"] <= released["released_at"]
+    assert len(yaml.safe_dump(released).splitlines()) <= 32, "a release record is about 30 lines"
+    _, keys = record.read_policy_config(summary.workdir / "policy" / "prod.json")
+    assert record.verify(released, "prod", keys) == []
+    try:
+        prod.write_text(text.replace(f"version: {released['version']}\n", "version: 1\n", 1))
+        assert main(["check", "--stack", "prod", "--file", str(prod)]) == 1
+        mandatory = [line for line in capsys.readouterr().out.splitlines() if line.startswith("mandatory")]
+        assert any("release-signed" in line and "signature does not verify" in line for line in mandatory)
+    finally:
+        prod.write_text(text)
+
+
 def test_progress_is_shown(loop) -> None:
     _, lines, *_ = loop
     assert lines[1].startswith("[ 1/22] generate")

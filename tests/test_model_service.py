@@ -11,13 +11,9 @@ import yaml
 from components.model_service import ModelService, ModelServiceArgs, manifests
 from loopform.render import render_components, write_services
 from loopform.spec import CONFIG_KEY, ModelSpec
+from tests import records
 
-RELEASE = {
-    "version": 3,
-    "image": "ghcr.io/loopform/fraud:v3",
-    "run_id": "abc123",
-    "evidence": {"digest": "f" * 64, "created_at": "2026-11-01T00:00:00+00:00", "evaluation": {"auc": 0.91}},
-}
+RELEASE = records.release("dev")
 
 
 def _spec(release: dict | None = RELEASE) -> ModelSpec:
@@ -38,9 +34,13 @@ def test_released_model_gets_zero_downtime_service() -> None:
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert container["lifecycle"]["preStop"]["sleep"]["seconds"] > 0
     assert {"name": "LOOPFORM_MODEL_URI", "value": "models:/fraud/3"} in container["env"]
+    assert {"name": "LOOPFORM_ARTIFACTS_DIGEST", "value": RELEASE["artifacts"]} in container["env"]
+    # The Deployment carries the signed record exactly as signed; the pods only its version and signature.
     annotations = deployment["metadata"]["annotations"]
-    assert annotations["loopform.dev/evidence-digest"] == "f" * 64
-    assert json.loads(annotations["loopform.dev/evidence"])["evaluation"]["auc"] == 0.91
+    assert json.loads(annotations["loopform.dev/release"]) == RELEASE
+    pod_annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert pod_annotations["loopform.dev/release-signature"] == RELEASE["signature"]
+    assert "loopform.dev/release" not in pod_annotations
     assert objects["HorizontalPodAutoscaler"]["spec"]["minReplicas"] == 2
 
 

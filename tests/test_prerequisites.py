@@ -28,16 +28,12 @@ from loopform.references import (
     unresolved,
 )
 from loopform.spec import CONFIG_KEY, PlatformSpec, load_stack, stack_file
+from tests import records
 
 from .conftest import ROOT, STACKS
 
 UPSTREAM = ROOT.parent / "shared" / "upstream"
-RELEASE = {
-    "version": 3,
-    "image": "ghcr.io/loopform/fraud:v3",
-    "run_id": "0123456789abcdef",
-    "evidence": {"digest": "0" * 64, "created_at": "2026-11-01T00:00:00+00:00"},
-}
+RELEASE = records.release()
 
 
 def released(spec: PlatformSpec) -> PlatformSpec:

@@ -15,13 +15,27 @@ import pytest
 import yaml
 
 from loopform import evidence as ev
-from loopform import registry
+from loopform import policy_config, registry
+from loopform import record as rec
 from loopform.gates.result import GateResult
-from loopform.promotion import PromotionError, aliases_for, default_image, promote
+from loopform.promotion import PromotionError, Signer, aliases_for, default_image, promote
 from loopform.spec import load_stack
-from tests.helpers_registry import gate_results, make_version, small_model
+from tests import records
+from tests.helpers_registry import gate_results, make_version, small_model, stored_weights
 
 ROOT = Path(__file__).resolve().parent.parent
+SIGNERS: dict[str, Signer] = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def signers(tmp_path_factory) -> dict[str, Signer]:
+    """Per environment: the test key, and a policy config (with the stack's gates) that trusts it."""
+    folder = tmp_path_factory.mktemp("policy")
+    for env in ("dev", "staging", "prod"):
+        gates = load_stack(ROOT / "stacks" / f"Pulumi.{env}.yaml").gates
+        config = policy_config.for_environment({}, env, gates, [rec.TrustedKey.parse(k) for k in records.TRUSTED])
+        SIGNERS[env] = Signer(records.KEY, policy_config.write(folder / f"{env}.json", config))
+    return SIGNERS
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +71,7 @@ def state(store: str, name: str, stack: Path) -> tuple[bytes, dict[str, int], di
 def refused(store: str, name: str, version: int, env: str, stack: Path, **kwargs) -> list[str]:
     before = state(store, name, stack)
     with pytest.raises(PromotionError) as info:
-        promote(name, version, env, tracking_uri=store, stack_path=stack, **kwargs)
+        promote(name, version, env, tracking_uri=store, stack_path=stack, **{"signer": SIGNERS[env], **kwargs})
     assert state(store, name, stack) == before, "a refused promotion changed something"
     assert str(version) in str(info.value) and env in str(info.value)
     return info.value.reasons
@@ -74,7 +88,14 @@ def test_promote_to_staging_writes_release_and_moves_alias(store, trained, stack
     original = stacks["staging"].read_text()
     record = make_version(store, "fraud-a", model, evaluation)
 
-    release = promote("fraud-a", record.version, "staging", tracking_uri=store, stack_path=stacks["staging"])
+    release = promote(
+        "fraud-a",
+        record.version,
+        "staging",
+        signer=SIGNERS["staging"],
+        tracking_uri=store,
+        stack_path=stacks["staging"],
+    )
 
     assert release.version == record.version and release.run_id == record.run_id
     assert release.image == default_image("fraud-a", record.version) == f"ghcr.io/loopform/fraud-a:v{record.version}"
@@ -86,18 +107,28 @@ def test_promote_to_staging_writes_release_and_moves_alias(store, trained, stack
     spec = load_stack(stacks["staging"])
     written = spec.models["fraud-a"].release
     assert written == release
-    assert written.evidence.model_dump() == record.evidence
-    assert ev.check_evidence(written.evidence.model_dump(), spec.gates.model_dump(), now=datetime.now(UTC)) == []
+    # A compact record: the evidence's digest, not the evidence; signed for staging with the trusted key.
+    added = len(text.splitlines()) - len(original.splitlines())
+    assert added <= 30, f"the release record takes {added} lines"
+    assert written.evidence == f"sha256:{record.evidence['digest']}"
+    assert written.artifacts == record.evidence["artifacts"]["digest"]
+    assert written.gates["drift"] == {"passed": True, "drift_share": 0.0}
+    assert written.staging is None and written.key_id == records.TRUSTED[0]["key_id"]
+    assert rec.verify(written.record(), "staging", records.TRUSTED) == []
+    assert rec.verify(written.record(), "prod", records.TRUSTED) != []  # signed for staging only
     assert registry.alias_version(store, "fraud-a", "staging") == record.version
     tags = registry.client(store).get_model_version("fraud-a", str(record.version)).tags
-    assert "loopform.released.staging" in tags and "archived" not in tags
+    assert rec.verify(json.loads(tags["loopform.release.staging"]), "staging", records.TRUSTED) == []
+    assert "archived" not in tags
 
 
 def test_refuses_missing_evidence(store, trained, stacks):
     model, evaluation = trained
     rename(stacks["staging"], "fraud-b")
     good = make_version(store, "fraud-b", model, evaluation)
-    promote("fraud-b", good.version, "staging", tracking_uri=store, stack_path=stacks["staging"])
+    promote(
+        "fraud-b", good.version, "staging", signer=SIGNERS["staging"], tracking_uri=store, stack_path=stacks["staging"]
+    )
     client = registry.client(store)
     bare = client.create_model_version("fraud-b", source=client.get_model_version("fraud-b", "1").source)
 
@@ -186,21 +217,43 @@ def test_prod_needs_staging_first_and_archives_the_previous_champion(store, trai
 
     reasons = refused(store, "fraud-g", v1.version, "prod", stacks["prod"])
     assert reasons == [
-        f"prod requires a prior staging release (gates.require_staging) and version {v1.version} has none"
+        "prod requires a prior staging release (gates.require_staging): "
+        "the version carries no signed staging record (promote it to staging first)"
     ]
-
-    promote("fraud-g", v1.version, "staging", tracking_uri=store, stack_path=stacks["staging"])
-    release = promote(
-        "fraud-g", v1.version, "prod", tracking_uri=store, stack_path=stacks["prod"], image="registry.example/fraud:1"
+    # An MLflow tag is not proof: any client can write one. A staging record signed by an untrusted key is refused.
+    forged = records.release(
+        "staging", key=records.OTHER_KEY, sealed=registry.read_evidence(store, "fraud-g", v1.version)
     )
+    client = registry.client(store)
+    client.set_model_version_tag("fraud-g", str(v1.version), "loopform.release.staging", json.dumps(forged))
+    (reason,) = refused(store, "fraud-g", v1.version, "prod", stacks["prod"])
+    assert "which the staging policy config does not trust" in reason or "does not trust" in reason
+    client.delete_model_version_tag("fraud-g", str(v1.version), "loopform.release.staging")
+
+    promote(
+        "fraud-g", v1.version, "staging", signer=SIGNERS["staging"], tracking_uri=store, stack_path=stacks["staging"]
+    )
+    release = promote(
+        "fraud-g",
+        v1.version,
+        "prod",
+        signer=SIGNERS["prod"],
+        tracking_uri=store,
+        stack_path=stacks["prod"],
+        image="registry.example/fraud:1",
+    )
+    # The prod record carries the signed staging record, which verifies as staging's.
+    assert release.staging is not None and rec.verify(release.record(), "prod", records.TRUSTED) == []
     assert aliases_for("prod") == ("prod", "production", "champion")
     for alias in aliases_for("prod"):
         assert registry.alias_version(store, "fraud-g", alias) == v1.version
     assert load_stack(stacks["prod"]).models["fraud-g"].release.image == "registry.example/fraud:1" == release.image
 
     v2 = make_version(store, "fraud-g", model, {**evaluation, "champion_version": v1.version})
-    promote("fraud-g", v2.version, "staging", tracking_uri=store, stack_path=stacks["staging"])
-    promote("fraud-g", v2.version, "prod", tracking_uri=store, stack_path=stacks["prod"])
+    promote(
+        "fraud-g", v2.version, "staging", signer=SIGNERS["staging"], tracking_uri=store, stack_path=stacks["staging"]
+    )
+    promote("fraud-g", v2.version, "prod", signer=SIGNERS["prod"], tracking_uri=store, stack_path=stacks["prod"])
     client = registry.client(store)
     assert client.get_model_version("fraud-g", str(v1.version)).tags.get("archived") == "true"
     assert "archived" not in client.get_model_version("fraud-g", str(v2.version)).tags
@@ -214,20 +267,65 @@ def test_prod_gates_are_stricter_than_staging(store, trained, stacks):
     for env in ("staging", "prod"):
         rename(stacks[env], "fraud-h")
     record = make_version(store, "fraud-h", model, {**evaluation, "auc": 0.78, "champion_auc": None, "auc_delta": None})
-    promote("fraud-h", record.version, "staging", tracking_uri=store, stack_path=stacks["staging"])
+    promote(
+        "fraud-h",
+        record.version,
+        "staging",
+        signer=SIGNERS["staging"],
+        tracking_uri=store,
+        stack_path=stacks["staging"],
+    )
     assert refused(store, "fraud-h", record.version, "prod", stacks["prod"]) == [
         "AUC 0.7800 is below gates.min_auc=0.8"
     ]
 
 
-def test_evidence_survives_yaml_1_1_readers(store, trained, stacks):
-    """Values YAML 1.1 would misread unquoted ('yes', times, 1e-05) read back exactly from the stack file."""
+def test_records_survive_yaml_1_1_readers(store, trained, stacks):
+    """Values YAML 1.1 would misread unquoted (1e-05, times) read back exactly, so the signature still verifies."""
     model, evaluation = trained
     rename(stacks["dev"], "fraud-i")
-    odd = GateResult("ood", True, {"ood_rate": 1e-05, "rule": "yes", "window": "12:30:45", "at": "2024-01-01T00:00:00"})
+    odd = GateResult("ood", True, {"ood_rate": 1e-05, "rule": "yes", "window": "12:30:45"})
     record = make_version(store, "fraud-i", model, evaluation, gates=gate_results(ood=odd))
-    promote("fraud-i", record.version, "dev", tracking_uri=store, stack_path=stacks["dev"])
+    promote("fraud-i", record.version, "dev", signer=SIGNERS["dev"], tracking_uri=store, stack_path=stacks["dev"])
     raw = yaml.safe_load(stacks["dev"].read_text())["config"]["loopform:platform"]["models"]["fraud-i"]["release"]
-    assert raw["evidence"] == record.evidence
-    assert raw["evidence"]["gates"]["ood"]["metrics"]["ood_rate"] == 1e-05
-    assert ev.verify(raw["evidence"])
+    assert raw["gates"]["ood"]["ood_rate"] == 1e-05
+    assert rec.verify(raw, "dev", records.TRUSTED) == []
+
+
+def test_refuses_keys_the_environment_does_not_trust(store, trained, stacks, tmp_path):
+    model, evaluation = trained
+    rename(stacks["staging"], "fraud-j")
+    record = make_version(store, "fraud-j", model, evaluation)
+    other = rec.trusted_key(records.OTHER_KEY, ())
+    reasons = refused(
+        store,
+        "fraud-j",
+        record.version,
+        "staging",
+        stacks["staging"],
+        signer=Signer(records.OTHER_KEY, SIGNERS["staging"].policy_config),
+    )
+    assert reasons == [
+        f"signing key {other.key_id} is not among the trusted keys of {SIGNERS['staging'].policy_config} "
+        "(add it: `loopform keygen` prints the entry)"
+    ]
+    reasons = refused(
+        store,
+        "fraud-j",
+        record.version,
+        "staging",
+        stacks["staging"],
+        signer=Signer(records.KEY, SIGNERS["prod"].policy_config),
+    )
+    assert reasons == [f"{SIGNERS['prod'].policy_config} is the policy config of 'prod', not of 'staging'"]
+
+
+def test_refuses_weights_swapped_after_registration(store, trained, stacks):
+    """The evidence names each file's digest; promotion re-reads the registry's files and refuses others."""
+    model, evaluation = trained
+    rename(stacks["dev"], "fraud-k")
+    record = make_version(store, "fraud-k", model, evaluation)
+    stored, name = stored_weights(store, "fraud-k", record.version)
+    stored.write_bytes(stored.read_bytes() + b"swapped")
+    (reason,) = refused(store, "fraud-k", record.version, "dev", stacks["dev"])
+    assert reason == f"the model's artifacts changed since registration: {name} differ from the sealed digests"

@@ -11,7 +11,7 @@ import pytest
 
 from loopform import data, registry
 from loopform import evidence as ev
-from tests.helpers_registry import gate_results, make_version, small_model
+from tests.helpers_registry import gate_results, make_version, small_model, stored_weights
 
 
 @pytest.fixture(scope="module")
@@ -157,3 +157,28 @@ def test_evidence_from_the_real_gates(store, trained):
         verdicts[drift] = ev.check_evidence(record.evidence, gates.model_dump(), now=datetime.now(UTC))
     assert verdicts[0.0] == []
     assert any(r.startswith("gate 'drift' did not pass") for r in verdicts[1.0])
+
+
+def test_the_service_loads_only_the_files_the_record_names(store, trained, released, tmp_path):
+    """The evidence seals each model file's digest; a weights file swapped in the store is refused at load."""
+    from loopform import record as rec
+    from loopform.serving import ArtifactDigestError, load_release
+
+    model, _, holdout, _ = trained
+    _, record = released
+    artifacts = record.evidence["artifacts"]
+    assert artifacts["digest"] == rec.artifacts_digest(artifacts["files"])
+    assert "MLmodel" in artifacts["files"] and len(artifacts["files"]) >= 3
+    loaded = load_release(store, "models:/fraud/1", artifacts["digest"])
+    assert loaded.version == 1
+    assert np.array_equal(loaded.model.predict_proba(holdout), model.predict_proba(holdout))
+
+    stored, _ = stored_weights(store, "fraud", 1)
+    original = stored.read_bytes()
+    try:
+        stored.write_bytes(original + b"swapped")
+        with pytest.raises(ArtifactDigestError, match="the signed release record names " + artifacts["digest"]):
+            load_release(store, "models:/fraud/1", artifacts["digest"])
+        assert load_release(store, "models:/fraud/1").version == 1  # without a record nothing is checked
+    finally:
+        stored.write_bytes(original)

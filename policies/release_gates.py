@@ -1,0 +1,353 @@
+"""Promotion gates: every served release carries a signed record, and its numbers meet the environment's gates.
+
+Releases are visible to the pack on both roads: a model service's Deployment carries its
+record (annotation `loopform.dev/release`, the direct road), and the Argo CD Application
+carries the records of every service it syncs (annotation `loopform.dev/releases`, the
+GitOps road). The signature is checked first; the other rules judge the record's numbers
+against this environment's thresholds, which come from the policy config.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from loopform import record as rec
+from policies.core import Config, Props, ResourceRule
+
+DEPLOYMENT = "kubernetes:apps/v1:Deployment"
+APPLICATION = "kubernetes:argoproj.io/v1alpha1:Application"
+MODEL_LABEL = "loopform.dev/model"
+ENVIRONMENT_LABEL = "loopform.dev/environment"
+RELEASE_ANNOTATION = "loopform.dev/release"
+RELEASES_ANNOTATION = "loopform.dev/releases"
+TYPES = frozenset({DEPLOYMENT, APPLICATION})
+
+Release = tuple[str, Any]  # (where, record: a mapping, or the raw value when it is not one)
+
+
+def _metadata(props: Props) -> Mapping[str, Any]:
+    metadata = props.get("metadata")
+    return metadata if isinstance(metadata, Mapping) else {}
+
+
+def _json(value: Any) -> Any:
+    try:
+        return json.loads(value) if isinstance(value, str) else value
+    except json.JSONDecodeError:
+        return value
+
+
+def releases(type_: str, props: Props) -> list[Release]:
+    """The release records a resource serves: (label for messages, record)."""
+    metadata = _metadata(props)
+    annotations = metadata.get("annotations") or {}
+    labels = metadata.get("labels") or {}
+    if type_ == DEPLOYMENT and MODEL_LABEL in labels:
+        return [(f"model {labels[MODEL_LABEL]}", _json(annotations.get(RELEASE_ANNOTATION)))]
+    if type_ == APPLICATION and RELEASES_ANNOTATION in annotations:
+        records = _json(annotations[RELEASES_ANNOTATION])
+        if not isinstance(records, Mapping):
+            return [(f"application {metadata.get('name')}", records)]
+        return [(f"model {model}", record) for model, record in sorted(records.items())]
+    return []
+
+
+def _environment(props: Props) -> str:
+    return str((_metadata(props).get("labels") or {}).get(ENVIRONMENT_LABEL, "this environment"))
+
+
+def _records(props: Props, type_: str) -> list[tuple[str, Mapping[str, Any]]]:
+    """Only records that are mappings: `release-signed` reports the others."""
+    return [(where, record) for where, record in releases(type_, props) if isinstance(record, Mapping)]
+
+
+def _name(record: Mapping[str, Any]) -> str:
+    return f"{record.get('model')} v{record.get('version')}"
+
+
+def _gate(record: Mapping[str, Any], gate: str) -> Mapping[str, Any]:
+    gates = record.get("gates")
+    value = gates.get(gate) if isinstance(gates, Mapping) else None
+    return value if isinstance(value, Mapping) else {}
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def _limit(value: Any) -> str:
+    """A threshold as people write it: 30, not 30.0 (config numbers cross the analyzer as floats)."""
+    return f"{value:g}" if isinstance(value, int | float) and not isinstance(value, bool) else str(value)
+
+
+def _time(value: Any) -> datetime | None:
+    try:
+        parsed = datetime.fromisoformat(str(value))
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+# --- rules ---------------------------------------------------------------------------------------------
+
+
+def check_signed(type_: str, props: Props, config: Config) -> list[str]:
+    """The record is present and its signatures verify with a key trusted for this environment."""
+    environment = str(config["environment"])
+    if not environment and releases(type_, props):
+        return [f"the {rec.SIGNATURE_POLICY} policy config names no environment: no record can verify"]
+    messages = []
+    for where, record in releases(type_, props):
+        if record is None:
+            messages.append(f"{where}: no release record (annotation {RELEASE_ANNOTATION}); run `loopform promote`")
+        elif not isinstance(record, Mapping):
+            messages.append(f"{where}: the release record is not a JSON object")
+        else:
+            messages += [f"{where}: {reason}" for reason in rec.verify(record, environment, config["trusted_keys"])]
+            if record.get("model") != where.removeprefix("model "):
+                messages.append(f"{where}: serves the release record of model {record.get('model')!r}")
+    return messages
+
+
+def _env_value(container: Mapping[str, Any], name: str) -> Any:
+    for variable in container.get("env") or []:
+        if isinstance(variable, Mapping) and variable.get("name") == name:
+            return variable.get("value")
+    return None
+
+
+def check_matches_workload(type_: str, props: Props, config: Config) -> list[str]:
+    """What the Deployment runs is what the record released: image, version and artifacts digest."""
+    if type_ != DEPLOYMENT:
+        return []
+    pod = (((props.get("spec") or {}).get("template") or {}).get("spec")) or {}
+    containers = [c for c in pod.get("containers") or [] if isinstance(c, Mapping)]
+    messages = []
+    for where, record in _records(props, type_):
+        if not containers:
+            return [f"{where}: the Deployment has no containers"]
+        container = containers[0]
+        expected = {"image": record.get("image"), **rec.release_env(record)}
+        served = {
+            "image": container.get("image"),
+            **{name: _env_value(container, name) for name in rec.release_env(record)},
+        }
+        for key, value in expected.items():
+            if served[key] != value:
+                messages.append(
+                    f"{where}: container {container.get('name')} runs {key} {served[key]!r}, "
+                    f"the signed record of {_name(record)} released {value!r}"
+                )
+    return messages
+
+
+def check_validation(type_: str, props: Props, config: Config) -> list[str]:
+    """Data validation passed and the worst missing and out-of-range shares are within the thresholds."""
+    messages = []
+    for where, record in _records(props, type_):
+        gate, env = _gate(record, "validation"), _environment(props)
+        if gate.get("passed") is not True:
+            messages.append(f"{where}: data validation of {_name(record)} did not pass")
+        for metric, limit in (
+            ("worst_missing_share", "max_missing_share"),
+            ("worst_out_of_range_share", "max_out_of_range_share"),
+        ):
+            value = _number(gate.get(metric))
+            if value is None:
+                messages.append(f"{where}: data validation of {_name(record)} records no {metric}")
+            elif value > config[limit]:
+                messages.append(
+                    f"{where}: {metric.replace('_', ' ')} {value:.4f} > {_limit(config[limit])} ({env}, {limit})"
+                )
+    return messages
+
+
+def _share_rule(gate: str, metric: str, limit: str, label: str) -> Any:
+    def check(type_: str, props: Props, config: Config) -> list[str]:
+        messages = []
+        for where, record in _records(props, type_):
+            result, env = _gate(record, gate), _environment(props)
+            value = _number(result.get(metric))
+            if result.get("passed") is not True:
+                messages.append(f"{where}: the {gate} gate of {_name(record)} did not pass")
+            if value is None:
+                messages.append(f"{where}: the {gate} gate of {_name(record)} records no {metric}")
+            elif value > config[limit]:
+                messages.append(f"{where}: {label} {value:.4f} > {_limit(config[limit])} ({env}, {limit})")
+        return messages
+
+    check.__doc__ = f"The {gate} gate passed and its {label} is within {limit}."
+    return check
+
+
+check_drift = _share_rule("drift", "drift_share", "max_drift_share", "drift share")
+check_ood = _share_rule("ood", "ood_rate", "max_ood_rate", "OOD rate")
+
+
+def check_metrics(type_: str, props: Props, config: Config) -> list[str]:
+    """The evaluation meets the environment's minimums."""
+    messages = []
+    for where, record in _records(props, type_):
+        evaluation, env = _gate(record, "evaluation"), _environment(props)
+        auc, ece = _number(evaluation.get("auc")), _number(evaluation.get("ece"))
+        if auc is None:
+            messages.append(f"{where}: {_name(record)} records no AUC")
+        elif auc < config["min_auc"]:
+            messages.append(f"{where}: AUC {auc:.4f} < {_limit(config['min_auc'])} ({env}, min_auc)")
+        if ece is None:
+            messages.append(f"{where}: {_name(record)} records no calibration error")
+        elif ece > config["max_calibration_error"]:
+            messages.append(
+                f"{where}: calibration error {ece:.4f} > {_limit(config['max_calibration_error'])} "
+                f"({env}, max_calibration_error)"
+            )
+    return messages
+
+
+def check_regression(type_: str, props: Props, config: Config) -> list[str]:
+    """No regression against the champion beyond the tolerance (no champion: the first release)."""
+    messages = []
+    for where, record in _records(props, type_):
+        delta = _number(_gate(record, "evaluation").get("auc_delta"))
+        if delta is not None and -delta > config["max_auc_drop"]:
+            messages.append(
+                f"{where}: AUC {-delta:.4f} below the champion's > {_limit(config['max_auc_drop'])} "
+                f"({_environment(props)}, max_auc_drop)"
+            )
+    return messages
+
+
+def check_staging_first(type_: str, props: Props, config: Config) -> list[str]:
+    """A release here was released to staging first (the signature rule verifies the staging proof)."""
+    if not config["required"]:
+        return []
+    messages = []
+    for where, record in _records(props, type_):
+        proof = record.get("staging")
+        if not isinstance(proof, Mapping):
+            messages.append(
+                f"{where}: {_name(record)} was never released to staging "
+                f"(no signed staging record; {_environment(props)} requires one)"
+            )
+            continue
+        staged, released = _time(proof.get("released_at")), _time(record.get("released_at"))
+        if staged is None or released is None or staged > released:
+            messages.append(
+                f"{where}: {_name(record)} was released to staging at {proof.get('released_at')}, "
+                f"not before this release at {record.get('released_at')}"
+            )
+    return messages
+
+
+def check_fresh(type_: str, props: Props, config: Config) -> list[str]:
+    """The evidence was at most max_evidence_age_days old when the release was signed."""
+    messages = []
+    for where, record in _records(props, type_):
+        created, released = _time(record.get("created_at")), _time(record.get("released_at"))
+        if created is None or released is None:
+            messages.append(f"{where}: {_name(record)} has no valid created_at/released_at times")
+            continue
+        age = (released - created).total_seconds() / 86400
+        if age > config["max_evidence_age_days"]:
+            messages.append(
+                f"{where}: evidence of {_name(record)} was {age:.1f} days old when released "
+                f"> {_limit(config['max_evidence_age_days'])} ({_environment(props)}, max_evidence_age_days)"
+            )
+        elif age < -rec.CLOCK_SKEW_DAYS:
+            messages.append(
+                f"{where}: {_name(record)} was released at {record.get('released_at')}, "
+                f"before its evidence was created at {record.get('created_at')}"
+            )
+    return messages
+
+
+def _share(default: float) -> dict[str, Any]:
+    return {"type": "number", "minimum": 0, "maximum": 1, "default": default}
+
+
+TRUSTED_KEYS_SCHEMA = {
+    "type": "array",
+    "default": [],
+    "items": {
+        "type": "object",
+        "required": ["key_id", "public_key", "environments"],
+        "additionalProperties": False,
+        "properties": {
+            "key_id": {"type": "string", "pattern": "^[0-9a-f]{16}$"},
+            "public_key": {"type": "string", "description": "base64 of the raw Ed25519 public key"},
+            "environments": {"type": "array", "items": {"type": "string"}},
+            "owner": {"type": "string", "description": "Who holds the private key (for reviewers)."},
+        },
+    },
+}
+
+RULES = [
+    ResourceRule(
+        name=rec.SIGNATURE_POLICY,
+        description="Every served release carries a release record signed by a key trusted for this environment.",
+        check=check_signed,
+        types=TYPES,
+        config={
+            "environment": {"type": "string", "default": "", "description": "The environment records are signed for."},
+            "trusted_keys": TRUSTED_KEYS_SCHEMA,
+        },
+    ),
+    ResourceRule(
+        name="release-matches-workload",
+        description="A model service runs exactly the image, version and artifacts its signed record released.",
+        check=check_matches_workload,
+        types=frozenset({DEPLOYMENT}),
+    ),
+    ResourceRule(
+        name="data-validation-passed",
+        description="The released version's training data passed validation within the thresholds.",
+        check=check_validation,
+        types=TYPES,
+        config={"max_missing_share": _share(0.05), "max_out_of_range_share": _share(0.01)},
+    ),
+    ResourceRule(
+        name="drift-within-threshold",
+        description="The released version's drift gate passed within the environment's drift share.",
+        check=check_drift,
+        types=TYPES,
+        config={"max_drift_share": _share(0.3)},
+    ),
+    ResourceRule(
+        name="ood-within-threshold",
+        description="The released version's out-of-distribution rate is within the environment's threshold.",
+        check=check_ood,
+        types=TYPES,
+        config={"max_ood_rate": _share(0.05)},
+    ),
+    ResourceRule(
+        name="metrics-meet-minimums",
+        description="The released version's evaluation meets the environment's minimums.",
+        check=check_metrics,
+        types=TYPES,
+        config={"min_auc": _share(0.75), "max_calibration_error": _share(0.1)},
+    ),
+    ResourceRule(
+        name="no-champion-regression",
+        description="The released version is no worse than the champion beyond the tolerance.",
+        check=check_regression,
+        types=TYPES,
+        config={"max_auc_drop": _share(0.01)},
+    ),
+    ResourceRule(
+        name="released-to-staging-first",
+        description="A release here was released to staging first, proved by the signed staging record.",
+        check=check_staging_first,
+        types=TYPES,
+        config={"required": {"type": "boolean", "default": False}},
+    ),
+    ResourceRule(
+        name="evidence-fresh",
+        description="The release's evidence was not older than allowed when it was released.",
+        check=check_fresh,
+        types=TYPES,
+        config={"max_evidence_age_days": {"type": "number", "minimum": 0, "default": 30}},
+    ),
+]

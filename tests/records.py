@@ -1,0 +1,73 @@
+"""Signed release records for tests: a fixed test key, sealed evidence, and records signed per environment."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from loopform import evidence as ev
+from loopform import record as rec
+
+KEY = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
+"""The release key of the tests (a fixed seed: records are reproducible)."""
+OTHER_KEY = Ed25519PrivateKey.from_private_bytes(bytes(range(1, 33)))
+"""A key no test config trusts."""
+ENVIRONMENTS = ("dev", "staging", "prod")
+TRUSTED = [rec.trusted_key(KEY, ENVIRONMENTS).to_dict()]
+NOW = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
+FILES = {"MLmodel": "1" * 64, "data/model.pth": "2" * 64}
+
+
+def evidence(model: str = "fraud", version: int = 3, *, created: datetime = NOW - timedelta(days=1), **changes: Any):
+    """Sealed evidence that passes every default gate."""
+    body = {
+        "model": model,
+        "version": version,
+        "run_id": "abc123",
+        "training_data_fingerprint": "f" * 64,
+        "gates": {
+            "validation": {
+                "gate": "validation",
+                "passed": True,
+                "metrics": {"worst_missing_share": 0.0, "worst_out_of_range_share": 0.002},
+                "failures": [],
+            },
+            "drift": {"gate": "drift", "passed": True, "metrics": {"drift_share": 0.1}, "failures": []},
+            "ood": {"gate": "ood", "passed": True, "metrics": {"ood_rate": 0.01}, "failures": []},
+        },
+        "evaluation": {
+            "auc": 0.91,
+            "precision": 0.5,
+            "recall": 0.6,
+            "ece": 0.01,
+            "threshold": 0.3,
+            "champion_version": 2,
+            "champion_auc": 0.905,
+            "auc_delta": 0.005,
+        },
+        "artifacts": {"digest": rec.artifacts_digest(FILES), "files": FILES},
+    }
+    body.update(changes)
+    return ev.seal(body, now=created)
+
+
+def release(
+    env: str = "prod",
+    *,
+    key: Any = KEY,
+    staged: bool = True,
+    image: str = "ghcr.io/loopform/fraud:v3",
+    released: datetime = NOW,
+    sealed: dict | None = None,
+) -> dict[str, Any]:
+    """A record signed for `env`; a prod record carries the signed staging record of the same version."""
+    sealed = sealed or evidence()
+    record = rec.build(sealed, image=image, released_at=ev.now_iso(released))
+    if staged and env != rec.STAGING:
+        staging = rec.sign(
+            rec.build(sealed, image=image, released_at=ev.now_iso(released - timedelta(hours=2))), rec.STAGING, key
+        )
+        record["staging"] = rec.staging_proof(staging)
+    return rec.sign(record, env, key)
