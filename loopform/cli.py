@@ -109,9 +109,9 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
-    """Append labelled events to the stack's offline store (how a new platform gets its first data)."""
-    from loopform.ingest import ingest_batch, read_batch, synthetic_batch
-    from loopform.steps import StepFailed
+    """Admit a batch of labelled events into the stack's offline store, after its own checks (exit 1: refused)."""
+    from loopform.ingest import BatchRefused, ingest_batch, read_batch, synthetic_batch
+    from loopform.steps import LABELS_FILE, StepFailed
 
     spec = load_stack(_stack_path(args), Path(args.root))
     if (args.path is None) == (args.synthetic is None):
@@ -119,16 +119,55 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     model = args.model or (next(iter(spec.models)) if len(spec.models) == 1 else None)
     if model is None:
         raise UsageError(f"stack {args.stack} has several models: name one with --model ({', '.join(spec.models)})")
-    offline_uri = args.offline_uri or spec.feature_store.offline_store.data_uri
+    offline_uri, feature_repo = args.offline_uri, None
+    if offline_uri is None and spec.is_local:
+        # The local loop's own store: the Feast repo `loopform up` made under local.workdir.
+        feature_repo = (Path(args.root) / spec.local.workdir).resolve() / "feast"
+        if not (feature_repo / "data" / LABELS_FILE).exists():
+            raise UsageError(
+                f"no local offline store at {feature_repo / 'data'}: run `loopform up --stack {args.stack}` first "
+                "(it makes the store), or name one with --offline-uri"
+            )
+    elif offline_uri is None:
+        offline_uri = spec.feature_store.offline_store.data_uri
     try:
         frame = read_batch(Path(args.path)) if args.path else synthetic_batch(args.synthetic, args.seed)
-        done = ingest_batch(spec, model, frame, Path(args.root), offline_uri)
+        done = ingest_batch(
+            spec,
+            model,
+            frame,
+            Path(args.root),
+            offline_uri,
+            feature_repo=feature_repo,
+            accept_shift=args.accept_shift,
+            html_report=args.html_report,
+        )
+    except BatchRefused as refused:
+        report = refused.report
+        print(f"refused: batch {report.batch_id} ({report.rows} rows) of model {model}", file=sys.stderr)
+        print(f"  {report.scope()}", file=sys.stderr)
+        for line in report.failure_lines():
+            print(f"  FAILED {line}", file=sys.stderr)
+        for line in report.accepted_lines():
+            print(f"  accepted ({report.accept_shift}) {line}", file=sys.stderr)
+        print(f"  quarantined in {refused.quarantine_uri} (rows and report.json)", file=sys.stderr)
+        print("  nothing was written to the offline store: fix the batch upstream and send it again", file=sys.stderr)
+        return 1
     except StepFailed as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     except ImportError as error:
         raise UsageError(f"cannot write {offline_uri}: {error} (pip install 'loopform[cluster]')") from None
+    report = done.report
     print(f"ingested {done.rows} labelled events of model {model}: {done.total} in the offline store")
+    print(f"  {report.scope()}")
+    ran = [c.name for c in report.checks if c.skipped is None and c.passed]
+    print(f"  passed: {', '.join(ran)}")
+    for check in report.checks:
+        if check.skipped is not None and report.reference is not None:
+            print(f"  {check.name} {check.skipped}")
+    for line in report.accepted_lines():
+        print(f"  accepted ({report.accept_shift}) {line}")
     print(f"  features: {done.source_uri}\n  labels:   {done.labels_uri}")
     return 0
 
@@ -351,14 +390,31 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("--kubeconfig", help="kubeconfig file (default: $KUBECONFIG, else ~/.kube/config)")
     doctor.set_defaults(handler=cmd_doctor)
 
-    seed = commands.add_parser("ingest", help="append labelled events to the stack's offline store (seed it)")
+    seed = commands.add_parser(
+        "ingest",
+        help="check a batch of labelled events on its own, then append it to the stack's offline store "
+        "(exit 1: refused and quarantined, the store unchanged)",
+    )
     seed.add_argument("path", nargs="?", help="labelled events: a .parquet or .csv file with the model's columns")
     stack_args(seed)
     seed.add_argument("--model", help="model whose data it is (default: the stack's only model)")
     seed.add_argument("--synthetic", type=int, metavar="ROWS", help="a demo batch from the generator instead of a file")
     seed.add_argument("--seed", type=int, default=7, help="seed of --synthetic (default: 7)")
     seed.add_argument(
-        "--offline-uri", help="offline store folder (default: feature_store.offline_store.data_uri of the stack)"
+        "--offline-uri",
+        help="offline store folder (default: feature_store.offline_store.data_uri of the stack; for a local "
+        "stack, the store `loopform up` made under local.workdir)",
+    )
+    seed.add_argument(
+        "--accept-shift",
+        metavar="REASON",
+        help="let failed checks against the stored reference (label shift, drift, OOD) pass, for this reason "
+        "(the world changed, not the pipeline); structural checks and id conflicts still refuse",
+    )
+    seed.add_argument(
+        "--html-report",
+        action="store_true",
+        help="also write Evidently's data summary of a refused batch into its quarantine folder (slow)",
     )
     seed.set_defaults(handler=cmd_ingest)
 

@@ -3,12 +3,27 @@
 The generator is the loop's stand-in for a data lake: deterministic for a seed at any size,
 with a learnable label and switches that inject the faults the gates must catch (covariate
 drift, out-of-range values, missing values, a missing column, wrong types, label shift).
-Everything is vectorised numpy so a million rows take a second or two, and nothing is downloaded.
+Everything is vectorised numpy so a million rows take a few seconds, and nothing is downloaded.
 
-Rows are drawn class-conditionally: first the label (fraud rate `BASE_FRAUD_RATE`, moved by
-`label_shift`), then features given the label. That makes `label_shift` a true prior shift
-(P(y) changes, P(x | y) does not) and `covariate_drift` a change of P(x) applied to both classes.
-Each fault draws from its own random stream, so switching one on leaves the clean rows identical.
+Features come at two levels (`Feature.scope`). A transaction's own fields (amount, hour,
+distance, merchant, channel, is_foreign) arrive with the transaction: in the request at
+serving, in the labelled event at training. Card-level features (txn_count_24h,
+avg_amount_30d, card_age_days) describe the card as of the transaction and are computed from
+the card's own earlier transactions, strictly before the event time: they are what the
+feature store serves by card id and joins point-in-time for training.
+
+Each card transacts as a Poisson stream at about `RATE_PER_DAY` (scaled by a per-card
+activity trait), so the aggregates have the same distribution at any frame size. A frame is
+a window of a longer history: `WARM_UP_DAYS` of earlier transactions are generated, used for
+the aggregates, and not returned, so the first rows of a frame see a full 30-day past.
+
+Labels are drawn first (fraud rate `BASE_FRAUD_RATE`, moved by `label_shift`), then the
+transaction given the label: fraud comes in short episodes on (preferably young) cards, a
+few transactions minutes apart, so the card's own history carries signal (txn_count_24h)
+without being drawn from the label. That keeps `label_shift` a prior shift of the
+transaction fields (P(y) changes, P(x | y) of the transaction's own fields does not) and
+`covariate_drift` a change of P(x) for both classes. Each fault draws from its own random
+stream, so switching one on leaves the clean draws identical.
 """
 
 from __future__ import annotations
@@ -29,6 +44,12 @@ ID = "transaction_id"
 BASE_FRAUD_RATE = 0.03
 DEFAULT_START = datetime(2024, 1, 1, tzinfo=UTC)
 MIN_CARDS = 2000
+RATE_PER_DAY = 0.5  # transactions per active card and day (times the card's activity trait, mean 1)
+WARM_UP_DAYS = 30  # history generated before `start` (not returned) so every row sees a full 30-day past
+AVG_AMOUNT_NO_HISTORY = 0.0  # avg_amount_30d of a card with no transaction in the previous 30 days
+_DAY = 86_400
+_EPISODE_EXTRA = 1.0  # a fraud episode has 1 + Poisson(_EPISODE_EXTRA) transactions ...
+_EPISODE_GAP_S = 1_800.0  # ... about half an hour apart
 # Card traits come from a fixed population (not from `seed`): two data sets of different seeds are
 # two samples of the same bank's cards, so clean samples do not drift against each other.
 _POPULATION_SEED = 20240101
@@ -45,6 +66,9 @@ class Feature:
     max: float | None
     categories: tuple[str, ...] | None
     description: str
+    # "transaction": the transaction's own field (request at serving, labelled event at training);
+    # "card": the card as of the transaction, from its earlier transactions (the feature store, by card id).
+    scope: Literal["transaction", "card"] = "transaction"
 
 
 MERCHANT_CATEGORIES: tuple[str, ...] = (
@@ -65,9 +89,27 @@ FEATURES: tuple[Feature, ...] = (
     Feature("amount", "numeric", "float64", 0.0, 50_000.0, None, "Transaction amount in EUR."),
     Feature("hour_of_day", "numeric", "int64", 0.0, 23.0, None, "Local hour of the transaction (0-23)."),
     Feature("distance_from_home_km", "numeric", "float64", 0.0, 20_000.0, None, "Distance from the card's home."),
-    Feature("txn_count_24h", "numeric", "int64", 0.0, 500.0, None, "Transactions of the card in the last 24 h."),
-    Feature("avg_amount_30d", "numeric", "float64", 0.0, 50_000.0, None, "Card's mean amount over 30 days."),
-    Feature("card_age_days", "numeric", "int64", 0.0, 20_000.0, None, "Days since the card was issued."),
+    Feature(
+        "txn_count_24h",
+        "numeric",
+        "int64",
+        0.0,
+        500.0,
+        None,
+        "The card's transactions in the 24 h before this one (not counting it).",
+        "card",
+    ),
+    Feature(
+        "avg_amount_30d",
+        "numeric",
+        "float64",
+        0.0,
+        50_000.0,
+        None,
+        "The card's mean amount over the 30 days before this transaction (0 without any).",
+        "card",
+    ),
+    Feature("card_age_days", "numeric", "int64", 0.0, 20_000.0, None, "Days since the card was issued.", "card"),
     Feature("is_foreign", "numeric", "int64", 0.0, 1.0, None, "1 when the merchant is abroad."),
     Feature("merchant_category", "categorical", "string", None, None, MERCHANT_CATEGORIES, "Merchant category."),
     Feature("channel", "categorical", "string", None, None, CHANNELS, "How the card was presented."),
@@ -76,6 +118,10 @@ FEATURE_NAMES: tuple[str, ...] = tuple(f.name for f in FEATURES)
 NUMERIC: tuple[str, ...] = tuple(f.name for f in FEATURES if f.kind == "numeric")
 CATEGORICAL: tuple[str, ...] = tuple(f.name for f in FEATURES if f.kind == "categorical")
 BY_NAME: dict[str, Feature] = {f.name: f for f in FEATURES}
+#: The transaction's own fields: in the request at serving, in the labelled event at training.
+TRANSACTION_FEATURES: tuple[str, ...] = tuple(f.name for f in FEATURES if f.scope == "transaction")
+#: The card as of the transaction, from its earlier transactions: read from the feature store by card id.
+CARD_FEATURES: tuple[str, ...] = tuple(f.name for f in FEATURES if f.scope == "card")
 COLUMNS: tuple[str, ...] = (ID, ENTITY, TIMESTAMP, *FEATURE_NAMES, LABEL)
 
 # Class-conditional mixes (legitimate, fraud) and the mix covariate drift moves towards.
@@ -89,6 +135,7 @@ _CHANNEL_P = {
     "fraud": (0.15, 0.12, 0.13, 0.45, 0.15),
     "drift": (0.15, 0.20, 0.05, 0.55, 0.05),
 }
+_TESTING_MERCHANT, _TESTING_CHANNEL = 2, 2  # where card testing happens once fraud changes tactics (drift)
 _HOURS = np.arange(24)
 _DAY_CURVE = np.exp(-0.5 * ((_HOURS - 14.0) / 4.5) ** 2) + 0.05
 _NIGHT_CURVE = np.exp(-0.5 * ((np.minimum(_HOURS, 24 - _HOURS) - 2.0) / 3.0) ** 2) + 0.15
@@ -116,12 +163,21 @@ def generate(
 ) -> pd.DataFrame:
     """Card transactions sorted by time, several per card, with the requested faults injected.
 
-    cards: size of the card population (default max(2000, rows // 25)); card k has the same
-        traits in every data set, whatever the seed.
+    cards: size of the card population (default max(2000, rows / (days * RATE_PER_DAY))); card k
+        has the same traits in every data set, whatever the seed. The frame's active cards are a
+        seeded sample of it, as many as give each about RATE_PER_DAY transactions a day (all of a
+        smaller population, which then transacts more often).
 
-    covariate_drift: strength >= 0 (0.5 is a clear shift): amount x(1+s), distance x(1+2s), extra
-        24 h transactions, more night hours, more foreign merchants, merchant/channel mix moved
-        towards online (mix moves fully at s >= 1). avg_amount_30d and card_age_days are unchanged.
+    txn_count_24h, avg_amount_30d and card_age_days are computed from each card's own history,
+    strictly before each transaction (see `card_aggregates`), including WARM_UP_DAYS of history
+    before `start` that is generated but not returned.
+
+    covariate_drift: strength >= 0 (0.5 is a clear shift): amount x(1+s), distance x(1+2s), cards
+        transacting (1+s) times as often (more 24 h transactions), more night hours, more foreign
+        merchants, merchant/channel mix moved towards online (mix moves fully at s >= 1). The
+        card-level features follow from the drifted history (avg_amount_30d grows with amounts).
+        Fraud also changes tactics (a concept shift): half the frauds become card testing, small amounts near
+        home at one merchant category through one channel, which a model of the old fraud does not know.
     out_of_range: share of values of every feature put outside its schema range (numeric) or
         outside its category list (categorical).
     missing_column: a column to drop. wrong_types: a column to store with the wrong type
@@ -144,15 +200,21 @@ def generate(
     start = start or DEFAULT_START
     if start.tzinfo is None:
         raise ValueError("start must be timezone-aware (UTC)")
-    n_cards = cards if cards is not None else max(MIN_CARDS, rows // 25)
+    nominal = max(1, round(rows / (days * RATE_PER_DAY)))  # active cards at the nominal rate
+    n_cards = cards if cards is not None else max(MIN_CARDS, nominal)
     if n_cards < 1:
         raise ValueError(f"cards must be >= 1, got {n_cards}")
 
     streams = np.random.SeedSequence(seed).spawn(len(_STREAMS))
     rngs = {name: np.random.default_rng(stream) for name, stream in zip(_STREAMS, streams, strict=True)}
-    cols = _base(rngs["base"], rows, n_cards, rate, days)
+    # Drift makes the active cards (a prefix of the clean frame's) transact (1 + s) times as often.
+    n_active = max(1, round(min(n_cards, nominal) / (1.0 + covariate_drift)))
+    cols = _base(rngs["base"], rows, n_cards, n_active, rate, days)
     if covariate_drift > 0:
         _drift(rngs["drift"], cols, covariate_drift)
+    _history_features(cols)
+    window = cols.pop("_window")
+    cols = {name: values[window] for name, values in cols.items()}
     if out_of_range > 0:
         _out_of_range(rngs["out_of_range"], cols, out_of_range)
 
@@ -183,59 +245,142 @@ def generate(
 _UNLISTED = {"merchant_category": "crypto_exchange", "channel": "telephone"}
 
 
-def _base(rng: np.random.Generator, rows: int, n_cards: int, rate: float, days: int) -> dict[str, np.ndarray]:
-    """Clean columns (unsorted) drawn class-conditionally; categorical columns as codes."""
-    card_age, usual, travel = _population(n_cards)
+def card_aggregates(cards: np.ndarray, seconds: np.ndarray, amounts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(txn_count_24h, avg_amount_30d) of each transaction from its card's transactions strictly before it.
 
+    cards: card ids; seconds: event times in seconds (any common origin); amounts: amounts with at most
+    two decimals. A transaction counts for another of its card at time t when its own time is in
+    [t - 24 h, t) (respectively [t - 30 days, t)): never itself, nor one at the same instant or later.
+    avg_amount_30d is AVG_AMOUNT_NO_HISTORY without such a transaction. Vectorised: one sort and a few
+    binary searches, whatever the number of cards.
+    """
+    cards = np.asarray(cards, dtype=np.int64)
+    seconds = np.asarray(seconds, dtype=np.int64)
+    cents = np.round(np.asarray(amounts, dtype=np.float64) * 100.0).astype(np.int64)
+    n = cards.shape[0]
+    if n == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float64)
+    month = 30 * _DAY
+    origin = int(seconds.min())
+    # One sorted key per (card, time): windows of one card never reach another card's keys.
+    stride = int(seconds.max()) - origin + month + 1
+    key = (cards - cards.min()) * stride + (seconds - origin)
+    order = np.argsort(key, kind="stable")
+    ordered = key[order]  # queries in sorted order too: binary searches stay in cache
+    prefix = np.concatenate([[0], np.cumsum(cents[order])])
+    before = np.searchsorted(ordered, ordered, side="left")  # first transaction of the card at this instant
+    first_24h = np.searchsorted(ordered, ordered - _DAY, side="left")
+    first_30d = np.searchsorted(ordered, ordered - month, side="left")
+    n_30d = before - first_30d
+    total = prefix[before] - prefix[first_30d]
+    count_24h = np.empty(n, dtype=np.int64)
+    count_24h[order] = before - first_24h
+    mean = np.empty(n, dtype=np.float64)
+    mean[order] = np.divide(total, 100.0 * n_30d, out=np.full(n, AVG_AMOUNT_NO_HISTORY), where=n_30d > 0)
+    return count_24h.astype(np.int64), np.round(mean, 2)
+
+
+def _history_features(cols: dict[str, np.ndarray]) -> None:
+    """The card-level columns from the (drifted) history: aggregates before each transaction, card age."""
+    seconds = cols["_ts_seconds"]
+    count_24h, avg_30d = card_aggregates(cols[ENTITY], seconds, cols["amount"])
+    cols["txn_count_24h"] = np.minimum(count_24h, 499)
+    cols["avg_amount_30d"] = np.minimum(avg_30d, 49_999.0)
+    cols["card_age_days"] = cols.pop("_issue_age") + np.floor_divide(seconds, _DAY)
+
+
+def _base(
+    rng: np.random.Generator, rows: int, n_cards: int, n_active: int, rate: float, days: int
+) -> dict[str, np.ndarray]:
+    """Clean transaction columns (unsorted) of the window and its warm-up history; categorical as codes.
+
+    The window's draws come first, so its labels do not depend on anything else (drift included).
+    """
+    card_age, usual, travel, activity = _population(n_cards)
     y = (rng.random(rows) < rate).astype(np.int64)
-    fraud = y == 1
+    warm_rows = round(rows * WARM_UP_DAYS / days)
+    y_warm = (rng.random(warm_rows) < rate).astype(np.int64)
+    active = rng.permutation(n_cards)[:n_active]
+    y_all = np.concatenate([y, y_warm])
+    first_day = np.concatenate([np.zeros(rows, np.int64), np.full(warm_rows, -WARM_UP_DAYS, np.int64)])
+    span = np.concatenate([np.full(rows, days, np.int64), np.full(warm_rows, WARM_UP_DAYS, np.int64)])
+    n = rows + warm_rows
+    fraud = y_all == 1
     n_fraud = int(fraud.sum())
-    card = rng.integers(0, n_cards, rows)
-    # Fraud favours young cards (card testing, freshly stolen credentials).
-    young = 1.0 / (1.0 + card_age / 120.0)
-    card[fraud] = rng.choice(n_cards, n_fraud, p=young / young.sum())
 
-    amount = usual[card] * rng.lognormal(0.0, 0.55, rows)
-    amount[fraud] = usual[card[fraud]] * rng.lognormal(0.5, 0.9, n_fraud)
-    avg_30d = usual[card] * rng.lognormal(0.0, 0.12, rows)
-
+    # Legitimate transactions: active cards in proportion to their activity, any day, daytime hours.
+    card = active[_inverse_cdf(activity[active], rng.random(n))]
+    day = first_day + np.floor(rng.random(n) * span).astype(np.int64)
     hour = _choice_by_class(rng, fraud, _HOUR_P["legit"], _HOUR_P["fraud"])
-    near = rng.exponential(6.0, rows)
-    far = rng.lognormal(np.log(250.0), 1.3, rows)
-    far_p = np.where(fraud, 0.28, 0.03 + travel[card])
-    distance = np.where(rng.random(rows) < far_p, far, near)
-    foreign_p = np.where(distance > 600.0, 0.7, np.where(fraud, 0.08, travel[card] / 2))
-    is_foreign = (rng.random(rows) < foreign_p).astype(np.int64)
-    txn_24h = rng.poisson(2.2, rows) + np.where(fraud & (rng.random(rows) < 0.35), rng.poisson(3.0, rows), 0)
+    seconds = day * _DAY + hour * 3_600 + rng.integers(0, 3_600, n)
 
+    # Fraud comes in episodes: a (preferably young) card, a few transactions about half an hour apart.
+    young = 1.0 / (1.0 + card_age[active] / 120.0)
+    sizes = 1 + rng.poisson(_EPISODE_EXTRA, n_fraud)
+    episode_card = active[_inverse_cdf(young, rng.random(n_fraud))]
+    gaps = rng.exponential(_EPISODE_GAP_S, n_fraud).astype(np.int64)
+    if n_fraud:
+        where = np.flatnonzero(fraud)
+        # Fraud rows of the window and of the warm-up form separate episodes (their order in `where`).
+        segment = (where >= rows).astype(np.int64)
+        ends = np.cumsum(sizes)
+        episode = np.searchsorted(ends, np.arange(n_fraud), side="right")
+        # A new episode also starts where the segment changes.
+        boundary = np.r_[True, (episode[1:] != episode[:-1]) | (segment[1:] != segment[:-1])]
+        episode = np.cumsum(boundary) - 1
+        head = np.flatnonzero(boundary)  # first fraud row of each episode
+        offset = np.cumsum(gaps) - gaps  # time since the episode's first transaction
+        offset = offset - offset[head][episode]
+        starts = seconds[where][head][episode]
+        end = (first_day[where] + span[where]) * _DAY - 1
+        fraud_seconds = np.minimum(starts + offset, end)
+        card[where] = episode_card[episode]
+        seconds[where] = fraud_seconds
+        hour[where] = (fraud_seconds % _DAY) // 3_600
+
+    amount = usual[card] * rng.lognormal(0.0, 0.55, n)
+    amount[fraud] = usual[card[fraud]] * rng.lognormal(0.5, 0.9, n_fraud)
+    near = rng.exponential(6.0, n)
+    far = rng.lognormal(np.log(250.0), 1.3, n)
+    far_p = np.where(fraud, 0.28, 0.03 + travel[card])
+    distance = np.where(rng.random(n) < far_p, far, near)
+    foreign_p = np.where(distance > 600.0, 0.7, np.where(fraud, 0.08, travel[card] / 2))
+    is_foreign = (rng.random(n) < foreign_p).astype(np.int64)
     merchant = _choice_by_class(rng, fraud, _MERCHANT_P["legit"], _MERCHANT_P["fraud"])
     channel = _choice_by_class(rng, fraud, _CHANNEL_P["legit"], _CHANNEL_P["fraud"])
 
-    day = rng.integers(0, days, rows)
-    seconds = day * 86_400 + hour * 3_600 + rng.integers(0, 3_600, rows)
-    return {
+    # No transaction before the card was issued (only warm-up days can precede it).
+    issued = card_age[card] + np.floor_divide(seconds, _DAY) >= 0
+    cols = {
         ENTITY: card.astype(np.int64) + 100_000,
         "_ts_seconds": seconds,
+        "_window": np.arange(n) < rows,
+        "_issue_age": card_age[card],
         "amount": np.round(np.clip(amount, 0.01, 49_999.0), 2),
         "hour_of_day": hour.astype(np.int64),
         "distance_from_home_km": np.round(np.clip(distance, 0.0, 19_999.0), 3),
-        "txn_count_24h": np.minimum(txn_24h, 499).astype(np.int64),
-        "avg_amount_30d": np.round(np.clip(avg_30d, 0.01, 49_999.0), 2),
-        "card_age_days": card_age[card] + day.astype(np.int64),
         "is_foreign": is_foreign,
         "merchant_category": merchant,
         "channel": channel,
-        LABEL: y,
+        LABEL: y_all,
     }
+    return {name: values[issued] for name, values in cols.items()}
 
 
-def _population(n_cards: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Card-level traits (issue age, usual spend, travel habit); card k is the same at any n_cards."""
-    age_rng, spend_rng, travel_rng = (
-        np.random.default_rng(s) for s in np.random.SeedSequence(_POPULATION_SEED).spawn(3)
+def _inverse_cdf(weights: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """Indices drawn in proportion to `weights` from uniforms `u` (one uniform per draw, whatever the size)."""
+    cdf = np.cumsum(weights, dtype=np.float64)
+    return np.minimum(np.searchsorted(cdf / cdf[-1], u, side="right"), len(weights) - 1)
+
+
+def _population(n_cards: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Card-level traits (issue age, usual spend, travel habit, activity); card k is the same at any n_cards."""
+    age_rng, spend_rng, travel_rng, activity_rng = (
+        np.random.default_rng(s) for s in np.random.SeedSequence(_POPULATION_SEED).spawn(4)
     )
     card_age = np.minimum(np.floor(age_rng.gamma(1.6, 600.0, n_cards)), 15_000).astype(np.int64)
-    return card_age, spend_rng.lognormal(3.6, 0.7, n_cards), travel_rng.beta(1.0, 25.0, n_cards)
+    activity = activity_rng.gamma(2.0, 0.5, n_cards)
+    return card_age, spend_rng.lognormal(3.6, 0.7, n_cards), travel_rng.beta(1.0, 25.0, n_cards), activity
 
 
 def _choice_by_class(rng: np.random.Generator, fraud: np.ndarray, p_legit: tuple | np.ndarray, p_fraud) -> np.ndarray:
@@ -252,7 +397,6 @@ def _drift(rng: np.random.Generator, cols: dict[str, np.ndarray], s: float) -> N
     mix = min(s, 1.0)
     cols["amount"] = np.round(np.clip(cols["amount"] * (1.0 + s), 0.01, 49_999.0), 2)
     cols["distance_from_home_km"] = np.round(np.clip(cols["distance_from_home_km"] * (1.0 + 2.0 * s), 0, 19_999.0), 3)
-    cols["txn_count_24h"] = np.minimum(cols["txn_count_24h"] + rng.poisson(2.0 * s, n), 499)
     night = rng.random(n) < 0.4 * mix
     new_hour = np.searchsorted(np.cumsum(_HOUR_P["drift"]), rng.random(n), side="right").clip(0, 23)
     hour = np.where(night, new_hour, cols["hour_of_day"])
@@ -264,6 +408,16 @@ def _drift(rng: np.random.Generator, cols: dict[str, np.ndarray], s: float) -> N
         redraw = rng.random(n) < 0.6 * mix
         fresh = np.searchsorted(np.cumsum(probs) / np.sum(probs), rng.random(n), side="right").clip(0, len(probs) - 1)
         cols[name] = np.where(redraw, fresh, cols[name])
+    # Fraud changes tactics too (a concept shift a retrained model can learn and the old one cannot):
+    # card testing, small amounts near home at one merchant category through one channel.
+    testing = (cols[LABEL] == 1) & (rng.random(n) < 0.5 * mix)
+    cols["amount"] = np.where(testing, np.round(np.clip(rng.lognormal(1.5, 0.5, n), 0.01, None), 2), cols["amount"])
+    cols["distance_from_home_km"] = np.where(
+        testing, np.round(rng.exponential(3.0, n), 3), cols["distance_from_home_km"]
+    )
+    cols["is_foreign"] = np.where(testing, 0, cols["is_foreign"])
+    cols["merchant_category"] = np.where(testing, _TESTING_MERCHANT, cols["merchant_category"])
+    cols["channel"] = np.where(testing, _TESTING_CHANNEL, cols["channel"])
 
 
 def _out_of_range(rng: np.random.Generator, cols: dict[str, np.ndarray], share: float) -> None:

@@ -11,14 +11,21 @@ Layout of an evidence record (top-level keys):
     training_data_fingerprint  sha256 of the training data (loopform.data.fingerprint)
     created_at                 ISO-8601 UTC time the evidence was sealed
     gates                      {"validation": GateResult dict, "drift": ..., "ood": ...}
-    evaluation                 {auc, precision, recall, ece, threshold,
-                                champion_version, champion_auc, auc_delta}
+    evaluation                 models/fraud/train.py `evaluate`: {auc, auc_low, auc_high,
+                                positives, brier, brier_base, brier_skill, ece, threshold
+                                (+ interval, alert rate), precision, recall, precision and
+                                recall at alert_rate, champion_version, champion_auc,
+                                auc_delta, auc_delta_low, auc_delta_high, confidence, ...}
     artifacts                  {"digest": sha256 over the model's files, "files": {path: sha256}}
     digest                     sha256 hex of canonical JSON of every other key
 
 The digest makes tampering visible (an edited metric in a stack file no longer matches);
 `check_evidence` re-judges the recorded metrics against the *target* environment's gates,
-because a version that passed dev's gates may still be below prod's.
+because a version that passed dev's gates may still be below prod's. The evaluation gates:
+at least `min_positives` holdout positives, AUC >= `min_auc`, Brier skill (against always
+predicting the training base rate) >= `min_brier_skill`, and with a champion the lower
+bound of the paired bootstrap interval of challenger minus champion AUC > -`max_auc_drop`
+(non-inferiority). A model that always predicts the base rate (AUC 0.5, skill 0) fails.
 """
 
 from __future__ import annotations
@@ -41,7 +48,19 @@ REQUIRED_FIELDS: tuple[str, ...] = (
     "evaluation",
     "artifacts",
 )
-EVALUATION_FIELDS: tuple[str, ...] = ("auc", "precision", "recall", "ece", "threshold")
+#: Numbers every evaluation must carry: the gates judge auc, positives and brier_skill; the rest is what a reviewer reads.
+EVALUATION_FIELDS: tuple[str, ...] = (
+    "auc",
+    "auc_low",
+    "positives",
+    "brier_skill",
+    "ece",
+    "threshold",
+    "precision",
+    "recall",
+    "precision_at_alert_rate",
+    "recall_at_alert_rate",
+)
 # Clocks of the machine that sealed the evidence and the one that checks it may differ a little.
 CLOCK_SKEW = timedelta(minutes=5)
 
@@ -222,25 +241,51 @@ def check_evidence(
 
     evaluation = evidence.get("evaluation")
     evaluation = evaluation if isinstance(evaluation, Mapping) else {}
-    if evaluation:
-        for field in EVALUATION_FIELDS:
-            if _number(evaluation.get(field)) is None:
-                reasons.append(f"evaluation.{field} is missing or not a number")
+    reasons += _evaluation_reasons(evaluation, gates)
+    return reasons
+
+
+def _evaluation_reasons(evaluation: Mapping[str, Any], gates: Mapping[str, Any]) -> list[str]:
+    """The evaluation against the gates: enough positives, AUC, Brier skill, non-inferiority to the champion.
+
+    A number the evaluation lacks is a reason (a gate that cannot be judged refuses); the
+    comparison with the champion is judged when the evaluation names one.
+    """
+    if not evaluation:
+        return []  # the missing field is reported with the others
+    reasons = [
+        f"evaluation.{field} is missing or not a number"
+        for field in EVALUATION_FIELDS
+        if _number(evaluation.get(field)) is None
+    ]
+    positives = _number(evaluation.get("positives"))
+    min_positives = int(gates.get("min_positives", 100))
+    if positives is not None and positives < min_positives:
+        reasons.append(
+            f"holdout positives {positives:.0f} < {min_positives} (gates.min_positives): too few to judge the model"
+        )
     auc = _number(evaluation.get("auc"))
     min_auc = float(gates.get("min_auc", 0.75))
     if auc is not None and auc < min_auc:
-        reasons.append(f"AUC {auc:.4f} is below gates.min_auc={min_auc}")
-    ece = _number(evaluation.get("ece"))
-    max_ece = float(gates.get("max_calibration_error", 0.1))
-    if ece is not None and ece > max_ece:
-        reasons.append(f"expected calibration error {ece:.4f} is above gates.max_calibration_error={max_ece}")
-    champion_auc = _number(evaluation.get("champion_auc"))
-    if auc is not None and champion_auc is not None:
-        drop = champion_auc - auc
-        max_drop = float(gates.get("max_auc_drop", 0.01))
-        if drop > max_drop:
+        reasons.append(f"AUC {auc:.4f} < {min_auc:g} (gates.min_auc)")
+    skill = _number(evaluation.get("brier_skill"))
+    min_skill = float(gates.get("min_brier_skill", 0.05))
+    if skill is not None and skill < min_skill:
+        shown = round(skill, 3) + 0.0  # no "-0.000" for a base-rate model's float noise
+        reasons.append(f"Brier skill {shown:.3f} < {min_skill:g} (gates.min_brier_skill)")
+    if evaluation.get("champion_version") is not None or evaluation.get("champion_auc") is not None:
+        champion = f"champion version {evaluation.get('champion_version')}"
+        low = _number(evaluation.get("auc_delta_low"))
+        margin = float(gates.get("max_auc_drop", 0.01))
+        if low is None:
             reasons.append(
-                f"AUC {auc:.4f} is {drop:.4f} below the champion's {champion_auc:.4f} "
-                f"(version {evaluation.get('champion_version')}), more than gates.max_auc_drop={max_drop}"
+                f"evaluation.auc_delta_low is missing or not a number: no paired comparison with the {champion}"
+            )
+        elif low <= -margin:
+            level = _number(evaluation.get("confidence"))
+            at = f" at {level:.0%}" if level is not None else ""
+            reasons.append(
+                f"AUC minus the {champion}'s: lower bound {low:.4f}{at} <= -{margin:g} (gates.max_auc_drop): "
+                "not shown to be non-inferior"
             )
     return reasons

@@ -1,10 +1,13 @@
 """A local Feast feature repository for one model: write, apply, materialise, retrieve.
 
 The embedded default of the FeatureStore component: Feast's local provider, the file
-offline store (Parquet) and a SQLite online store, all under one folder. Training frames
-come from point-in-time-correct historical retrieval and serving rows from the online
-store, both through the model's feature service, so both paths read one definition.
-`import feast` costs seconds: it happens only when a store is first needed.
+offline store (Parquet) and a SQLite online store, all under one folder. The store holds
+the card-level features only (`loopform.data.CARD_FEATURES`); a transaction's own fields
+travel with the transaction. Training frames come from point-in-time-correct historical
+retrieval (labelled events with their own fields, plus the card as of each event) and
+serving reads the card's row from the online store, both through the model's feature
+service, so both paths read one definition. `import feast` costs seconds: it happens only
+when a store is first needed.
 """
 
 from __future__ import annotations
@@ -188,23 +191,79 @@ class FeatureRepo:
         self.store.materialize(start_date=_utc(start), end_date=_utc(end))
 
     def training_frame(self, entity_df: pd.DataFrame) -> pd.DataFrame:
-        """Point-in-time-correct features for each (card_id, event_timestamp) row; extra columns pass through.
+        """Each labelled event with the card's features as of its instant (point-in-time join); extra columns pass.
 
-        Rows come back in event-time order. Feast's file store drops entity rows with no
-        feature row inside the view's TTL, so the result may be shorter than the input.
+        entity_df: one row per event: card_id, event_timestamp and the transaction's own fields
+        (`loopform.data.TRANSACTION_FEATURES`), plus whatever should pass through (id, label). The
+        card-level features are the store's to add, so a frame that already carries them is refused.
+        Rows come back in event-time order. Feast's file store drops entity rows with no feature row
+        inside the view's TTL, so the result may be shorter than the input.
         """
         from loopform import data as schema
 
+        missing = [c for c in (schema.ENTITY, schema.TIMESTAMP, *schema.TRANSACTION_FEATURES) if c not in entity_df]
+        if missing:
+            raise ValueError(
+                f"the entity frame lacks {missing}: each event carries its own transaction fields, "
+                "the feature store adds only the card's features as of the event"
+            )
+        stored = [c for c in self.stored_features() if c in entity_df.columns]
+        if stored:
+            raise ValueError(
+                f"the entity frame carries {stored}: those come from the feature store's point-in-time join"
+            )
         frame = self.store.get_historical_features(entity_df=entity_df, features=self.feature_service).to_df()
         keys = [c for c in (schema.TIMESTAMP, schema.ENTITY, schema.ID) if c in frame.columns]
         return frame.sort_values(keys, kind="stable").reset_index(drop=True)
 
-    def online(self, card_ids: Iterable[int]) -> pd.DataFrame:
-        """The latest materialised features of each card, in the order asked (missing cards give nulls)."""
+    def stored_features(self) -> list[str]:
+        """Names of the features the feature service reads from the store, in its order."""
+        return [f.name for projection in self.feature_service.feature_view_projections for f in projection.features]
+
+    def online(self, card_ids: Iterable[int], *, with_time: bool = False) -> pd.DataFrame:
+        """The card features of each card's latest row in the online store, in the order asked (unknown: nulls).
+
+        with_time: add `AS_OF`, the event time of the row served (tz-aware UTC; NaT for an unknown card).
+        """
+        import pandas as pd
+        from feast.types import Int32, Int64
+
         from loopform import data as schema
 
         rows = [{schema.ENTITY: int(card)} for card in card_ids]
-        return self.store.get_online_features(features=self.feature_service, entity_rows=rows).to_df()
+        response = self.store.get_online_features(features=self.feature_service, entity_rows=rows)
+        frame = response.to_df(include_event_timestamps=with_time)
+        # Integer features stay integers next to an unknown card's nulls (as in the offline store).
+        for projection in self.feature_service.feature_view_projections:
+            for feature in projection.features:
+                if feature.dtype in (Int32, Int64) and feature.name in frame.columns:
+                    frame[feature.name] = frame[feature.name].astype("Int64")
+        if with_time:
+            stamps = [c for c in frame.columns if c.endswith(_TIMESTAMP_SUFFIX)]
+            known = frame[self.stored_features()].notna().any(axis=1)
+            seconds = frame[stamps].max(axis=1).where(known)
+            frame = frame.drop(columns=stamps)
+            frame[AS_OF] = pd.to_datetime(seconds, unit="s", utc=True)
+        return frame
+
+    def write_online(self, transactions: pd.DataFrame) -> None:
+        """Write the card features of arriving transactions to the online store, as a streaming pipeline would.
+
+        Each row (card_id, event_timestamp and the card features computed from the card's earlier
+        transactions) becomes its card's current online row, so a card-path request for that
+        transaction reads exactly what training joins to it. Later rows of a card replace earlier ones.
+        """
+        from loopform import data as schema
+
+        ordered = transactions.sort_values(schema.TIMESTAMP, kind="stable")
+        for projection in self.feature_service.feature_view_projections:
+            names = [f.name for f in projection.features]
+            self.store.write_to_online_store(projection.name, ordered[[schema.ENTITY, schema.TIMESTAMP, *names]])
+
+
+#: Column `FeatureRepo.online(..., with_time=True)` adds: when the card features served were computed.
+AS_OF = "features_as_of"
+_TIMESTAMP_SUFFIX = "__ts"
 
 
 def _utc(moment: datetime) -> datetime:

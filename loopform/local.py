@@ -25,13 +25,16 @@ from typing import Any
 
 import yaml
 
+from loopform.monitor import parse_duration
 from loopform.pipeline import PIPELINE
 from loopform.spec import CONFIG_KEY, load_stack, read_stack_file
 
 PRODUCTION = "prod"
 ENVIRONMENTS = ("staging", PRODUCTION)
 DRIFT_STRENGTH = 0.8
-CARD_SHARE = 0.2  # share of requests scored by card id through the online store
+CARD_SHARE = 0.2  # share of single requests scored by card id through the online store
+CARD_TRAFFIC = 600  # requests of a phase sent one at a time; the rest go in batches
+BATCH = 500  # transactions per /predict_batch request
 MARKER = ".loopform-workdir"
 
 
@@ -49,7 +52,9 @@ class Summary:
     reports: list[str] = field(default_factory=list)
     payload_rows: int = 0
     release: dict[str, Any] = field(default_factory=dict)
-    """The signed production record that was served first."""
+    """The signed production record (the last one released)."""
+    refusals: list[str] = field(default_factory=list)
+    """Why a retrained version did not reach production (a gate's refusal), if it did not."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -62,6 +67,7 @@ class Summary:
             "monitor": self.monitor,
             "reports": self.reports,
             "payload_rows": self.payload_rows,
+            "refusals": self.refusals,
         }
 
 
@@ -83,7 +89,7 @@ class Progress:
         self.echo(f"        {text}")
 
 
-def environment_stacks(stack_path: Path, workdir: Path) -> Path:
+def environment_stacks(stack_path: Path, workdir: Path, root: Path) -> Path:
     """Stack files for the local staging and production environments, made from the local stack.
 
     They declare a cluster (the direct road, no GitOps) so `loopform check` can render them and
@@ -101,8 +107,8 @@ def environment_stacks(stack_path: Path, workdir: Path) -> Path:
             "identity": {"kind": "static-keys"},
         }
         platform["gitops"] = {"enabled": False}
-        if env == PRODUCTION:  # as in stacks/Pulumi.prod.yaml: production only after staging
-            platform["gates"] = {**platform.get("gates", {}), "require_staging": True}
+        # The repository's own gates of this environment, unlowered (prod: only after a signed staging release).
+        platform["gates"] = read_stack_file(root / "stacks" / f"Pulumi.{env}.yaml")["config"][CONFIG_KEY]["gates"]
         text = f"# Local {env} environment of `loopform up`, made from {stack_path.name}.\n"
         (folder / f"Pulumi.{env}.yaml").write_text(text + yaml.safe_dump({"config": {CONFIG_KEY: platform}}))
     return folder
@@ -153,7 +159,7 @@ def up(stack_path: Path, root: Path, echo: Callable[[str], None] = print) -> Sum
     workdir = fresh_workdir((root / local.workdir).resolve(), root)
     tracking_uri = f"sqlite:///{workdir / 'mlflow.db'}"
     payload_uri = str(workdir / "payloads")
-    stacks = environment_stacks(stack_path, workdir)
+    stacks = environment_stacks(stack_path, workdir, root)
     keys = signers(workdir, root, stacks)
     summary = Summary(workdir=workdir, tracking_uri=tracking_uri)
     progress = Progress(total=10 + 2 * len(PIPELINE), echo=echo)
@@ -179,10 +185,11 @@ def up(stack_path: Path, root: Path, echo: Callable[[str], None] = print) -> Sum
         )
 
     first = context("run-1")
+    history_start = now - timedelta(days=30 + 1 + local.drift_days)
     with progress.phase(f"generate {local.rows} labelled transactions (30 days, seed {local.seed})"):
-        history = data.generate(local.rows, local.seed, start=now - timedelta(days=61), days=30)
+        history = data.generate(local.rows, local.seed, start=history_start, days=30)
         progress.note(f"fraud rate {history[data.LABEL].mean():.3f}, {history[data.ENTITY].nunique()} cards")
-    with progress.phase("Feast: write the offline source, apply definitions, materialise the online store"):
+    with progress.phase("Feast: validate and write the first batch, apply definitions, materialise the online store"):
         ingest(first, history)
         repo = first.repo()
         progress.note("applied " + ", ".join(repo.apply()))
@@ -193,19 +200,22 @@ def up(stack_path: Path, root: Path, echo: Callable[[str], None] = print) -> Sum
         released = summary.release = _promote(first, summary.versions[0], keys[PRODUCTION], root, progress)
         summary.production_version = summary.versions[0]
 
+    clean_from = now - timedelta(days=1 + local.drift_days)
+    traffic = data.generate(local.traffic, local.seed + 100, start=clean_from, days=1)
+    drifted = _drifted(local.drift, local.drift_rows, local.seed + 200, now, days=local.drift_days)
     server = _server(root, workdir, tracking_uri, released, local.serve_port)
-    with progress.phase(f"serve {model}@production with BentoML on {server.url}"):
+    with progress.phase(f"serve {model} version {released['version']} with BentoML on {server.url}"):
         server.start()
         summary.endpoint = server.url
     try:
         clean_start = datetime.now(UTC)
-        with progress.phase(f"send {local.traffic} requests of live traffic"):
-            traffic = data.generate(local.traffic, local.seed + 100, start=now - timedelta(days=1), days=1)
-            summary.requests["clean"] = _send(server.url, traffic, history)
+        with progress.phase(f"send {local.traffic} requests of live traffic (1 day)"):
+            summary.requests["clean"] = _send(server.url, traffic, repo)
         drift_start = datetime.now(UTC)
-        with progress.phase(f"send {local.traffic} requests of drifted traffic ({local.drift} drift)"):
-            drifted = _drifted(local.drift, local.traffic, local.seed + 200, now)
-            summary.requests["drifted"] = _send(server.url, drifted, history)
+        with progress.phase(
+            f"send {local.drift_rows} transactions of drifted traffic ({local.drift} drift, {local.drift_days} days)"
+        ):
+            summary.requests["drifted"] = _send(server.url, drifted, repo)
     finally:
         server.stop()  # graceful: the service drains its payload log
     summary.payload_rows = _payload_rows(payload_uri, model)
@@ -218,7 +228,8 @@ def up(stack_path: Path, root: Path, echo: Callable[[str], None] = print) -> Sum
         summary.monitor["drifted"] = _monitor(first, reference, payload_uri, drift_start, None, workdir)
         progress.note(_monitor_line(summary.monitor["drifted"]))
     if summary.monitor["drifted"]["triggered"]:
-        _retrain(context("run-2"), workdir, summary, progress, local, now, keys[PRODUCTION])
+        served = {"live": traffic, "drifted": drifted}
+        _retrain(context("run-2"), workdir, summary, progress, served, payload_uri, keys[PRODUCTION])
     else:
         progress.note(f"no retraining: the monitor saw no drift crossing the threshold ({local.drift} drift injected)")
 
@@ -230,24 +241,64 @@ def up(stack_path: Path, root: Path, echo: Callable[[str], None] = print) -> Sum
 
 
 def _retrain(
-    ctx: Any, workdir: Path, summary: Summary, progress: Progress, local: Any, now: datetime, signer: Any
+    ctx: Any, workdir: Path, summary: Summary, progress: Progress, served: Any, payload_uri: str, signer: Any
 ) -> None:
-    """What the trigger starts: the newest labelled data in, the pipeline, and the gated promotion."""
+    """What the trigger starts: the served traffic whose labels have arrived, validated in; the pipeline on the
+    window that now ends with it; the gated promotion. A refusal at any gate is reported, and production stays."""
+    from loopform.ingest import BatchRefused
     from loopform.monitor import FileTrigger
-    from loopform.steps import ingest
+    from loopform.promotion import PromotionError
+    from loopform.steps import StepFailed, ingest
 
     trigger = FileTrigger(workdir / "triggers")
-    with progress.phase("retraining trigger: ingest the newest labelled data and materialise"):
-        for pending in trigger.pending(ctx.model):
-            progress.note(f"handling {pending.name}")
-            trigger.acknowledge(pending)
-        ingest(ctx, _drifted(local.drift, local.rows, local.seed + 1, now, days=30))
+    with progress.phase("retraining trigger: ingest the served traffic whose labels have arrived, materialise"):
+        pending = trigger.pending(ctx.model)
+        for path in pending:
+            progress.note(f"handling {path.name}")
+            trigger.acknowledge(path)
+        delay = parse_duration(ctx.spec.local.label_delay)
+        for name, frame in served.items():
+            labelled = labelled_traffic(frame, payload_uri, ctx.model, delay)
+            progress.note(
+                f"{name}: {len(labelled)} of {len(frame)} served transactions labelled "
+                f"(labels arrive {ctx.spec.local.label_delay} after each transaction)"
+            )
+            # Live traffic must pass on its own; the drifted traffic is the shift the trigger saw, accepted as such.
+            reason = f"retraining trigger {pending[0].name if pending else 'by hand'}" if name == "drifted" else None
+            try:
+                report = ingest(ctx, labelled, accept_shift=reason)
+            except BatchRefused as error:
+                progress.note(f"{name}: REFUSED at ingest, quarantined: {error}")
+                continue
+            for line in report.accepted_lines():
+                progress.note(f"{name}: accepted ({reason}): {line}")
         ctx.repo().materialize(end=datetime.now(UTC))
-    version = _pipeline(ctx, progress)
+    try:
+        version = _pipeline(ctx, progress)
+    except StepFailed as error:
+        if (ctx.run_dir / "release.json").exists():  # registered, then refused at staging's gates
+            summary.versions.append(int(ctx.read_json("release.json")["version"]))
+        summary.refusals.append(str(error))
+        progress.note(f"REFUSED, version {summary.production_version} stays in production: {error}")
+        return
     summary.versions.append(version)
     with progress.phase(f"promote version {version} to {PRODUCTION} through its gates"):
-        summary.release = _promote(ctx, version, signer, ctx.root, progress)
+        try:
+            summary.release = _promote(ctx, version, signer, ctx.root, progress)
+        except PromotionError as error:
+            summary.refusals.append(str(error))
+            progress.note(f"REFUSED, version {summary.production_version} stays in production:\n{error}")
+            return
         summary.production_version = version
+
+
+def labelled_traffic(served: Any, payload_uri: str, model: str, delay: timedelta) -> Any:
+    """The served transactions (in the payload log) whose labels have arrived: event time + delay <= now."""
+    from loopform import data
+
+    logged = set(_payloads(payload_uri, model)["transaction_id"].dropna())
+    arrived = served[data.TIMESTAMP] + delay <= datetime.now(UTC)
+    return served[served[data.ID].isin(logged) & arrived].reset_index(drop=True)
 
 
 def _pipeline(ctx: Any, progress: Progress) -> int:
@@ -320,25 +371,38 @@ def serve_env(workdir: Path, tracking_uri: str, release: dict[str, Any]) -> dict
     }
 
 
-def _send(url: str, frame: Any, history: Any) -> int:
-    """POST each transaction (some by card id through the online store); returns how many were answered."""
+def _send(url: str, frame: Any, repo: Any) -> int:
+    """POST the transactions: the first `CARD_TRAFFIC` one at a time (a share by card id), the rest in batches.
+
+    By card id the request carries the transaction's own fields and the service reads the card's
+    aggregates online, written there just before (as a streaming feature pipeline does on arrival),
+    so what is served is what training will join to the transaction.
+    """
     import httpx
 
     from loopform import data
 
-    known_cards = set(history[data.ENTITY].tolist())
     answered = 0
-    with httpx.Client(base_url=url, timeout=30.0) as client:
-        for index, row in enumerate(frame.to_dict(orient="records")):
-            body = {name: _plain(row[name]) for name in data.FEATURE_NAMES}
-            if index % round(1 / CARD_SHARE) == 0 and row[data.ENTITY] in known_cards:
-                response = client.post(
-                    "/predict_card", json={data.ENTITY: int(row[data.ENTITY]), "amount": body["amount"]}
-                )
+    rows = frame.to_dict(orient="records")
+    with httpx.Client(base_url=url, timeout=60.0) as client:
+        for index, row in enumerate(rows[:CARD_TRAFFIC]):
+            body = {"transaction_id": row[data.ID], **{name: _plain(row[name]) for name in data.FEATURE_NAMES}}
+            if index % round(1 / CARD_SHARE) == 0:
+                repo.write_online(frame.iloc[[index]])
+                own = {name: body[name] for name in ("transaction_id", *data.TRANSACTION_FEATURES)}
+                response = client.post("/predict_card", json={data.ENTITY: int(row[data.ENTITY]), **own})
             else:
                 response = client.post("/predict", json=body)
             response.raise_for_status()
             answered += 1
+        for start in range(CARD_TRAFFIC, len(rows), BATCH):
+            batch = [
+                {"transaction_id": row[data.ID], **{name: _plain(row[name]) for name in data.FEATURE_NAMES}}
+                for row in rows[start : start + BATCH]
+            ]
+            response = client.post("/predict_batch", json={"transactions": batch})
+            response.raise_for_status()
+            answered += len(response.json())
     return answered
 
 
@@ -369,13 +433,22 @@ def _monitor_line(result: dict[str, Any]) -> str:
     share = result["drift_share"]
     drifted = ", ".join(result["drifted"]) or "none"
     verdict = "RETRAINING TRIGGERED" if result["triggered"] else "no action"
-    return f"{result['rows']} rows, drift share {share if share is None else round(share, 3)}, drifted: {drifted} -> {verdict}"
+    ood = result.get("ood_rate")
+    ood_text = "" if ood is None else f", OOD rate {ood:.3f}"
+    return (
+        f"{result['rows']} rows, drift share {share if share is None else round(share, 3)}{ood_text}, "
+        f"drifted: {drifted} -> {verdict}"
+    )
+
+
+def _payloads(payload_uri: str, model: str) -> Any:
+    from loopform.payloads import read_payloads
+
+    return read_payloads(payload_uri, model, datetime(2000, 1, 1, tzinfo=UTC), datetime.now(UTC) + timedelta(1))
 
 
 def _payload_rows(payload_uri: str, model: str) -> int:
-    from loopform.payloads import read_payloads
-
-    return len(read_payloads(payload_uri, model, datetime(2000, 1, 1, tzinfo=UTC), datetime.now(UTC) + timedelta(1)))
+    return len(_payloads(payload_uri, model))
 
 
 def _print_summary(summary: Summary, model: str, echo: Callable[[str], None]) -> None:
@@ -385,6 +458,10 @@ def _print_summary(summary: Summary, model: str, echo: Callable[[str], None]) ->
         f"  model versions       {summary.versions} in MLflow; production alias -> version {summary.production_version}"
     )
     echo(f"  requests answered    {summary.requests}; payload log rows: {summary.payload_rows}")
+    for refusal in summary.refusals:
+        echo(f"  REFUSED              {refusal.splitlines()[0]}")
+        for line in refusal.splitlines()[1:]:
+            echo(f"                       {line.strip()}")
     for phase, result in summary.monitor.items():
         echo(f"  monitor ({phase:<7})    {_monitor_line(result)}")
     echo(f"  reports              {len(summary.reports)} HTML reports (gate reports also in each MLflow run):")

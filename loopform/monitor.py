@@ -5,6 +5,14 @@ data using the pipeline's own drift gate (`loopform.gates.drift.drift_gate`, so 
 what drift is), sets Prometheus gauges, writes Evidently's HTML report and a JSON result, and raises the
 retraining trigger when the drift share crosses `gates.drift.max_drift_share`. Too few rows give no decision.
 
+The drift share that triggers is the gate's calibrated one: each feature's distance is judged against a
+bootstrap null at the window's own size, so that clean traffic triggers with probability at most
+`gates.drift.false_alarm_rate` whatever the window's size (`bench/drift_null.py` measures it). Evidently's
+fixed-threshold share, which fires on a large share of clean 200-row windows, stays in the result and the
+report for people. When the payloads carry labels
+(joined feedback), a label shift (Fisher exact test, `gates.drift.label_shift_*`) triggers too. The share of
+served rows outside the reference's envelope (`loopform.gates.ood`) is reported beside it, not acted on.
+
 On Kubernetes the gauges are scraped (or pushed) and a PrometheusRule on `loopform_drift_detected` fires
 an Alertmanager -> Argo Events path that submits retraining; on one machine a `FileTrigger` (a JSON file the
 local loop watches) or a `CallbackTrigger` plays that role. Both sides read the same gauges.
@@ -120,6 +128,84 @@ class CallbackTrigger:
 
 _GAUGES: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
 _GAUGES_LOCK = threading.Lock()
+# (key, name, help, extra labels) of each gauge; every gauge is labelled by model first.
+_GAUGE_SPECS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
+    (
+        "feature_drift_score",
+        "loopform_feature_drift_score",
+        "Evidently's drift statistic per feature (p-value for ks/chisquare/z, distance for wasserstein/jensenshannon).",
+        ("feature", "method"),
+    ),
+    (
+        "feature_drifted",
+        "loopform_feature_drifted",
+        "1 when the feature drifted by the calibrated decision (the one that triggers retraining).",
+        ("feature",),
+    ),
+    (
+        "feature_drift_p_value",
+        "loopform_feature_drift_p_value",
+        "Bootstrap p-value of the feature's distance at the window's size (calibrated decision).",
+        ("feature",),
+    ),
+    (
+        "feature_drift_threshold",
+        "loopform_feature_drift_threshold",
+        "Distance the feature must exceed at this window's size (calibrated decision).",
+        ("feature", "statistic"),
+    ),
+    (
+        "feature_drifted_evidently",
+        "loopform_feature_drifted_evidently",
+        "1 when the feature drifted by Evidently's fixed threshold (reports only; noisy on small windows).",
+        ("feature",),
+    ),
+    ("drift_share", "loopform_drift_share", "Share of features that drifted (calibrated decision).", ()),
+    (
+        "evidently_drift_share",
+        "loopform_evidently_drift_share",
+        "Share of features that drifted by Evidently's fixed thresholds (reports only).",
+        (),
+    ),
+    ("max_drift_share", "loopform_drift_share_threshold", "gates.drift.max_drift_share.", ()),
+    (
+        "false_alarm_rate",
+        "loopform_drift_false_alarm_rate",
+        "gates.drift.false_alarm_rate: the calibrated decision's chance of triggering on clean traffic.",
+        (),
+    ),
+    ("rows_seen", "loopform_rows_seen", "Payload rows in the monitored window.", ()),
+    (
+        "drift_detected",
+        "loopform_drift_detected",
+        "1 when the calibrated drift share crossed the threshold or the labels shifted (retraining wanted).",
+        (),
+    ),
+    (
+        "label_positive_rate",
+        "loopform_label_positive_rate",
+        "Positive label rate of the reference and of the window's labelled rows.",
+        ("side",),
+    ),
+    ("label_shift_p_value", "loopform_label_shift_p_value", "Fisher exact p-value of equal positive rates.", ()),
+    ("ood_rate", "loopform_ood_rate", "Share of served rows outside the reference's envelope (gates/ood.py).", ()),
+    ("max_ood_rate", "loopform_ood_rate_threshold", "gates.max_ood_rate.", ()),
+    ("decision", "loopform_monitor_decision", "1 when the window had enough rows to decide, 0 otherwise.", ()),
+    ("last_run", "loopform_monitor_last_run_timestamp_seconds", "Unix time of the last monitor run.", ()),
+)
+# Series that describe one window's data: removed before each run so nothing stale lingers.
+_WINDOW_SERIES = (
+    "feature_drift_score",
+    "feature_drifted",
+    "feature_drift_p_value",
+    "feature_drift_threshold",
+    "feature_drifted_evidently",
+    "drift_share",
+    "evidently_drift_share",
+    "label_positive_rate",
+    "label_shift_p_value",
+    "ood_rate",
+)
 
 
 def gauges(registry: CollectorRegistry) -> dict[str, Any]:
@@ -130,42 +216,8 @@ def gauges(registry: CollectorRegistry) -> dict[str, Any]:
         found = _GAUGES.get(registry)
         if found is None:
             found = {
-                "feature_drift_score": Gauge(
-                    "loopform_feature_drift_score",
-                    "Drift statistic per feature (p-value for ks/chisquare/z, distance for wasserstein/jensenshannon).",
-                    ["model", "feature", "method"],
-                    registry=registry,
-                ),
-                "feature_drifted": Gauge(
-                    "loopform_feature_drifted", "1 when the feature drifted.", ["model", "feature"], registry=registry
-                ),
-                "drift_share": Gauge(
-                    "loopform_drift_share", "Share of features that drifted.", ["model"], registry=registry
-                ),
-                "max_drift_share": Gauge(
-                    "loopform_drift_share_threshold", "gates.drift.max_drift_share.", ["model"], registry=registry
-                ),
-                "rows_seen": Gauge(
-                    "loopform_rows_seen", "Payload rows in the monitored window.", ["model"], registry=registry
-                ),
-                "drift_detected": Gauge(
-                    "loopform_drift_detected",
-                    "1 when the drift share crossed the threshold (retraining wanted).",
-                    ["model"],
-                    registry=registry,
-                ),
-                "decision": Gauge(
-                    "loopform_monitor_decision",
-                    "1 when the window had enough rows to decide, 0 otherwise.",
-                    ["model"],
-                    registry=registry,
-                ),
-                "last_run": Gauge(
-                    "loopform_monitor_last_run_timestamp_seconds",
-                    "Unix time of the last monitor run.",
-                    ["model"],
-                    registry=registry,
-                ),
+                key: Gauge(name, help_text, ["model", *labels], registry=registry)
+                for key, name, help_text, labels in _GAUGE_SPECS
             }
             _GAUGES[registry] = found
         return found
@@ -175,19 +227,33 @@ def _export(result: MonitorResult, registry: CollectorRegistry) -> None:
     g = gauges(registry)
     model = result.model
     # Series of this model's previous run go first: a feature that left the schema must not linger.
-    for name in ("feature_drift_score", "feature_drifted", "drift_share"):
+    for name in _WINDOW_SERIES:
         g[name].remove_by_labels({"model": model})
     g["rows_seen"].labels(model=model).set(result.rows)
     g["max_drift_share"].labels(model=model).set(result.max_drift_share)
+    g["false_alarm_rate"].labels(model=model).set(result.false_alarm_rate)
+    g["max_ood_rate"].labels(model=model).set(result.max_ood_rate)
     g["decision"].labels(model=model).set(1 if result.decided else 0)
     g["drift_detected"].labels(model=model).set(1 if result.status == "drift" else 0)
     g["last_run"].labels(model=model).set(datetime.fromisoformat(result.window_end).timestamp())
+    if result.ood_rate is not None:
+        g["ood_rate"].labels(model=model).set(result.ood_rate)
+    if result.label_shift is not None:
+        g["label_positive_rate"].labels(model, "reference").set(result.label_shift["reference_rate"])
+        g["label_positive_rate"].labels(model, "current").set(result.label_shift["current_rate"])
+        g["label_shift_p_value"].labels(model=model).set(result.label_shift["p_value"])
     if result.drift_share is None:
         return  # no decision: no drift series rather than a misleading 0
     g["drift_share"].labels(model=model).set(result.drift_share)
+    if result.evidently_drift_share is not None:
+        g["evidently_drift_share"].labels(model=model).set(result.evidently_drift_share)
     for name, feature in result.features.items():
         g["feature_drift_score"].labels(model, name, feature["method"]).set(feature["score"])
-        g["feature_drifted"].labels(model, name).set(1 if feature["drifted"] else 0)
+        g["feature_drifted_evidently"].labels(model, name).set(1 if feature["drifted"] else 0)
+        calibrated = feature["calibrated"]
+        g["feature_drifted"].labels(model, name).set(1 if calibrated["drifted"] else 0)
+        g["feature_drift_p_value"].labels(model, name).set(calibrated["p_value"])
+        g["feature_drift_threshold"].labels(model, name, calibrated["statistic"]).set(calibrated["threshold"])
 
 
 def metrics_text(registry: CollectorRegistry) -> str:
@@ -219,7 +285,15 @@ def push_metrics(gateway: str, registry: CollectorRegistry, model: str, job: str
 
 @dataclass
 class MonitorResult:
-    """What one monitor run saw and decided."""
+    """What one monitor run saw and decided.
+
+    `drift_share` and `drifted` are the calibrated decision (false-alarm rate `false_alarm_rate` on clean
+    traffic at any window size), the one that sets `status` and triggers retraining. `evidently_drift_share`,
+    `evidently_drifted` and each `features[name]`'s method, score, threshold and drifted are Evidently's
+    fixed-threshold view, as in the HTML report; `features[name]["calibrated"]` holds the decision's
+    statistic, score, p_value, threshold and drifted. `label_shift` is set when the window carries labels.
+    `ood_rate` is the share of served rows outside the reference's envelope (reported, not a trigger).
+    """
 
     model: str
     status: Status
@@ -232,6 +306,16 @@ class MonitorResult:
     max_drift_share: float
     drifted: list[str] = field(default_factory=list)
     features: dict[str, dict[str, Any]] = field(default_factory=dict)
+    decision: str = "calibrated"  # which rule `drift_share`, `drifted` and `status` follow
+    false_alarm_rate: float = 0.01
+    calibration: dict[str, Any] = field(default_factory=dict)  # the rule: level, features needed, null draws
+    evidently_drift_share: float | None = None
+    evidently_drifted: list[str] = field(default_factory=list)
+    label_shift: dict[str, Any] | None = None
+    ood_rate: float | None = None
+    ood_rows: int | None = None
+    max_ood_rate: float = 0.05
+    ood: dict[str, float] = field(default_factory=dict)  # per feature share outside the envelope
     triggered: bool = False  # the threshold was crossed and the trigger was raised
     trigger: str | None = None  # what the trigger returned (file path, workflow id); None when deduplicated
     report: str | None = None
@@ -273,13 +357,15 @@ def run_monitor(
 
     `since` defaults to `until - window` (until: now). Sets the gauges in `registry` (a fresh
     CollectorRegistry when None; read it back with `metrics_text`), writes `<model>-drift-<time>.html` and
-    `<model>-monitor-<time>.json` into `report_dir`, and fires `trigger` when drift crossed the threshold.
-    `version` restricts the window to the traffic of one model version.
+    `<model>-monitor-<time>.json` into `report_dir`, and fires `trigger` when the calibrated drift share
+    crossed the threshold (or, when the payloads carry labels, the labels shifted). Also reports the share of
+    served rows outside the reference's envelope (OOD). `version` restricts the window to one model version.
     """
     from prometheus_client import CollectorRegistry
 
     from loopform import data
     from loopform.gates.drift import drift_gate
+    from loopform.gates.ood import ood_gate
     from loopform.payloads import read_payloads
 
     until = until or datetime.now(UTC)
@@ -305,6 +391,8 @@ def run_monitor(
         window_end=until.astimezone(UTC).isoformat(),
         drift_share=None,
         max_drift_share=max_share,
+        false_alarm_rate=gates.drift.false_alarm_rate,
+        max_ood_rate=gates.max_ood_rate,
     )
     if rows < min_rows:
         result.message = (
@@ -314,32 +402,37 @@ def run_monitor(
     else:
         ref = _reference_frame(reference)
         report_path = Path(report_dir) / f"{model}-drift-{stamp}.html" if report_dir is not None else None
-        gate = drift_gate(ref, current, gates, report_path, columns=columns, label=None)
+        gate = drift_gate(ref, current, gates, report_path, columns=columns, label=data.LABEL)
         metrics = gate.metrics
         result.report = gate.report
+        try:
+            ood_failures = _record_ood(result, ood_gate(ref, current, gates, columns=columns))
+        except ValueError as error:  # the reference cannot make an envelope (e.g. it lacks a column)
+            ood_failures = [str(error)]
         if metrics.get("drift_share") is None:
             result.status = "error"
             result.message = "no decision: " + "; ".join(gate.failures)
         else:
             result.drift_share = float(metrics["drift_share"])
             result.drifted = list(metrics["drifted"])
+            result.calibration = dict(metrics["calibration"])
+            result.evidently_drift_share = float(metrics["evidently"]["drift_share"])
+            result.evidently_drifted = list(metrics["evidently"]["drifted"])
+            result.label_shift = metrics.get("label")
             result.features = {
-                name: {k: f[k] for k in ("method", "score", "threshold", "drifted")}
+                name: {
+                    **{k: f[k] for k in ("method", "score", "threshold", "drifted")},
+                    "calibrated": {
+                        k: f["calibrated"][k] for k in ("statistic", "score", "p_value", "threshold", "drifted")
+                    },
+                }
                 for name, f in metrics["features"].items()
             }
-            drifted = ", ".join(result.drifted) or "none"
-            if gate.passed:
-                result.status = "ok"
-                result.message = (
-                    f"no drift: share {result.drift_share:.3f} <= gates.drift.max_drift_share={max_share} "
-                    f"over {rows} rows (drifted: {drifted})"
-                )
-            else:
-                result.status = "drift"
-                result.message = (
-                    f"drift: share {result.drift_share:.3f} > gates.drift.max_drift_share={max_share} "
-                    f"over {rows} rows (drifted: {drifted})"
-                )
+            # Drift or a label shift triggers; a label column that cannot be compared is reported, not acted on.
+            shifted = bool(result.label_shift and result.label_shift["shifted"])
+            result.status = "drift" if result.drift_share > max_share or shifted else "ok"
+            result.message = _message(result, gate.failures)
+        result.message += _ood_note(result, ood_failures)
     _export(result, registry)
     if result.status == "drift" and trigger is not None:
         event = _event(result, ref)
@@ -356,6 +449,54 @@ def run_monitor(
         result.result_path = str(path)
         path.write_text(json.dumps(result.to_dict(), indent=2, sort_keys=True, default=str) + "\n")
     return result
+
+
+def _message(result: MonitorResult, failures: Sequence[str]) -> str:
+    """One line: the calibrated decision, Evidently's fixed-threshold view beside it, the label check."""
+    assert result.drift_share is not None
+    share, max_share = result.drift_share, result.max_drift_share
+    drifted = ", ".join(result.drifted) or "none"
+    evidently = ", ".join(result.evidently_drifted) or "none"
+    shift = result.label_shift
+    if share > max_share:
+        verdict, comparison = "drift", ">"
+    else:
+        verdict, comparison = ("label shift" if shift and shift["shifted"] else "no drift"), "<="
+    line = (
+        f"{verdict}: share {share:.3f} {comparison} "
+        f"gates.drift.max_drift_share={max_share} over {result.rows} rows (drifted: {drifted}; calibrated to "
+        f"false-alarm rate {result.false_alarm_rate}; Evidently's fixed thresholds: share "
+        f"{result.evidently_drift_share:.3f}, {evidently})"
+    )
+    if shift is not None:
+        line += (
+            f"; label {'SHIFTED' if shift['shifted'] else 'steady'}: positive rate {shift['current_rate']:.4f} vs "
+            f"{shift['reference_rate']:.4f} (p={shift['p_value']:.2g})"
+        )
+    if shift is None:  # labels present but not comparable: say so (it does not trigger)
+        line += "".join(f"; {f}" for f in failures if f.startswith("cannot compare label"))
+    return line
+
+
+def _record_ood(result: MonitorResult, gate: Any) -> list[str]:
+    """Copy the OOD gate's rate into the result; returns why it could not be measured (if so)."""
+    metrics = gate.metrics
+    if metrics.get("ood_rate") is None:
+        return list(gate.failures)
+    result.ood_rate = float(metrics["ood_rate"])
+    result.ood_rows = int(metrics["ood_rows"])
+    result.ood = {k: float(v) for k, v in metrics.get("per_feature", {}).items()}
+    return []
+
+
+def _ood_note(result: MonitorResult, failures: Sequence[str]) -> str:
+    if result.ood_rate is None:
+        return "; OOD rate not measured" + (f" ({'; '.join(failures)})" if failures else "")
+    verdict = "above" if result.ood_rate > result.max_ood_rate else "within"
+    return (
+        f"; OOD rate {result.ood_rate:.2%} ({result.ood_rows} of {result.rows} rows outside the reference "
+        f"envelope, {verdict} gates.max_ood_rate={result.max_ood_rate})"
+    )
 
 
 def _event(result: MonitorResult, reference: pd.DataFrame) -> RetrainEvent:

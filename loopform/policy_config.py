@@ -26,7 +26,11 @@ def gate_thresholds(gates: GatesSpec) -> dict[str, dict[str, Any]]:
         },
         "drift-within-threshold": {"max_drift_share": gates.drift.max_drift_share},
         "ood-within-threshold": {"max_ood_rate": gates.max_ood_rate},
-        "metrics-meet-minimums": {"min_auc": gates.min_auc, "max_calibration_error": gates.max_calibration_error},
+        "metrics-meet-minimums": {
+            "min_auc": gates.min_auc,
+            "min_positives": gates.min_positives,
+            "min_brier_skill": gates.min_brier_skill,
+        },
         "no-champion-regression": {"max_auc_drop": gates.max_auc_drop},
         "released-to-staging-first": {"required": gates.require_staging},
         "evidence-fresh": {"max_evidence_age_days": gates.max_evidence_age_days},

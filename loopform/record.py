@@ -184,10 +184,11 @@ def gate_summary(evidence: Mapping[str, Any]) -> dict[str, Any]:
         "validation": gate("validation", "worst_missing_share", "worst_out_of_range_share"),
         "drift": gate("drift", "drift_share"),
         "ood": gate("ood", "ood_rate"),
+        # What the pack judges: AUC, holdout positives, Brier skill and the paired lower bound of
+        # challenger minus champion AUC (None: there was no champion); auc_low shows the AUC's uncertainty.
         "evaluation": {
-            "auc": _number(evaluation.get("auc")),
-            "auc_delta": _number(evaluation.get("auc_delta")),
-            "ece": _number(evaluation.get("ece")),
+            **{key: _number(evaluation.get(key)) for key in ("auc", "auc_low", "auc_delta_low", "brier_skill")},
+            "positives": int(positives) if (positives := _number(evaluation.get("positives"))) is not None else None,
         },
     }
 

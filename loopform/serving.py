@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
+from loopform.features import AS_OF
+
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -81,11 +83,12 @@ def _feature_type(feature: Any, *, optional: bool) -> tuple[Any, Any]:
 
 
 def request_models(features: Sequence[Any], entity: str = "card_id") -> tuple[type[BaseModel], type[BaseModel]]:
-    """(Transaction, EntityTransaction) request schemas from the feature schema.
+    """(Transaction, CardTransaction) request schemas from the feature schema.
 
-    Transaction carries every feature; EntityTransaction carries the entity id and, optionally, any
-    feature of the transaction being scored, which overrides the value read from the online store.
-    Unknown fields are errors, so a misspelt override is never silently ignored.
+    Transaction carries every feature (the raw path). CardTransaction carries the card id and the
+    transaction's own fields (features of scope "transaction"), all required: the card-level features
+    (scope "card") come from the online store and are not accepted in the request. Unknown fields are
+    errors, so a misspelt field, or an attempt to supply a card aggregate, is never silently ignored.
     """
     config = ConfigDict(extra="forbid", frozen=True)
     transaction = create_model(  # type: ignore[call-overload]
@@ -98,7 +101,7 @@ def request_models(features: Sequence[Any], entity: str = "card_id") -> tuple[ty
     by_entity = create_model(  # type: ignore[call-overload]
         "CardTransaction",
         __config__=config,
-        __doc__="A card id (features come from the online store) plus optional fields of the transaction.",
+        __doc__="A card id and the transaction's own fields; the card's aggregates come from the online store.",
         **{
             entity: (
                 Annotated[
@@ -108,9 +111,14 @@ def request_models(features: Sequence[Any], entity: str = "card_id") -> tuple[ty
             )
         },
         transaction_id=(str | None, Field(None, max_length=200, description="Caller's id, kept in the payload log.")),
-        **{f.name: _feature_type(f, optional=True) for f in features},
+        **{f.name: _feature_type(f, optional=False) for f in features if _scope(f) == "transaction"},
     )
     return transaction, by_entity
+
+
+def _scope(feature: Any) -> str:
+    """The feature's scope: "transaction" (the request's own field) or "card" (read from the online store)."""
+    return str(getattr(feature, "scope", "transaction"))
 
 
 def batch_model(transaction: type[BaseModel], max_rows: int = 10_000) -> type[BaseModel]:
@@ -287,13 +295,19 @@ class Scorer:
         payloads: PayloadLog | None = None,
         online: Any | None = None,
         entity: str = "card_id",
+        stored: Sequence[str] = (),
         with_metrics: bool = True,
     ) -> None:
         self.release = release
         self.features = list(features)
         self.payloads = payloads
-        self.online = online  # object with .online(ids) -> DataFrame (loopform.features.FeatureRepo)
+        self.online = online  # object with .online(ids, with_time=True) -> DataFrame (loopform.features.FeatureRepo)
         self.entity = entity
+        unknown = [name for name in stored if name not in self.features]
+        if unknown:
+            raise ValueError(f"stored feature(s) {unknown} are not model features {self.features}")
+        self.stored = [name for name in self.features if name in set(stored)]  # read from the online store
+        self.request_fields = [name for name in self.features if name not in set(stored)]  # the request's own
         self.metrics = metrics() if with_metrics else None
         self._labels = {"model": release.name, "version": str(release.version)}
         self._online_lock = threading.Lock()
@@ -311,25 +325,44 @@ class Scorer:
         return self._finish(frame, rows, api, started)
 
     def score_entity(self, request: Mapping[str, Any], api: str) -> dict[str, Any]:
-        """Prediction for an entity id: stored features from the online store, request fields override them."""
+        """Prediction for a transaction of an entity: its own fields from the request, the rest from the online store.
+
+        The request must carry every feature that is not stored (`request_fields`); the stored ones are the
+        entity's current online row. The payload record holds exactly the vector scored, plus
+        `features_as_of`, the event time of the online row.
+        """
+        import pandas as pd
+
         started = time.perf_counter()
         if self.online is None:
             raise RuntimeError(f"no online feature store configured: set {ENV_FEAST_REPO} or {ENV_FEAST_CONFIG}")
+        missing = [name for name in self.request_fields if request.get(name) is None]
+        if missing:
+            raise ValueError(f"the request lacks the transaction's own field(s) {missing}")
         entity_id = int(request[self.entity])
         with self._online_lock:  # one online-store connection per process; reads are ~ms
-            stored = self.online.online([entity_id])
-        if stored.empty or stored[self.features].isna().all(axis=None):
+            stored = self.online.online([entity_id], with_time=True)
+        absent = [name for name in self.stored if name not in stored.columns]
+        if absent:
+            raise RuntimeError(f"the online store's feature service does not provide {absent}")
+        if stored.empty or stored[self.stored].isna().any(axis=None):
             if self.metrics is not None:
                 self.metrics["rejected"].labels(model=self.release.name, reason="unknown_entity").inc()
             raise UnknownEntity(f"no online features for {self.entity}={entity_id}")
-        frame = stored[self.features].iloc[[0]].reset_index(drop=True).copy()
-        for name in self.features:
-            if request.get(name) is not None:
-                frame.loc[0, name] = request[name]
-        return self._finish(frame, [request], api, started)[0]
+        first = stored.iloc[0]
+        row = {name: _plain(first[name]) if name in self.stored else request[name] for name in self.features}
+        frame = pd.DataFrame.from_records([row], columns=self.features)
+        as_of = first.get(AS_OF)
+        context = {AS_OF: None if as_of is None or pd.isna(as_of) else as_of.to_pydatetime()}
+        return self._finish(frame, [request], api, started, [context])[0]
 
     def _finish(
-        self, frame: pd.DataFrame, requests: Sequence[Mapping[str, Any]], api: str, started: float
+        self,
+        frame: pd.DataFrame,
+        requests: Sequence[Mapping[str, Any]],
+        api: str,
+        started: float,
+        contexts: Sequence[Mapping[str, Any]] | None = None,
     ) -> list[dict[str, Any]]:
         scores = self.release.model.predict_proba(frame)
         threshold = self.threshold
@@ -339,7 +372,10 @@ class Scorer:
         answers = []
         records = []
         values = frame.to_dict("records")
-        for request, row, score, prediction in zip(requests, values, scores, predictions, strict=True):
+        contexts = contexts or [{} for _ in requests]
+        for request, row, context, score, prediction in zip(
+            requests, values, contexts, scores, predictions, strict=True
+        ):
             request_id = uuid.uuid4().hex
             answers.append(
                 {
@@ -364,6 +400,9 @@ class Scorer:
                     "model": self.release.name,
                     "model_version": self.release.version,
                     "request": json.dumps({k: v for k, v in request.items() if v is not None}, default=str),
+                    # Card path: when the online row served was computed (every record has the key, so the
+                    # Parquet schema, inferred from a batch's first record, always has the column).
+                    AS_OF: context.get(AS_OF),
                 }
             )
         if self.payloads is not None:

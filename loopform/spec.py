@@ -621,6 +621,21 @@ class DriftGate(Strict):
     feature_threshold: float = Field(0.1, gt=0, description="Per-feature drift score threshold (distance methods).")
     p_value: float = Field(0.05, gt=0, lt=1, description="Per-feature p-value threshold (test methods).")
     max_drift_share: Share = Field(0.3, description="Most share of features that may drift.")
+    false_alarm_rate: float = Field(
+        0.01,
+        gt=0,
+        lt=0.5,
+        description="Chance that a window of clean traffic triggers retraining: each decision is calibrated to the "
+        "window's own size, so small windows are not noisier alarms.",
+    )
+    label_shift_ratio: float = Field(
+        2.0,
+        gt=1,
+        description="A positive rate this many times higher (or lower) than the reference's is a label shift.",
+    )
+    label_shift_p_value: float = Field(
+        0.01, gt=0, lt=1, description="Significance of the proportion test that decides a label shift."
+    )
 
 
 class GatesSpec(Strict):
@@ -631,8 +646,24 @@ class GatesSpec(Strict):
     drift: DriftGate = Field(default_factory=DriftGate)
     max_ood_rate: Share = Field(0.05, description="Most share of rows flagged out of distribution.")
     min_auc: Share = Field(0.75, description="Least ROC AUC on the holdout set.")
-    max_auc_drop: Share = Field(0.01, description="Most AUC a challenger may lose against the champion.")
-    max_calibration_error: Share = Field(0.1, description="Most expected calibration error.")
+    max_auc_drop: Share = Field(
+        0.01,
+        description="Non-inferiority margin: the lower bound of the paired interval of challenger minus champion AUC "
+        "must be above -max_auc_drop.",
+    )
+    min_brier_skill: float = Field(
+        0.05,
+        ge=0,
+        lt=1,
+        description="Least Brier skill score (1 - Brier / Brier of always predicting the base rate): a base-rate "
+        "model scores 0 and fails.",
+    )
+    min_positives: int = Field(100, ge=1, description="Fewest positive labels the holdout needs to judge a model.")
+    confidence: float = Field(0.95, gt=0.5, lt=1, description="Level of the bootstrap intervals.")
+    bootstrap_samples: int = Field(1000, ge=100, description="Bootstrap resamples behind each interval.")
+    alert_rate: Share = Field(
+        0.01, description="Share of traffic the operations team can review: precision and recall are reported there."
+    )
     max_evidence_age_days: int = Field(30, ge=1, description="Evidence older than this is stale.")
     require_staging: bool = Field(False, description="A release must have been released to staging first.")
 
@@ -662,8 +693,22 @@ class LocalSpec(Strict):
         ".loopform/local",
         description="Everything the local loop writes: a folder of its own inside the repo (or an absolute path).",
     )
-    rows: int = Field(20000, ge=1000, description="Rows of synthetic training data.")
-    traffic: int = Field(600, ge=10, description="Requests sent to the service per phase.")
+    rows: int = Field(
+        30000,
+        ge=1000,
+        description="Rows of synthetic history (30 days): the holdout (its newest 20%) needs gates.min_positives frauds.",
+    )
+    traffic: int = Field(600, ge=10, description="Requests of live traffic, one at a time (a share by card id).")
+    drift_rows: int = Field(
+        25000,
+        ge=100,
+        description="Transactions of drifted traffic (over drift_days, scored in batches after the first `traffic`): "
+        "enough labelled rows that a retrained model learns the new regime and its holdout holds min_positives frauds.",
+    )
+    drift_days: int = Field(6, ge=1, description="Days the drifted traffic spans (its event times).")
+    label_delay: Duration = Field(
+        "6h", description="Labels of served transactions arrive this long after each transaction (fraud reports)."
+    )
     seed: int = Field(7, description="Seed of data generation and training.")
     serve_port: int = Field(3311, ge=1024, le=65535, description="Port of the local BentoML service.")
     drift: Literal["covariate", "label", "none"] = Field("covariate", description="Drift injected into traffic.")

@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 HOLDOUT_SHARE = 0.2
 REFERENCE_FILE = "reference.parquet"
 LABELS_FILE = "labels.parquet"
+REGIMES_FILE = "regimes.json"  # accepted shifts of the world (see window_start)
 SOURCE_FILE = "transactions.parquet"
 STAGING = "staging"
 
@@ -147,27 +148,64 @@ def _write_parquet(frame: pd.DataFrame, uri: str) -> None:
     frame.to_parquet(uri, index=False)
 
 
-def ingest(ctx: StepContext, frame: pd.DataFrame) -> None:
-    """Append labelled transactions: features to the Feast source table, labels beside it."""
+def regimes_uri(ctx: StepContext) -> str:
+    """Where the store records accepted shifts of the world (beside the labels)."""
+    return f"{labels_uri(ctx).rsplit('/', 1)[0]}/{REGIMES_FILE}"
+
+
+def regimes(ctx: StepContext) -> list[dict[str, Any]]:
+    """Every accepted shift: since (first event time of the batch), batch id, reason and the checks it waived."""
+    from fsspec.core import url_to_fs
+
+    uri = regimes_uri(ctx)
+    if not _exists(uri):
+        return []
+    fs, path = url_to_fs(uri)
+    return json.loads(fs.cat_file(path))
+
+
+def record_regime(ctx: StepContext, since: Any, batch_id: str, reason: str, checks: list[str]) -> None:
+    """A batch admitted with an accepted shift starts a new regime: reference and training window begin there."""
+    from fsspec.core import url_to_fs
+
+    entries = [*regimes(ctx), {"since": str(since), "batch": batch_id, "reason": reason, "waived": checks}]
+    fs, path = url_to_fs(regimes_uri(ctx))
+    with fs.open(path, "w") as out:
+        out.write(json.dumps(entries, indent=2) + "\n")
+
+
+def window_start(ctx: StepContext, end: Any) -> Any:
+    """Start of the window ending at `end`: `training.window_days` back, but never before the newest accepted
+    shift at or before `end`: data of a world that no longer holds is neither trained on nor a reference."""
     import pandas as pd
-    import pyarrow as pa
 
-    from loopform import data
-
-    if _exists(labels_uri(ctx)):
-        frame = pd.concat([load_table(ctx), frame], ignore_index=True).drop_duplicates(data.ID, keep="last")
-    try:
-        if ctx.offline_uri:
-            _write_parquet(frame.drop(columns=[data.LABEL]), source_uri(ctx))
-        else:
-            ctx.repo().write(frame)
-        _write_parquet(frame[[data.ID, data.ENTITY, data.TIMESTAMP, data.LABEL]], labels_uri(ctx))
-    except (pa.ArrowInvalid, pa.ArrowTypeError) as error:
-        raise StepFailed(f"cannot store this batch beside the table: {error} (check the column types)") from None
+    start = end - timedelta(days=ctx.spec.models[ctx.model].training.window_days)
+    shifts = [pd.Timestamp(entry["since"]) for entry in regimes(ctx)]
+    shifts = [since for since in shifts if since <= end]
+    return max([start, *[since - pd.Timedelta(microseconds=1) for since in shifts]])
 
 
-def load_table(ctx: StepContext) -> pd.DataFrame:
-    """Features and labels of every ingested transaction, as one frame."""
+def ingest(
+    ctx: StepContext,
+    frame: pd.DataFrame,
+    *,
+    accept_shift: str | None = None,
+    html_report: bool = False,
+) -> Any:
+    """Check a batch of labelled transactions on its own, then append it (features to the Feast source
+    table, labels beside it), or quarantine it and raise `loopform.ingest.BatchRefused` (a StepFailed).
+
+    The one way into the offline store (`loopform.ingest.admit`); returns its BatchReport. accept_shift
+    lets failed checks against the stored reference (label shift, drift, OOD) pass with that reason
+    (the retraining trigger's: it ingests the very shift its monitor saw); None refuses them.
+    """
+    from loopform.ingest import admit
+
+    return admit(ctx, frame, accept_shift=accept_shift, html_report=html_report)
+
+
+def load_table(ctx: StepContext, since: pd.Timestamp | None = None) -> pd.DataFrame:
+    """Features and labels of every ingested transaction (with event time after `since`), as one frame."""
     import pandas as pd
 
     from loopform import data
@@ -175,27 +213,29 @@ def load_table(ctx: StepContext) -> pd.DataFrame:
     for uri in (labels_uri(ctx), source_uri(ctx)):
         if not _exists(uri):
             raise StepFailed(f"no data at {uri}: ingest labelled transactions first")
-    features = pd.read_parquet(source_uri(ctx))
-    labels = pd.read_parquet(labels_uri(ctx))
+    newer = None if since is None else [(data.TIMESTAMP, ">", since)]
+    features = pd.read_parquet(source_uri(ctx), filters=newer)
+    labels = pd.read_parquet(labels_uri(ctx), filters=newer)
     return labels.merge(features, on=[data.ID, data.ENTITY, data.TIMESTAMP], how="inner")
 
 
 def training_window_of(table: pd.DataFrame, ctx: StepContext) -> pd.DataFrame:
-    """The rows of the model's training window: the last `training.window_days` of event time."""
+    """The rows of the model's training window: the last `training.window_days` of event time, from the
+    newest accepted shift on (`window_start`)."""
     from loopform import data
 
     end = table[data.TIMESTAMP].max()
-    start = end - timedelta(days=ctx.spec.models[ctx.model].training.window_days)
-    return table[table[data.TIMESTAMP] > start].reset_index(drop=True)
+    return table[table[data.TIMESTAMP] > window_start(ctx, end)].reset_index(drop=True)
 
 
 def validate_data(ctx: StepContext) -> dict[str, GateResult]:
     """Validation, drift and OOD gates on the training window; StepFailed when any fails.
 
-    Validation checks the whole table's structure, then the window and, on their own, its
-    newest rows (the new data: a bad batch must not hide in the history around it). Drift
-    and OOD compare the newest rows (what the model is evaluated on, and closest to what it
-    will serve) with the older part it trains on.
+    Each batch was checked on its own when it was ingested (`loopform.ingest`: a bad batch is
+    quarantined there, never stored), so these gates judge the window as training data, not new
+    data: validation checks the whole table's structure, then the window's. Drift and OOD compare
+    the window's newest rows (the holdout the model is evaluated on, and closest to what it will
+    serve) with the older part it trains on.
     """
     from loopform import data
     from loopform.gates import drift_gate, ood_gate
@@ -207,7 +247,7 @@ def validate_data(ctx: StepContext) -> dict[str, GateResult]:
     if results["validation"].passed:
         window = training_window_of(table, ctx)
         older, newest = split_by_time(window, data.TIMESTAMP)
-        results["validation"] = _validate_window(window, newest, ctx)
+        results["validation"] = _validate_window(window, ctx)
         reports = ctx.run_dir / "reports"
         reports.mkdir(parents=True, exist_ok=True)
         results["drift"] = drift_gate(older, newest, gates, reports / "drift.html")
@@ -232,29 +272,24 @@ def validate_table(table: pd.DataFrame, ctx: StepContext) -> GateResult:
     return validation_gate(table, ctx.spec.gates, require_label=True)
 
 
-def _validate_window(window: pd.DataFrame, newest: pd.DataFrame, ctx: StepContext) -> GateResult:
-    """One validation result for the window and its newest rows; shares are the worse of the two."""
-    from loopform.gates.result import GateResult
-
-    parts = {"training window": validate_table(window, ctx), "newest rows": validate_table(newest, ctx)}
-    metrics = dict(parts["training window"].metrics)
-    metrics["newest"] = parts["newest rows"].metrics
-    for key in ("worst_missing_share", "worst_out_of_range_share"):
-        metrics[key] = max(part.metrics.get(key, 0.0) for part in parts.values())
-    failures = [f"{label}: {failure}" for label, part in parts.items() for failure in part.failures]
-    return GateResult("validation", not failures, metrics, failures)
+def _validate_window(window: pd.DataFrame, ctx: StepContext) -> GateResult:
+    """The training window's validation. Its newest rows are not judged apart: a bad batch would be
+    diluted in them (a day in the newest 20% of 30 days), and batches are checked alone at ingest."""
+    result = validate_table(window, ctx)
+    result.failures = [f"training window: {failure}" for failure in result.failures]
+    return result
 
 
 def get_features(ctx: StepContext) -> Path:
-    """Point-in-time-correct training set: Feast joins each labelled event to the card's features then."""
-    import pandas as pd
-
+    """Point-in-time-correct training set: each labelled event with its own transaction fields, and Feast
+    joins the card's aggregates as of the event (computed from the card's earlier transactions only)."""
     from loopform import data
 
     if not _exists(labels_uri(ctx)):
         raise StepFailed(f"no labelled events at {labels_uri(ctx)}: ingest data first")
-    labels = pd.read_parquet(labels_uri(ctx))
-    entities = training_window_of(labels, ctx)[[data.ID, data.ENTITY, data.TIMESTAMP, data.LABEL]]
+    events = load_table(ctx)  # labels beside each transaction's own fields
+    columns = [data.ID, data.ENTITY, data.TIMESTAMP, data.LABEL, *data.TRANSACTION_FEATURES]
+    entities = training_window_of(events, ctx)[columns]
     frame = ctx.repo().training_frame(entities)
     if len(frame) < 0.9 * len(entities):
         raise StepFailed(f"Feast returned features for {len(frame)} of {len(entities)} labelled events")
@@ -286,17 +321,30 @@ def _load_trained(ctx: StepContext) -> Any:
 
 
 def evaluate(ctx: StepContext) -> dict[str, Any]:
-    """Holdout metrics, and the current champion scored on the same rows."""
+    """Holdout metrics with bootstrap intervals at the gates' confidence, and the champion compared on the same rows.
+
+    The training part goes along: its base rate is what the Brier skill is measured against,
+    and its validation rows give the operating threshold's interval.
+    """
     import pandas as pd
 
     from loopform import data, registry
 
     frame = pd.read_parquet(ctx.input("training.parquet"))
-    _, holdout = split_by_time(frame, data.TIMESTAMP)
+    older, holdout = split_by_time(frame, data.TIMESTAMP)
     champion = registry.champion(ctx.mlflow(), ctx.model)
     champion_model, champion_version = champion if champion else (None, None)
+    gates = ctx.spec.gates
     metrics = ctx.model_module("train").evaluate(
-        _load_trained(ctx), holdout, champion_model, champion_version=champion_version
+        _load_trained(ctx),
+        holdout,
+        champion_model,
+        champion_version=champion_version,
+        training=older,
+        confidence=gates.confidence,
+        bootstrap_samples=gates.bootstrap_samples,
+        alert_rate=gates.alert_rate,
+        seed=ctx.seed,
     )
     ctx.write_json("evaluation.json", metrics)
     return metrics

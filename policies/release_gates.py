@@ -188,34 +188,36 @@ check_ood = _share_rule("ood", "ood_rate", "max_ood_rate", "OOD rate")
 
 
 def check_metrics(type_: str, props: Props, config: Config) -> list[str]:
-    """The evaluation meets the environment's minimums."""
+    """The evaluation meets the environment's minimums: holdout positives, AUC and Brier skill."""
     messages = []
     for where, record in _records(props, type_):
         evaluation, env = _gate(record, "evaluation"), _environment(props)
-        auc, ece = _number(evaluation.get("auc")), _number(evaluation.get("ece"))
-        if auc is None:
-            messages.append(f"{where}: {_name(record)} records no AUC")
-        elif auc < config["min_auc"]:
-            messages.append(f"{where}: AUC {auc:.4f} < {_limit(config['min_auc'])} ({env}, min_auc)")
-        if ece is None:
-            messages.append(f"{where}: {_name(record)} records no calibration error")
-        elif ece > config["max_calibration_error"]:
-            messages.append(
-                f"{where}: calibration error {ece:.4f} > {_limit(config['max_calibration_error'])} "
-                f"({env}, max_calibration_error)"
-            )
+        for metric, limit, label, shown in (
+            ("positives", "min_positives", "holdout positives", "{:.0f}"),
+            ("auc", "min_auc", "AUC", "{:.4f}"),
+            ("brier_skill", "min_brier_skill", "Brier skill", "{:.3f}"),
+        ):
+            value = _number(evaluation.get(metric))
+            if value is None:
+                messages.append(f"{where}: {_name(record)} records no {label}")
+            elif value < config[limit]:
+                value = round(value, 4) + 0.0  # no "-0.000" for a base-rate model's float noise
+                messages.append(f"{where}: {label} {shown.format(value)} < {_limit(config[limit])} ({env}, {limit})")
     return messages
 
 
 def check_regression(type_: str, props: Props, config: Config) -> list[str]:
-    """No regression against the champion beyond the tolerance (no champion: the first release)."""
+    """Non-inferior to the champion: the paired interval's lower bound of the AUC difference is above -max_auc_drop.
+
+    No lower bound means there was no champion to compare with (the first release).
+    """
     messages = []
     for where, record in _records(props, type_):
-        delta = _number(_gate(record, "evaluation").get("auc_delta"))
-        if delta is not None and -delta > config["max_auc_drop"]:
+        low = _number(_gate(record, "evaluation").get("auc_delta_low"))
+        if low is not None and low <= -config["max_auc_drop"]:
             messages.append(
-                f"{where}: AUC {-delta:.4f} below the champion's > {_limit(config['max_auc_drop'])} "
-                f"({_environment(props)}, max_auc_drop)"
+                f"{where}: AUC minus the champion's has lower bound {low:.4f} <= -{_limit(config['max_auc_drop'])} "
+                f"({_environment(props)}, max_auc_drop): not shown to be non-inferior"
             )
     return messages
 
@@ -324,14 +326,20 @@ RULES = [
     ),
     ResourceRule(
         name="metrics-meet-minimums",
-        description="The released version's evaluation meets the environment's minimums.",
+        description="The released version's evaluation meets the environment's minimums: holdout positives, "
+        "AUC and Brier skill against the base rate.",
         check=check_metrics,
         types=TYPES,
-        config={"min_auc": _share(0.75), "max_calibration_error": _share(0.1)},
+        config={
+            "min_auc": _share(0.75),
+            "min_positives": {"type": "number", "minimum": 1, "default": 100},
+            "min_brier_skill": {"type": "number", "minimum": 0, "exclusiveMaximum": 1, "default": 0.05},
+        },
     ),
     ResourceRule(
         name="no-champion-regression",
-        description="The released version is no worse than the champion beyond the tolerance.",
+        description="The released version is non-inferior to the champion: the lower bound of the paired "
+        "interval of its AUC minus the champion's is above -max_auc_drop.",
         check=check_regression,
         types=TYPES,
         config={"max_auc_drop": _share(0.01)},

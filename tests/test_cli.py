@@ -26,8 +26,8 @@ def _step(tmp_path: Path, name: str) -> int:
     )  # fmt: skip
 
 
-def _ingest(tmp_path: Path, frame) -> None:
-    context = StepContext(
+def _context(tmp_path: Path) -> StepContext:
+    return StepContext(
         model="fraud",
         spec=load_stack(stack_file("local")),
         run_dir=tmp_path / "run",
@@ -36,7 +36,10 @@ def _ingest(tmp_path: Path, frame) -> None:
         root=ROOT,
         stack_files=ROOT / "stacks",
     )
-    ingest(context, frame)
+
+
+def _ingest(tmp_path: Path, frame) -> None:
+    ingest(_context(tmp_path), frame)
 
 
 def test_validate_step_passes_clean_data(tmp_path: Path) -> None:
@@ -48,13 +51,15 @@ def test_validate_step_passes_clean_data(tmp_path: Path) -> None:
     assert reports == ["drift.html", "ood.html", "validation.html"]
 
 
-def test_a_bad_new_batch_cannot_hide_in_clean_history(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_bad_new_batch_cannot_hide_in_clean_history(tmp_path: Path) -> None:
+    """The batch is judged alone at ingest: refused there, the pipeline never sees it."""
+    from loopform.steps import StepFailed
+
     now = datetime.now(UTC)
     _ingest(tmp_path, data.generate(20000, 3, start=now - timedelta(days=31), days=30))
-    _ingest(tmp_path, data.generate(1000, 4, start=now - timedelta(days=1), days=1, out_of_range=0.15))
-    assert _step(tmp_path, "validate-data") == 1
-    err = capsys.readouterr().err
-    assert "newest rows: column" in err and "max_out_of_range_share" in err
+    with pytest.raises(StepFailed, match="out-of-range share of amount"):
+        _ingest(tmp_path, data.generate(1000, 4, start=now - timedelta(days=1), days=1, out_of_range=0.15))
+    assert _step(tmp_path, "validate-data") == 0
 
 
 def test_a_batch_of_wrong_types_is_refused(tmp_path: Path) -> None:
@@ -66,7 +71,12 @@ def test_a_batch_of_wrong_types_is_refused(tmp_path: Path) -> None:
 
 
 def test_validate_step_stops_the_pipeline_on_bad_data(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    _ingest(tmp_path, data.generate(4000, 3, out_of_range=0.05))
+    """Data that reached the store some other way (not through ingest) is still stopped by the pipeline's gates."""
+    from loopform.steps import LABELS_FILE
+
+    frame = data.generate(4000, 3, out_of_range=0.05)
+    _context(tmp_path).repo().write(frame)
+    frame[[data.ID, data.ENTITY, data.TIMESTAMP, data.LABEL]].to_parquet(tmp_path / "feast" / "data" / LABELS_FILE)
     assert _step(tmp_path, "validate-data") == 1
     err = capsys.readouterr().err
     assert "step validate-data failed: data gates failed" in err and "max_out_of_range_share" in err

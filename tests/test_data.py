@@ -9,8 +9,10 @@ import pandas as pd
 import pytest
 
 from loopform.data import (
+    AVG_AMOUNT_NO_HISTORY,
     BASE_FRAUD_RATE,
     BY_NAME,
+    CARD_FEATURES,
     CATEGORICAL,
     COLUMNS,
     ENTITY,
@@ -20,6 +22,8 @@ from loopform.data import (
     LABEL,
     NUMERIC,
     TIMESTAMP,
+    TRANSACTION_FEATURES,
+    card_aggregates,
     fingerprint,
     generate,
 )
@@ -47,6 +51,10 @@ def test_schema_and_dtypes(clean: pd.DataFrame) -> None:
         else:
             assert set(column.unique()) <= set(f.categories or ())
     assert (clean[TIMESTAMP].dt.hour == clean["hour_of_day"]).all()
+    # Two levels: the transaction's own fields, and the card as of the transaction.
+    assert set(TRANSACTION_FEATURES) | set(CARD_FEATURES) == set(FEATURE_NAMES)
+    assert not set(TRANSACTION_FEATURES) & set(CARD_FEATURES)
+    assert set(CARD_FEATURES) == {"txn_count_24h", "avg_amount_30d", "card_age_days"}
 
 
 def test_deterministic_for_a_seed() -> None:
@@ -101,17 +109,54 @@ def test_fraud_rate_and_learnable_label(clean: pd.DataFrame) -> None:
 def test_faults_leave_the_rest_identical() -> None:
     base = generate(5_000, 3)
     drifted = generate(5_000, 3, covariate_drift=0.5)
-    # Drift moves hours (and so the time order) but not who is fraud or the card traits.
+    # Drift changes how the cards behave (fewer cards, each more often), not who is fraud.
     assert drifted[LABEL].sum() == base[LABEL].sum()
-    pd.testing.assert_series_equal(
-        drifted["card_age_days"].sort_values(ignore_index=True), base["card_age_days"].sort_values(ignore_index=True)
-    )
+    assert drifted[ENTITY].nunique() < 0.8 * base[ENTITY].nunique()
     assert drifted["amount"].mean() > 1.3 * base["amount"].mean()
     assert drifted["distance_from_home_km"].mean() > 1.5 * base["distance_from_home_km"].mean()
     assert (drifted["channel"] == "online").mean() > (base["channel"] == "online").mean() + 0.1
+    # The card-level features follow from the drifted history: more 24 h transactions, larger amounts.
+    assert drifted["txn_count_24h"].mean() > 1.3 * base["txn_count_24h"].mean()
+    assert drifted["avg_amount_30d"].median() > 1.3 * base["avg_amount_30d"].median()
     pd.testing.assert_frame_equal(
         generate(5_000, 3, wrong_types="channel").drop(columns="channel"), base.drop(columns="channel")
     )
+
+
+def test_card_aggregates_count_only_the_past() -> None:
+    """By hand: windows are [t - 24 h, t) and [t - 30 days, t): never the transaction itself, a tie or the future."""
+    hour, day = 3_600, 86_400
+    cards = np.array([1, 1, 1, 1, 1, 2, 1])
+    seconds = np.array([0, 10 * hour, 24 * hour, 24 * hour, 31 * day, 5 * hour, 40 * day])
+    amounts = np.array([10.0, 20.0, 30.0, 40.0, 50.0, 99.99, 60.0])
+    count, mean = card_aggregates(cards, seconds, amounts)
+    # Card 1: t=0 has no past; t=10h sees t=0; the two at t=24h see t=0 (exactly 24 h back) and t=10h but
+    # not each other; t=31d sees nothing within 24 h and, over 30 days, only the two at t=24h; t=40d sees t=31d.
+    assert count.tolist() == [0, 1, 2, 2, 0, 0, 0]
+    assert mean.tolist() == [AVG_AMOUNT_NO_HISTORY, 10.0, 15.0, 15.0, 35.0, AVG_AMOUNT_NO_HISTORY, 50.0]
+    # Order of the input does not matter.
+    flip = np.arange(len(cards))[::-1]
+    count_flipped, mean_flipped = card_aggregates(cards[flip], seconds[flip], amounts[flip])
+    assert count_flipped[flip].tolist() == count.tolist() and mean_flipped[flip].tolist() == mean.tolist()
+
+
+def test_card_features_do_not_depend_on_the_frame_size() -> None:
+    """A day of traffic and a month of history show the same card-level distributions (warm-up history)."""
+    month = generate(20_000, 7)
+    day = generate(2_000, 9, start=datetime(2024, 3, 1, tzinfo=UTC), days=1)
+    assert abs(month["txn_count_24h"].mean() - day["txn_count_24h"].mean()) < 0.1
+    assert abs(month["avg_amount_30d"].median() / day["avg_amount_30d"].median() - 1) < 0.1
+    # Almost every transaction has a 30-day past, also on the first day of a frame.
+    assert (day["avg_amount_30d"] == AVG_AMOUNT_NO_HISTORY).mean() < 0.01
+    assert 0.5 < month["txn_count_24h"].mean() < 1.2
+
+
+def test_fraud_shows_in_the_card_history() -> None:
+    """Fraud comes in episodes on young cards: the card-level features carry signal without being drawn from y."""
+    df = generate(40_000, 12)
+    fraud, legit = df[df[LABEL] == 1], df[df[LABEL] == 0]
+    assert fraud["txn_count_24h"].mean() > 1.4 * legit["txn_count_24h"].mean()
+    assert fraud["card_age_days"].median() < 0.8 * legit["card_age_days"].median()
 
 
 def test_out_of_range_values() -> None:

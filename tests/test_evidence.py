@@ -105,27 +105,88 @@ def test_failed_gate_is_refused_with_its_failures():
 
 
 def test_metrics_are_rejudged_against_the_target_gates():
-    evaluation = {**make_evidence()["evaluation"], "auc": 0.78, "ece": 0.2, "champion_auc": 0.8}
+    evaluation = {**make_evidence()["evaluation"], "auc": 0.74, "brier_skill": 0.02, "auc_delta_low": -0.03}
     gates = make_evidence()["gates"]
     gates["drift"]["metrics"]["drift_share"] = 0.5
     gates["ood"]["metrics"]["ood_rate"] = 0.07
     gates["validation"]["metrics"]["worst_out_of_range_share"] = 0.02
     reasons = ev.check_evidence(make_evidence(evaluation=evaluation, gates=gates), GATES, now=NOW)
-    assert len(reasons) == 5, reasons
-    assert "validation worst_out_of_range_share 0.0200 is above gates.max_out_of_range_share=0.01" in reasons
-    assert "drift share 0.500 is above gates.drift.max_drift_share=0.3" in reasons
-    assert "out-of-distribution rate 0.0700 is above gates.max_ood_rate=0.05" in reasons
-    assert "expected calibration error 0.2000 is above gates.max_calibration_error=0.1" in reasons
-    assert any(r.startswith("AUC 0.7800 is 0.0200 below the champion's 0.8000 (version 2)") for r in reasons)
+    assert reasons == [
+        "validation worst_out_of_range_share 0.0200 is above gates.max_out_of_range_share=0.01",
+        "drift share 0.500 is above gates.drift.max_drift_share=0.3",
+        "out-of-distribution rate 0.0700 is above gates.max_ood_rate=0.05",
+        "AUC 0.7400 < 0.75 (gates.min_auc)",
+        "Brier skill 0.020 < 0.05 (gates.min_brier_skill)",
+        "AUC minus the champion version 2's: lower bound -0.0300 at 95% <= -0.01 (gates.max_auc_drop): "
+        "not shown to be non-inferior",
+    ]
+
+
+def test_too_few_positives_cannot_judge_a_model():
+    evaluation = {**make_evidence()["evaluation"], "positives": 36}
+    assert ev.check_evidence(make_evidence(evaluation=evaluation), GATES, now=NOW) == [
+        "holdout positives 36 < 100 (gates.min_positives): too few to judge the model"
+    ]
+    assert ev.check_evidence(make_evidence(evaluation=evaluation), {**GATES, "min_positives": 30}, now=NOW) == []
+
+
+@pytest.mark.parametrize(
+    ("low", "passes"),
+    [(0.002, True), (-0.009, True), (-0.01, False), (-0.02, False)],
+)
+def test_non_inferiority_judges_the_paired_lower_bound_not_the_point_estimate(low: float, passes: bool):
+    """A challenger ahead on the point estimate still fails when the interval allows a loss beyond the margin."""
+    evaluation = {**make_evidence()["evaluation"], "auc_delta": 0.02, "auc_delta_low": low}
+    reasons = ev.check_evidence(make_evidence(evaluation=evaluation), GATES, now=NOW)
+    assert (reasons == []) is passes, reasons
+    if not passes:
+        assert reasons == [
+            f"AUC minus the champion version 2's: lower bound {low:.4f} at 95% <= -0.01 (gates.max_auc_drop): "
+            "not shown to be non-inferior"
+        ]
+
+
+def test_first_release_has_no_champion_to_compare_and_a_missing_comparison_is_refused():
+    no_champion = {
+        **make_evidence()["evaluation"],
+        **dict.fromkeys(("champion_version", "champion_auc", "auc_delta", "auc_delta_low", "auc_delta_high")),
+    }
+    assert ev.check_evidence(make_evidence(evaluation=no_champion), GATES, now=NOW) == []
+    unpaired = {**make_evidence()["evaluation"], "auc_delta_low": None}
+    assert ev.check_evidence(make_evidence(evaluation=unpaired), GATES, now=NOW) == [
+        "evaluation.auc_delta_low is missing or not a number: no paired comparison with the champion version 2"
+    ]
+
+
+def test_a_base_rate_model_fails_and_ece_is_no_longer_a_gate():
+    """Always predicting the base rate: perfectly calibrated (tiny ECE), AUC 0.5, Brier skill 0."""
+    evaluation = {
+        **make_evidence()["evaluation"],
+        "auc": 0.5,
+        "auc_low": 0.5,
+        "brier_skill": 0.0,
+        "ece": 0.005,
+        **dict.fromkeys(("champion_version", "champion_auc", "auc_delta", "auc_delta_low", "auc_delta_high")),
+    }
+    assert ev.check_evidence(make_evidence(evaluation=evaluation), GATES, now=NOW) == [
+        "AUC 0.5000 < 0.75 (gates.min_auc)",
+        "Brier skill 0.000 < 0.05 (gates.min_brier_skill)",
+    ]
+    badly_calibrated = {**make_evidence()["evaluation"], "ece": 0.3}  # reported, not judged: Brier skill judges
+    assert ev.check_evidence(make_evidence(evaluation=badly_calibrated), GATES, now=NOW) == []
 
 
 def test_same_evidence_passes_dev_and_fails_prod():
-    evaluation = {**make_evidence()["evaluation"], "auc": 0.76, "champion_auc": None, "auc_delta": None}
+    evaluation = {
+        **make_evidence()["evaluation"],
+        "auc": 0.76,
+        **dict.fromkeys(("champion_version", "champion_auc", "auc_delta", "auc_delta_low", "auc_delta_high")),
+    }
     evidence = make_evidence(evaluation=evaluation)
     dev = load_stack(ROOT / "stacks" / "Pulumi.dev.yaml").gates.model_dump()
     prod = load_stack(ROOT / "stacks" / "Pulumi.prod.yaml").gates.model_dump()
     assert ev.check_evidence(evidence, dev, now=NOW) == []
-    assert ev.check_evidence(evidence, prod, now=NOW) == ["AUC 0.7600 is below gates.min_auc=0.8"]
+    assert ev.check_evidence(evidence, prod, now=NOW) == ["AUC 0.7600 < 0.8 (gates.min_auc)"]
 
 
 def test_stale_and_future_evidence():
@@ -153,4 +214,12 @@ def test_malformed_values_are_reasons_not_crashes():
     assert "malformed created_at 'yesterday': expected an ISO-8601 time" in reasons
     assert ev.check_evidence(["not", "a", "dict"], GATES, now=NOW) == [  # type: ignore[arg-type]
         "malformed evidence: expected a mapping, got list"
+    ]
+    body = make_evidence()
+    for field in ("positives", "brier_skill"):
+        del body["evaluation"][field]
+    reasons = ev.check_evidence(ev.seal(body), GATES, now=NOW)
+    assert reasons == [
+        "evaluation.positives is missing or not a number",
+        "evaluation.brier_skill is missing or not a number",
     ]

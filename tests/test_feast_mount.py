@@ -123,7 +123,7 @@ def test_feast_apply_runs_on_the_rendered_pod(rendered_job, tmp_path: Path) -> N
     try:
         registered = Store(repo_path=str(repo))
         assert [s.name for s in registered.list_feature_services()] == ["fraud_v1"]
-        assert {v.name for v in registered.list_feature_views()} == {"card_transactions"}
+        assert {v.name for v in registered.list_feature_views()} == {"card_aggregates"}
     finally:
         del os.environ[REGISTRY_URL_ENV]
     assert (store / "registry.db").exists()

@@ -6,8 +6,8 @@ Which gate catches which fault:
     missing values       validation (missing share)
     missing column       all three (validation: required column; drift and OOD: cannot compare)
     wrong types          all three (validation: dtype; drift and OOD: not numeric)
-    label shift          drift gate, when both sides are labelled (the label's own drift); the
-                         prior shift also drags label-correlated features along
+    label shift          drift gate, when both sides are labelled (a proportion test of the
+                         positive rate); the prior shift also drags label-correlated features along
 """
 
 from __future__ import annotations
@@ -141,7 +141,7 @@ def test_drift_gate_passes_clean(reference: pd.DataFrame, clean: pd.DataFrame) -
     assert result.passed, result.failures
     assert result.metrics["drift_share"] <= GATES.drift.max_drift_share
     assert set(result.metrics["features"]) == set(FEATURE_NAMES)
-    assert result.metrics["label"]["drifted"] is False
+    assert result.metrics["label"]["shifted"] is False
 
 
 def test_drift_gate_fails_covariate_drift(reference: pd.DataFrame) -> None:
@@ -159,7 +159,7 @@ def test_drift_gate_catches_label_shift(reference: pd.DataFrame) -> None:
     shifted = generate(5_000, 11, label_shift=0.2)
     result = drift_gate(reference, shifted, GatesSpec(drift=DriftGate(max_drift_share=0.9)))
     assert not result.passed
-    assert result.metrics["label"]["drifted"] is True
+    assert result.metrics["label"]["shifted"] is True
     assert any("label shift" in f for f in result.failures)
     # Unlabelled traffic: the label is simply not compared.
     assert drift_gate(reference, generate(5_000, 11).drop(columns=[LABEL]), GATES).metrics["label"] is None

@@ -1,4 +1,7 @@
-"""`loopform ingest`: a new platform's offline store gets its first data, and the first pipeline step reads it."""
+"""`loopform ingest`: a new platform's offline store gets its first data, and the first pipeline step reads it.
+
+Each batch's own checks are tested in test_batch_validation.py.
+"""
 
 from __future__ import annotations
 
@@ -51,9 +54,13 @@ def test_ingest_seeds_the_store_the_first_step_reads(
     assert data.LABEL not in pd.read_parquet(offline / SOURCE_FILE).columns
     assert main([*step, "--run-dir", str(tmp_path / "after")]) == 0
 
-    # A CSV batch appends; the same events sent again do not duplicate.
+    # The same events sent again (as CSV) are a conflict, refused: never appended twice, never a replacement.
     batch.head(100).to_csv(tmp_path / "again.csv", index=False)
-    assert _ingest(path, str(tmp_path / "again.csv")) == 0
+    stored = {name: (offline / name).read_bytes() for name in (LABELS_FILE, SOURCE_FILE)}
+    assert _ingest(path, str(tmp_path / "again.csv")) == 1
+    err = capsys.readouterr().err
+    assert "FAILED conflicting ids: ids already in the offline store 100 > 0 (0 with a different label" in err
+    assert {name: (offline / name).read_bytes() for name in stored} == stored
     assert len(pd.read_parquet(offline / LABELS_FILE)) == 3000
 
 
@@ -64,13 +71,13 @@ def test_synthetic_seed_for_a_demo(stack: tuple[Path, Path]) -> None:
     assert len(labels) == 2000 and labels[data.TIMESTAMP].max() > pd.Timestamp.now(tz="UTC") - pd.Timedelta(days=1)
 
 
-def test_a_file_without_the_model_columns_is_refused_and_nothing_is_written(
+def test_a_file_without_the_model_columns_is_refused_and_only_quarantined(
     stack: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     path, offline = stack
     data.generate(500, 5).drop(columns=[data.LABEL, "amount"]).to_parquet(tmp_path / "bad.parquet", index=False)
     assert _ingest(path, str(tmp_path / "bad.parquet")) == 1
-    assert "lacks column(s) amount, is_fraud" in capsys.readouterr().err
-    assert not offline.exists()
+    assert "FAILED schema: missing column(s) amount, is_fraud" in capsys.readouterr().err
+    assert [p.name for p in offline.iterdir()] == ["quarantine"], "only the quarantine is written"
     assert _ingest(path, str(tmp_path / "missing.parquet")) == 1
     assert _ingest(path) == 2  # neither a file nor --synthetic

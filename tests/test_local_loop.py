@@ -22,8 +22,9 @@ def loop(tmp_path_factory: pytest.TempPathFactory):
     folder = tmp_path_factory.mktemp("loop")
     document = yaml.safe_load((ROOT / "stacks" / "Pulumi.local.yaml").read_text())
     platform = document["config"][CONFIG_KEY]
-    platform["local"].update(workdir=str(folder / "work"), rows=6000, traffic=240, serve_port=free_port())
-    platform["monitoring"]["min_rows"] = 200
+    # The holdout (newest 20% of each window) must hold gates.min_positives frauds: 20,000 rows of history and
+    # 25,000 drifted transactions, as the local stack has; the live traffic is smaller.
+    platform["local"].update(workdir=str(folder / "work"), traffic=240, serve_port=free_port())
     stack = folder / "Pulumi.local.yaml"
     stack.write_text(yaml.safe_dump(document))
     repo_stacks = {p.name: p.read_bytes() for p in (ROOT / "stacks").glob("*.yaml")}
@@ -49,8 +50,8 @@ def test_registry_holds_two_gated_versions(loop) -> None:
 
 def test_payload_log_holds_every_answered_request(loop) -> None:
     summary, *_ = loop
-    assert summary.requests == {"clean": 240, "drifted": 240}
-    assert summary.payload_rows == 480
+    assert summary.requests == {"clean": 240, "drifted": 25000}
+    assert summary.payload_rows == 25240
 
 
 def test_monitor_detects_the_injected_drift_only(loop) -> None:
@@ -123,9 +124,8 @@ def test_without_drift_nothing_is_retrained(tmp_path: Path) -> None:
     document = yaml.safe_load((ROOT / "stacks" / "Pulumi.local.yaml").read_text())
     platform = document["config"][CONFIG_KEY]
     platform["local"].update(
-        workdir=str(tmp_path / "work"), rows=4000, traffic=200, serve_port=free_port(), drift="none"
+        workdir=str(tmp_path / "work"), traffic=200, drift_rows=1000, serve_port=free_port(), drift="none"
     )
-    platform["monitoring"]["min_rows"] = 150
     stack = tmp_path / "Pulumi.local.yaml"
     stack.write_text(yaml.safe_dump(document))
     lines: list[str] = []
@@ -133,6 +133,30 @@ def test_without_drift_nothing_is_retrained(tmp_path: Path) -> None:
     assert summary.versions == [1] and summary.production_version == 1
     assert not summary.monitor["drifted"]["triggered"]
     assert any("no retraining" in line for line in lines)
+
+
+def test_retraining_learns_from_served_traffic_judged_out_of_time(loop) -> None:
+    """Only served transactions whose labels have arrived are ingested; the challenger is judged on later data
+    than it trained on, against the champion on the same rows, by prod's own gates."""
+    import json
+
+    import pandas as pd
+
+    from loopform.spec import load_stack
+
+    summary, lines, *_ = loop
+    assert any("served transactions labelled (labels arrive 6h" in line for line in lines)
+    run2 = summary.workdir / "runs" / "run-2"
+    window = json.loads((run2 / "window.json").read_text())
+    evaluation = json.loads((run2 / "evaluation.json").read_text())
+    assert evaluation["positives"] >= 100 and evaluation["auc_delta_low"] > 0
+    assert evaluation["champion_auc"] < evaluation["auc"]
+    # The accepted shift starts a new regime: run-2 trains and is judged on the drifted world only.
+    (regime,) = json.loads((summary.workdir / "feast" / "data" / "regimes.json").read_text())
+    assert regime["reason"].startswith("retraining trigger fraud-") and "drift" in regime["waived"]
+    assert pd.Timestamp(window["start"]) >= pd.Timestamp(regime["since"])
+    prod = load_stack(summary.workdir / "stacks" / "Pulumi.prod.yaml").gates
+    assert prod == load_stack(ROOT / "stacks" / "Pulumi.prod.yaml").gates, "the local loop uses prod's gates"
 
 
 def test_running_twice_works(loop) -> None:

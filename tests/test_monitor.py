@@ -16,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from loopform import data
 from loopform.gates.drift import compute_drift
+from loopform.gates.ood import ood_gate
 from loopform.monitor import (
     CallbackTrigger,
     FileTrigger,
@@ -38,11 +39,14 @@ def reference() -> pd.DataFrame:
     return data.generate(3000, 1, days=20)
 
 
-def _log(uri: str, frame: pd.DataFrame, start: datetime, span: timedelta, version: int = 1) -> None:
-    """Write frame's rows as served payloads spread evenly over [start, start + span)."""
+def _log(
+    uri: str, frame: pd.DataFrame, start: datetime, span: timedelta, version: int = 1, labels: bool = False
+) -> None:
+    """Write frame's rows as served payloads spread evenly over [start, start + span) (with labels: joined feedback)."""
     step = span / len(frame)
+    fields = [*data.FEATURE_NAMES, *([data.LABEL] if labels else [])]
     with PayloadLog(uri, "fraud", flush_rows=5000, flush_seconds=3600) as log:
-        for i, row in enumerate(frame[list(data.FEATURE_NAMES)].to_dict("records")):
+        for i, row in enumerate(frame[fields].to_dict("records")):
             log.log({"time": start + i * step, **row, "prediction": 0, "score": 0.1, "model_version": version})
 
 
@@ -73,12 +77,25 @@ def test_clean_traffic_is_no_drift(tmp_path: Path, reference: pd.DataFrame) -> N
     assert result.rows == 1500
     assert result.drift_share is not None and result.drift_share <= GATES.drift.max_drift_share
     assert set(result.features) == set(data.FEATURE_NAMES)
+    assert result.decision == "calibrated" and result.false_alarm_rate == GATES.drift.false_alarm_rate
+    assert result.evidently_drift_share is not None and result.label_shift is None  # payloads carry no labels
+    # The OOD rate of the served traffic against the reference's envelope, as the OOD gate measures it.
+    expected_ood = ood_gate(reference, data.generate(1500, 2, days=20), GATES).metrics["ood_rate"]
+    assert result.ood_rate == pytest.approx(expected_ood) and result.ood_rows == round(expected_ood * 1500)
+    assert set(result.ood) == set(data.FEATURE_NAMES) and result.max_ood_rate == GATES.max_ood_rate
+    assert "OOD rate" in result.message and "within gates.max_ood_rate=0.05" in result.message
     samples = _samples(metrics_text(registry))
-    assert samples[("loopform_drift_detected", (("model", "fraud"),))] == 0
-    assert samples[("loopform_rows_seen", (("model", "fraud"),))] == 1500
-    assert samples[("loopform_drift_share", (("model", "fraud"),))] == pytest.approx(result.drift_share)
+    model = (("model", "fraud"),)
+    assert samples[("loopform_drift_detected", model)] == 0
+    assert samples[("loopform_rows_seen", model)] == 1500
+    assert samples[("loopform_drift_share", model)] == pytest.approx(result.drift_share)
+    assert samples[("loopform_evidently_drift_share", model)] == pytest.approx(result.evidently_drift_share)
+    assert samples[("loopform_ood_rate", model)] == pytest.approx(result.ood_rate)
+    assert samples[("loopform_ood_rate_threshold", model)] == GATES.max_ood_rate
+    assert samples[("loopform_drift_false_alarm_rate", model)] == GATES.drift.false_alarm_rate
     assert Path(result.report).is_file() and Path(result.report).stat().st_size > 10_000
-    assert json.loads(Path(result.result_path).read_text())["status"] == "ok"
+    saved = json.loads(Path(result.result_path).read_text())
+    assert saved["status"] == "ok" and saved["ood_rate"] == pytest.approx(result.ood_rate)
 
 
 def test_drifted_traffic_raises_the_trigger_once(tmp_path: Path, reference: pd.DataFrame) -> None:
@@ -102,9 +119,18 @@ def test_drifted_traffic_raises_the_trigger_once(tmp_path: Path, reference: pd.D
     assert result.rows == 1200
     assert result.status == "drift" and result.triggered
     assert result.drift_share > GATES.drift.max_drift_share
-    # The monitor decides exactly as the pipeline's drift code does on the same frames.
-    expected = compute_drift(reference, drifted, data.FEATURE_NAMES, GATES)
-    assert result.drifted == expected.drifted and result.drift_share == pytest.approx(expected.drift_share)
+    # The monitor decides exactly as the pipeline's drift code does on the same frames: the calibrated
+    # decision triggers, Evidently's fixed-threshold view is reported beside it.
+    expected = compute_drift(reference, drifted, data.FEATURE_NAMES, GATES, calibrate=True)
+    assert expected.calibrated is not None
+    assert result.drifted == expected.calibrated.drifted
+    assert result.drift_share == pytest.approx(expected.calibrated.drift_share)
+    assert result.evidently_drifted == expected.drifted
+    assert result.evidently_drift_share == pytest.approx(expected.drift_share)
+    for name, feature in result.features.items():
+        assert feature["drifted"] == expected.features[name].drifted
+        assert feature["calibrated"]["drifted"] == expected.calibrated.features[name].drifted
+        assert feature["calibrated"]["p_value"] == pytest.approx(expected.calibrated.features[name].p_value)
 
     pending = triggers.pending("fraud")
     assert [str(p) for p in pending] == [result.trigger]
@@ -119,7 +145,13 @@ def test_drifted_traffic_raises_the_trigger_once(tmp_path: Path, reference: pd.D
     for name, feature in result.features.items():
         labels = (("feature", name), ("method", feature["method"]), ("model", "fraud"))
         assert samples[("loopform_feature_drift_score", labels)] == pytest.approx(feature["score"])
-        assert samples[("loopform_feature_drifted", (("feature", name), ("model", "fraud")))] == feature["drifted"]
+        by_feature = (("feature", name), ("model", "fraud"))
+        calibrated = feature["calibrated"]
+        assert samples[("loopform_feature_drifted", by_feature)] == calibrated["drifted"]
+        assert samples[("loopform_feature_drifted_evidently", by_feature)] == feature["drifted"]
+        assert samples[("loopform_feature_drift_p_value", by_feature)] == pytest.approx(calibrated["p_value"])
+        threshold = (("feature", name), ("model", "fraud"), ("statistic", calibrated["statistic"]))
+        assert samples[("loopform_feature_drift_threshold", threshold)] == pytest.approx(calibrated["threshold"])
 
     # A second run while retraining is pending: still drift, but no second trigger file.
     again = run_monitor(
@@ -155,6 +187,7 @@ def test_too_few_rows_is_no_decision(tmp_path: Path, reference: pd.DataFrame) ->
     assert samples[("loopform_monitor_decision", (("model", "fraud"),))] == 0
     assert samples[("loopform_drift_detected", (("model", "fraud"),))] == 0
     assert ("loopform_drift_share", (("model", "fraud"),)) not in samples
+    assert ("loopform_ood_rate", (("model", "fraud"),)) not in samples and result.ood_rate is None
 
 
 def test_gauges_follow_repeated_runs_in_one_registry(tmp_path: Path, reference: pd.DataFrame) -> None:
@@ -171,6 +204,7 @@ def test_gauges_follow_repeated_runs_in_one_registry(tmp_path: Path, reference: 
     assert later.status == "insufficient_data" and later.rows == 0
     text = metrics_text(registry)
     assert "loopform_feature_drift_score{" not in text and "loopform_drift_share{" not in text
+    assert "loopform_ood_rate{" not in text and "loopform_feature_drift_p_value{" not in text
     assert _samples(text)[("loopform_drift_detected", (("model", "fraud"),))] == 0
     path = write_metrics(tmp_path / "textfile" / "loopform.prom", registry)
     assert path.read_text() == text
@@ -239,14 +273,66 @@ def test_run_from_spec_uses_the_stack_settings(tmp_path: Path, reference: pd.Dat
             "environment": "local",
             "cluster": {"kind": "none"},
             "monitoring": {"payload_uri": f"file://{tmp_path}/lake", "window": "2h", "min_rows": 300},
-            "gates": {"drift": {"max_drift_share": 0.9}},
+            "gates": {"drift": {"max_drift_share": 1.0, "false_alarm_rate": 0.05}, "max_ood_rate": 0.5},
         }
     )
     drifted = data.generate(400, 10, days=20, covariate_drift=1.0)
     _log(f"{tmp_path}/lake", drifted, NOW - timedelta(minutes=100), timedelta(minutes=60))
     _log(f"{tmp_path}/lake", drifted, NOW - timedelta(hours=5), timedelta(minutes=60))  # outside the 2h window
     result = run_from_spec(spec, "fraud", reference=reference, until=NOW)
-    assert result.rows == 400 and result.min_rows == 300 and result.max_drift_share == 0.9
-    # Drifted traffic above the default 0.3 share but below this stack's 0.9: the stack's gate decides.
-    assert result.drift_share is not None and GatesSpec().drift.max_drift_share < result.drift_share <= 0.9
+    assert result.rows == 400 and result.min_rows == 300 and result.max_drift_share == 1.0
+    assert result.false_alarm_rate == 0.05 and result.max_ood_rate == 0.5
+    # Drifted traffic above the default 0.3 share but not above this stack's 1.0: the stack's gate decides.
+    assert result.drift_share is not None and GatesSpec().drift.max_drift_share < result.drift_share <= 1.0
     assert result.status == "ok" and not result.triggered
+    assert result.calibration["false_alarm_rate"] == 0.05
+
+
+def test_labelled_payloads_are_checked_for_label_shift(tmp_path: Path, reference: pd.DataFrame) -> None:
+    """Payloads joined with their labels: a doubled fraud rate triggers through the proportion test."""
+    uri = str(tmp_path / "payloads")
+    doubled = data.generate(3000, 11, days=20, label_shift=data.BASE_FRAUD_RATE)
+    _log(uri, doubled, NOW - timedelta(hours=6), timedelta(hours=5), labels=True)
+    loose = GatesSpec(drift={"max_drift_share": 1.0})  # features alone never trigger here
+    fired: list[RetrainEvent] = []
+    registry = CollectorRegistry()
+    result = run_monitor(
+        "fraud",
+        reference=reference,
+        payload_uri=uri,
+        gates=loose,
+        registry=registry,
+        until=NOW,
+        trigger=CallbackTrigger(fired.append),
+    )
+    shift = result.label_shift
+    assert shift is not None and shift["shifted"] and shift["p_value"] < loose.drift.label_shift_p_value
+    assert shift["current_rate"] == pytest.approx(doubled[data.LABEL].mean())
+    assert result.status == "drift" and result.triggered and len(fired) == 1
+    assert result.message.startswith("label shift:") and "label SHIFTED" in result.message
+    samples = _samples(metrics_text(registry))
+    current = (("model", "fraud"), ("side", "current"))
+    assert samples[("loopform_label_positive_rate", current)] == pytest.approx(shift["current_rate"])
+    assert samples[("loopform_label_shift_p_value", (("model", "fraud"),))] == pytest.approx(shift["p_value"])
+    # The same traffic at the reference's own rate: no label shift, no trigger.
+    steady_uri = str(tmp_path / "steady")
+    _log(steady_uri, data.generate(3000, 12, days=20), NOW - timedelta(hours=6), timedelta(hours=5), labels=True)
+    steady = run_monitor("fraud", reference=reference, payload_uri=steady_uri, gates=loose, until=NOW)
+    assert steady.label_shift is not None and not steady.label_shift["shifted"] and steady.status == "ok"
+
+
+def test_ood_rate_of_served_traffic(tmp_path: Path, reference: pd.DataFrame) -> None:
+    """Out-of-range payloads: the monitor reports their share outside the reference envelope (no trigger)."""
+    uri = str(tmp_path / "payloads")
+    broken = data.generate(600, 13, days=20, out_of_range=0.05)
+    _log(uri, broken, NOW - timedelta(hours=3), timedelta(hours=1))
+    registry = CollectorRegistry()
+    result = run_monitor(
+        "fraud", reference=reference, payload_uri=uri, gates=GATES, registry=registry, until=NOW, min_rows=500
+    )
+    assert result.ood_rate is not None and result.ood_rate > GATES.max_ood_rate
+    assert result.ood_rows == round(result.ood_rate * 600)
+    assert "above gates.max_ood_rate=0.05" in result.message
+    assert _samples(metrics_text(registry))[("loopform_ood_rate", (("model", "fraud"),))] == pytest.approx(
+        result.ood_rate
+    )

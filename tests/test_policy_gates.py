@@ -136,9 +136,25 @@ def _failing(**evaluation_or_gates: Any) -> dict[str, Any]:
         ),
         ("metrics-meet-minimums", {"auc": 0.7}, ["model fraud: AUC 0.7000 < 0.75 (prod, min_auc)"]),
         (
+            "metrics-meet-minimums",
+            {"positives": 36},
+            ["model fraud: holdout positives 36 < 100 (prod, min_positives)"],
+        ),
+        (
+            "metrics-meet-minimums",
+            {"auc": 0.5, "auc_low": 0.5, "brier_skill": 0.0},  # a model that always predicts the base rate
+            [
+                "model fraud: AUC 0.5000 < 0.75 (prod, min_auc)",
+                "model fraud: Brier skill 0.000 < 0.05 (prod, min_brier_skill)",
+            ],
+        ),
+        (
             "no-champion-regression",
-            {"auc_delta": -0.03},
-            ["model fraud: AUC 0.0300 below the champion's > 0.01 (prod, max_auc_drop)"],
+            {"auc_delta": 0.004, "auc_delta_low": -0.03},  # ahead on the point estimate, not shown non-inferior
+            [
+                "model fraud: AUC minus the champion's has lower bound -0.0300 <= -0.01 (prod, max_auc_drop): "
+                "not shown to be non-inferior"
+            ],
         ),
     ],
 )
@@ -147,6 +163,40 @@ def test_a_failed_gate_is_refused_with_number_and_threshold(name: str, changes: 
     assert judge(rec.SIGNATURE_POLICY, APPLICATION, application(record)) == []  # honestly signed
     for type_, props in roads(record):
         assert judge(name, type_, props) == expected
+
+
+def test_the_record_carries_the_numbers_the_pack_judges() -> None:
+    assert records.release("prod")["gates"]["evaluation"] == {
+        "auc": 0.91,
+        "auc_low": 0.89,
+        "auc_delta_low": -0.002,
+        "brier_skill": 0.41,
+        "positives": 140,
+    }
+
+
+def test_a_first_release_has_no_champion_and_unrecorded_metrics_are_refused() -> None:
+    first = _failing(champion_version=None, champion_auc=None, auc_delta=None, auc_delta_low=None, auc_delta_high=None)
+    for type_, props in roads(first):
+        assert judge("no-champion-regression", type_, props) == []
+    bare = copy.deepcopy(records.release("prod"))
+    bare["gates"]["evaluation"] = {"auc": 0.91}
+    assert judge("metrics-meet-minimums", APPLICATION, application(bare)) == [
+        "model fraud: fraud v3 records no holdout positives",
+        "model fraud: fraud v3 records no Brier skill",
+    ]
+
+
+def test_metric_thresholds_come_from_the_config() -> None:
+    record = _failing(positives=60, brier_skill=0.04, auc_delta_low=-0.008)
+    assert (
+        judge("metrics-meet-minimums", APPLICATION, application(record), min_positives=50, min_brier_skill=0.03) == []
+    )
+    assert judge("no-champion-regression", APPLICATION, application(record)) == []
+    assert judge("no-champion-regression", APPLICATION, application(record), max_auc_drop=0.005) == [
+        "model fraud: AUC minus the champion's has lower bound -0.0080 <= -0.005 (prod, max_auc_drop): "
+        "not shown to be non-inferior"
+    ]
 
 
 def test_thresholds_come_from_the_config() -> None:

@@ -142,6 +142,21 @@ def _resealed(**evaluation: Any) -> dict[str, Any]:
             ["drift-within-threshold", "drift share 0.4100 > 0.3 (prod, max_drift_share)"],
         ),
         (
+            "base-rate model",
+            _resealed(evaluation={"auc": 0.5, "auc_low": 0.5, "brier_skill": 0.0}),
+            ["metrics-meet-minimums", "Brier skill 0.000 < 0.05 (prod, min_brier_skill)"],
+        ),
+        (
+            "too few positives",
+            _resealed(evaluation={"positives": 40}),
+            ["metrics-meet-minimums", "holdout positives 40 < 100 (prod, min_positives)"],
+        ),
+        (
+            "not non-inferior",
+            _resealed(evaluation={"auc_delta": 0.003, "auc_delta_low": -0.012}),
+            ["no-champion-regression", "lower bound -0.0120 <= -0.005 (prod, max_auc_drop)"],
+        ),
+        (
             "never released to staging",
             records.release("prod", staged=False),
             ["released-to-staging-first", "fraud v3 was never released to staging"],

@@ -20,8 +20,9 @@ from loopform import record as rec
 from loopform.gates.result import GateResult
 from loopform.promotion import PromotionError, Signer, aliases_for, default_image, promote
 from loopform.spec import load_stack
+from models.fraud.train import evaluate, train
 from tests import records
-from tests.helpers_registry import gate_results, make_version, small_model, stored_weights
+from tests.helpers_registry import base_rate_model, gate_results, make_version, small_model, stored_weights
 
 ROOT = Path(__file__).resolve().parent.parent
 SIGNERS: dict[str, Signer] = {}
@@ -44,9 +45,16 @@ def store(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def trained():
-    model, _, _, evaluation = small_model()
-    assert evaluation["auc"] > 0.8  # clears every stack's min_auc, so refusals below are the gates' doing
+def small():
+    """(model, train frame, holdout, evaluation) of the small model every test here registers."""
+    return small_model()
+
+
+@pytest.fixture(scope="module")
+def trained(small):
+    model, _, _, evaluation = small
+    # Clears every stack's gates, so refusals below are the gates' doing.
+    assert evaluation["auc"] > 0.8 and evaluation["positives"] >= 100 and evaluation["brier_skill"] > 0.1
     return model, evaluation
 
 
@@ -154,7 +162,7 @@ def test_refuses_tampered_evidence(store, trained, stacks):
     rename(stacks["staging"], "fraud-d")
     weak = {**evaluation, "auc": 0.6}
     record = make_version(store, "fraud-d", model, weak)
-    assert "AUC 0.6000 is below gates.min_auc=0.75" in refused(
+    assert "AUC 0.6000 < 0.75 (gates.min_auc)" in refused(
         store, "fraud-d", record.version, "staging", stacks["staging"]
     )
 
@@ -209,8 +217,8 @@ def test_refuses_stale_evidence_and_unknown_versions(store, trained, stacks):
     assert reasons == [f"{stacks['staging']} declares no model 'fraud-f' under models (declared: fraud)"]
 
 
-def test_prod_needs_staging_first_and_archives_the_previous_champion(store, trained, stacks):
-    model, evaluation = trained
+def test_prod_needs_staging_first_and_archives_the_previous_champion(store, small, stacks):
+    model, train_df, holdout, evaluation = small
     for env in ("staging", "prod"):
         rename(stacks[env], "fraud-g")
     v1 = make_version(store, "fraud-g", model, evaluation)
@@ -249,7 +257,10 @@ def test_prod_needs_staging_first_and_archives_the_previous_champion(store, trai
         assert registry.alias_version(store, "fraud-g", alias) == v1.version
     assert load_stack(stacks["prod"]).models["fraud-g"].release.image == "registry.example/fraud:1" == release.image
 
-    v2 = make_version(store, "fraud-g", model, {**evaluation, "champion_version": v1.version})
+    # The challenger is compared with the champion on the same resampled rows (here: the same model, delta 0).
+    compared = evaluate(model, holdout, model, champion_version=v1.version, training=train_df)
+    assert compared["auc_delta_low"] == compared["auc_delta_high"] == 0.0
+    v2 = make_version(store, "fraud-g", model, compared)
     promote(
         "fraud-g", v2.version, "staging", signer=SIGNERS["staging"], tracking_uri=store, stack_path=stacks["staging"]
     )
@@ -266,7 +277,7 @@ def test_prod_gates_are_stricter_than_staging(store, trained, stacks):
     model, evaluation = trained
     for env in ("staging", "prod"):
         rename(stacks[env], "fraud-h")
-    record = make_version(store, "fraud-h", model, {**evaluation, "auc": 0.78, "champion_auc": None, "auc_delta": None})
+    record = make_version(store, "fraud-h", model, {**evaluation, "auc": 0.78})
     promote(
         "fraud-h",
         record.version,
@@ -275,9 +286,7 @@ def test_prod_gates_are_stricter_than_staging(store, trained, stacks):
         tracking_uri=store,
         stack_path=stacks["staging"],
     )
-    assert refused(store, "fraud-h", record.version, "prod", stacks["prod"]) == [
-        "AUC 0.7800 is below gates.min_auc=0.8"
-    ]
+    assert refused(store, "fraud-h", record.version, "prod", stacks["prod"]) == ["AUC 0.7800 < 0.8 (gates.min_auc)"]
 
 
 def test_records_survive_yaml_1_1_readers(store, trained, stacks):
@@ -329,3 +338,50 @@ def test_refuses_weights_swapped_after_registration(store, trained, stacks):
     stored.write_bytes(stored.read_bytes() + b"swapped")
     (reason,) = refused(store, "fraud-k", record.version, "dev", stacks["dev"])
     assert reason == f"the model's artifacts changed since registration: {name} differ from the sealed digests"
+
+
+def test_a_base_rate_model_fails_promotion(store, small, stacks):
+    """A model that always predicts the training base rate is perfectly calibrated (ECE near 0) and useless."""
+    model, train_df, holdout, _ = small
+    rename(stacks["dev"], "fraud-l")
+    constant = base_rate_model(model)
+    evaluation = evaluate(constant, holdout, training=train_df)
+    assert evaluation["auc"] == evaluation["auc_low"] == 0.5
+    assert evaluation["brier_skill"] == pytest.approx(0.0, abs=1e-6)
+    assert evaluation["ece"] < 0.01  # the old calibration gate (ECE <= 0.1) would have passed it
+    assert evaluation["precision_at_alert_rate"] == pytest.approx(evaluation["positive_rate"])
+    record = make_version(store, "fraud-l", constant, evaluation)
+
+    assert refused(store, "fraud-l", record.version, "dev", stacks["dev"]) == [
+        "AUC 0.5000 < 0.7 (gates.min_auc)",
+        "Brier skill 0.000 < 0.05 (gates.min_brier_skill)",
+    ]
+    assert registry.alias_version(store, "fraud-l", "dev") is None
+
+
+def test_a_challenger_not_shown_non_inferior_fails_promotion(store, small, stacks):
+    """The paired lower bound of challenger minus champion AUC must clear the margin (staging: -0.01)."""
+    model, train_df, holdout, _ = small
+    rename(stacks["staging"], "fraud-m")
+    weaker = train(train_df.iloc[:1500], seed=2, max_epochs=3)
+    evaluation = evaluate(weaker, holdout, model, champion_version=1, training=train_df)
+    assert evaluation["auc_delta_low"] <= -0.01
+    assert evaluation["auc_delta_low"] <= evaluation["auc_delta"] <= evaluation["auc_delta_high"]
+    record = make_version(store, "fraud-m", weaker, evaluation)
+    reasons = refused(store, "fraud-m", record.version, "staging", stacks["staging"])
+    assert (
+        f"AUC minus the champion version 1's: lower bound {evaluation['auc_delta_low']:.4f} at 95% <= -0.01 "
+        "(gates.max_auc_drop): not shown to be non-inferior"
+    ) in reasons
+
+
+def test_too_few_holdout_positives_fail_promotion(store, small, stacks):
+    model, train_df, holdout, _ = small
+    rename(stacks["dev"], "fraud-n")
+    few = holdout.iloc[: len(holdout) // 4]
+    evaluation = evaluate(model, few, training=train_df)
+    assert evaluation["positives"] < 100
+    record = make_version(store, "fraud-n", model, evaluation)
+    assert refused(store, "fraud-n", record.version, "dev", stacks["dev"]) == [
+        f"holdout positives {evaluation['positives']} < 100 (gates.min_positives): too few to judge the model"
+    ]

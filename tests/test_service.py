@@ -37,6 +37,8 @@ GOOD = {
     "merchant_category": "grocery",
     "channel": "chip",
 }
+CARD_LEVEL = ("txn_count_24h", "avg_amount_30d", "card_age_days")  # from the online store on the card path
+OWN = {k: v for k, v in GOOD.items() if k not in CARD_LEVEL}  # the transaction's own fields
 
 
 class Stack:
@@ -130,9 +132,20 @@ def test_request_schema_is_strict() -> None:
     ):
         with pytest.raises(ValidationError):
             transaction.model_validate(bad)
-    assert by_card.model_validate({"card_id": 7, "amount": 10.0}).channel is None
-    with pytest.raises(ValidationError):
-        by_card.model_validate({"amount": 10.0})
+    assert set(OWN) == set(data.TRANSACTION_FEATURES) and set(CARD_LEVEL) == set(data.CARD_FEATURES)
+    # The card path: the card plus the transaction's own fields, every one required; no aggregates.
+    assert by_card.model_validate({"card_id": 7, **OWN}).channel == "chip"
+    assert set(by_card.model_fields) == {"card_id", "transaction_id", *OWN}
+    for missing in ("card_id", *OWN):
+        body = {"card_id": 7, **OWN}
+        del body[missing]
+        with pytest.raises(ValidationError) as error:
+            by_card.model_validate(body)
+        assert (missing,) in [e["loc"] for e in error.value.errors()]
+    for aggregate in CARD_LEVEL:
+        with pytest.raises(ValidationError) as error:
+            by_card.model_validate({"card_id": 7, **OWN, aggregate: GOOD[aggregate]})
+        assert (aggregate,) in [e["loc"] for e in error.value.errors()]
 
 
 def test_model_uri_forms_and_missing_configuration(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -209,28 +222,40 @@ def test_batch(stack: Stack) -> None:
 
 @pytest.mark.slow
 def test_predict_by_card_reads_the_online_store(stack: Stack) -> None:
+    """The request's own fields plus the card's aggregates from the store: nothing else, nothing stale."""
     card = stack.cards[0]
     stored = stack.repo.online([card]).iloc[0].to_dict()
-    response = stack.post("predict_card", {"card_id": card})
+    aggregates = {name: stored[name] for name in CARD_LEVEL}
+    response = stack.post("predict_card", {"card_id": card, **OWN, "transaction_id": "card-1"})
     assert response.status_code == 200, response.text
-    assert math.isclose(response.json()["score"], _score(stack.model, stored), rel_tol=1e-6, abs_tol=1e-9)
+    assert math.isclose(
+        response.json()["score"], _score(stack.model, {**OWN, **aggregates}), rel_tol=1e-6, abs_tol=1e-9
+    )
 
-    override = {"card_id": card, "amount": 4321.0, "channel": "online"}
-    response = stack.post("predict_card", override)
+    other = {**OWN, "amount": 4321.0, "hour_of_day": 3, "distance_from_home_km": 900.0, "channel": "online"}
+    response = stack.post("predict_card", {"card_id": card, **other})
     assert response.status_code == 200, response.text
-    expected = _score(stack.model, {**stored, "amount": 4321.0, "channel": "online"})
+    expected = _score(stack.model, {**other, **aggregates})
     assert math.isclose(response.json()["score"], expected, rel_tol=1e-6, abs_tol=1e-9)
 
 
 @pytest.mark.slow
 def test_predict_by_card_errors(stack: Stack) -> None:
-    unknown = stack.post("predict_card", {"card_id": 987_654_321})
+    unknown = stack.post("predict_card", {"card_id": 987_654_321, **OWN})
     assert unknown.status_code == 404
     assert "no online features for card_id=987654321" in unknown.text
-    assert stack.post("predict_card", {"card_id": "12"}).status_code == 400
-    assert stack.post("predict_card", {"card_id": 2**70}).status_code == 400  # beyond int64: never a 500
-    assert stack.post("predict_card", {"card_id": stack.cards[0], "channel": "pigeon"}).status_code == 400
-    assert stack.post("predict_card", {"amount": 1.0}).status_code == 400
+    assert stack.post("predict_card", {"card_id": "12", **OWN}).status_code == 400
+    assert stack.post("predict_card", {"card_id": 2**70, **OWN}).status_code == 400  # beyond int64: never a 500
+    assert stack.post("predict_card", {"card_id": stack.cards[0], **OWN, "channel": "pigeon"}).status_code == 400
+    assert stack.post("predict_card", OWN).status_code == 400
+    # A request without the transaction's own fields is a 400 naming each missing field ...
+    response = stack.post("predict_card", {"card_id": stack.cards[0], "amount": 1.0})
+    assert response.status_code == 400
+    missing = {tuple(error["loc"]) for error in response.json()["detail"]}
+    assert missing == {(name,) for name in OWN if name != "amount"}, missing
+    # ... and one that tries to supply a card aggregate a 400 naming it: those come from the store.
+    response = stack.post("predict_card", {"card_id": stack.cards[0], **OWN, "txn_count_24h": 0})
+    assert response.status_code == 400 and ["txn_count_24h"] in [e["loc"] for e in response.json()["detail"]]
     assert stack.post("predict", GOOD).status_code == 200  # still serving after the errors
 
 
@@ -238,7 +263,8 @@ def test_predict_by_card_errors(stack: Stack) -> None:
 def test_concurrent_requests(stack: Stack) -> None:
     def one(i: int) -> httpx.Response:
         if i % 3 == 0:
-            return stack.post("predict_card", {"card_id": stack.cards[i % len(stack.cards)], "amount": float(i)})
+            card = stack.cards[i % len(stack.cards)]
+            return stack.post("predict_card", {"card_id": card, **OWN, "amount": float(i)})
         if i % 7 == 0:
             return stack.post("predict", {**GOOD, "channel": "teleport"})  # malformed ones mixed in
         return stack.post("predict", {**GOOD, "amount": float(10 * i), "transaction_id": f"c-{i}"})
@@ -288,7 +314,10 @@ def test_prometheus_metrics_count_predictions(stack: Stack) -> None:
 @pytest.mark.slow
 def test_graceful_shutdown_logs_every_answered_request(stack: Stack) -> None:
     """Last test of the module: SIGTERM, then the payload log holds exactly the answered requests."""
+    import pandas as pd
+
     from loopform import data
+    from loopform.features import AS_OF
     from loopform.payloads import read_payloads
 
     for i in range(20):  # traffic of its own, so the test also holds when run alone
@@ -300,10 +329,21 @@ def test_graceful_shutdown_logs_every_answered_request(stack: Stack) -> None:
     assert set(rows["request_id"]) == set(stack.answered)
     assert set(rows["model_version"]) == {stack.version}
     by_id = rows.set_index("request_id")
+    cards = [body["card_id"] for api, body in stack.answered.values() if api == "predict_card"]
+    assert cards, "the module sent card-path requests"
+    store = stack.repo.online(sorted(set(cards)), with_time=True).set_index("card_id")
     for request_id, (api, body) in stack.answered.items():
         row = by_id.loc[request_id]
         if api == "predict_card":
+            # The vector scored: the request's own transaction, the card's aggregates as the store held them.
             assert row["card_id"] == body["card_id"] and row["api"] == "predict_card"
+            for name in data.TRANSACTION_FEATURES:
+                assert row[name] == body[name], (request_id, name)
+            for name in data.CARD_FEATURES:
+                assert row[name] == store.loc[body["card_id"], name], (request_id, name)
+            assert row[AS_OF] == store.loc[body["card_id"], AS_OF]
+        else:
+            assert pd.isna(row[AS_OF])
         for name in data.FEATURE_NAMES:
             if body.get(name) is not None:  # what was sent is what the model saw and what was logged
                 assert row[name] == body[name], (request_id, name)

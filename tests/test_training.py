@@ -10,8 +10,10 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from loopform import data
+from models.fraud import train as training
 from models.fraud.model import FraudModel
 from models.fraud.train import evaluate, expected_calibration_error, stratified_split, time_split, train
+from tests.helpers_registry import base_rate_model
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +67,101 @@ def test_model_learns_and_evaluation_is_consistent(split, model):
     assert result["recall"] == pytest.approx(predicted[labels == 1].mean())
     assert 0.0 < model.threshold < 1.0
     assert result["ece"] < 0.05  # plain BCE on the true prior keeps scores calibrated
-    assert result["champion_auc"] is None and result["auc_delta"] is None
+    assert result["champion_auc"] is None and result["auc_delta"] is None and result["auc_delta_low"] is None
+    assert result["positives"] == labels.sum() and result["rows"] == len(holdout)
+    assert result["threshold_alert_rate"] == pytest.approx(predicted.mean())
+
+
+def test_evaluation_reports_intervals_brier_skill_and_the_alert_rate_view(split, model):
+    train_df, holdout = split
+    result = evaluate(model, holdout, training=train_df, bootstrap_samples=500, alert_rate=0.02)
+    labels = holdout[data.LABEL].to_numpy()
+    scores = model.predict_proba(holdout)
+    # AUC interval around the point estimate; seeded, so the same inputs give the same interval.
+    assert result["auc_low"] < result["auc"] < result["auc_high"]
+    assert 0.005 < result["auc_high"] - result["auc_low"] < 0.2
+    assert evaluate(model, holdout, training=train_df, bootstrap_samples=500, alert_rate=0.02) == result
+    assert evaluate(model, holdout, training=train_df, bootstrap_samples=500, seed=1)["auc_low"] != result["auc_low"]
+    assert (result["confidence"], result["bootstrap_samples"]) == (0.95, 500)
+    # Brier skill against always predicting the training base rate.
+    base_rate = train_df[data.LABEL].mean()
+    assert result["base_rate"] == pytest.approx(base_rate) == pytest.approx(model.info["base_rate"])
+    assert result["brier"] == pytest.approx(np.mean((scores - labels) ** 2))
+    assert result["brier_base"] == pytest.approx(np.mean((base_rate - labels) ** 2))
+    assert result["brier_skill"] == pytest.approx(1 - result["brier"] / result["brier_base"])
+    assert result["brier_skill"] > 0.2
+    # The top 2% of scores flagged: precision and recall there.
+    k = round(0.02 * len(scores))
+    top = np.argsort(-scores, kind="stable")[:k]
+    assert result["alert_rate"] == 0.02
+    assert result["precision_at_alert_rate"] == pytest.approx(labels[top].mean())
+    assert result["recall_at_alert_rate"] == pytest.approx(labels[top].sum() / labels.sum())
+    assert result["alert_threshold"] == pytest.approx(scores[top].min())
+    # The operating threshold's spread over bootstrap resamples of the validation rows it was chosen on.
+    assert 0 < result["threshold_low"] <= result["threshold_high"] < 1
+    assert result["threshold_low"] <= model.threshold <= result["threshold_high"]
+    # Without the training frame: the base rate train recorded, and no threshold interval.
+    alone = evaluate(model, holdout, bootstrap_samples=200)
+    assert alone["base_rate"] == model.info["base_rate"] and alone["threshold_low"] is None
+
+
+def test_a_base_rate_model_has_no_skill(split, model):
+    """Always predicting the base rate: near-perfect calibration, AUC 0.5, Brier skill 0, precision = base rate."""
+    train_df, holdout = split
+    result = evaluate(base_rate_model(model), holdout, training=train_df, bootstrap_samples=200)
+    assert result["auc"] == result["auc_low"] == result["auc_high"] == 0.5
+    assert result["brier_skill"] == pytest.approx(0.0, abs=1e-6)
+    assert result["ece"] < 0.02
+    assert result["precision_at_alert_rate"] == pytest.approx(result["positive_rate"])
+    assert result["recall_at_alert_rate"] == pytest.approx(result["alert_rate"], rel=0.05)
+
+
+def test_bootstrap_auc_is_the_auc_of_each_resample():
+    """Counts per row give exactly the AUC of the resample they stand for, ties included; paired sets share rows."""
+    rng = np.random.default_rng(4)
+    labels = (rng.random(3000) < 0.05).astype(int)
+    scores = np.round(rng.random(3000) * 0.6 + labels * 0.25, 2)  # many ties
+    other = np.round(scores + rng.normal(0, 0.1, 3000), 2)
+    aucs = training.bootstrap_aucs(labels, scores, other, samples=7, seed=3)
+    assert aucs.shape == (2, 7)
+    pos, neg = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
+    w_pos, w_neg = training._counts(3, 1, range(7), len(pos)), training._counts(3, 0, range(7), len(neg))
+    for b in range(7):
+        rows = np.r_[np.repeat(pos, w_pos[b].astype(int)), np.repeat(neg, w_neg[b].astype(int))]
+        assert aucs[0, b] == pytest.approx(roc_auc_score(labels[rows], scores[rows]), abs=1e-12)
+        assert aucs[1, b] == pytest.approx(roc_auc_score(labels[rows], other[rows]), abs=1e-12)
+    # Small chunks give the same resamples as one big chunk.
+    big = training.bootstrap_aucs(labels, scores, samples=50, seed=8)
+    original = training.BOOTSTRAP_CELLS
+    try:
+        training.BOOTSTRAP_CELLS = 3 * len(labels)
+        assert np.array_equal(training.bootstrap_aucs(labels, scores, samples=50, seed=8), big)
+    finally:
+        training.BOOTSTRAP_CELLS = original
+
+
+def test_bootstrap_threshold_is_the_max_f1_threshold_of_each_resample():
+    rng = np.random.default_rng(5)
+    labels = (rng.random(2000) < 0.05).astype(int)
+    scores = rng.random(2000) * 0.6 + labels * 0.3
+    scores[:40] = 0.5  # a tie group
+    thresholds = training.bootstrap_thresholds(labels, scores, samples=10, seed=2)
+    order = np.argsort(-scores, kind="stable")
+    pos, neg = order[labels[order] == 1], order[labels[order] == 0]
+    w_pos, w_neg = training._counts(2, 1, range(10), len(pos)), training._counts(2, 0, range(10), len(neg))
+    for b in range(10):
+        rows = np.r_[np.repeat(pos, w_pos[b].astype(int)), np.repeat(neg, w_neg[b].astype(int))]
+        assert thresholds[b] == training.best_f1_threshold(labels[rows], scores[rows])
+
+
+def test_alert_rate_counts_ties_in_proportion():
+    labels = np.array([1, 0, 1, 0, 0, 0, 0, 0, 0, 0])
+    scores = np.array([0.9, 0.5, 0.5, 0.5, 0.5, 0.1, 0.1, 0.1, 0.1, 0.1])
+    # Top 3: the 0.9 (a fraud) and two of the four rows tied at 0.5 (one fraud among them: half a fraud expected).
+    view = training.at_alert_rate(labels, scores, 0.3)
+    assert view["alert_threshold"] == 0.5
+    assert view["precision_at_alert_rate"] == pytest.approx(1.5 / 3)
+    assert view["recall_at_alert_rate"] == pytest.approx(1.5 / 2)
 
 
 def test_threshold_maximises_f1_on_validation(split, model):
@@ -82,6 +178,8 @@ def test_threshold_maximises_f1_on_validation(split, model):
 
     best = f1(model.threshold)
     assert all(f1(t) <= best + 1e-12 for t in np.unique(scores))
+    assert training.validation_rows(train_df, model).equals(val)  # what evaluate bootstraps the threshold on
+    assert training.validation_rows(train_df.iloc[1:], model) is None  # not the frame it was trained on
 
 
 def test_champion_comparison_scores_the_same_holdout(split, model):
@@ -92,7 +190,20 @@ def test_champion_comparison_scores_the_same_holdout(split, model):
     assert result["champion_version"] == 4
     assert result["champion_auc"] == pytest.approx(weak_auc)
     assert result["auc_delta"] == pytest.approx(result["auc"] - weak_auc)
-    assert evaluate(model, holdout, champion=model)["auc_delta"] == 0.0
+    assert result["auc_delta_low"] < result["auc_delta"] < result["auc_delta_high"]
+    assert result["auc_delta_low"] > 0  # the weak champion is clearly beaten
+    same = evaluate(model, holdout, champion=model)
+    assert same["auc_delta"] == same["auc_delta_low"] == same["auc_delta_high"] == 0.0  # paired: same rows
+
+
+def test_paired_interval_is_narrower_than_comparing_two_intervals(split, model):
+    """Both models score the same resampled rows, so the rows' shared difficulty cancels out of the difference."""
+    train_df, holdout = split
+    other = train(train_df, seed=6)
+    paired = evaluate(other, holdout, champion=model, training=train_df)
+    alone = evaluate(model, holdout, training=train_df)
+    unpaired_width = np.hypot(paired["auc_high"] - paired["auc_low"], alone["auc_high"] - alone["auc_low"])
+    assert paired["auc_delta_high"] - paired["auc_delta_low"] < unpaired_width / 2
 
 
 def test_preprocessing_lives_in_the_model(split, model):

@@ -8,7 +8,11 @@ is the payload log (local path, file:// or object-store URI). APIs:
 
 - POST /predict        raw features of one transaction
 - POST /predict_batch  {"transactions": [...]} many at once
-- POST /predict_card   {"card_id": ..., <optional transaction fields>}: the rest from the online store
+- POST /predict_card   {"card_id": ..., <the transaction's own fields, all required>}: the card's
+                       aggregates (txn_count_24h, avg_amount_30d, card_age_days) from the online store
+
+The card path never takes a transaction field from the store (that would score the card's previous
+transaction) and never takes an aggregate from the request; its payload record is the vector scored.
 
 Malformed input is a 400 from the typed schema (BentoML answers pydantic errors itself), an unknown
 card a 404, a missing feature store a 503; the server keeps serving. APIs share logic through the plain
@@ -70,6 +74,7 @@ class FraudService:
             payloads=_payload_log(release.name),
             online=online_store_from_env(_MODEL_DIR),
             entity=data.ENTITY,
+            stored=data.CARD_FEATURES,
         )
 
     @bentoml.on_shutdown
@@ -91,7 +96,7 @@ class FraudService:
 
     @bentoml.api(input_spec=CardTransaction, output_spec=Prediction)
     def predict_card(self, **request: Any) -> Prediction:
-        """Score a transaction of a card: stored features from the online store, request fields override them."""
+        """Score a transaction of a card: its own fields from the request, the card's aggregates from the store."""
         if self.scorer.online is None:
             raise ServiceUnavailable(f"scoring by {data.ENTITY} needs the online feature store: set {ENV_FEAST_REPO}")
         try:

@@ -26,11 +26,43 @@ The drift share is the share of these per-feature decisions (Evidently's ValueDr
 Evidently's own DriftedColumnsCount takes a legacy path that keeps +-inf in a column without
 NaN, so on data with infinities its count can differ from its ValueDrift decisions; ours follows
 ValueDrift. On data without infinities both agree.
+
+Those fixed thresholds ignore the current window's sampling noise: on clean traffic a normed
+Wasserstein distance of 0.1 is routine at 200 rows and rare at 5,000. So the decision that gates
+and triggers retraining is calibrated to the window's size (`compute_drift(..., calibrate=True)`,
+which `drift_gate` and the monitor use); Evidently's statistics and decisions stay in every result
+(`features[...]`, `evidently`) and in the HTML report, for people.
+
+The calibrated decision, per feature: the distance Evidently uses above 1000 reference rows
+(normed Wasserstein, or Jensen-Shannon for categorical and few-valued columns), its p-value from a
+bootstrap null (windows of the current window's own size drawn from the reference, scaled by
+sqrt(1 + n/m) for the reference's own noise; simulated once per reference and window size and
+cached), and "drifted" when p <= level and the distance is at least `gates.drift.feature_threshold`
+(so large windows keep Evidently's effect size: a significant but tiny shift is not drift). The
+window triggers when the share of drifted features exceeds `gates.drift.max_drift_share`, i.e. when
+at least k of the p features drifted. With level = false_alarm_rate * k / p, Markov's inequality
+bounds the chance that clean traffic triggers, whatever the dependence between features:
+
+    P(at least k features drift) <= E[drifted features] / k <= p * level / k = false_alarm_rate.
+
+The bound takes each feature's bootstrap p-value as valid, i.e. rows drawn independently. Traffic
+clustered by card (a card's transactions share its traits) spreads more than that: on the
+generator's traffic the per-feature rate of p <= level is about 3x nominal, yet clean windows
+still trigger far below false_alarm_rate, because k features must drift together
+(`bench/drift_null.py` prints both).
+
+Label shift is a separate check (`label_shift`): a two-sided Fisher exact test of equal positive
+rates at `gates.drift.label_shift_p_value`, firing when it rejects and the rate moved at least
+halfway (geometrically) towards `gates.drift.label_shift_ratio`, up or down.
 """
 
 from __future__ import annotations
 
+import hashlib
+import math
 import os
+import threading
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -114,6 +146,68 @@ class DriftStats:
     features: dict[str, FeatureDrift]
     rows_reference: int
     rows_current: int
+    calibrated: CalibratedDrift | None = None  # the window-size-aware decision, when asked for
+
+    @property
+    def drifted(self) -> list[str]:
+        """Features Evidently's fixed thresholds call drifted."""
+        return [name for name, f in self.features.items() if f.drifted]
+
+    @property
+    def drift_share(self) -> float:
+        """Evidently's drift share (fixed thresholds); the calibrated one is `calibrated.drift_share`."""
+        return len(self.drifted) / len(self.features)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {
+            "drift_share": self.drift_share,
+            "drifted_count": len(self.drifted),
+            "drifted": self.drifted,
+            "n_features": len(self.features),
+            "rows_reference": self.rows_reference,
+            "rows_current": self.rows_current,
+            "features": {name: f.to_dict() for name, f in self.features.items()},
+        }
+        if self.calibrated is not None:
+            out["calibrated"] = self.calibrated.to_dict()
+        return out
+
+
+@dataclass(frozen=True)
+class CalibratedFeature:
+    """One feature's calibrated decision: its distance against a bootstrap null at the window's size."""
+
+    column: str
+    statistic: str  # wasserstein (normed) | jensenshannon
+    score: float
+    p_value: float  # (1 + null draws >= score) / (draws + 1)
+    null_threshold: float  # scores above this have p_value <= level at this window size (inf: never)
+    effect_threshold: float  # gates.drift.feature_threshold: the least distance that counts as drift
+    level: float
+    drifted: bool  # p_value <= level and score >= effect_threshold
+    n_reference: int
+    n_current: int
+    null_draws: int
+    null_rows: int  # window size the null was simulated at (n_current, or CALIBRATION_MAX_ROWS above it)
+
+    @property
+    def threshold(self) -> float:
+        """The distance this window must exceed: the larger of the null's and Evidently's thresholds."""
+        return max(self.null_threshold, self.effect_threshold)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "threshold": self.threshold}
+
+
+@dataclass(frozen=True)
+class CalibratedDrift:
+    """All features' calibrated decisions and the window's: retraining when more than max_drift_share drift."""
+
+    features: dict[str, CalibratedFeature]
+    false_alarm_rate: float
+    max_drift_share: float
+    features_needed: int  # k: this many drifted features exceed max_drift_share
+    feature_level: float  # false_alarm_rate * k / p: each feature's significance level
 
     @property
     def drifted(self) -> list[str]:
@@ -123,16 +217,62 @@ class DriftStats:
     def drift_share(self) -> float:
         return len(self.drifted) / len(self.features)
 
+    @property
+    def detected(self) -> bool:
+        """The share exceeds gates.drift.max_drift_share: the decision that gates and triggers retraining."""
+        return self.drift_share > self.max_drift_share
+
+    @property
+    def null_draws(self) -> int:
+        return max((f.null_draws for f in self.features.values()), default=0)
+
+    def rule(self) -> str:
+        p = len(self.features)
+        return (
+            f"a feature drifts when its distance's bootstrap p-value at the window's size is <= "
+            f"{self.feature_level:.3g} (= false_alarm_rate {self.false_alarm_rate} x {self.features_needed} / {p}) "
+            f"and the distance is >= its effect threshold; the window drifts when more than "
+            f"max_drift_share={self.max_drift_share} of the features drift (at least {self.features_needed} of {p}), "
+            f"so clean traffic triggers with probability <= {self.false_alarm_rate}"
+        )
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "drift_share": self.drift_share,
             "drifted_count": len(self.drifted),
             "drifted": self.drifted,
-            "n_features": len(self.features),
-            "rows_reference": self.rows_reference,
-            "rows_current": self.rows_current,
+            "detected": self.detected,
+            "false_alarm_rate": self.false_alarm_rate,
+            "max_drift_share": self.max_drift_share,
+            "features_needed": self.features_needed,
+            "feature_level": self.feature_level,
+            "null_draws": self.null_draws,
+            "rule": self.rule(),
             "features": {name: f.to_dict() for name, f in self.features.items()},
         }
+
+
+@dataclass(frozen=True)
+class LabelShift:
+    """Positive rate of the current labels against the reference's, with a Fisher exact test."""
+
+    column: str
+    reference_rate: float
+    current_rate: float
+    ratio: float | None  # current / reference; None when the reference has no positives and neither has current
+    p_value: float  # two-sided Fisher exact test of equal rates
+    shifted: bool
+    label_shift_ratio: float  # gates.drift.label_shift_ratio: the change this check exists to catch
+    decision_ratio: float  # the observed ratio must reach it (or its inverse): sqrt(label_shift_ratio) by default
+    p_value_threshold: float  # gates.drift.label_shift_p_value
+    n_reference: int
+    n_current: int
+    positives_reference: int
+    positives_current: int
+    test: str = "Fisher exact, two-sided"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 # --- profiling -------------------------------------------------------------------------------------
@@ -335,6 +475,257 @@ def compare(ref: ColumnProfile, cur: ColumnProfile, gates: GatesSpec) -> Feature
     return FeatureDrift(ref.column, ref.kind, method, score, float(threshold), bool(drifted), ref.n, cur.n)
 
 
+# --- the calibrated decision ------------------------------------------------------------------------
+
+CALIBRATION_MAX_ROWS = 500
+"""Windows up to this size get a null simulated at their own size. Larger windows reuse this size's
+null, rescaled by the sqrt(1/n + 1/m) law both distances follow under no drift (a bootstrap at 500
+rows rescaled to 1000 gives slightly larger thresholds than one at 1000: conservative)."""
+NULL_TAIL = 5  # null draws at or beyond a feature's threshold, at least: sets the number of draws
+MIN_NULL_DRAWS = 499
+_DISCRETE_VALUES = 256  # numeric references with at most this many distinct values draw value counts
+_CHUNK_WINDOWS = 64  # bootstrap windows per vectorised block (keeps the temporaries in cache)
+_NULL_CACHE_SIZE = 512
+_null_cache: OrderedDict[tuple[Any, ...], np.ndarray] = OrderedDict()
+_null_lock = threading.Lock()
+
+
+def decision_rule(gates: GatesSpec, n_features: int) -> tuple[int, float]:
+    """(k, level): k drifted features exceed max_drift_share; each feature is tested at level.
+
+    level = false_alarm_rate * k / p bounds P(at least k of p features drift | no drift) by
+    false_alarm_rate through Markov's inequality, whatever the dependence between features.
+    """
+    max_share = gates.drift.max_drift_share
+    needed = next((k for k in range(1, n_features + 1) if k / n_features > max_share), n_features + 1)
+    return needed, gates.drift.false_alarm_rate * min(needed, n_features) / max(n_features, 1)
+
+
+def null_draws(level: float) -> int:
+    """Bootstrap draws for a test at `level`: enough that NULL_TAIL of them lie beyond the threshold."""
+    return max(MIN_NULL_DRAWS, math.ceil(NULL_TAIL / level - 1e-9) - 1)
+
+
+def calibrated_statistic(ref: ColumnProfile, cur: ColumnProfile) -> str:
+    """The distance of the calibrated decision: Evidently's large-reference choice, whatever the reference size."""
+    if ref.kind == "numeric" and _n_values(ref, cur) > FEW_VALUES:
+        return "wasserstein"
+    return "jensenshannon"
+
+
+def _distance(ref: ColumnProfile, cur: ColumnProfile, statistic: str) -> float:
+    if statistic == "wasserstein":
+        assert ref.sorted is not None and cur.sorted is not None
+        return wasserstein_sorted(ref.sorted, cur.sorted) / max(ref.std, 0.001)
+    return _jensenshannon(ref, cur)
+
+
+def _digest(ref: ColumnProfile) -> bytes:
+    """Content key of a reference column (the null depends on nothing else)."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(f"{ref.kind}\x00{ref.n}\x00".encode())
+    if ref.sorted is not None:
+        digest.update(np.ascontiguousarray(ref.sorted))  # the buffer itself, no copy
+    else:
+        assert ref.keys is not None and ref.counts is not None
+        digest.update(repr(ref.keys.tolist()).encode())
+        digest.update(np.ascontiguousarray(ref.counts))
+    return digest.digest()
+
+
+def null_scores(ref: ColumnProfile, statistic: str, rows: int, draws: int) -> np.ndarray:
+    """Ascending distances between `ref` and `draws` bootstrap windows of `rows` rows drawn from it.
+
+    Cached per (reference content, statistic, rows, draws) and seeded by them, so the same window
+    always gets the same decision. Read-only array.
+    """
+    digest = _digest(ref)
+    key = (digest, statistic, rows, draws)
+    with _null_lock:
+        found = _null_cache.get(key)
+        if found is not None:
+            _null_cache.move_to_end(key)
+            return found
+    rng = np.random.default_rng([int.from_bytes(digest[:8], "little"), rows, draws])
+    scores = (_null_wasserstein if statistic == "wasserstein" else _null_jensenshannon)(ref, rows, draws, rng)
+    scores.sort()
+    scores.flags.writeable = False
+    with _null_lock:
+        _null_cache[key] = scores
+        while len(_null_cache) > _NULL_CACHE_SIZE:
+            _null_cache.popitem(last=False)
+    return scores
+
+
+def _null_jensenshannon(ref: ColumnProfile, rows: int, draws: int, rng: np.random.Generator) -> np.ndarray:
+    from scipy.spatial import distance
+
+    assert ref.counts is not None
+    shares = ref.counts / ref.counts.sum()
+    drawn = rng.multinomial(rows, shares, size=draws) / rows
+    return np.asarray(distance.jensenshannon(np.broadcast_to(shares, drawn.shape), drawn, axis=1), dtype=np.float64)
+
+
+def _null_wasserstein(ref: ColumnProfile, rows: int, draws: int, rng: np.random.Generator) -> np.ndarray:
+    """Normed W1 between the reference and bootstrap windows, in O(rows) per window (not O(reference)).
+
+    A window of `rows` values drawn from the reference has an empirical CDF G that is constant (c_j =
+    j/rows) between its sorted values x_j and x_j+1. On each such piece, |F - c_j| splits where the
+    reference's CDF F crosses c_j, at a reference value q_j known in advance for each j, and integrates
+    through A(x) = integral of F up to x, precomputed at every reference value:
+
+        W1 = 2 sum_j h_j(y_j) - sum_j c_j (x_j + x_j+1) + 2 sum_i A(x_i) + max(r) - x_rows - A(max(r))
+
+    with h_j(t) = c_j t - A(t) and y_j = clip(q_j, x_j, x_j+1): h_j(q_j) is a constant, the rest is linear.
+    """
+    assert ref.sorted is not None
+    r, m = ref.sorted, ref.sorted.size
+    norm = max(ref.std, 0.001)
+    starts = np.concatenate(([0], np.flatnonzero(r[1:] != r[:-1]) + 1))
+    counts = np.diff(np.concatenate((starts, [m])))
+    if starts.size <= _DISCRETE_VALUES:  # few distinct values: draw counts per value, W1 from the two CDFs
+        values = r[starts]
+        cdf = np.cumsum(counts)[:-1] / m
+        gaps = np.diff(values)
+        drawn = np.cumsum(rng.multinomial(rows, counts / m, size=draws)[:, :-1], axis=1) / rows
+        return np.einsum("ij,j->i", np.abs(drawn - cdf), gaps) / norm
+    upper = np.repeat(np.cumsum(counts), counts)  # reference values <= r[i]
+    prefix = np.concatenate(([0.0], np.cumsum(r)))
+    area = (upper * r - prefix[upper]) / m  # A(r[i])
+    j = np.arange(1, rows, dtype=np.int64)
+    level = j / rows
+    cross = (j * m + rows - 1) // rows - 1  # smallest reference position with F >= j / rows
+    q = r[cross]
+    peak = level * q - area[cross]  # h_j(q_j)
+    weights = np.zeros(rows)
+    weights[:-1] += level
+    weights[1:] += level
+    constant = r[-1] - area[-1]
+    out = np.empty(draws, dtype=np.float64)
+    index_type = np.int32 if m < 2**31 else np.int64
+    for start in range(0, draws, _CHUNK_WINDOWS):
+        k = min(_CHUNK_WINDOWS, draws - start)
+        index = rng.integers(0, m, (k, rows), dtype=index_type)
+        index.sort(axis=1)
+        x, a = r[index], area[index]
+        lo, hi = x[:, :-1], x[:, 1:]
+        h = np.where(q < lo, level * lo - a[:, :-1], np.where(q > hi, level * hi - a[:, 1:], peak))
+        linear = np.einsum("ij,j->i", x, weights)
+        out[start : start + k] = 2 * h.sum(axis=1) - linear + 2 * a.sum(axis=1) - x[:, -1] + constant
+    return out / norm
+
+
+def calibrate_feature(
+    ref: ColumnProfile,
+    cur: ColumnProfile,
+    gates: GatesSpec,
+    *,
+    level: float,
+    draws: int | None = None,
+    evidently: FeatureDrift | None = None,
+) -> CalibratedFeature:
+    """One feature's decision at the current window's own size (see the module docstring)."""
+    statistic = calibrated_statistic(ref, cur)
+    draws = draws or null_draws(level)
+    if evidently is not None and evidently.method == statistic:
+        score = evidently.score
+    else:
+        score = _distance(ref, cur, statistic)
+    rows = min(cur.n, CALIBRATION_MAX_ROWS)
+    # The bootstrap's spread is that of a window of `rows` rows against a fixed reference; a clean
+    # window of n rows against a reference of m rows spreads as sqrt(1/n + 1/m).
+    scale = math.sqrt(rows * (1.0 / cur.n + 1.0 / ref.n))
+    scores = null_scores(ref, statistic, rows, draws)
+    exceed = int(draws - np.searchsorted(scores, score / scale, side="left"))
+    allowed = math.floor(level * (draws + 1) * (1 + 1e-12)) - 1  # p <= level <=> at most this many exceed
+    null_threshold = float(scores[draws - 1 - allowed] * scale) if allowed >= 0 else math.inf
+    effect = float(gates.drift.feature_threshold)
+    return CalibratedFeature(
+        column=ref.column,
+        statistic=statistic,
+        score=float(score),
+        p_value=(1 + exceed) / (draws + 1),
+        null_threshold=null_threshold,
+        effect_threshold=effect,
+        level=float(level),
+        drifted=bool(exceed <= allowed and score >= effect),
+        n_reference=ref.n,
+        n_current=cur.n,
+        null_draws=draws,
+        null_rows=rows,
+    )
+
+
+def _label_counts(labels: pd.Series | ColumnProfile, column: str, side: str) -> tuple[int, int]:
+    """(positives, labelled rows) of a 0/1 label; missing labels are dropped."""
+    if isinstance(labels, ColumnProfile):
+        assert labels.keys is not None and labels.counts is not None
+        values = pd.Series(labels.keys).repeat(labels.counts)
+    else:
+        values = labels.dropna()
+    if values.empty:
+        raise DriftInputError(f"label {column!r} in {side} data has no values")
+    numbers = pd.to_numeric(values, errors="coerce")
+    if numbers.isna().any() or not numbers.isin([0, 1]).all():
+        raise DriftInputError(f"label {column!r} in {side} data is not binary (0/1)")
+    return int((numbers == 1).sum()), len(numbers)
+
+
+def label_shift(
+    reference: pd.Series | ColumnProfile,
+    current: pd.Series,
+    gates: GatesSpec,
+    column: str = LABEL,
+    *,
+    dispersion: float = 1.0,
+    decision_ratio: float | None = None,
+) -> LabelShift:
+    """Did the positive rate move by gates.drift.label_shift_ratio? Fisher's exact test on the 2x2 table.
+
+    Fires when the test rejects equal rates at gates.drift.label_shift_p_value and the observed ratio
+    is at least `decision_ratio` (or at most its inverse); a significant but small change in a large
+    window is not called a shift. The monitor's default, sqrt(label_shift_ratio), is halfway on the log
+    scale between no change and the change to catch, so a doubling is caught once the window can see it
+    (bench/drift_null.py: 82% at 500 rows, 98% at 1000). Ingest, which refuses data rather than starting
+    a retraining, passes label_shift_ratio itself: a batch is refused only when it shows the doubling (a
+    clean day with a fraud burst must pass). Missing labels are dropped.
+
+    dispersion: variance of the positive count over the binomial's (>= 1), when positives come in bursts
+    (fraud episodes within a time window); the table's counts are divided by it before the test.
+    """
+    if dispersion < 1.0:
+        raise ValueError(f"dispersion must be >= 1, got {dispersion}")
+    from scipy.stats import fisher_exact
+
+    pos_ref, n_ref = _label_counts(reference, column, "reference")
+    pos_cur, n_cur = _label_counts(current, column, "current")
+    rate_ref, rate_cur = pos_ref / n_ref, pos_cur / n_cur
+    table = [[pos_ref, n_ref - pos_ref], [pos_cur, n_cur - pos_cur]]
+    p_value = float(fisher_exact([[round(count / dispersion) for count in row] for row in table])[1])
+    if rate_ref > 0:
+        ratio: float | None = rate_cur / rate_ref
+    else:
+        ratio = math.inf if rate_cur > 0 else None
+    drift = gates.drift
+    decision_ratio = decision_ratio if decision_ratio is not None else math.sqrt(drift.label_shift_ratio)
+    moved = ratio is not None and (ratio >= decision_ratio or ratio <= 1 / decision_ratio)
+    return LabelShift(
+        column=column,
+        reference_rate=rate_ref,
+        current_rate=rate_cur,
+        ratio=ratio,
+        p_value=p_value,
+        shifted=bool(moved and p_value < drift.label_shift_p_value),
+        label_shift_ratio=drift.label_shift_ratio,
+        decision_ratio=decision_ratio,
+        p_value_threshold=drift.label_shift_p_value,
+        n_reference=n_ref,
+        n_current=n_cur,
+        positives_reference=pos_ref,
+        positives_current=pos_cur,
+    )
+
+
 def compute_drift(
     reference: pd.DataFrame | Profile,
     current: pd.DataFrame,
@@ -343,13 +734,18 @@ def compute_drift(
     *,
     kinds: Mapping[str, Kind] | None = None,
     workers: int | None = None,
+    calibrate: bool = False,
 ) -> DriftStats:
     """Per-feature drift of `current` against `reference` (a DataFrame, or a Profile made once).
 
+    Evidently's methods, scores, thresholds and decisions; with `calibrate`, also the decision
+    calibrated to the window's size (`DriftStats.calibrated`, see the module docstring).
     Raises DriftInputError when a column is missing, empty or of the wrong type.
     """
     gates = gates or GatesSpec()
     columns = list(columns)
+    needed, level = decision_rule(gates, len(columns))
+    draws = null_draws(level)
     if isinstance(reference, Profile):
         absent = [c for c in columns if c not in reference.columns]
         if absent:
@@ -364,7 +760,11 @@ def compute_drift(
     if missing:
         raise DriftInputError(f"current data lacks column(s) {', '.join(map(repr, missing))}")
 
-    def one(column: str) -> FeatureDrift:
+    # One bootstrap at a time: it works on small blocks, where threads contend for the GIL; the
+    # other threads keep profiling (sorting) their columns meanwhile.
+    one_at_a_time = threading.Lock()
+
+    def one(column: str) -> tuple[FeatureDrift, CalibratedFeature | None]:
         kind = kinds[column]
         ref = (
             reference.columns[column]
@@ -372,12 +772,25 @@ def compute_drift(
             else profile_column(reference[column], column, kind, "reference")
         )
         cur = profile_column(current[column], column, kind, "current")
-        return compare(ref, cur, gates)
+        drift = compare(ref, cur, gates)
+        if not calibrate:
+            return drift, None
+        with one_at_a_time:
+            return drift, calibrate_feature(ref, cur, gates, level=level, draws=draws, evidently=drift)
 
     with ThreadPoolExecutor(_workers(workers, len(columns))) as pool:
         results = list(pool.map(one, columns))
     rows_reference = reference.rows if isinstance(reference, Profile) else len(reference)
-    return DriftStats({r.column: r for r in results}, rows_reference, len(current))
+    calibrated = None
+    if calibrate:
+        calibrated = CalibratedDrift(
+            {c.column: c for _, c in results if c is not None},
+            false_alarm_rate=gates.drift.false_alarm_rate,
+            max_drift_share=gates.drift.max_drift_share,
+            features_needed=needed,
+            feature_level=level,
+        )
+    return DriftStats({r.column: r for r, _ in results}, rows_reference, len(current), calibrated)
 
 
 # --- the gate ------------------------------------------------------------------------------------
@@ -393,40 +806,74 @@ def drift_gate(
     label: str | None = LABEL,
     workers: int | None = None,
 ) -> GateResult:
-    """Fail when more than gates.drift.max_drift_share of the features drift, or the label rate drifts.
+    """Fail when the calibrated drift share exceeds gates.drift.max_drift_share, or the labels shifted.
 
-    The label is compared only when both sides carry it (training data, labelled feedback); its
-    drift is label (prior) shift, which moves the model's calibration and operating threshold even
-    when few features drift. With report_path, Evidently writes its HTML report for the same
-    features with the same thresholds; metrics.report_agrees records whether its decisions match.
+    The decision is the one calibrated to the window's size (false-alarm rate
+    gates.drift.false_alarm_rate on clean data): metrics `drift_share`, `drifted` and each feature's
+    `calibrated`. Evidently's fixed-threshold view stays beside it: metrics `evidently` and each
+    feature's method, score, threshold and drifted. The label is compared only when both sides carry
+    labelled rows (training data, labelled feedback), with `label_shift`'s proportion test. With
+    report_path, Evidently writes its HTML report for the same features with the same thresholds;
+    metrics.report_agrees records whether its decisions match Evidently's view here.
     """
     max_share = gates.drift.max_drift_share
     try:
-        stats = compute_drift(reference, current, columns, gates, workers=workers)
+        stats = compute_drift(reference, current, columns, gates, workers=workers, calibrate=True)
     except DriftInputError as error:
         metrics = {"drift_share": None, "max_drift_share": max_share, "rows_current": len(current)}
         return GateResult("drift", False, metrics, [f"cannot compute drift: {error}"])
-    metrics: dict[str, Any] = {**stats.to_dict(), "max_drift_share": max_share, "label": None}
+    calibrated = stats.calibrated
+    assert calibrated is not None
+    metrics: dict[str, Any] = {
+        "decision": "calibrated",
+        "drift_share": calibrated.drift_share,
+        "drifted_count": len(calibrated.drifted),
+        "drifted": calibrated.drifted,
+        "n_features": len(stats.features),
+        "rows_reference": stats.rows_reference,
+        "rows_current": stats.rows_current,
+        "max_drift_share": max_share,
+        "calibration": {k: v for k, v in calibrated.to_dict().items() if k != "features"},
+        "evidently": {
+            "drift_share": stats.drift_share,
+            "drifted_count": len(stats.drifted),
+            "drifted": stats.drifted,
+            "note": "Evidently's fixed thresholds: for reports; not the decision (noisy on small windows)",
+        },
+        "features": {
+            name: {**f.to_dict(), "calibrated": calibrated.features[name].to_dict()}
+            for name, f in stats.features.items()
+        },
+        "label": None,
+    }
     failures: list[str] = []
-    if stats.drift_share > max_share:
-        detail = ", ".join(f"{n} ({stats.features[n].method}={stats.features[n].score:.3g})" for n in stats.drifted)
-        failures.append(
-            f"drift share {stats.drift_share:.3f} ({len(stats.drifted)} of {len(stats.features)} features: {detail}) "
-            f"is above gates.drift.max_drift_share={max_share}"
+    if calibrated.detected:
+        detail = ", ".join(
+            f"{n} ({f.statistic}={f.score:.3g} > {f.threshold:.3g}, p={f.p_value:.2g})"
+            for n, f in calibrated.features.items()
+            if f.drifted
         )
-    if label is not None and label in current.columns and label in reference.columns:
+        failures.append(
+            f"drift share {calibrated.drift_share:.3f} ({len(calibrated.drifted)} of {len(calibrated.features)} "
+            f"features at {stats.rows_current} rows: {detail}) is above gates.drift.max_drift_share={max_share} "
+            f"(decision calibrated to gates.drift.false_alarm_rate={gates.drift.false_alarm_rate})"
+        )
+    labelled = label is not None and label in current.columns and label in reference.columns
+    if labelled and current[label].notna().any():
         try:
-            label_drift = compute_drift(reference, current, [label], gates, kinds={label: "categorical"}).features[
-                label
-            ]
+            ref_labels = reference.columns[label] if isinstance(reference, Profile) else reference[label]
+            shift = label_shift(ref_labels, current[label], gates, label)
         except DriftInputError as error:
             failures.append(f"cannot compare label {label!r}: {error}")
         else:
-            metrics["label"] = label_drift.to_dict()
-            if label_drift.drifted:
+            metrics["label"] = shift.to_dict()
+            if shift.shifted:
+                ratio = "none before" if shift.ratio in (None, math.inf) else f"{shift.ratio:.2f}x"
                 failures.append(
-                    f"label {label!r} drifted ({label_drift.method}={label_drift.score:.3g}, "
-                    f"threshold {label_drift.threshold}): the class balance moved (label shift)"
+                    f"label {label!r} shifted: positive rate {shift.current_rate:.4f} over {shift.n_current} "
+                    f"rows against {shift.reference_rate:.4f} in the reference ({ratio}; Fisher exact "
+                    f"p={shift.p_value:.2g} < gates.drift.label_shift_p_value={shift.p_value_threshold}): "
+                    "the class balance moved (label shift)"
                 )
     report = None
     if report_path is not None:

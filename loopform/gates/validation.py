@@ -3,17 +3,23 @@
 Runs before anything learns from or is judged on a data set, so a broken upstream job (a column
 dropped, numbers shipped as strings, sentinel values out of range) stops the pipeline with a
 message that names the column, instead of a model quietly training on garbage.
+
+`validate_batch` judges one incoming batch of labelled events on its own, before it is stored
+(`loopform.ingest`): this gate's structure checks, ids already stored, and against the store's
+reference window one-class labels, label shift, drift and OOD. Each failure is one line with its
+number and threshold, e.g. "missing share of amount 0.200 > 0.05 (gates.max_missing_share)".
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from loopform.data import ENTITY, FEATURES, ID, LABEL, TIMESTAMP, Feature
-from loopform.gates.result import GateResult
+from loopform.data import BY_NAME, ENTITY, FEATURE_NAMES, FEATURES, ID, LABEL, TIMESTAMP, Feature
+from loopform.gates.result import GateResult, json_safe
 from loopform.spec import GatesSpec
 
 
@@ -118,10 +124,12 @@ def validate_data(
             )
 
     out_of_range: dict[str, float] = {}
+    out_of_range_count: dict[str, int] = {}
     for feature in features:
         if feature.name in df.columns and feature.name not in type_errors:
             share, count = _out_of_range_share(df[feature.name], feature)
             out_of_range[feature.name] = share
+            out_of_range_count[feature.name] = count
             if share > gates.max_out_of_range_share:
                 allowed = (
                     f"categories {', '.join(feature.categories or ())}"
@@ -133,6 +141,7 @@ def validate_data(
                     f"gates.max_out_of_range_share={gates.max_out_of_range_share}"
                 )
     metrics["out_of_range_share"] = out_of_range
+    metrics["out_of_range_count"] = out_of_range_count
     metrics["worst_out_of_range_share"] = max(out_of_range.values(), default=0.0)
 
     if ID in df.columns:
@@ -141,3 +150,334 @@ def validate_data(
         if duplicates:
             failures.append(f"column {ID!r} has {duplicates} duplicate transaction ids")
     return GateResult("validation", not failures, metrics, failures)
+
+
+# --- one incoming batch, on its own ------------------------------------------------------------------
+
+#: Columns every stored row needs: the id deduplicates, card and time join features, the label trains.
+KEY_COLUMNS: tuple[str, ...] = (ID, ENTITY, TIMESTAMP, LABEL)
+#: Fewest reference rows the checks against the reference need; below it a batch gets structural checks only.
+MIN_REFERENCE_ROWS = 1000
+#: Fewest days of reference the label dispersion is estimated from (else labels count as independent rows).
+MIN_DISPERSION_DAYS = 7
+EXAMPLES = 5
+
+
+@dataclass
+class Check:
+    """One check of a batch: passed or not, its numbers, and each failure as one line with number and threshold."""
+
+    name: str
+    passed: bool
+    failures: list[str] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    against_reference: bool = False
+    """A comparison with the data already stored (label shift, drift, OOD): a shift of the world fails it as a
+    broken batch does, so `accept_shift` may waive it (recorded); structural checks are never waived."""
+    skipped: str | None = None
+    """Why the check did not run (no reference, too few rows, columns it needs are broken)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return json_safe(
+            {
+                "name": self.name,
+                "passed": self.passed,
+                "failures": self.failures,
+                "metrics": self.metrics,
+                "against_reference": self.against_reference,
+                "skipped": self.skipped,
+            }
+        )
+
+
+@dataclass
+class BatchReport:
+    """Every check of one incoming batch; the batch is admitted only when `passed`."""
+
+    batch_id: str
+    rows: int
+    checks: list[Check]
+    reference: dict[str, Any] | None
+    """rows, start and end of the reference window; None: no reference, structural checks only."""
+    accept_shift: str | None = None
+    """Why failed checks against the reference may pass (an operator's or a retraining trigger's decision)."""
+    reference_rows: int = 0
+    """Rows of the store's reference window, also when too few to be a reference."""
+
+    def waived(self, check: Check) -> bool:
+        return not check.passed and check.against_reference and self.accept_shift is not None
+
+    @property
+    def failed(self) -> list[Check]:
+        return [c for c in self.checks if not c.passed and not self.waived(c)]
+
+    @property
+    def accepted(self) -> list[Check]:
+        return [c for c in self.checks if self.waived(c)]
+
+    @property
+    def passed(self) -> bool:
+        return not self.failed
+
+    @property
+    def structural_only(self) -> bool:
+        return self.reference is None
+
+    def failure_lines(self) -> list[str]:
+        """`check: failure` for each failed check, with its number and threshold."""
+        return [f"{c.name}: {failure}" for c in self.failed for failure in c.failures]
+
+    def accepted_lines(self) -> list[str]:
+        return [f"{c.name}: {failure}" for c in self.accepted for failure in c.failures]
+
+    def scope(self) -> str:
+        """What the checks compared the batch with, in one line."""
+        if self.reference is None:
+            held = "is empty" if not self.reference_rows else f"holds {self.reference_rows} rows < {MIN_REFERENCE_ROWS}"
+            return (
+                f"no reference (the offline store {held}): structural checks only (schema, types, missing values, "
+                "ranges, ids); label shift, drift and OOD checks start once it holds a reference"
+            )
+        ref = self.reference
+        return f"checked against the reference: {ref['rows']} stored rows from {ref['start']} to {ref['end']}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return json_safe(
+            {
+                "batch_id": self.batch_id,
+                "rows": self.rows,
+                "passed": self.passed,
+                "structural_only": self.structural_only,
+                "reference": self.reference,
+                "accept_shift": self.accept_shift,
+                "failed": [c.name for c in self.failed],
+                "accepted": [c.name for c in self.accepted],
+                "failures": self.failure_lines(),
+                "checks": [c.to_dict() for c in self.checks],
+            }
+        )
+
+
+def _examples(values: pd.Series) -> str:
+    shown = [str(v) for v in values.drop_duplicates().head(EXAMPLES)]
+    return ", ".join(shown) + (", ..." if values.nunique() > EXAMPLES else "")
+
+
+def _allowed(feature: Feature) -> str:
+    if feature.kind == "categorical":
+        return f"categories {', '.join(feature.categories or ())}"
+    return f"[{feature.min:g}, {feature.max:g}]"
+
+
+def _structure_checks(batch: pd.DataFrame, gates: GatesSpec) -> list[Check]:
+    """Schema, types, missing values, ranges and duplicate ids: what the batch must be, whatever is stored."""
+    result = validate_data(batch, gates, require_label=True)
+    metrics = result.metrics
+    absent = [c for c in KEY_COLUMNS if c not in batch.columns and c not in metrics["missing_columns"]]
+    missing_columns = [*absent, *metrics["missing_columns"]]
+    schema = Check("schema", not missing_columns, metrics={"missing_columns": missing_columns})
+    if missing_columns:
+        schema.failures.append(f"missing column(s) {', '.join(missing_columns)}")
+
+    type_errors = dict(metrics["type_errors"])
+    if ID in batch.columns:
+        inferred = pd.api.types.infer_dtype(batch[ID], skipna=True)
+        if inferred not in ("string", "empty"):
+            type_errors[ID] = f"holds {inferred} values, expected strings"
+    types = Check("types", not type_errors, metrics={"type_errors": type_errors})
+    types.failures += [f"column {c!r} {problem} (check the column types)" for c, problem in type_errors.items()]
+
+    shares = dict(metrics["missing_share"])
+    if ID in batch.columns and ID not in shares:
+        shares[ID] = float(batch[ID].isna().mean())
+    missing = Check("missing values", True, metrics={"missing_share": shares})
+    for column, share in shares.items():
+        if column in KEY_COLUMNS and share > 0:
+            missing.failures.append(
+                f"missing share of {column} {share:.3f} > 0 (every row needs its {', '.join(KEY_COLUMNS)})"
+            )
+        elif share > gates.max_missing_share:
+            missing.failures.append(
+                f"missing share of {column} {share:.3f} > {gates.max_missing_share} (gates.max_missing_share)"
+            )
+    missing.passed = not missing.failures
+
+    counts = metrics["out_of_range_count"]
+    out_of_range = Check("out-of-range values", True, metrics={"share": metrics["out_of_range_share"], "count": counts})
+    for column, share in metrics["out_of_range_share"].items():
+        if share > gates.max_out_of_range_share:
+            out_of_range.failures.append(
+                f"out-of-range share of {column} {share:.3f} > {gates.max_out_of_range_share} "
+                f"(gates.max_out_of_range_share): {counts[column]} values outside {_allowed(BY_NAME[column])}"
+            )
+    out_of_range.passed = not out_of_range.failures
+
+    duplicates = Check("duplicate ids", True, metrics={"duplicate_ids": 0})
+    if ID in batch.columns:
+        repeated = batch[ID][batch[ID].duplicated(keep=False) & batch[ID].notna()]
+        count = int(batch[ID].dropna().duplicated().sum())
+        duplicates.metrics["duplicate_ids"] = count
+        if count:
+            duplicates.passed = False
+            duplicates.failures.append(f"duplicate ids in the batch {count} > 0 (e.g. {_examples(repeated)})")
+    return [schema, types, missing, out_of_range, duplicates]
+
+
+def _conflict_check(batch: pd.DataFrame, stored: pd.DataFrame | None) -> Check:
+    """Ids already stored: a re-sent or corrected batch is a conflict to resolve, never a silent replacement."""
+    check = Check("conflicting ids", True, metrics={"conflicts": 0, "changed_labels": 0})
+    if stored is None or ID not in batch.columns or stored.empty:
+        return check
+    known = batch[batch[ID].isin(stored[ID])]
+    if known.empty:
+        return check
+    changed = 0
+    if LABEL in batch.columns:
+        pairs = known[[ID, LABEL]].merge(stored[[ID, LABEL]], on=ID, suffixes=("", "_stored"))
+        changed = int((pairs[LABEL] != pairs[f"{LABEL}_stored"]).sum())
+    check.passed = False
+    check.metrics.update(conflicts=len(known), changed_labels=changed, examples=known[ID].head(EXAMPLES).tolist())
+    check.failures.append(
+        f"ids already in the offline store {len(known)} > 0 ({changed} with a different label; e.g. "
+        f"{_examples(known[ID])}): stored labels are never replaced, resolve the conflict upstream"
+    )
+    return check
+
+
+def label_dispersion(reference: pd.DataFrame) -> float:
+    """How much more the reference's daily positive counts vary than independent rows would (>= 1).
+
+    Fraud comes in episodes (a few transactions of one card minutes apart) and in bad days, so
+    labels are not independent rows: a proportion test that assumes they are raises false alarms
+    on clean days. Pearson's chi-square of the daily counts over its degrees of freedom is the
+    variance inflation (quasi-binomial); the test then counts rows divided by it. 1 with fewer
+    than MIN_DISPERSION_DAYS days or a one-class reference.
+    """
+    labels = reference[LABEL].dropna()
+    rate = float(labels.mean()) if len(labels) else 0.0
+    if not 0 < rate < 1:
+        return 1.0
+    days = reference.loc[labels.index, TIMESTAMP].dt.floor("D")
+    counts = labels.groupby(days).agg(["sum", "count"])
+    if len(counts) < MIN_DISPERSION_DAYS:
+        return 1.0
+    expected = counts["count"] * rate
+    chi_square = float((((counts["sum"] - expected) ** 2) / (expected * (1 - rate))).sum())
+    return max(1.0, chi_square / (len(counts) - 1))
+
+
+def _label_checks(batch: pd.DataFrame, reference: pd.DataFrame, gates: GatesSpec) -> list[Check]:
+    """One-class labels (never waived) and label shift, with the monitor's test (`drift.label_shift`: a
+    two-sided Fisher exact test at gates.drift.label_shift_p_value) but refusing only a batch whose ratio
+    reaches label_shift_ratio itself (data is refused, not a retraining started). Counts are divided by
+    the reference's label dispersion (`label_dispersion`), so bursts of fraud that clean days have are
+    not called a shift. A batch of one class that the same test finds implausible is a broken labeller,
+    refused even when a shift is accepted.
+    """
+    from loopform.gates.drift import label_shift
+
+    dispersion = label_dispersion(reference)
+    decided = label_shift(
+        reference[LABEL], batch[LABEL], gates, dispersion=dispersion, decision_ratio=gates.drift.label_shift_ratio
+    )
+    n, positives = decided.n_current, decided.positives_current
+    rate, rate_ref = decided.current_rate, decided.reference_rate
+    ratio = decided.ratio if decided.ratio is not None else 1.0
+    metrics = {
+        "rows": n,
+        "positives": positives,
+        "rate": rate,
+        "reference_rows": decided.n_reference,
+        "reference_positives": decided.positives_reference,
+        "reference_rate": rate_ref,
+        "ratio": ratio,
+        "dispersion": dispersion,
+        "p_value": decided.p_value,
+        "label_shift_ratio": decided.label_shift_ratio,
+        "decision_ratio": decided.decision_ratio,
+        "label_shift_p_value": decided.p_value_threshold,
+    }
+    test = (
+        f"Fisher exact p {decided.p_value:.2g} < {decided.p_value_threshold} (gates.drift.label_shift_p_value; "
+        f"dispersion {dispersion:.2f})"
+    )
+    one_class = Check("labels", True, metrics=dict(metrics))
+    for name, count in (("positive", positives), ("negative", n - positives)):
+        if count == 0 and decided.shifted:
+            one_class.passed = False
+            one_class.failures.append(
+                f"{name} labels 0 of {n} > 0 expected at the reference rate {rate_ref:.3f}, {test}: "
+                "a batch of one class is a broken labeller"
+            )
+    shift = Check("label shift", True, metrics=metrics, against_reference=True)
+    if decided.shifted:
+        limit = decided.decision_ratio
+        direction = f">= {limit:g}" if ratio >= limit else f"<= 1/{limit:g}"
+        shift.passed = False
+        shift.failures.append(
+            f"positive rate {rate:.3f} vs reference {rate_ref:.3f}: ratio {ratio:.2f} {direction} "
+            f"(gates.drift.label_shift_ratio), {test}"
+        )
+    return [one_class, shift]
+
+
+def validate_batch(
+    batch: pd.DataFrame,
+    gates: GatesSpec,
+    *,
+    reference: pd.DataFrame | None = None,
+    stored: pd.DataFrame | None = None,
+    accept_shift: str | None = None,
+    min_drift_rows: int = 200,
+    batch_id: str = "",
+) -> BatchReport:
+    """Every check of one incoming batch of labelled transactions, judged on its own.
+
+    reference: labelled rows already in the offline store (its newest training window); with fewer than
+        MIN_REFERENCE_ROWS the batch gets structural checks only.
+    stored: id and label of every stored row: ids already stored are a conflict.
+    accept_shift: a reason to let failed checks against the reference (label shift, drift, OOD) pass; they
+        stay in the report. Structural checks, conflicts and one-class labels are never waived.
+    min_drift_rows: fewest batch rows drift is judged on (fewer are too noisy to compare distributions).
+    """
+    from loopform.gates.drift import drift_gate
+    from loopform.gates.ood import ood_gate
+
+    if len(batch) == 0:
+        return BatchReport(batch_id, 0, [Check("schema", False, ["the batch has no rows"])], None, accept_shift)
+    checks = _structure_checks(batch, gates)
+    checks.append(_conflict_check(batch, stored))
+    held = 0 if reference is None else len(reference)
+    if held < MIN_REFERENCE_ROWS:
+        why = f"skipped: no reference, the offline store's window holds {held} rows < {MIN_REFERENCE_ROWS}"
+        for name in ("label shift", "drift", "ood"):
+            checks.append(Check(name, True, against_reference=True, skipped=why))
+        return BatchReport(batch_id, len(batch), checks, None, accept_shift, held)
+    assert reference is not None
+
+    stamps = reference[TIMESTAMP]
+    window = {"rows": len(reference), "start": str(stamps.min()), "end": str(stamps.max())}
+    by_name = {c.name: c for c in checks}
+    broken = set(by_name["schema"].metrics["missing_columns"]) | set(by_name["types"].metrics["type_errors"])
+    if LABEL in broken:
+        skipped = f"skipped: column {LABEL!r} is missing or not 0/1"
+        checks.append(Check("labels", True, skipped=skipped))
+        checks.append(Check("label shift", True, against_reference=True, skipped=skipped))
+    else:
+        checks += _label_checks(batch, reference, gates)
+
+    broken_features = sorted(broken & set(FEATURE_NAMES))
+    if broken_features:
+        skipped = f"skipped: column(s) {', '.join(broken_features)} missing or of the wrong type"
+        checks.append(Check("drift", True, against_reference=True, skipped=skipped))
+        checks.append(Check("ood", True, against_reference=True, skipped=skipped))
+        return BatchReport(batch_id, len(batch), checks, window, accept_shift, len(reference))
+    if len(batch) < min_drift_rows:
+        skipped = f"skipped: {len(batch)} rows < {min_drift_rows} (monitoring.min_rows), too few to compare"
+        checks.append(Check("drift", True, against_reference=True, skipped=skipped))
+    else:
+        drift = drift_gate(reference, batch, gates, label=None)
+        checks.append(Check("drift", drift.passed, list(drift.failures), drift.metrics, against_reference=True))
+    ood = ood_gate(reference, batch, gates)
+    checks.append(Check("ood", ood.passed, list(ood.failures), ood.metrics, against_reference=True))
+    return BatchReport(batch_id, len(batch), checks, window, accept_shift, len(reference))

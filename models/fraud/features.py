@@ -1,24 +1,29 @@
 """Feast definitions of the fraud model's features (entity, source, feature view, feature service).
 
-Design: one feature view, `card_transactions`, keyed by card (`card_id`), whose source is
-the transaction table with one row per card transaction. Each row carries the card's
-profile as of that transaction (aggregates such as txn_count_24h and avg_amount_30d,
-card_age_days, computed upstream at transaction time, so they never see the future) next
-to the transaction's own fields (amount, hour, merchant category, channel, ...).
+Design: features come at two levels (`loopform.data.Feature.scope`), and only the card level
+lives in Feast.
 
-- Training asks Feast for a point-in-time-correct join: for each labelled transaction
-  (card_id, event_timestamp) it gets the feature row of that card as of that instant,
-  never a later one. Labels travel in the entity frame, not in the feature table.
-- Serving reads the online store through the same feature service `fraud_v1`: by card_id
-  it gets the card's latest materialised row, i.e. exactly what training would have
-  seen for that card at that time. A request that carries the transaction's own fields
-  may override those, and the profile still comes from the store.
+- The transaction's own fields (amount, hour, distance, merchant category, channel,
+  is_foreign) arrive with the transaction: in the request at serving, in the labelled event
+  (the entity frame) at training. They are never read from the store, so a card's previous
+  transaction cannot stand in for the current one.
+- The card as of the transaction (txn_count_24h, avg_amount_30d, card_age_days) is the
+  feature view `card_aggregates`, keyed by card (`card_id`). Its source is the transaction
+  table: each row carries the card's aggregates computed upstream from the card's
+  transactions strictly before that row's event time, stamped with that event time.
 
-Keeping every model input in one view behind one feature service is what makes the
-training and serving paths read the same definitions (no train/serve skew). The source
-path comes from LOOPFORM_FEAST_DATA (relative paths resolve against the Feast repo); on
-Kubernetes the FeatureStore component sets LOOPFORM_FEAST_OFFLINE_URI, the offline store's
-folder, and the table is `transactions.parquet` in it.
+Training asks Feast for a point-in-time join: each labelled event (card_id,
+event_timestamp, plus its own fields and label) gets the card's aggregates as of that
+instant, i.e. the row of the event itself, computed from the past only, never a later row.
+Serving reads the online store by card_id through the same feature service `fraud_v1`: the
+aggregates of the card's latest row there. When the feature pipeline writes the arriving
+transaction's aggregates before it is scored (`FeatureRepo.write_online`), that is exactly
+the row training joins to it; a batch-materialised store serves the state as of its last
+materialisation.
+
+The source path comes from LOOPFORM_FEAST_DATA (relative paths resolve against the Feast
+repo); on Kubernetes the FeatureStore component sets LOOPFORM_FEAST_OFFLINE_URI, the offline
+store's folder, and the table is `transactions.parquet` in it.
 """
 
 from __future__ import annotations
@@ -55,21 +60,23 @@ transactions_source = FileSource(
     name="transactions",
     path=_source_path(),
     timestamp_field=data.TIMESTAMP,
-    description="Card transactions with the card's profile as of each transaction (Parquet).",
+    description="Card transactions, each with the card's aggregates from before it (Parquet).",
 )
 
-card_transactions = FeatureView(
-    name="card_transactions",
+card_aggregates = FeatureView(
+    name="card_aggregates",
     entities=[card],
     ttl=timedelta(days=90),
-    schema=[Field(name=f.name, dtype=_TYPES[f.dtype], description=f.description) for f in data.FEATURES],
+    schema=[
+        Field(name=f.name, dtype=_TYPES[f.dtype], description=f.description) for f in data.FEATURES if f.scope == "card"
+    ],
     source=transactions_source,
     online=True,
-    description="Per-card profile and latest transaction fields, as of each transaction.",
+    description="The card as of each transaction, from its earlier transactions only (24 h count, 30-day mean, age).",
 )
 
 fraud_v1 = FeatureService(
     name="fraud_v1",
-    features=[card_transactions],
-    description="Every input of the fraud model, for training and serving alike.",
+    features=[card_aggregates],
+    description="The fraud model's card-level inputs; the transaction's own fields come with the request or event.",
 )

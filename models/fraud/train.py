@@ -2,8 +2,20 @@
 
 `train` fits the MLP with fixed seeds (same data + seed -> same weights) and early stopping
 on a stratified validation split, then picks the operating threshold on that split (max
-F1). `evaluate` scores a holdout set: AUC, precision and recall at the threshold, expected
-calibration error, and the same holdout scored by the current champion for comparison.
+F1). `evaluate` scores a later holdout set, with the uncertainty a few hundred positives
+leave:
+
+- AUC with a stratified bootstrap interval, and the holdout's number of positives;
+- Brier score against always predicting the training base rate (the Brier skill score:
+  0 for a base-rate model, 1 for a perfect one); expected calibration error, reported;
+- precision and recall at a fixed alert rate (the share of traffic people can review),
+  and at the operating threshold, with the threshold's own alert rate and its bootstrap
+  interval on the validation rows it was chosen on;
+- with a champion: its AUC on the same rows and a paired bootstrap interval of
+  challenger minus champion AUC (both scored on the same resampled rows).
+
+The bootstraps are vectorised over resamples (counts per row, not copies of rows) and
+seeded: the same inputs give the same intervals.
 """
 
 from __future__ import annotations
@@ -176,8 +188,24 @@ def train(
         "batch_size": batch_size,
         "patience": patience,
         "threshold_rule": "max F1 on validation",
+        "validation_share": validation_share,
+        "base_rate": float(y_all.mean()),
     }
     return model
+
+
+def validation_rows(df: pd.DataFrame, model: FraudModel, label: str | None = None) -> pd.DataFrame | None:
+    """The rows of `df` (the model's training frame) that `train` validated on and chose the threshold on.
+
+    None when the model does not record its split or `df` is not the frame it was trained on.
+    """
+    info = getattr(model, "info", None) or {}
+    if "seed" not in info or "validation_share" not in info or info.get("rows") != len(df):
+        return None
+    label = label or _default_columns()[2]
+    labels = df[label].to_numpy(dtype=np.int64)
+    _, val_idx = stratified_split(labels, float(info["validation_share"]), int(info["seed"]))
+    return df.iloc[val_idx]
 
 
 def expected_calibration_error(labels: np.ndarray, scores: np.ndarray, bins: int = 10) -> float:
@@ -192,6 +220,123 @@ def expected_calibration_error(labels: np.ndarray, scores: np.ndarray, bins: int
     return float(error)
 
 
+def _interval(values: np.ndarray, confidence: float) -> tuple[float, float]:
+    """Percentile interval of bootstrap values at `confidence`."""
+    tail = (1.0 - confidence) / 2.0
+    low, high = np.quantile(values, [tail, 1.0 - tail])
+    return float(low), float(high)
+
+
+def _counts(seed: int, stratum: int, resamples: range, n: int) -> np.ndarray:
+    """(len(resamples), n): how often each of n rows is drawn when a resample draws n rows with replacement.
+
+    Each resample has its own random stream (seed, stratum, resample number), so the draws do
+    not depend on how the resamples are chunked.
+    """
+    draws = np.stack([np.random.default_rng((seed, stratum, b)).integers(0, n, size=n) for b in resamples])
+    draws += (np.arange(len(resamples)) * n)[:, None]
+    return np.bincount(draws.ravel(), minlength=len(resamples) * n).reshape(len(resamples), n).astype(np.float64)
+
+
+def _chunks(samples: int, rows: int) -> list[range]:
+    """Resamples in chunks small enough that a chunk's (resamples x rows) arrays stay a few MB."""
+    size = max(1, BOOTSTRAP_CELLS // max(rows, 1))
+    return [range(start, min(start + size, samples)) for start in range(0, samples, size)]
+
+
+BOOTSTRAP_CELLS = 2_000_000
+"""Cells (resamples x rows) per bootstrap chunk: bounds memory on large holdouts."""
+
+
+class _Ranks:
+    """One model's scores, arranged so the AUC of any weighted resample is a few array operations.
+
+    With w the number of times each row is drawn, AUC = sum over positives of w_p times the
+    weight of negatives scored below it (ties count half), over (sum w_pos)(sum w_neg): the
+    Mann-Whitney statistic of the resample, without building it.
+    """
+
+    def __init__(self, positives: np.ndarray, negatives: np.ndarray) -> None:
+        self.order = np.argsort(negatives, kind="stable")
+        ranked = negatives[self.order]
+        self.below = np.searchsorted(ranked, positives, side="left")
+        self.up_to = np.searchsorted(ranked, positives, side="right")
+
+    def auc(self, w_pos: np.ndarray, w_neg: np.ndarray) -> np.ndarray:
+        cumulative = np.zeros((len(w_neg), w_neg.shape[1] + 1))
+        np.cumsum(w_neg[:, self.order], axis=1, out=cumulative[:, 1:])
+        below = cumulative[:, self.below]
+        ties = cumulative[:, self.up_to] - below
+        return (w_pos * (below + 0.5 * ties)).sum(axis=1) / (w_pos.sum(axis=1) * w_neg.sum(axis=1))
+
+
+def bootstrap_aucs(labels: np.ndarray, *score_sets: np.ndarray, samples: int, seed: int = 0) -> np.ndarray:
+    """(len(score_sets), samples) AUCs on stratified bootstrap resamples; every score set sees the same rows.
+
+    Stratified: each resample draws as many positives (and negatives) as the data has, so
+    no resample lacks a class and the base rate stays fixed. Same rows for every score set:
+    differences between them are paired.
+    """
+    labels = np.asarray(labels).astype(bool)
+    ranks = [
+        _Ranks(np.asarray(s, dtype=np.float64)[labels], np.asarray(s, dtype=np.float64)[~labels]) for s in score_sets
+    ]
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    out = []
+    for chunk in _chunks(samples, len(labels)):
+        w_pos, w_neg = _counts(seed, 1, chunk, n_pos), _counts(seed, 0, chunk, n_neg)
+        out.append(np.stack([r.auc(w_pos, w_neg) for r in ranks]))
+    return np.concatenate(out, axis=1)
+
+
+def bootstrap_thresholds(labels: np.ndarray, scores: np.ndarray, *, samples: int, seed: int = 0) -> np.ndarray:
+    """The max-F1 threshold (as `best_f1_threshold` picks it) on each of `samples` stratified resamples."""
+    labels = np.asarray(labels).astype(bool)
+    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
+    ranked, positive = np.asarray(scores, dtype=np.float64)[order], labels[order]
+    ends = np.flatnonzero(np.r_[ranked[1:] != ranked[:-1], True])  # last row of each group of equal scores
+    values = ranked[ends]
+    pos_at, neg_at = np.flatnonzero(positive), np.flatnonzero(~positive)
+    out = []
+    for chunk in _chunks(samples, len(labels)):
+        weights = np.zeros((len(chunk), len(labels)))
+        weights[:, pos_at] = _counts(seed, 1, chunk, len(pos_at))
+        weights[:, neg_at] = _counts(seed, 0, chunk, len(neg_at))
+        flagged = np.cumsum(weights, axis=1)[:, ends]  # rows scored at or above each candidate threshold
+        caught = np.cumsum(weights * positive, axis=1)[:, ends]
+        drawn = np.diff(flagged, axis=1, prepend=0.0) > 0  # a candidate is a score the resample holds
+        f1 = np.where(drawn, 2 * caught / (flagged + len(pos_at)), -1.0)
+        best = f1.shape[1] - 1 - np.argmax(f1[:, ::-1], axis=1)  # ties: the lowest threshold
+        out.append(values[best])
+    return np.concatenate(out)
+
+
+def brier(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Mean squared difference between score and label."""
+    return float(np.mean((np.asarray(scores, dtype=np.float64) - labels) ** 2))
+
+
+def at_alert_rate(labels: np.ndarray, scores: np.ndarray, alert_rate: float) -> dict[str, float]:
+    """Precision and recall when the `alert_rate` share of highest scores is flagged (the team's review budget).
+
+    k = alert_rate x rows are flagged; rows tied at the cut count in proportion (the expected
+    result of breaking ties at random), so a model that scores everyone the same gets the
+    base rate as precision and the alert rate as recall, not a flag on every row.
+    """
+    labels = np.asarray(labels, dtype=np.float64)
+    scores = np.asarray(scores, dtype=np.float64)
+    k = min(len(scores), max(1, round(alert_rate * len(scores))))
+    cut = float(np.sort(scores)[::-1][k - 1])
+    above, tied = scores > cut, scores == cut
+    caught = labels[above].sum() + (k - above.sum()) * labels[tied].mean()
+    positives = labels.sum()
+    return {
+        "alert_threshold": cut,
+        "precision_at_alert_rate": float(caught / k),
+        "recall_at_alert_rate": float(caught / positives) if positives else 0.0,
+    }
+
+
 def evaluate(
     model: FraudModel,
     df: pd.DataFrame,
@@ -199,8 +344,21 @@ def evaluate(
     *,
     champion_version: int | str | None = None,
     label: str | None = None,
+    training: pd.DataFrame | None = None,
+    confidence: float = 0.95,
+    bootstrap_samples: int = 1000,
+    alert_rate: float = 0.01,
+    base_rate: float | None = None,
+    seed: int = 0,
 ) -> dict[str, Any]:
-    """Holdout metrics at the model's operating threshold, and the champion's AUC on the same rows."""
+    """Holdout metrics with bootstrap intervals at `confidence`, and the champion compared on the same rows.
+
+    `training` is the frame the model was trained on: its positive rate is the base rate
+    the Brier skill is measured against, and its validation rows (the ones the threshold
+    was chosen on) give the threshold's interval. Without it the base rate is the one
+    `train` recorded (else the holdout's, which only makes the skill harder to earn) and
+    the threshold has no interval. `base_rate` overrides both.
+    """
     from sklearn.metrics import precision_score, recall_score, roc_auc_score
 
     if label is None:
@@ -210,25 +368,72 @@ def evaluate(
     labels = df[label].to_numpy(dtype=np.int64)
     if len(np.unique(labels)) < 2:
         raise ValueError(f"holdout needs both classes in {label!r} to compute AUC; got {np.unique(labels).tolist()}")
+    info = getattr(model, "info", None) or {}
+    if base_rate is None:
+        if training is not None:
+            base_rate = float(training[label].to_numpy(dtype=np.float64).mean())
+        elif isinstance(info.get("base_rate"), int | float):
+            base_rate = float(info["base_rate"])
+        else:
+            base_rate = float(labels.mean())
     scores = model.predict_proba(df)
     predicted = (scores >= model.threshold).astype(np.int64)
+    model_brier = brier(labels, scores)
+    base_brier = brier(labels, np.full(len(labels), base_rate))
+    champion_scores = champion.predict_proba(df) if champion is not None else None
+    aucs = bootstrap_aucs(
+        labels,
+        scores,
+        *([champion_scores] if champion_scores is not None else []),
+        samples=bootstrap_samples,
+        seed=seed,
+    )
+    auc_low, auc_high = _interval(aucs[0], confidence)
+    threshold_low = threshold_high = None
+    validation = validation_rows(training, model, label) if training is not None else None
+    if validation is not None:
+        val_labels = validation[label].to_numpy(dtype=np.int64)
+        if len(np.unique(val_labels)) == 2:
+            thresholds = bootstrap_thresholds(
+                val_labels, model.predict_proba(validation), samples=bootstrap_samples, seed=seed
+            )
+            threshold_low, threshold_high = _interval(thresholds, confidence)
     result: dict[str, Any] = {
         "auc": float(roc_auc_score(labels, scores)),
-        "precision": float(precision_score(labels, predicted, zero_division=0)),
-        "recall": float(recall_score(labels, predicted, zero_division=0)),
+        "auc_low": auc_low,
+        "auc_high": auc_high,
+        "confidence": float(confidence),
+        "bootstrap_samples": int(bootstrap_samples),
+        "rows": len(df),
+        "positives": int(labels.sum()),
+        "positive_rate": float(labels.mean()),
+        "base_rate": base_rate,
+        "brier": model_brier,
+        "brier_base": base_brier,
+        "brier_skill": 1.0 - model_brier / base_brier if base_brier > 0 else 0.0,
         "ece": expected_calibration_error(labels, scores),
         "threshold": float(model.threshold),
-        "rows": len(df),
-        "positive_rate": float(labels.mean()),
+        "threshold_low": threshold_low,
+        "threshold_high": threshold_high,
+        "threshold_alert_rate": float(predicted.mean()),
+        "precision": float(precision_score(labels, predicted, zero_division=0)),
+        "recall": float(recall_score(labels, predicted, zero_division=0)),
+        "alert_rate": float(alert_rate),
+        **at_alert_rate(labels, scores, alert_rate),
         "champion_version": None,
         "champion_auc": None,
         "auc_delta": None,
+        "auc_delta_low": None,
+        "auc_delta_high": None,
     }
-    if champion is not None:
-        champion_auc = float(roc_auc_score(labels, champion.predict_proba(df)))
+    if champion_scores is not None:
+        champion_auc = float(roc_auc_score(labels, champion_scores))
+        delta_low, delta_high = _interval(aucs[0] - aucs[1], confidence)
         result.update(
             champion_version=int(champion_version) if champion_version is not None else None,
             champion_auc=champion_auc,
             auc_delta=result["auc"] - champion_auc,
+            auc_delta_low=delta_low,
+            auc_delta_high=delta_high,
         )
     return result
