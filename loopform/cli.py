@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from loopform.spec import SpecError, load_stack, repo_root, stack_file
+from loopform.spec import ProjectNotFound, SpecError, load_stack, repo_root, stack_file
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -350,7 +350,11 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loopform", description="The ML data loop as infrastructure.")
-    parser.add_argument("--root", default=str(repo_root()), help="repository root (default: this checkout)")
+    parser.add_argument(
+        "--root",
+        help="project root (default: $LOOPFORM_ROOT, else the nearest folder with Pulumi.yaml at or above the "
+        "current directory)",
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def stack_args(sub: argparse.ArgumentParser) -> None:
@@ -477,6 +481,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    if args.root is None:
+        try:
+            args.root = str(repo_root())
+        except ProjectNotFound as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
     handler: Handler = args.handler
     try:
         return handler(args)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import json
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -985,11 +986,32 @@ def stack_file(stack: str, root: Path | None = None) -> Path:
 ROOT_ENV = "LOOPFORM_ROOT"
 
 
-def repo_root() -> Path:
-    """The repository (stacks/, models/): $LOOPFORM_ROOT in an image, else this checkout."""
+PROJECT_FILE = "Pulumi.yaml"
+
+
+class ProjectNotFound(Exception):
+    """Run outside a loopform project, with no --root or $LOOPFORM_ROOT."""
+
+
+def repo_root(start: Path | None = None, environ: Mapping[str, str] | None = None) -> Path:
+    """The project (stacks/, models/) loopform works on: $LOOPFORM_ROOT when set (an image), else the nearest
+    folder at or above `start` (the current directory) holding Pulumi.yaml, as pulumi finds its project.
+
+    Never the checkout loopform was installed from: run from a copy of the repository, it reads the copy.
+    """
     import os
 
-    return Path(os.environ.get(ROOT_ENV) or Path(__file__).resolve().parent.parent)
+    environ = os.environ if environ is None else environ
+    if environ.get(ROOT_ENV):
+        return Path(environ[ROOT_ENV])
+    here = Path(start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / PROJECT_FILE).is_file():
+            return folder
+    raise ProjectNotFound(
+        f"{here} is not inside a loopform project (no {PROJECT_FILE} here or in any folder above): run loopform "
+        f"in your project, or name it with --root or ${ROOT_ENV}"
+    )
 
 
 def load_from_pulumi_config(root: Path) -> PlatformSpec:

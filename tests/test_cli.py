@@ -142,3 +142,38 @@ def test_monitor_command_triggers_on_drift(tmp_path: Path, capsys: pytest.Captur
     assert code == 3, capsys.readouterr()
     assert 'loopform_drift_detected{model="fraud"} 1.0' in metrics.read_text()
     assert list((tmp_path / "monitor" / "triggers").glob("*.json"))
+
+
+def test_the_cli_reads_the_project_it_runs_in(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Found by walking up to Pulumi.yaml, as pulumi does: a copy of the repository reads the copy's stacks."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for name in ("Pulumi.yaml", "stacks", "models"):
+        source = ROOT / name
+        (shutil.copytree if source.is_dir() else shutil.copyfile)(source, copy / name)
+    stack = copy / "stacks" / "Pulumi.dev.yaml"
+    stack.write_text(stack.read_text().replace("      fraud:\n", "      fraud-copy:\n", 1))
+    monkeypatch.delenv("LOOPFORM_ROOT", raising=False)
+    monkeypatch.chdir(copy / "models")  # below the project root
+    assert main(["validate", "--stack", "dev"]) == 0
+    assert f"{copy / 'stacks' / 'Pulumi.dev.yaml'}: valid spec" in capsys.readouterr().out
+    assert "fraud-copy" in load_stack(stack_file("dev")).models  # the library finds it the same way
+
+    monkeypatch.setenv("LOOPFORM_ROOT", str(ROOT))  # an image names its project
+    assert main(["validate", "--stack", "dev"]) == 0
+    assert f"{ROOT / 'stacks' / 'Pulumi.dev.yaml'}: valid spec" in capsys.readouterr().out
+    assert main(["--root", str(copy), "validate", "--stack", "dev"]) == 0  # --root wins
+    assert str(copy) in capsys.readouterr().out
+
+    monkeypatch.delenv("LOOPFORM_ROOT")
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    monkeypatch.chdir(outside)
+    assert main(["validate", "--stack", "dev"]) == 2
+    err = capsys.readouterr().err
+    assert f"{outside} is not inside a loopform project (no Pulumi.yaml here or in any folder above)" in err
+    assert "--root or $LOOPFORM_ROOT" in err
