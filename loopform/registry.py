@@ -16,7 +16,9 @@ mlflow is imported inside the functions: it takes seconds.
 
 from __future__ import annotations
 
+import importlib
 import json
+import re
 import tempfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -39,6 +41,9 @@ REPORTS_DIR = "reports"
 EVALUATION_FILE = "evaluation.json"
 RELEASE_DIR = "release"
 MODEL_ARTIFACT = "model"
+PREPROCESSING_FILE = "preprocessing.json"  # in the model folder's extra_files/
+# A model class named by preprocessing.json must be one of the image's model packages.
+_MODEL_CLASS = re.compile(r"(models\.[A-Za-z_][A-Za-z0-9_]*\.model):([A-Za-z_][A-Za-z0-9_]*)")
 
 
 @dataclass(frozen=True)
@@ -97,6 +102,61 @@ def _pip_requirements() -> list[str]:
     return [f"{pkg}=={version(pkg)}" for pkg in ("torch", "numpy", "pandas", "mlflow")]
 
 
+def _write_model(model: Any, write: Any) -> Any:
+    """Call MLflow's `log_model`/`save_model` (`write`) with the pickle-free layout.
+
+    The network goes through torch.export (`pt2`, traced on an encoded example batch in eval
+    mode); preprocessing, threshold and training facts go to `extra_files/preprocessing.json`.
+    The model supplies `preprocessing()` (JSON data) and `example_input()` (an encoded batch).
+    """
+    was_training = model.training
+    model.eval()  # export the inference graph (no dropout)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            config = Path(tmp) / PREPROCESSING_FILE
+            config.write_text(json.dumps(ev.jsonable(model.preprocessing()), indent=2, sort_keys=True))
+            return write(
+                serialization_format="pt2",
+                input_example=model.example_input(),
+                extra_files=[str(config)],
+                pip_requirements=_pip_requirements(),
+            )
+    finally:
+        model.train(was_training)
+
+
+def save_model_folder(model: Any, path: Path) -> Path:
+    """Write the model to a local MLflow model folder (same layout as a logged model, no pickle)."""
+    import mlflow.pytorch
+
+    _write_model(model, lambda **kw: mlflow.pytorch.save_model(model, str(path), **kw))
+    return path
+
+
+def load_model_folder(folder: Path) -> Any:
+    """Rebuild a model from a downloaded model folder: the image's model class + JSON + exported network.
+
+    No unpickling: the class comes from the image (a `models.<m>.model` module, never from the
+    artifact store), its parameters from `extra_files/preprocessing.json`, and the weights from
+    `data/model.pt2` through `mlflow.pytorch.load_model`, which first checks that every record in
+    the archive is JSON, raw tensor bytes or a tensor `torch.load(weights_only=True)` accepts,
+    then calls `torch.export.load`.
+    """
+    import mlflow.pytorch
+
+    folder = Path(folder)
+    config_path = folder / "extra_files" / PREPROCESSING_FILE
+    if not config_path.is_file():
+        raise ValueError(f"{folder} has no extra_files/{PREPROCESSING_FILE}: not a pickle-free loopform model")
+    config = json.loads(config_path.read_text())
+    match = _MODEL_CLASS.fullmatch(str(config.get("class", "")))
+    if match is None:
+        raise ValueError(f"{config_path} names model class {config.get('class')!r}, not models.<m>.model:<Class>")
+    cls = getattr(importlib.import_module(match.group(1)), match.group(2))
+    network = mlflow.pytorch.load_model(str(folder), map_location="cpu")
+    return cls.from_exported(config, network)
+
+
 def _gate_dict(result: Any) -> dict[str, Any]:
     if hasattr(result, "to_dict"):
         return dict(result.to_dict())
@@ -115,13 +175,13 @@ def log_training_run(
     params: Mapping[str, Any] | None = None,
     evaluation: Mapping[str, Any] | None = None,
     experiment: str | None = None,
-    code_paths: list[str] | None = None,
 ) -> TrainingRun:
     """Log one training run: params, gate results (+ their HTML reports), evaluation and the model.
 
     Gate results are GateResult objects or their dicts; a result's `report` (a local HTML
     path) is uploaded to `reports/` and the recorded result points at the artifact instead.
-    `code_paths` defaults to the repository's `models/` so the pickled model loads anywhere.
+    The model is stored without pickle (see `save_model_folder`): MLflow's `pt2` format for
+    the network and `extra_files/preprocessing.json` for the rest; no code goes with it.
     """
     import mlflow
     import mlflow.pytorch
@@ -129,8 +189,6 @@ def log_training_run(
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
     exp_id = experiment_id(tracking_uri, experiment or f"loopform-{model_name}")
-    if code_paths is None:
-        code_paths = [str(Path(__file__).resolve().parent.parent / "models")]
     with mlflow.start_run(experiment_id=exp_id) as run:
         run_id = run.info.run_id
         mlflow.set_tags({FINGERPRINT_TAG: training_data_fingerprint, "loopform.model": model_name})
@@ -150,13 +208,7 @@ def log_training_run(
                 mlflow.log_metric(f"gate.{name}.passed", float(bool(record.get("passed"))))
         if evaluation is not None:
             _log_evaluation(mlflow, evaluation)
-        logged = mlflow.pytorch.log_model(
-            model,
-            name=MODEL_ARTIFACT,
-            serialization_format="pickle",
-            pip_requirements=_pip_requirements(),
-            code_paths=code_paths,
-        )
+        logged = _write_model(model, lambda **kw: mlflow.pytorch.log_model(model, name=MODEL_ARTIFACT, **kw))
     return TrainingRun(run_id=run_id, model_uri=logged.model_uri, experiment_id=exp_id)
 
 
@@ -329,15 +381,15 @@ def set_alias(tracking_uri: str, model_name: str, alias: str, version: int | str
 
 
 def load_model(tracking_uri: str, name: str, alias_or_version: int | str) -> Any:
-    """The model object of a version (`3`) or an alias (`staging`, `prod`)."""
+    """The model object of a version (`3`) or an alias (`staging`, `prod`), rebuilt without unpickling."""
     import mlflow
-    import mlflow.pytorch
 
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
     ref = str(alias_or_version)
     uri = f"models:/{name}/{ref}" if ref.isdigit() else f"models:/{name}@{ref}"
-    return mlflow.pytorch.load_model(uri, map_location="cpu")
+    with tempfile.TemporaryDirectory(prefix="loopform-model-") as tmp:
+        return load_model_folder(download_model(tracking_uri, uri, Path(tmp)))
 
 
 def champion(tracking_uri: str, name: str, alias: str = "champion") -> tuple[Any, int] | None:

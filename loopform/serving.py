@@ -166,18 +166,18 @@ class ArtifactDigestError(RuntimeError):
 def load_release(tracking_uri: str, model_uri: str, artifacts_digest: str | None = None) -> Release:
     """Resolve an alias to its version once, then load exactly that version (the alias may move meanwhile).
 
-    With `artifacts_digest` (from the signed release record) the files are downloaded first and
-    refused unless their digest matches, so a weights file swapped in the artifact store is
-    caught at load, before any request is scored.
+    The model's files are downloaded first. With `artifacts_digest` (from the signed release record)
+    they are refused unless their digest matches, so a weights file swapped in the artifact store is
+    caught at load, before any request is scored. The model is rebuilt from those same files without
+    unpickling (loopform.registry.load_model_folder: the image's model code + JSON + exported network).
     """
     import tempfile
 
     import mlflow
-    import mlflow.pytorch
     from mlflow import MlflowClient
 
     from loopform import record
-    from loopform.registry import download_model
+    from loopform.registry import download_model, load_model_folder
 
     name, alias, version = parse_model_uri(model_uri)
     mlflow.set_tracking_uri(tracking_uri)
@@ -186,17 +186,16 @@ def load_release(tracking_uri: str, model_uri: str, artifacts_digest: str | None
         version = int(client.get_model_version_by_alias(name, alias).version)
     assert version is not None
     pinned = f"models:/{name}/{version}"
-    source: str | Path = pinned
-    if artifacts_digest:
-        folder = download_model(tracking_uri, pinned, Path(tempfile.mkdtemp(prefix=f"loopform-{name}-v{version}-")))
-        found = record.artifacts_digest(record.file_digests(folder))
-        if found != artifacts_digest:
-            raise ArtifactDigestError(
-                f"refusing {pinned}: its files hash to {found}, the signed release record names {artifacts_digest} "
-                "(the artifacts were replaced after the release was signed)"
-            )
-        source = folder
-    model = mlflow.pytorch.load_model(str(source), map_location="cpu")
+    with tempfile.TemporaryDirectory(prefix=f"loopform-{name}-v{version}-") as tmp:
+        folder = download_model(tracking_uri, pinned, Path(tmp))
+        if artifacts_digest:
+            found = record.artifacts_digest(record.file_digests(folder))
+            if found != artifacts_digest:
+                raise ArtifactDigestError(
+                    f"refusing {pinned}: its files hash to {found}, the signed release record names "
+                    f"{artifacts_digest} (the artifacts were replaced after the release was signed)"
+                )
+        model = load_model_folder(folder)
     model.eval()
     return Release(model=model, name=name, version=version, uri=pinned)
 

@@ -8,7 +8,7 @@ Run directory layout:
   window.json            the training window the run covers
   gates/<gate>.json      validation, drift and ood results; reports/<gate>.html
   training.parquet       point-in-time-correct features + label, from Feast
-  model.pt               the trained model (pickled torch module)
+  model/                 the trained model as an MLflow model folder (pt2 network + preprocessing.json, no pickle)
   evaluation.json        holdout metrics and the champion comparison
   release.json           the registered version and its sealed evidence
   promotion.json         the staging promotion's outcome
@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 HOLDOUT_SHARE = 0.2
 REFERENCE_FILE = "reference.parquet"
 LABELS_FILE = "labels.parquet"
+MODEL_FOLDER = "model"  # the train step's output: an MLflow model folder (registry.save_model_folder)
 REGIMES_FILE = "regimes.json"  # accepted shifts of the world (see window_start)
 SOURCE_FILE = "transactions.parquet"
 STAGING = "staging"
@@ -301,23 +302,24 @@ def get_features(ctx: StepContext) -> Path:
 def train(ctx: StepContext) -> Path:
     """Train on the older part of the training set (the newest part is the holdout)."""
     import pandas as pd
-    import torch
 
-    from loopform import data
+    from loopform import data, registry
 
     frame = pd.read_parquet(ctx.input("training.parquet"))
     older, _ = split_by_time(frame, data.TIMESTAMP)
     model = ctx.model_module("train").train(older, seed=ctx.seed)
-    path = ctx.run_dir / "model.pt"
-    torch.save(model, path)
+    path = ctx.run_dir / MODEL_FOLDER
+    if path.exists():
+        shutil.rmtree(path)
+    registry.save_model_folder(model, path)
     return path
 
 
 def _load_trained(ctx: StepContext) -> Any:
-    import torch
+    """The model the train step wrote, loaded as a registered version is: no pickle, the class from the image."""
+    from loopform import registry
 
-    ctx.model_module("model")  # the class must be importable to unpickle
-    return torch.load(ctx.input("model.pt"), weights_only=False)
+    return registry.load_model_folder(ctx.input(MODEL_FOLDER))
 
 
 def evaluate(ctx: StepContext) -> dict[str, Any]:

@@ -182,3 +182,80 @@ def test_the_service_loads_only_the_files_the_record_names(store, trained, relea
         assert load_release(store, "models:/fraud/1").version == 1  # without a record nothing is checked
     finally:
         stored.write_bytes(original)
+
+
+def test_a_version_is_stored_without_pickle_or_code(store, released):
+    """The model folder holds the exported network (pt2), the preprocessing JSON and no code or pickle."""
+    import zipfile
+
+    _, record = released
+    files = set(record.evidence["artifacts"]["files"])
+    assert {"MLmodel", "data/model.pt2", f"extra_files/{registry.PREPROCESSING_FILE}"} <= files
+    assert not [f for f in files if f.startswith("code/") or f.endswith((".pth", ".pkl", "pickle_module_info.txt"))]
+    with zipfile.ZipFile(
+        registry.download_model(store, "models:/fraud/1", Path(store.removeprefix("sqlite:///")).parent / "pt2")
+        / "data/model.pt2"
+    ) as archive:
+        configs = [json.loads(archive.read(n)) for n in archive.namelist() if n.endswith("_config.json")]
+    payloads = [entry for config in configs for entry in config["config"].values()]
+    assert payloads and all(entry["use_pickle"] is False for entry in payloads)  # raw tensor bytes
+
+
+def test_loading_unpickles_no_python_object(store, trained, released, monkeypatch):
+    """Loading rebuilds the model with pickle disabled; torch.load only ever runs weights_only (tensors)."""
+    import pickle
+
+    import torch
+
+    model, _, holdout, _ = trained
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("pickle used while loading a model")
+
+    for name in ("load", "loads", "Unpickler"):
+        monkeypatch.setattr(pickle, name, refuse)
+    calls = []
+    real_load = torch.load
+
+    def checked_load(*args, **kwargs):
+        calls.append(kwargs.get("weights_only"))
+        if kwargs.get("weights_only") is not True:
+            raise AssertionError("torch.load without weights_only=True while loading a model")
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", checked_load)
+    loaded = registry.load_model(store, "fraud", 1)
+    assert type(loaded).__name__ == "FraudModel"
+    assert np.array_equal(loaded.predict_proba(holdout), model.predict_proba(holdout))
+    assert loaded.threshold == model.threshold and loaded.info == model.info
+    assert loaded.features == model.features
+
+
+def test_mlflow_pyfunc_scores_the_production_alias(store, trained, released):
+    """A user of MLflow scores a batch through the standard pyfunc loader; the input is the model's encoding."""
+    import mlflow.pyfunc
+    import torch
+
+    model, _, holdout, _ = trained
+    registry.set_alias(store, "fraud", "production", 1)
+    mlflow.set_tracking_uri(store)
+    mlflow.set_registry_uri(store)
+    scorer = mlflow.pyfunc.load_model("models:/fraud@production")
+    batch = holdout.head(500)
+    logits = np.asarray(scorer.predict(model.encode(batch))).ravel()
+    assert logits.shape == (len(batch),)
+    scores = torch.sigmoid(torch.as_tensor(logits)).numpy().astype(np.float64)
+    np.testing.assert_allclose(scores, model.predict_proba(batch), rtol=1e-6, atol=1e-7)
+
+
+def test_a_model_class_outside_the_model_packages_is_refused(tmp_path, trained):
+    """preprocessing.json cannot make the loader import arbitrary code."""
+    model = trained[0]
+    folder = registry.save_model_folder(model, tmp_path / "m")
+    config_path = folder / "extra_files" / registry.PREPROCESSING_FILE
+    config = json.loads(config_path.read_text())
+    assert config["class"] == "models.fraud.model:FraudModel"
+    assert registry.load_model_folder(folder).threshold == model.threshold
+    config_path.write_text(json.dumps(config | {"class": "os:system"}))
+    with pytest.raises(ValueError, match=r"names model class 'os:system'"):
+        registry.load_model_folder(folder)

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import pickle
-
 import numpy as np
 import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from loopform import data
+from loopform import data, registry
 from models.fraud import train as training
 from models.fraud.model import FraudModel
 from models.fraud.train import evaluate, expected_calibration_error, stratified_split, time_split, train
@@ -206,12 +204,12 @@ def test_paired_interval_is_narrower_than_comparing_two_intervals(split, model):
     assert paired["auc_delta_high"] - paired["auc_delta_low"] < unpaired_width / 2
 
 
-def test_preprocessing_lives_in_the_model(split, model):
+def test_preprocessing_lives_in_the_model(split, model, tmp_path):
     holdout = split[1].head(200)
     expected = model.predict_proba(holdout)
     shuffled = holdout[list(reversed(holdout.columns))].assign(extra=1)
     assert np.array_equal(model.predict_proba(shuffled), expected)
-    restored = pickle.loads(pickle.dumps(model))
+    restored = registry.load_model_folder(registry.save_model_folder(model, tmp_path / "model"))  # no pickle
     assert np.array_equal(restored.predict_proba(holdout), expected)
     assert restored.threshold == model.threshold
 

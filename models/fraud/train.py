@@ -105,7 +105,7 @@ def train(
     """Fit a FraudModel on `df` (features + label); early stopping on validation log-loss.
 
     Columns default to loopform.data's NUMERIC, CATEGORICAL and LABEL. The result is on the
-    CPU whatever device trained it, so it pickles and loads anywhere. On the CPU it trains
+    CPU whatever device trained it, so it exports and loads anywhere. On the CPU it trains
     on `cpu_threads` threads: for a network this small, thread hand-offs cost more than they
     save, above all on a shared machine.
     """
