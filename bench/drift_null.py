@@ -3,7 +3,7 @@
     python bench/drift_null.py                      # 200 seeds, windows of 200, 500 and 1000 rows
     python bench/drift_null.py --seeds 1000 --windows 200
 
-Each seed draws clean windows of served traffic (`loopform.data.generate`, one day, as the local
+Each seed draws clean windows of served traffic (`models.fraud.data.generate`, one day, as the local
 loop sends) and compares them with a 30-day reference of `--reference-rows` rows, under two rules:
 
 - old: Evidently's fixed thresholds (distance >= 0.1 above 1000 reference rows), drift share above
@@ -30,11 +30,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from loopform.data import BASE_FRAUD_RATE, FEATURE_NAMES, LABEL, generate
 from loopform.gates.drift import compute_drift, decision_rule, label_shift, profile
 from loopform.spec import GatesSpec
+from models.fraud.contract import CONTRACT
+from models.fraud.data import BASE_FRAUD_RATE, FEATURE_NAMES, LABEL, generate
 
 GATES = GatesSpec()
+KINDS = CONTRACT.kinds
 
 
 def upper_bound(hits: int, trials: int, confidence: float = 0.95) -> float:
@@ -74,7 +76,11 @@ def main(argv: list[str] | None = None) -> int:
         slot = seed % args.references
         if slot not in references:
             reference = generate(args.reference_rows, 10_000 + slot, days=30)
-            references[slot] = (profile(reference, columns), profile(reference, [LABEL]), reference[LABEL])
+            references[slot] = (
+                profile(reference, columns, kinds=KINDS),
+                profile(reference, [LABEL], kinds={LABEL: "categorical"}),
+                reference[LABEL],
+            )
         ref_profile, label_profile, ref_labels = references[slot]
         for n in args.windows:
             base = 1_000_000 + seed * 1_000 + n  # a fresh window per seed and size
@@ -91,9 +97,9 @@ def main(argv: list[str] | None = None) -> int:
                 assert stats.calibrated is not None
                 hits[(name, n, "old")] += stats.drift_share > drift.max_drift_share
                 hits[(name, n, "new")] += stats.calibrated.detected
-                old_label = compute_drift(label_profile, window, [LABEL], GATES, kinds={LABEL: "categorical"})
+                old_label = compute_drift(label_profile, window, [LABEL], GATES)
                 hits[(name, n, "old label")] += old_label.features[LABEL].drifted
-                hits[(name, n, "new label")] += label_shift(ref_labels, window[LABEL], GATES).shifted
+                hits[(name, n, "new label")] += label_shift(ref_labels, window[LABEL], GATES, LABEL).shifted
                 if name == "clean":
                     feature_hits[n] += sum(f.p_value <= level for f in stats.calibrated.features.values())
     seconds = time.perf_counter() - started

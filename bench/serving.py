@@ -4,7 +4,7 @@
 
 Trains a small fraud model, registers it in a temporary MLflow SQLite store, then measures one-row scoring:
   raw      model.predict_proba(one-row DataFrame) in this process (the model's own cost, incl. encoding)
-  scorer   loopform.serving.Scorer.score_rows in this process (+ response dicts, payload log enqueue, metrics)
+  scorer   loopform.serving.scorer.Scorer.score_rows in this process (+ response dicts, payload log enqueue, metrics)
   bentoml  POST /predict to `bentoml serve bentos.fraud.service:FraudService` (1 worker) over localhost HTTP
   fastapi  POST /predict to uvicorn running bench/serving_fastapi.py (1 worker), the same Scorer inside
 Latency is sequential over one keep-alive connection; throughput uses --concurrency client threads. The client
@@ -122,10 +122,15 @@ def main() -> None:
 
     import pandas as pd
 
-    from loopform import data, registry
+    from loopform import registry
     from loopform.payloads import PayloadLog
-    from loopform.serving import BentoServer, Scorer, free_port, load_release, torch_threads
+    from loopform.serving.process import BentoServer
+    from loopform.serving.release import load_release
+    from loopform.serving.scorer import Scorer, torch_threads
+    from models.fraud import data
+    from models.fraud.contract import CONTRACT
     from models.fraud.train import train
+    from tests.helpers_serving import free_port
 
     work = Path(tempfile.mkdtemp(prefix="loopform-bench-serving-"))
     frame = data.generate(args.rows, 3, days=10)
@@ -143,7 +148,7 @@ def main() -> None:
     results: dict[str, dict[str, float]] = {}
     results["raw"] = percentiles(time_calls(lambda: release.model.predict_proba(one), args.requests))
     with PayloadLog(str(work / "inproc-payloads"), "fraud") as payloads:
-        scorer = Scorer(release, data.FEATURE_NAMES, payloads=payloads, with_metrics=False)
+        scorer = Scorer(release, CONTRACT, payloads=payloads, with_metrics=False)
         results["scorer"] = percentiles(time_calls(lambda: scorer.score_rows([body], "predict"), args.requests))
 
     env = {
@@ -156,6 +161,7 @@ def main() -> None:
     bento = BentoServer(
         "bentos.fraud.service:FraudService",
         working_dir=REPO,
+        port=free_port(),
         env={**env, "LOOPFORM_PAYLOAD_URI": str(work / "bento-payloads")},
         log_path=work / "bentoml.log",
     ).start()

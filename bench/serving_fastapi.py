@@ -5,18 +5,19 @@ Run: LOOPFORM_TRACKING_URI=... LOOPFORM_MODEL_URI=... python -m uvicorn bench.se
 
 from __future__ import annotations
 
-import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
 
-from loopform import data
-from loopform.payloads import PayloadLog
-from loopform.serving import ENV_PAYLOAD_URI, Prediction, Scorer, release_from_env, request_models, torch_threads
+from loopform.serving.release import payload_log_from_env, release_from_env
+from loopform.serving.schemas import schemas
+from loopform.serving.scorer import Scorer, torch_threads
+from models.fraud.contract import CONTRACT
 
-Transaction, _ = request_models(data.FEATURES, entity=data.ENTITY)
+api = schemas(CONTRACT)
+Request, Prediction = api.request, api.response
 state: dict[str, Any] = {}
 
 
@@ -24,8 +25,8 @@ state: dict[str, Any] = {}
 async def lifespan(_: FastAPI) -> AsyncIterator[None]:
     torch_threads()
     release = release_from_env()
-    payloads = PayloadLog(os.environ.get(ENV_PAYLOAD_URI, "payloads"), release.name)
-    state["scorer"] = Scorer(release, data.FEATURE_NAMES, payloads=payloads, entity=data.ENTITY)
+    payloads = payload_log_from_env(release.name)
+    state["scorer"] = Scorer(release, CONTRACT, payloads=payloads)
     yield
     payloads.close()
 
@@ -34,5 +35,5 @@ app = FastAPI(lifespan=lifespan)
 
 
 @app.post("/predict")
-def predict(transaction: Transaction) -> Prediction:  # type: ignore[valid-type]
-    return Prediction(**state["scorer"].score_rows([transaction.model_dump()], "predict")[0])  # type: ignore[attr-defined]
+def predict(event: Request) -> Prediction:  # type: ignore[valid-type]
+    return Prediction(**state["scorer"].score_rows([event.model_dump()], "predict")[0])

@@ -1,7 +1,7 @@
 """FeatureStore: Feast registry, offline store, Redis online store, feature server, materialisation.
 
-Typed Kubernetes resources rather than the Feast operator: the feature repo is the same
-`models/*/features.py` the local runtime applies, shipped as a ConfigMap; `feast apply`
+Typed Kubernetes resources rather than the Feast operator: the feature repo is the Feast
+definitions the local runtime applies, rendered from each model's contract and shipped as a ConfigMap; `feast apply`
 runs as a Job the server waits for, and a CronJob materialises on the spec's schedule.
 The operator would add a CRD controller for what five objects express directly.
 """
@@ -69,14 +69,22 @@ class FeatureStoreArgs:
 
 
 def feature_files(root: Path, model_paths: dict[str, str]) -> dict[str, str]:
-    """Read `<model path>/features.py` for each model, named `<model>_features.py` in the repo."""
-    files = {}
-    for model, path in sorted(model_paths.items()):
-        source = root / path / "features.py"
-        if not source.exists():
-            raise FileNotFoundError(f"models.{model}.path: {source} does not exist (each model needs a features.py)")
-        files[f"{model}_features.py"] = source.read_text()
-    return files
+    """Each model's Feast definitions, rendered from its contract (`loopform.feast_definitions`), named
+    `<model>_features.py` in the repo: self-contained, so `feast apply` needs no model code."""
+    from loopform.feast_definitions import registry_names, source
+    from loopform.model_code import contract_at
+
+    contracts = {model: contract_at(root, path, model) for model, path in sorted(model_paths.items())}
+    owners: dict[tuple[str, str], str] = {}
+    for model, contract in contracts.items():
+        for kind, name in registry_names(contract).items():
+            other = owners.setdefault((kind, name), model)
+            if other != model:
+                raise ValueError(
+                    f"models {other} and {model} both declare the Feast {kind} {name!r}: the platform's one registry "
+                    f"needs distinct names (models/{model}/contract.py)"
+                )
+    return {f"{model}_features.py": source(contract) for model, contract in contracts.items()}
 
 
 def registry_secret_name(name: str) -> str:

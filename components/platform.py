@@ -85,7 +85,7 @@ class PlatformArgs:
     spec: PlatformSpec
     """The validated stack spec."""
     root: Path
-    """Repository root, where model folders (features.py) are read from."""
+    """Repository root, where model folders (their contracts) are read from."""
     registry_db_password: pulumi.Input[str] | None = None
     """Secret password of the MLflow database user (config loopform:registryDbPassword)."""
     redis_password: pulumi.Input[str] | None = None

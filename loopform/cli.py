@@ -111,6 +111,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 def cmd_ingest(args: argparse.Namespace) -> int:
     """Admit a batch of labelled events into the stack's offline store, after its own checks (exit 1: refused)."""
     from loopform.ingest import BatchRefused, ingest_batch, read_batch, synthetic_batch
+    from loopform.local import local_feature_repo
+    from loopform.model_code import ModelCode
     from loopform.steps import LABELS_FILE, StepFailed
 
     spec = load_stack(_stack_path(args), Path(args.root))
@@ -119,10 +121,12 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     model = args.model or (next(iter(spec.models)) if len(spec.models) == 1 else None)
     if model is None:
         raise UsageError(f"stack {args.stack} has several models: name one with --model ({', '.join(spec.models)})")
+    if model not in spec.models:
+        raise UsageError(f"stack {args.stack} declares no model {model!r} (declared: {', '.join(spec.models)})")
     offline_uri, feature_repo = args.offline_uri, None
     if offline_uri is None and spec.is_local:
         # The local loop's own store: the Feast repo `loopform up` made under local.workdir.
-        feature_repo = (Path(args.root) / spec.local.workdir).resolve() / "feast"
+        feature_repo = local_feature_repo(spec, Path(args.root), model)
         if not (feature_repo / "data" / LABELS_FILE).exists():
             raise UsageError(
                 f"no local offline store at {feature_repo / 'data'}: run `loopform up --stack {args.stack}` first "
@@ -130,8 +134,13 @@ def cmd_ingest(args: argparse.Namespace) -> int:
             )
     elif offline_uri is None:
         offline_uri = spec.feature_store.offline_store.data_uri
+    code = ModelCode(model, Path(args.root), spec.models[model].path)
     try:
-        frame = read_batch(Path(args.path)) if args.path else synthetic_batch(args.synthetic, args.seed)
+        frame = (
+            read_batch(Path(args.path), code.contract)
+            if args.path
+            else synthetic_batch(code, args.synthetic, args.seed)
+        )
         done = ingest_batch(
             spec,
             model,
@@ -169,6 +178,27 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     for line in report.accepted_lines():
         print(f"  accepted ({report.accept_shift}) {line}")
     print(f"  features: {done.source_uri}\n  labels:   {done.labels_uri}")
+    return 0
+
+
+def cmd_new(args: argparse.Namespace) -> int:
+    """Scaffold a model: models/NAME/, bentos/NAME/ and its entries in the local and dev stack files."""
+    from loopform.scaffold import ScaffoldError, new_model
+
+    root = Path(args.root)
+    try:
+        scaffold = new_model(root, args.name, args.task)
+    except ScaffoldError as error:
+        raise UsageError(str(error)) from None
+    for path in scaffold.files:
+        print(f"created {path.relative_to(root)}")
+    for diff in scaffold.diffs.values():
+        print(diff, end="")
+    print(
+        f"\nmodel {args.name!r} ({args.task}) added. Next: `loopform up --stack local` trains, gates, promotes and "
+        f"serves it; `loopform render --stack dev` shows its WorkflowTemplate. Replace models/{args.name}/contract.py, "
+        "data.py, model.py and train.py with yours (README: Add your own model)."
+    )
     return 0
 
 
@@ -289,9 +319,13 @@ def cmd_monitor(args: argparse.Namespace) -> int:
 
     from prometheus_client import CollectorRegistry
 
+    from loopform.model_code import ModelCode
     from loopform.monitor import FileTrigger, run_monitor, write_metrics
 
     spec = load_stack(_stack_path(args), Path(args.root))
+    if args.model not in spec.models:
+        raise UsageError(f"stack {args.stack} declares no model {args.model!r} (declared: {', '.join(spec.models)})")
+    contract = ModelCode(args.model, Path(args.root), spec.models[args.model].path).contract
     report_dir = Path(args.report_dir)
     version = None
     if args.reference:
@@ -303,9 +337,10 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     try:
         result = run_monitor(
             args.model,
+            contract=contract,
             reference=reference,
             payload_uri=payload_uri,
-            gates=spec.gates,
+            gates=spec.gates_for(args.model),
             window=spec.monitoring.window,
             until=datetime.now(UTC),
             min_rows=spec.monitoring.min_rows,
@@ -393,6 +428,13 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("--context", help="kubeconfig context (default: cluster.kube_context, else the current one)")
     doctor.add_argument("--kubeconfig", help="kubeconfig file (default: $KUBECONFIG, else ~/.kube/config)")
     doctor.set_defaults(handler=cmd_doctor)
+
+    new = commands.add_parser("new", help="scaffold a model that renders, trains, passes its gates and serves")
+    kinds = new.add_subparsers(dest="kind", required=True, metavar="KIND")
+    new_model = kinds.add_parser("model", help="models/NAME/, bentos/NAME/ and its local and dev stack entries")
+    new_model.add_argument("name", help="model name: lowercase letters and digits, starting with a letter")
+    new_model.add_argument("--task", required=True, choices=["classification", "regression"])
+    new_model.set_defaults(handler=cmd_new)
 
     seed = commands.add_parser(
         "ingest",

@@ -2,18 +2,17 @@
 
 The embedded default of the FeatureStore component: Feast's local provider, the file
 offline store (Parquet) and a SQLite online store, all under one folder. The store holds
-the card-level features only (`loopform.data.CARD_FEATURES`); a transaction's own fields
-travel with the transaction. Training frames come from point-in-time-correct historical
-retrieval (labelled events with their own fields, plus the card as of each event) and
-serving reads the card's row from the online store, both through the model's feature
-service, so both paths read one definition. `import feast` costs seconds: it happens only
+the entity-scope features of the model's contract only; an event's own fields travel with
+the event. Training frames come from point-in-time-correct historical retrieval (labelled
+events with their own fields, plus the entity as of each event) and serving reads the
+entity's row from the online store, both through the model's feature service, so both paths
+read one definition (`loopform.feast_definitions`, derived from the contract). `import feast` costs seconds: it happens only
 when a store is first needed.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import shutil
 import sys
 from collections.abc import Iterable
 from datetime import UTC, datetime
@@ -25,9 +24,12 @@ if TYPE_CHECKING:
     import pandas as pd
     from feast import FeatureService, FeatureStore
 
+    from loopform.contract import Contract
     from loopform.spec import FeatureStoreSpec
 
-DATA_FILE = "data/transactions.parquet"
+#: A model's event table (entity-scope features per event): in its folder of the offline store, and in a
+#: local repo's data/ folder.
+EVENTS_FILE = "events.parquet"
 FEATURE_STORE_YAML = """\
 project: {project}
 provider: local
@@ -74,7 +76,7 @@ def cluster_config(spec: FeatureStoreSpec) -> str:
 
 
 class FeatureRepo:
-    """Feast repository in `workdir` built from `model_path/features.py`.
+    """Feast repository in `workdir` with the Feast definitions of a model's contract.
 
     By default a self-contained local repo (source table, registry and SQLite online store
     under `workdir`); with `config`, a client of the platform's Feast (see `cluster_config`).
@@ -83,16 +85,15 @@ class FeatureRepo:
     def __init__(
         self,
         workdir: Path,
-        model_path: Path,
+        contract: Contract,
         *,
         project: str = "loopform",
-        service: str | None = None,
         config: str | None = None,
     ) -> None:
         self.workdir = Path(workdir).resolve()
-        self.model_path = Path(model_path).resolve()
+        self.contract = contract
         self.project = project.replace("-", "_")
-        self.service_name = service
+        self.service_name = contract.feature_service
         self.config = config
         self._store: FeatureStore | None = None
         self._module: ModuleType | None = None
@@ -100,18 +101,17 @@ class FeatureRepo:
     @property
     def data_path(self) -> Path:
         """The offline source table (Parquet)."""
-        return self.workdir / DATA_FILE
+        return self.workdir / "data" / EVENTS_FILE
 
     def write(self, data: pd.DataFrame) -> Path:
         """Write the source table, feature_store.yaml and the model's feature definitions."""
-        from loopform import data as schema
-
-        missing = [c for c in (schema.ENTITY, schema.TIMESTAMP, *schema.FEATURE_NAMES) if c not in data.columns]
+        schema = self.contract
+        missing = [c for c in (schema.entity, schema.timestamp, *schema.feature_names) if c not in data.columns]
         if missing:
             raise ValueError(f"feature source lacks column(s) {missing}")
         (self.workdir / "data").mkdir(parents=True, exist_ok=True)
         # Labels stay out of the feature table: they belong to the entity frame of training.
-        columns = [c for c in data.columns if c != schema.LABEL]
+        columns = [c for c in data.columns if c != schema.label]
         data[columns].to_parquet(self.data_path, index=False)
         return self.configure()
 
@@ -120,7 +120,9 @@ class FeatureRepo:
         self.workdir.mkdir(parents=True, exist_ok=True)
         config = self.config or FEATURE_STORE_YAML.format(project=self.project)
         (self.workdir / "feature_store.yaml").write_text(config)
-        shutil.copyfile(self.model_path / "features.py", self.workdir / "features.py")
+        from loopform.feast_definitions import source
+
+        (self.workdir / "features.py").write_text(source(self.contract))
         # `feast apply` imports every .py in the repo: only the definitions belong there.
         (self.workdir / ".feastignore").write_text("data/\n")
         self._store = None
@@ -172,7 +174,7 @@ class FeatureRepo:
 
     @property
     def feature_service(self) -> FeatureService:
-        """The model's feature service (the only one defined, or the one named at construction)."""
+        """The model's feature service (the contract's)."""
         from feast import FeatureService
 
         services = [obj for obj in self._objects() if isinstance(obj, FeatureService)]
@@ -191,21 +193,20 @@ class FeatureRepo:
         self.store.materialize(start_date=_utc(start), end_date=_utc(end))
 
     def training_frame(self, entity_df: pd.DataFrame) -> pd.DataFrame:
-        """Each labelled event with the card's features as of its instant (point-in-time join); extra columns pass.
+        """Each labelled event with the entity's features as of its instant (point-in-time join); extra columns pass.
 
-        entity_df: one row per event: card_id, event_timestamp and the transaction's own fields
-        (`loopform.data.TRANSACTION_FEATURES`), plus whatever should pass through (id, label). The
-        card-level features are the store's to add, so a frame that already carries them is refused.
+        entity_df: one row per event: entity id, event time and the event's own fields (the contract's
+        `event_features`), plus whatever should pass through (id, label). The entity-scope features
+        are the store's to add, so a frame that already carries them is refused.
         Rows come back in event-time order. Feast's file store drops entity rows with no feature row
         inside the view's TTL, so the result may be shorter than the input.
         """
-        from loopform import data as schema
-
-        missing = [c for c in (schema.ENTITY, schema.TIMESTAMP, *schema.TRANSACTION_FEATURES) if c not in entity_df]
+        schema = self.contract
+        missing = [c for c in (schema.entity, schema.timestamp, *schema.event_features) if c not in entity_df]
         if missing:
             raise ValueError(
-                f"the entity frame lacks {missing}: each event carries its own transaction fields, "
-                "the feature store adds only the card's features as of the event"
+                f"the entity frame lacks {missing}: each event carries its own fields, "
+                "the feature store adds only the entity's features as of the event"
             )
         stored = [c for c in self.stored_features() if c in entity_df.columns]
         if stored:
@@ -213,24 +214,22 @@ class FeatureRepo:
                 f"the entity frame carries {stored}: those come from the feature store's point-in-time join"
             )
         frame = self.store.get_historical_features(entity_df=entity_df, features=self.feature_service).to_df()
-        keys = [c for c in (schema.TIMESTAMP, schema.ENTITY, schema.ID) if c in frame.columns]
+        keys = [c for c in (schema.timestamp, schema.entity, schema.id) if c in frame.columns]
         return frame.sort_values(keys, kind="stable").reset_index(drop=True)
 
     def stored_features(self) -> list[str]:
         """Names of the features the feature service reads from the store, in its order."""
         return [f.name for projection in self.feature_service.feature_view_projections for f in projection.features]
 
-    def online(self, card_ids: Iterable[int], *, with_time: bool = False) -> pd.DataFrame:
-        """The card features of each card's latest row in the online store, in the order asked (unknown: nulls).
+    def online(self, entity_ids: Iterable[int], *, with_time: bool = False) -> pd.DataFrame:
+        """The entity features of each entity's latest row in the online store, in the order asked (unknown: nulls).
 
-        with_time: add `AS_OF`, the event time of the row served (tz-aware UTC; NaT for an unknown card).
+        with_time: add `AS_OF`, the event time of the row served (tz-aware UTC; NaT for an unknown entity).
         """
         import pandas as pd
         from feast.types import Int32, Int64
 
-        from loopform import data as schema
-
-        rows = [{schema.ENTITY: int(card)} for card in card_ids]
+        rows = [{self.contract.entity: int(entity)} for entity in entity_ids]
         response = self.store.get_online_features(features=self.feature_service, entity_rows=rows)
         frame = response.to_df(include_event_timestamps=with_time)
         # Integer features stay integers next to an unknown card's nulls (as in the offline store).
@@ -246,22 +245,21 @@ class FeatureRepo:
             frame[AS_OF] = pd.to_datetime(seconds, unit="s", utc=True)
         return frame
 
-    def write_online(self, transactions: pd.DataFrame) -> None:
-        """Write the card features of arriving transactions to the online store, as a streaming pipeline would.
+    def write_online(self, events: pd.DataFrame) -> None:
+        """Write the entity features of arriving events to the online store, as a streaming pipeline would.
 
-        Each row (card_id, event_timestamp and the card features computed from the card's earlier
-        transactions) becomes its card's current online row, so a card-path request for that
-        transaction reads exactly what training joins to it. Later rows of a card replace earlier ones.
+        Each row (entity id, event time and the entity features computed from the entity's earlier
+        events) becomes its entity's current online row, so an entity-path request for that event
+        reads exactly what training joins to it. Later rows of an entity replace earlier ones.
         """
-        from loopform import data as schema
-
-        ordered = transactions.sort_values(schema.TIMESTAMP, kind="stable")
+        schema = self.contract
+        ordered = events.sort_values(schema.timestamp, kind="stable")
         for projection in self.feature_service.feature_view_projections:
             names = [f.name for f in projection.features]
-            self.store.write_to_online_store(projection.name, ordered[[schema.ENTITY, schema.TIMESTAMP, *names]])
+            self.store.write_to_online_store(projection.name, ordered[[schema.entity, schema.timestamp, *names]])
 
 
-#: Column `FeatureRepo.online(..., with_time=True)` adds: when the card features served were computed.
+#: Column `FeatureRepo.online(..., with_time=True)` adds: when the entity features served were computed.
 AS_OF = "features_as_of"
 _TIMESTAMP_SUFFIX = "__ts"
 

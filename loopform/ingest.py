@@ -4,19 +4,22 @@ Every way data enters the offline store goes through `admit`: `loopform ingest` 
 on the cluster with `--offline-uri s3://...`), the pipeline's `steps.ingest` and the local loop. The
 batch is judged on its own, before anything is written or read from it:
 
-- structure: schema, types, missing values (gates.max_missing_share; none in ids, card ids, times and
-  labels), values outside the schema's ranges (gates.max_out_of_range_share), duplicate ids;
+- structure: the model's contract: schema, types, missing values (gates.max_missing_share; none in ids,
+  entity ids, times and labels), values outside the contract's ranges (gates.max_out_of_range_share),
+  duplicate ids;
 - conflicts: ids already stored are refused, never replaced (count and examples reported);
 - against the reference, the store's newest training window (`training.window_days` back from its
-  newest event): one-class labels, label shift (a two-sided Fisher exact test of the positive rate,
-  gates.drift.label_shift_ratio and label_shift_p_value), drift (the drift gate) and OOD (the OOD gate,
+  newest event): one-class labels, label shift (a classifier's: a two-sided Fisher exact test of the
+  positive rate, gates.drift.label_shift_ratio and label_shift_p_value; a regressor's: the calibrated
+  test of the label's distribution), drift (the drift gate) and OOD (the OOD gate,
   gates.max_ood_rate). An empty store (or one under MIN_REFERENCE_ROWS rows) has no reference: the
   first batch gets structural checks only, and the report says so.
 
-A refused batch is quarantined under `<offline store>/quarantine/<batch id>/` (its rows and
-report.json with every check and its numbers; report.html with Evidently's data summary on request)
-and nothing else is written: the source table and the labels stay byte-identical. Feast's file source
-is `<offline store>/transactions.parquet` alone, so materialisation and training only ever read
+Each model has its own folder of the offline store, `<offline store>/<model>/`. A refused batch is
+quarantined under `<model folder>/quarantine/<batch id>/` (its rows and report.json with every check
+and its numbers; report.html with Evidently's data summary on request) and nothing else is written:
+the event table and the labels stay byte-identical. Feast's file source is
+`<model folder>/events.parquet` alone, so materialisation and training only ever read
 admitted batches; nothing under quarantine/ is read by anything.
 
 A shift of the world fails the checks against the reference as a broken batch does. `accept_shift`
@@ -54,7 +57,9 @@ from loopform.steps import (
 if TYPE_CHECKING:
     import pandas as pd
 
+    from loopform.contract import Contract
     from loopform.gates.validation import BatchReport
+    from loopform.model_code import ModelCode
     from loopform.spec import PlatformSpec
 
 QUARANTINE = "quarantine"
@@ -82,11 +87,9 @@ class Ingested:
     report: BatchReport
 
 
-def read_batch(path: Path) -> pd.DataFrame:
+def read_batch(path: Path, contract: Contract) -> pd.DataFrame:
     """Labelled events from Parquet or CSV: the model's columns that are there (the checks name missing ones)."""
     import pandas as pd
-
-    from loopform import data
 
     if not path.is_file():
         raise StepFailed(f"{path}: no such file")
@@ -96,30 +99,28 @@ def read_batch(path: Path) -> pd.DataFrame:
         frame = pd.read_csv(path)
     else:
         raise StepFailed(f"{path}: use a .parquet or .csv file")
-    if data.TIMESTAMP in frame.columns:
+    if contract.timestamp in frame.columns:
         with contextlib.suppress(ValueError, TypeError):  # else left as it is: the types check names the column
-            frame[data.TIMESTAMP] = pd.to_datetime(frame[data.TIMESTAMP], utc=True)
-    return frame[[column for column in data.COLUMNS if column in frame.columns]]
+            frame[contract.timestamp] = pd.to_datetime(frame[contract.timestamp], utc=True)
+    return frame[[column for column in contract.columns if column in frame.columns]]
 
 
-def synthetic_batch(rows: int, seed: int) -> pd.DataFrame:
+def synthetic_batch(code: ModelCode, rows: int, seed: int) -> pd.DataFrame:
     """A demo batch from the model's generator: 30 days of labelled events ending now."""
-    from loopform import data
-
-    return data.generate(rows=rows, seed=seed, start=datetime.now(UTC) - timedelta(days=30), days=30)
+    return code.generate(rows, seed, start=datetime.now(UTC) - timedelta(days=30), days=30)
 
 
 def store_uri(ctx: StepContext) -> str:
-    """The offline store's folder: the labels and (on the cluster) the source table live in it."""
+    """The model's folder of the offline store: the labels and (on the cluster) the event table live in it."""
     return labels_uri(ctx).rsplit("/", 1)[0]
 
 
 def batch_id(frame: pd.DataFrame, now: datetime | None = None) -> str:
     """`<UTC time>-<content hash>`: when it arrived and what it held."""
-    from loopform import data
+    from loopform.contract import fingerprint
 
     try:
-        digest = data.fingerprint(frame)
+        digest = fingerprint(frame)
     except (TypeError, ValueError):  # columns of mixed types
         digest = hashlib.sha256(frame.to_csv(index=False).encode()).hexdigest()
     return f"{(now or datetime.now(UTC)):%Y%m%dT%H%M%SZ}-{digest[:12]}"
@@ -129,14 +130,13 @@ def read_store(ctx: StepContext) -> tuple[pd.DataFrame | None, pd.DataFrame | No
     """(id, time and label of every stored row, the reference window of labelled rows); (None, None) when empty."""
     import pandas as pd
 
-    from loopform import data
-
+    contract = ctx.contract
     if not _exists(labels_uri(ctx)):
         return None, None
-    stored = pd.read_parquet(labels_uri(ctx), columns=[data.ID, data.TIMESTAMP, data.LABEL])
+    stored = pd.read_parquet(labels_uri(ctx), columns=[contract.id, contract.timestamp, contract.label])
     if stored.empty:
         return stored, None
-    return stored, load_table(ctx, since=window_start(ctx, stored[data.TIMESTAMP].max()))
+    return stored, load_table(ctx, since=window_start(ctx, stored[contract.timestamp].max()))
 
 
 def admit(
@@ -146,9 +146,11 @@ def admit(
     from loopform.gates.validation import validate_batch
 
     stored, reference = read_store(ctx)
+    contract = ctx.contract
     report = validate_batch(
         frame,
-        ctx.spec.gates,
+        ctx.gates,
+        contract,
         reference=reference,
         stored=stored,
         accept_shift=accept_shift,
@@ -157,24 +159,20 @@ def admit(
     )
     if not report.passed:
         raise BatchRefused(report, quarantine(ctx, frame, report, reference if html_report else None, html_report))
-    _append(ctx, _conform(frame), stored is not None)
+    _append(ctx, _conform(frame, contract), stored is not None)
     if report.accepted:
-        from loopform import data
-
         checks = [check.name for check in report.accepted]
-        record_regime(ctx, frame[data.TIMESTAMP].min(), report.batch_id, str(report.accept_shift), checks)
+        record_regime(ctx, frame[contract.timestamp].min(), report.batch_id, str(report.accept_shift), checks)
     return report
 
 
-def _conform(frame: pd.DataFrame) -> pd.DataFrame:
+def _conform(frame: pd.DataFrame, contract: Contract) -> pd.DataFrame:
     """The batch in the store's column order and types (whole-number floats of integer features as int64)."""
     import numpy as np
     import pandas as pd
 
-    from loopform import data
-
-    out = frame[list(data.COLUMNS)].copy()
-    for feature in data.FEATURES:
+    out = frame[list(contract.columns)].copy()
+    for feature in contract.features:
         column = out[feature.name]
         if feature.kind == "categorical" and not pd.api.types.is_object_dtype(column.dtype):
             out[feature.name] = column.astype(object).where(column.notna(), None)
@@ -188,11 +186,10 @@ def _append(ctx: StepContext, batch: pd.DataFrame, has_store: bool) -> None:
     import pandas as pd
     import pyarrow as pa
 
-    from loopform import data
-
-    table = pd.concat([load_table(ctx)[list(data.COLUMNS)], batch], ignore_index=True) if has_store else batch
-    features = table.drop(columns=[data.LABEL])
-    labels = table[[data.ID, data.ENTITY, data.TIMESTAMP, data.LABEL]]
+    contract = ctx.contract
+    table = pd.concat([load_table(ctx)[list(contract.columns)], batch], ignore_index=True) if has_store else batch
+    features = table.drop(columns=[contract.label])
+    labels = table[list(contract.keys)]
     try:
         pa.Table.from_pandas(features, preserve_index=False)
         pa.Table.from_pandas(labels, preserve_index=False)
@@ -229,20 +226,21 @@ def quarantine(
     with fs.open(f"{path}/report.json", "w") as out:
         out.write(json.dumps(report.to_dict(), indent=2, sort_keys=True, allow_nan=False) + "\n")
     if html_report:
-        _html_report(frame, reference, fs, f"{path}/report.html")
+        _html_report(frame, reference, ctx.contract, fs, f"{path}/report.html")
     return folder
 
 
-def _html_report(frame: pd.DataFrame, reference: pd.DataFrame | None, fs: object, path: str) -> None:
+def _html_report(
+    frame: pd.DataFrame, reference: pd.DataFrame | None, contract: Contract, fs: object, path: str
+) -> None:
     """Evidently's data summary of the batch beside the reference (about 10 s with the import, 4 MB)."""
-    from loopform import data
     from loopform.gates.report import write_summary_report
 
-    usable = [c for c in data.FEATURE_NAMES if c in frame.columns]
+    usable = [c for c in contract.feature_names if c in frame.columns]
     with tempfile.TemporaryDirectory(prefix="loopform-quarantine-") as scratch:
         local = Path(scratch) / "report.html"
         try:
-            write_summary_report(frame, reference, local, columns=usable)
+            write_summary_report(frame, reference, contract, local, columns=usable)
         except Exception as error:  # a summary of broken data may itself break: the JSON report stands
             local.write_text(f"<html><body>no data summary for this batch: {error}</body></html>\n")
         fs.put(str(local), path)  # type: ignore[attr-defined]
@@ -262,8 +260,6 @@ def ingest_batch(
     """Admit `frame` into the offline store at `offline_uri` (or the local Feast repo `feature_repo`)."""
     import pandas as pd
 
-    from loopform import data
-
     if model not in spec.models:
         raise StepFailed(f"stack {spec.environment} declares no model {model!r} (declared: {', '.join(spec.models)})")
     if (offline_uri is None) == (feature_repo is None):
@@ -280,5 +276,5 @@ def ingest_batch(
             offline_uri=offline_uri,
         )
         report = admit(context, frame, accept_shift=accept_shift, html_report=html_report)
-        total = len(pd.read_parquet(labels_uri(context), columns=[data.ID]))
+        total = len(pd.read_parquet(labels_uri(context), columns=[context.contract.id]))
         return Ingested(len(frame), total, source_uri(context), labels_uri(context), report)

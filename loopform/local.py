@@ -1,9 +1,10 @@
 """`loopform up --stack local`: the whole data loop on one machine, from the embedded defaults.
 
-generate data -> Feast apply + materialise -> pipeline (validate -> features -> train ->
-evaluate -> register -> promote to staging) -> promote to production through the gates ->
-serve with BentoML on localhost -> traffic -> drifted traffic -> the monitor detects it ->
-retraining on the new data -> the new version is evaluated and gated -> summary.
+For every model of the stack, one after the other: generate data (the model's own generator) ->
+Feast apply + materialise -> pipeline (validate -> features -> train -> evaluate -> register ->
+promote to staging) -> promote to production through the gates -> serve with BentoML on
+localhost -> traffic -> drifted traffic -> the monitor detects it -> retraining on the new data
+-> the new version is evaluated and gated; then one summary of every model.
 
 Everything it writes stays under `local.workdir`: MLflow on SQLite, the Feast repo, the
 payload log, reports, and the stack files its promotions record releases in (copies made
@@ -21,35 +22,40 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from loopform.monitor import parse_duration
 from loopform.pipeline import PIPELINE
-from loopform.spec import CONFIG_KEY, load_stack, read_stack_file
+from loopform.spec import CONFIG_KEY, PlatformSpec, load_stack, read_stack_file
+
+if TYPE_CHECKING:
+    from loopform.contract import Contract
+    from loopform.model_code import ModelCode
 
 PRODUCTION = "prod"
 ENVIRONMENTS = ("staging", PRODUCTION)
 DRIFT_STRENGTH = 0.8
-CARD_SHARE = 0.2  # share of single requests scored by card id through the online store
-CARD_TRAFFIC = 600  # requests of a phase sent one at a time; the rest go in batches
-BATCH = 500  # transactions per /predict_batch request
+LABEL_SHIFT = 0.1  # the generators' label_shift of the "label" drift
+ENTITY_SHARE = 0.2  # share of single requests scored by entity id through the online store
+SINGLE_TRAFFIC = 600  # requests of a phase sent one at a time; the rest go in batches
+BATCH = 500  # events per /predict_batch request
 MARKER = ".loopform-workdir"
 
 
 @dataclass
-class Summary:
-    """What the loop did, for the closing report and for tests."""
+class ModelRun:
+    """What the loop did for one model."""
 
-    workdir: Path
-    tracking_uri: str
+    model: str
     versions: list[int] = field(default_factory=list)
     production_version: int | None = None
     endpoint: str = ""
+    service: str = ""
+    """The BentoML service import string (`bentos/<m>/bentofile.yaml`'s `service`)."""
     requests: dict[str, int] = field(default_factory=dict)
     monitor: dict[str, dict[str, Any]] = field(default_factory=dict)
-    reports: list[str] = field(default_factory=list)
     payload_rows: int = 0
     release: dict[str, Any] = field(default_factory=dict)
     """The signed production record (the last one released)."""
@@ -58,16 +64,31 @@ class Summary:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "workdir": str(self.workdir),
-            "tracking_uri": self.tracking_uri,
             "versions": self.versions,
             "production_version": self.production_version,
             "endpoint": self.endpoint,
             "requests": self.requests,
             "monitor": self.monitor,
-            "reports": self.reports,
             "payload_rows": self.payload_rows,
             "refusals": self.refusals,
+        }
+
+
+@dataclass
+class Summary:
+    """What the loop did, per model, for the closing report and for tests."""
+
+    workdir: Path
+    tracking_uri: str
+    models: dict[str, ModelRun] = field(default_factory=dict)
+    reports: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "workdir": str(self.workdir),
+            "tracking_uri": self.tracking_uri,
+            "models": {name: run.to_dict() for name, run in self.models.items()},
+            "reports": self.reports,
         }
 
 
@@ -107,8 +128,15 @@ def environment_stacks(stack_path: Path, workdir: Path, root: Path) -> Path:
             "identity": {"kind": "static-keys"},
         }
         platform["gitops"] = {"enabled": False}
-        # The repository's own gates of this environment, unlowered (prod: only after a signed staging release).
-        platform["gates"] = read_stack_file(root / "stacks" / f"Pulumi.{env}.yaml")["config"][CONFIG_KEY]["gates"]
+        # The repository's own gates of this environment, unlowered (prod: only after a signed staging release),
+        # and each model's own gates there; a model the environment does not declare yet keeps the local stack's.
+        repository = read_stack_file(root / "stacks" / f"Pulumi.{env}.yaml")["config"][CONFIG_KEY]
+        platform["gates"] = repository["gates"]
+        declared = repository.get("models") or {}
+        platform["models"] = {
+            name: {**model, "gates": (declared.get(name) or model).get("gates") or {}}
+            for name, model in (platform.get("models") or {}).items()
+        }
         text = f"# Local {env} environment of `loopform up`, made from {stack_path.name}.\n"
         (folder / f"Pulumi.{env}.yaml").write_text(text + yaml.safe_dump({"config": {CONFIG_KEY: platform}}))
     return folder
@@ -129,8 +157,7 @@ def signers(workdir: Path, root: Path, stacks: Path) -> dict[str, Any]:
     found = {}
     for env in ENVIRONMENTS:
         base = json.loads((root / "policies" / "config" / f"{env}.json").read_text())
-        gates = load_stack(stacks / f"Pulumi.{env}.yaml").gates
-        config = policy_config.for_environment(base, env, gates, trusted)
+        config = policy_config.for_environment(base, load_stack(stacks / f"Pulumi.{env}.yaml"), trusted)
         found[env] = Signer(key, policy_config.write(workdir / "policy" / f"{env}.json", config))
     return found
 
@@ -151,32 +178,58 @@ def fresh_workdir(workdir: Path, root: Path) -> Path:
     return workdir
 
 
+def local_feature_repo(spec: PlatformSpec, root: Path, model: str) -> Path:
+    """The local Feast repo of a model under local.workdir (its own registry, event table and online store)."""
+    return (root / spec.local.workdir).resolve() / "feast" / model
+
+
 def up(stack_path: Path, root: Path, echo: Callable[[str], None] = print) -> Summary:
-    """Run the whole loop; returns the summary (raises on any failed step, with the reason)."""
+    """Run the whole loop for every model of the stack, one after the other; returns the summary (raises on any
+    failed step, with the reason)."""
     spec = load_stack(stack_path, root)
-    local = spec.local
-    model = sorted(spec.models)[0]
-    workdir = fresh_workdir((root / local.workdir).resolve(), root)
+    if not spec.models:
+        raise ValueError(f"{stack_path} declares no models: nothing to run (`loopform new model NAME` adds one)")
+    workdir = fresh_workdir((root / spec.local.workdir).resolve(), root)
     tracking_uri = f"sqlite:///{workdir / 'mlflow.db'}"
-    payload_uri = str(workdir / "payloads")
     stacks = environment_stacks(stack_path, workdir, root)
     keys = signers(workdir, root, stacks)
     summary = Summary(workdir=workdir, tracking_uri=tracking_uri)
-    progress = Progress(total=10 + 2 * len(PIPELINE), echo=echo)
-    echo(f"loopform up --stack {spec.environment}: model {model!r}, everything under {workdir}")
+    progress = Progress(total=len(spec.models) * (10 + 2 * len(PIPELINE)), echo=echo)
+    echo(f"loopform up --stack {spec.environment}: models {', '.join(sorted(spec.models))}, everything under {workdir}")
+    for model in sorted(spec.models):
+        summary.models[model] = _model_loop(model, spec, root, workdir, tracking_uri, stacks, keys, progress)
+    # Each run's gate reports and the monitor's (MLflow keeps its own copies of the gate reports).
+    summary.reports = sorted(str(p) for folder in ("runs", "monitor") for p in (workdir / folder).rglob("*.html"))
+    (workdir / "summary.json").write_text(json.dumps(summary.to_dict(), indent=2, default=str))
+    _print_summary(summary, echo)
+    return summary
 
-    from loopform import data
+
+def _model_loop(
+    model: str,
+    spec: PlatformSpec,
+    root: Path,
+    workdir: Path,
+    tracking_uri: str,
+    stacks: Path,
+    keys: dict[str, Any],
+    progress: Progress,
+) -> ModelRun:
+    """One model's loop: data, first version, production, serving, traffic, monitor, retraining on drift."""
     from loopform.steps import StepContext, ingest
 
+    local = spec.local
+    run = ModelRun(model)
+    payload_uri = str(workdir / "payloads")
     now = datetime.now(UTC).replace(microsecond=0)
 
-    def context(run: str) -> StepContext:
+    def context(name: str) -> StepContext:
         return StepContext(
             model=model,
             spec=spec,
-            run_dir=workdir / "runs" / run,
+            run_dir=workdir / "runs" / model / name,
             tracking_uri=tracking_uri,
-            feature_repo=workdir / "feast",
+            feature_repo=local_feature_repo(spec, root, model),
             root=root,
             stack_files=stacks,
             seed=local.seed,
@@ -185,63 +238,63 @@ def up(stack_path: Path, root: Path, echo: Callable[[str], None] = print) -> Sum
         )
 
     first = context("run-1")
+    code, contract = first.code, first.contract
     history_start = now - timedelta(days=30 + 1 + local.drift_days)
-    with progress.phase(f"generate {local.rows} labelled transactions (30 days, seed {local.seed})"):
-        history = data.generate(local.rows, local.seed, start=history_start, days=30)
-        progress.note(f"fraud rate {history[data.LABEL].mean():.3f}, {history[data.ENTITY].nunique()} cards")
-    with progress.phase("Feast: validate and write the first batch, apply definitions, materialise the online store"):
+    with progress.phase(f"{model}: generate {local.rows} labelled events (30 days, seed {local.seed})"):
+        history = code.generate(local.rows, local.seed, start=history_start, days=30)
+        progress.note(
+            f"{contract.label} mean {history[contract.label].mean():.3f}, "
+            f"{history[contract.entity].nunique()} {contract.entity} values"
+        )
+    with progress.phase(f"{model}: Feast: validate and write the first batch, apply definitions, materialise"):
         ingest(first, history)
         repo = first.repo()
         progress.note("applied " + ", ".join(repo.apply()))
         repo.materialize(end=now)
 
-    summary.versions.append(_pipeline(first, progress))
-    with progress.phase(f"promote version {summary.versions[0]} to {PRODUCTION} through its gates"):
-        released = summary.release = _promote(first, summary.versions[0], keys[PRODUCTION], root, progress)
-        summary.production_version = summary.versions[0]
+    run.versions.append(_pipeline(first, progress))
+    with progress.phase(f"{model}: promote version {run.versions[0]} to {PRODUCTION} through its gates"):
+        released = run.release = _promote(first, run.versions[0], keys[PRODUCTION], root, progress)
+        run.production_version = run.versions[0]
 
     clean_from = now - timedelta(days=1 + local.drift_days)
-    traffic = data.generate(local.traffic, local.seed + 100, start=clean_from, days=1)
-    drifted = _drifted(local.drift, local.drift_rows, local.seed + 200, now, days=local.drift_days)
-    server = _server(root, workdir, tracking_uri, released, local.serve_port)
-    with progress.phase(f"serve {model} version {released['version']} with BentoML on {server.url}"):
+    traffic = code.generate(local.traffic, local.seed + 100, start=clean_from, days=1)
+    drifted = _drifted(code, local.drift, local.drift_rows, local.seed + 200, now, days=local.drift_days)
+    run.service = service_target(root, model)
+    server = _server(run.service, root, workdir, model, tracking_uri, released, local.serve_port)
+    with progress.phase(f"{model}: serve version {released['version']} with BentoML on {server.url}"):
         server.start()
-        summary.endpoint = server.url
+        run.endpoint = server.url
     try:
         clean_start = datetime.now(UTC)
-        with progress.phase(f"send {local.traffic} requests of live traffic (1 day)"):
-            summary.requests["clean"] = _send(server.url, traffic, repo)
+        with progress.phase(f"{model}: send {local.traffic} requests of live traffic (1 day)"):
+            run.requests["clean"] = _send(server.url, traffic, repo, contract)
         drift_start = datetime.now(UTC)
         with progress.phase(
-            f"send {local.drift_rows} transactions of drifted traffic ({local.drift} drift, {local.drift_days} days)"
+            f"{model}: send {local.drift_rows} events of drifted traffic ({local.drift} drift, {local.drift_days} days)"
         ):
-            summary.requests["drifted"] = _send(server.url, drifted, repo)
+            run.requests["drifted"] = _send(server.url, drifted, repo, contract)
     finally:
         server.stop()  # graceful: the service drains its payload log
-    summary.payload_rows = _payload_rows(payload_uri, model)
+    run.payload_rows = len(_payloads(payload_uri, model))
 
     reference = first.run_dir / "reference.parquet"
-    with progress.phase("drift monitor on the live-traffic window"):
-        summary.monitor["clean"] = _monitor(first, reference, payload_uri, clean_start, drift_start, workdir)
-        progress.note(_monitor_line(summary.monitor["clean"]))
-    with progress.phase("drift monitor on the drifted window"):
-        summary.monitor["drifted"] = _monitor(first, reference, payload_uri, drift_start, None, workdir)
-        progress.note(_monitor_line(summary.monitor["drifted"]))
-    if summary.monitor["drifted"]["triggered"]:
+    with progress.phase(f"{model}: drift monitor on the live-traffic window"):
+        run.monitor["clean"] = _monitor(first, reference, payload_uri, clean_start, drift_start, workdir)
+        progress.note(_monitor_line(run.monitor["clean"]))
+    with progress.phase(f"{model}: drift monitor on the drifted window"):
+        run.monitor["drifted"] = _monitor(first, reference, payload_uri, drift_start, None, workdir)
+        progress.note(_monitor_line(run.monitor["drifted"]))
+    if run.monitor["drifted"]["triggered"]:
         served = {"live": traffic, "drifted": drifted}
-        _retrain(context("run-2"), workdir, summary, progress, served, payload_uri, keys[PRODUCTION])
+        _retrain(context("run-2"), workdir, run, progress, served, payload_uri, keys[PRODUCTION])
     else:
         progress.note(f"no retraining: the monitor saw no drift crossing the threshold ({local.drift} drift injected)")
-
-    # Each run's gate reports and the monitor's (MLflow keeps its own copies of the gate reports).
-    summary.reports = sorted(str(p) for folder in ("runs", "monitor") for p in (workdir / folder).rglob("*.html"))
-    (workdir / "summary.json").write_text(json.dumps(summary.to_dict(), indent=2, default=str))
-    _print_summary(summary, model, echo)
-    return summary
+    return run
 
 
 def _retrain(
-    ctx: Any, workdir: Path, summary: Summary, progress: Progress, served: Any, payload_uri: str, signer: Any
+    ctx: Any, workdir: Path, run: ModelRun, progress: Progress, served: Any, payload_uri: str, signer: Any
 ) -> None:
     """What the trigger starts: the served traffic whose labels have arrived, validated in; the pipeline on the
     window that now ends with it; the gated promotion. A refusal at any gate is reported, and production stays."""
@@ -251,17 +304,19 @@ def _retrain(
     from loopform.steps import StepFailed, ingest
 
     trigger = FileTrigger(workdir / "triggers")
-    with progress.phase("retraining trigger: ingest the served traffic whose labels have arrived, materialise"):
+    with progress.phase(
+        f"{ctx.model}: retraining trigger: ingest the served traffic whose labels have arrived, materialise"
+    ):
         pending = trigger.pending(ctx.model)
         for path in pending:
             progress.note(f"handling {path.name}")
             trigger.acknowledge(path)
         delay = parse_duration(ctx.spec.local.label_delay)
         for name, frame in served.items():
-            labelled = labelled_traffic(frame, payload_uri, ctx.model, delay)
+            labelled = labelled_traffic(frame, payload_uri, ctx.contract, delay)
             progress.note(
-                f"{name}: {len(labelled)} of {len(frame)} served transactions labelled "
-                f"(labels arrive {ctx.spec.local.label_delay} after each transaction)"
+                f"{name}: {len(labelled)} of {len(frame)} served events labelled "
+                f"(labels arrive {ctx.spec.local.label_delay} after each event)"
             )
             # Live traffic must pass on its own; the drifted traffic is the shift the trigger saw, accepted as such.
             reason = f"retraining trigger {pending[0].name if pending else 'by hand'}" if name == "drifted" else None
@@ -277,50 +332,55 @@ def _retrain(
         version = _pipeline(ctx, progress)
     except StepFailed as error:
         if (ctx.run_dir / "release.json").exists():  # registered, then refused at staging's gates
-            summary.versions.append(int(ctx.read_json("release.json")["version"]))
-        summary.refusals.append(str(error))
-        progress.note(f"REFUSED, version {summary.production_version} stays in production: {error}")
+            run.versions.append(int(ctx.read_json("release.json")["version"]))
+        run.refusals.append(str(error))
+        progress.note(f"REFUSED, version {run.production_version} stays in production: {error}")
         return
-    summary.versions.append(version)
-    with progress.phase(f"promote version {version} to {PRODUCTION} through its gates"):
+    run.versions.append(version)
+    with progress.phase(f"{ctx.model}: promote version {version} to {PRODUCTION} through its gates"):
         try:
-            summary.release = _promote(ctx, version, signer, ctx.root, progress)
+            run.release = _promote(ctx, version, signer, ctx.root, progress)
         except PromotionError as error:
-            summary.refusals.append(str(error))
-            progress.note(f"REFUSED, version {summary.production_version} stays in production:\n{error}")
+            run.refusals.append(str(error))
+            progress.note(f"REFUSED, version {run.production_version} stays in production:\n{error}")
             return
-        summary.production_version = version
+        run.production_version = version
 
 
-def labelled_traffic(served: Any, payload_uri: str, model: str, delay: timedelta) -> Any:
-    """The served transactions (in the payload log) whose labels have arrived: event time + delay <= now."""
-    from loopform import data
-
-    logged = set(_payloads(payload_uri, model)["transaction_id"].dropna())
-    arrived = served[data.TIMESTAMP] + delay <= datetime.now(UTC)
-    return served[served[data.ID].isin(logged) & arrived].reset_index(drop=True)
+def labelled_traffic(served: Any, payload_uri: str, contract: Contract, delay: timedelta) -> Any:
+    """The served events (in the payload log) whose labels have arrived: event time + delay <= now."""
+    logged = set(_payloads(payload_uri, contract.model)[contract.id].dropna())
+    arrived = served[contract.timestamp] + delay <= datetime.now(UTC)
+    return served[served[contract.id].isin(logged) & arrived].reset_index(drop=True)
 
 
 def _pipeline(ctx: Any, progress: Progress) -> int:
     """Every declared step, in order, in-process; returns the registered version."""
     for number, step in enumerate(PIPELINE, 1):
-        with progress.phase(f"pipeline {ctx.run_dir.name} step {number}/{len(PIPELINE)}: {step.name}"):
+        with progress.phase(f"{ctx.model}: pipeline {ctx.run_dir.name} step {number}/{len(PIPELINE)}: {step.name}"):
             step.load()(ctx)
     release = ctx.read_json("release.json")
     evaluation = ctx.read_json("evaluation.json")
     # The staging release the last step recorded becomes the workdir's staging stack file.
     shutil.copyfile(ctx.run_dir / "Pulumi.staging.yaml", ctx.stack_files / "Pulumi.staging.yaml")
-    progress.note(
-        f"version {release['version']}: AUC {evaluation['auc']:.3f}, precision {evaluation['precision']:.3f}, "
-        f"recall {evaluation['recall']:.3f}, champion {_champion(evaluation)}"
-    )
+    progress.note(f"version {release['version']}: {_metrics_line(evaluation)}")
     return int(release["version"])
 
 
-def _champion(evaluation: dict[str, Any]) -> str:
-    if evaluation.get("champion_version") is None:
-        return "none yet"
-    return f"version {evaluation['champion_version']} AUC {evaluation['champion_auc']:.3f} on the same holdout"
+def _metrics_line(evaluation: dict[str, Any]) -> str:
+    """The evaluation's headline numbers for its task, and the champion's on the same holdout."""
+    champion = evaluation.get("champion_version")
+    if evaluation.get("task") == "regression":
+        line = f"RMSE {evaluation['rmse']:.3f}, MAE {evaluation['mae']:.3f}, R² {evaluation['r2']:.3f}"
+        versus = None if champion is None else f"RMSE {evaluation['champion_rmse']:.3f}"
+    else:
+        line = (
+            f"AUC {evaluation['auc']:.3f}, precision {evaluation['precision']:.3f}, recall {evaluation['recall']:.3f}"
+        )
+        versus = None if champion is None else f"AUC {evaluation['champion_auc']:.3f}"
+    return line + (
+        ", champion none yet" if versus is None else f", champion version {champion} {versus} on the same holdout"
+    )
 
 
 def _promote(ctx: Any, version: int, signer: Any, root: Path, progress: Progress) -> dict[str, Any]:
@@ -338,26 +398,32 @@ def _promote(ctx: Any, version: int, signer: Any, root: Path, progress: Progress
     return release.record()
 
 
-def _drifted(kind: str, rows: int, seed: int, now: datetime, days: int = 1) -> Any:
-    from loopform import data
-
+def _drifted(code: ModelCode, kind: str, rows: int, seed: int, now: datetime, days: int = 1) -> Any:
     start = now - timedelta(days=days)
     if kind == "label":
-        return data.generate(rows, seed, start=start, days=days, label_shift=0.1)
+        return code.generate(rows, seed, start=start, days=days, label_shift=LABEL_SHIFT)
     strength = DRIFT_STRENGTH if kind == "covariate" else 0.0
-    return data.generate(rows, seed, start=start, days=days, covariate_drift=strength)
+    return code.generate(rows, seed, start=start, days=days, covariate_drift=strength)
 
 
-def _server(root: Path, workdir: Path, tracking_uri: str, release: dict[str, Any], port: int) -> Any:
-    from loopform.serving import BentoServer
+def service_target(root: Path, model: str) -> str:
+    """The model's BentoML service as `module:Class`: the `service` of `bentos/<model>/bentofile.yaml`."""
+    path = root / "bentos" / model / "bentofile.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"model {model!r} has no {path}: each model's service is bentos/<model>/")
+    return str(yaml.safe_load(path.read_text())["service"])
 
-    env = {**serve_env(workdir, tracking_uri, release), "MLFLOW_DISABLE_TELEMETRY": "true"}
-    return BentoServer(
-        "bentos.fraud.service:FraudService", working_dir=root, env=env, port=port, log_path=workdir / "serve.log"
-    )
+
+def _server(
+    service: str, root: Path, workdir: Path, model: str, tracking_uri: str, release: dict[str, Any], port: int
+) -> Any:
+    from loopform.serving.process import BentoServer
+
+    env = {**serve_env(workdir, model, tracking_uri, release), "MLFLOW_DISABLE_TELEMETRY": "true"}
+    return BentoServer(service, working_dir=root, env=env, port=port, log_path=workdir / f"serve-{model}.log")
 
 
-def serve_env(workdir: Path, tracking_uri: str, release: dict[str, Any]) -> dict[str, str]:
+def serve_env(workdir: Path, model: str, tracking_uri: str, release: dict[str, Any]) -> dict[str, str]:
     """What the local service needs: the signed release (version and artifacts digest), its online store and
     where payloads go."""
     from loopform.record import release_env
@@ -365,42 +431,41 @@ def serve_env(workdir: Path, tracking_uri: str, release: dict[str, Any]) -> dict
     return {
         "LOOPFORM_TRACKING_URI": tracking_uri,
         **release_env(release),
-        "LOOPFORM_FEAST_REPO": str(workdir / "feast"),
+        "LOOPFORM_FEAST_REPO": str(workdir / "feast" / model),
         "LOOPFORM_PAYLOAD_URI": str(workdir / "payloads"),
         "BENTOML_HOME": str(workdir / "bentoml"),
     }
 
 
-def _send(url: str, frame: Any, repo: Any) -> int:
-    """POST the transactions: the first `CARD_TRAFFIC` one at a time (a share by card id), the rest in batches.
+def _send(url: str, frame: Any, repo: Any, contract: Contract) -> int:
+    """POST the events: the first `SINGLE_TRAFFIC` one at a time (a share by entity id), the rest in batches.
 
-    By card id the request carries the transaction's own fields and the service reads the card's
-    aggregates online, written there just before (as a streaming feature pipeline does on arrival),
-    so what is served is what training will join to the transaction.
+    By entity id the request carries the event's own fields and the service reads the entity's
+    features online, written there just before (as a streaming feature pipeline does on arrival),
+    so what is served is what training will join to the event.
     """
     import httpx
 
-    from loopform import data
+    from loopform.serving.schemas import BATCH_FIELD, entity_api
+
+    def body(row: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
+        return {contract.id: row[contract.id], **{name: _plain(row[name]) for name in names}}
 
     answered = 0
     rows = frame.to_dict(orient="records")
     with httpx.Client(base_url=url, timeout=60.0) as client:
-        for index, row in enumerate(rows[:CARD_TRAFFIC]):
-            body = {"transaction_id": row[data.ID], **{name: _plain(row[name]) for name in data.FEATURE_NAMES}}
-            if index % round(1 / CARD_SHARE) == 0:
+        for index, row in enumerate(rows[:SINGLE_TRAFFIC]):
+            if index % round(1 / ENTITY_SHARE) == 0:
                 repo.write_online(frame.iloc[[index]])
-                own = {name: body[name] for name in ("transaction_id", *data.TRANSACTION_FEATURES)}
-                response = client.post("/predict_card", json={data.ENTITY: int(row[data.ENTITY]), **own})
+                request = {contract.entity: int(row[contract.entity]), **body(row, contract.event_features)}
+                response = client.post(f"/{entity_api(contract)}", json=request)
             else:
-                response = client.post("/predict", json=body)
+                response = client.post("/predict", json=body(row, contract.feature_names))
             response.raise_for_status()
             answered += 1
-        for start in range(CARD_TRAFFIC, len(rows), BATCH):
-            batch = [
-                {"transaction_id": row[data.ID], **{name: _plain(row[name]) for name in data.FEATURE_NAMES}}
-                for row in rows[start : start + BATCH]
-            ]
-            response = client.post("/predict_batch", json={"transactions": batch})
+        for start in range(SINGLE_TRAFFIC, len(rows), BATCH):
+            batch = [body(row, contract.feature_names) for row in rows[start : start + BATCH]]
+            response = client.post("/predict_batch", json={BATCH_FIELD: batch})
             response.raise_for_status()
             answered += len(response.json())
     return answered
@@ -417,11 +482,12 @@ def _monitor(
 
     result = run_monitor(
         ctx.model,
+        contract=ctx.contract,
         reference=reference,
         payload_uri=payload_uri,
         since=since,
         until=until or datetime.now(UTC),
-        gates=ctx.spec.gates,
+        gates=ctx.gates,
         report_dir=workdir / "monitor",
         min_rows=ctx.spec.monitoring.min_rows,
         trigger=FileTrigger(workdir / "triggers"),
@@ -447,28 +513,24 @@ def _payloads(payload_uri: str, model: str) -> Any:
     return read_payloads(payload_uri, model, datetime(2000, 1, 1, tzinfo=UTC), datetime.now(UTC) + timedelta(1))
 
 
-def _payload_rows(payload_uri: str, model: str) -> int:
-    return len(_payloads(payload_uri, model))
-
-
-def _print_summary(summary: Summary, model: str, echo: Callable[[str], None]) -> None:
+def _print_summary(summary: Summary, echo: Callable[[str], None]) -> None:
     echo("")
     echo("The loop closed:")
-    echo(
-        f"  model versions       {summary.versions} in MLflow; production alias -> version {summary.production_version}"
-    )
-    echo(f"  requests answered    {summary.requests}; payload log rows: {summary.payload_rows}")
-    for refusal in summary.refusals:
-        echo(f"  REFUSED              {refusal.splitlines()[0]}")
-        for line in refusal.splitlines()[1:]:
-            echo(f"                       {line.strip()}")
-    for phase, result in summary.monitor.items():
-        echo(f"  monitor ({phase:<7})    {_monitor_line(result)}")
+    for model, run in summary.models.items():
+        echo(f"  {model}")
+        echo(f"    model versions     {run.versions} in MLflow; production alias -> version {run.production_version}")
+        echo(f"    requests answered  {run.requests}; payload log rows: {run.payload_rows}")
+        for refusal in run.refusals:
+            echo(f"    REFUSED            {refusal.splitlines()[0]}")
+            for line in refusal.splitlines()[1:]:
+                echo(f"                       {line.strip()}")
+        for phase, result in run.monitor.items():
+            echo(f"    monitor ({phase:<7})  {_monitor_line(result)}")
+        echo(f"    endpoint           {run.endpoint} (stopped; serve again with:")
+        for name, value in serve_env(summary.workdir, model, summary.tracking_uri, run.release).items():
+            echo(f"                       {name}={value} \\")
+        echo(f"                       .venv/bin/bentoml serve {run.service})")
     echo(f"  reports              {len(summary.reports)} HTML reports (gate reports also in each MLflow run):")
     for report in summary.reports:
         echo(f"                       {report}")
-    echo(f"  endpoint             {summary.endpoint} (stopped; serve again with:")
-    for name, value in serve_env(summary.workdir, summary.tracking_uri, summary.release).items():
-        echo(f"                       {name}={value} \\")
-    echo("                       .venv/bin/bentoml serve bentos.fraud.service:FraudService)")
     echo(f"  MLflow UI            .venv/bin/mlflow ui --backend-store-uri {summary.tracking_uri}")

@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     import pandas as pd
     from prometheus_client import CollectorRegistry
 
+    from loopform.contract import Contract
     from loopform.spec import GatesSpec
 
 Status = Literal["ok", "drift", "insufficient_data", "error"]
@@ -340,6 +341,7 @@ def _reference_frame(reference: pd.DataFrame | str | os.PathLike[str]) -> pd.Dat
 def run_monitor(
     model: str,
     *,
+    contract: Contract,
     reference: pd.DataFrame | str | os.PathLike[str],
     payload_uri: str,
     since: datetime | None = None,
@@ -363,7 +365,6 @@ def run_monitor(
     """
     from prometheus_client import CollectorRegistry
 
-    from loopform import data
     from loopform.gates.drift import drift_gate
     from loopform.gates.ood import ood_gate
     from loopform.payloads import read_payloads
@@ -373,7 +374,7 @@ def run_monitor(
         since = until - (parse_duration(window) if isinstance(window, str) else window)
     if since.tzinfo is None or until.tzinfo is None:
         raise ValueError("since and until must be timezone-aware")
-    columns = list(columns or data.FEATURE_NAMES)
+    columns = list(columns or contract.feature_names)
     registry = registry if registry is not None else CollectorRegistry()
     max_share = gates.drift.max_drift_share
     current = read_payloads(payload_uri, model, since, until)
@@ -402,11 +403,11 @@ def run_monitor(
     else:
         ref = _reference_frame(reference)
         report_path = Path(report_dir) / f"{model}-drift-{stamp}.html" if report_dir is not None else None
-        gate = drift_gate(ref, current, gates, report_path, columns=columns, label=data.LABEL)
+        gate = drift_gate(ref, current, gates, contract, report_path, columns=columns)
         metrics = gate.metrics
         result.report = gate.report
         try:
-            ood_failures = _record_ood(result, ood_gate(ref, current, gates, columns=columns))
+            ood_failures = _record_ood(result, ood_gate(ref, current, gates, contract, columns=columns))
         except ValueError as error:  # the reference cannot make an envelope (e.g. it lacks a column)
             ood_failures = [str(error)]
         if metrics.get("drift_share") is None:
@@ -500,7 +501,7 @@ def _ood_note(result: MonitorResult, failures: Sequence[str]) -> str:
 
 
 def _event(result: MonitorResult, reference: pd.DataFrame) -> RetrainEvent:
-    from loopform.data import fingerprint
+    from loopform.contract import fingerprint
 
     try:
         ref_id = fingerprint(reference)
@@ -525,6 +526,7 @@ def _event(result: MonitorResult, reference: pd.DataFrame) -> RetrainEvent:
 def run_from_spec(
     spec: Any,
     model: str,
+    contract: Contract,
     *,
     reference: pd.DataFrame | str | os.PathLike[str],
     report_dir: str | os.PathLike[str] | None = None,
@@ -533,13 +535,14 @@ def run_from_spec(
     payload_uri: str | None = None,
     until: datetime | None = None,
 ) -> MonitorResult:
-    """`run_monitor` with a stack spec's settings: monitoring.window, min_rows, payload_uri and its gates."""
+    """`run_monitor` with a stack spec's settings: monitoring.window, min_rows, payload_uri and the model's gates."""
     monitoring = spec.monitoring
     return run_monitor(
         model,
+        contract=contract,
         reference=reference,
         payload_uri=payload_uri or monitoring.payload_uri,
-        gates=spec.gates,
+        gates=spec.gates_for(model),
         report_dir=report_dir,
         registry=registry,
         min_rows=monitoring.min_rows,

@@ -1,7 +1,8 @@
 """Gated promotion: `loopform promote MODEL VERSION --to ENV`.
 
 Reads the evidence from the version's MLflow tags, judges it with
-`loopform.evidence.check_evidence` against ENV's gates, checks that the registry still
+`loopform.evidence.check_evidence` against the gates the model has in ENV (the stack's
+`gates` with the model's own `models.<model>.gates` over them), checks that the registry still
 serves the files the evidence names, and on success:
 
 1. writes a compact, signed release record (`loopform.record`) into `models.<model>.release`
@@ -33,7 +34,7 @@ from typing import Any
 
 from loopform import evidence as ev
 from loopform import record as rec
-from loopform.spec import CONFIG_KEY, GatesSpec, Release, SpecError, load_stack, parse_spec
+from loopform.spec import CONFIG_KEY, Release, SpecError, load_stack, parse_spec
 
 PRODUCTION_ENVS = frozenset({"prod", "production"})
 STAGING_ENV = rec.STAGING
@@ -86,14 +87,13 @@ def promote(
     tracking_uri: str,
     stack_path: Path,
     signer: Signer,
-    gates: GatesSpec | None = None,
     image: str | None = None,
     now: datetime | None = None,
 ) -> Release:
-    """Check the version's evidence against `env`'s gates, then release it (see module doc).
+    """Check the version's evidence against the model's gates in `env`, then release it (see module doc).
 
-    `gates` defaults to the stack file's `gates`. Raises PromotionError with every reason
-    when it refuses; then neither the stack file nor the registry has changed.
+    Raises PromotionError with every reason when it refuses; then neither the stack file nor
+    the registry has changed.
     """
     from mlflow.exceptions import MlflowException
 
@@ -113,7 +113,7 @@ def promote(
     if model not in spec.models:
         known = ", ".join(sorted(spec.models)) or "none"
         raise refuse(f"{stack_path} declares no model {model!r} under models (declared: {known})")
-    gates = gates or spec.gates
+    gates = spec.gates_for(model)
     try:
         environment, trusted = rec.read_policy_config(signer.policy_config)
     except (OSError, ValueError, KeyError, rec.RecordError) as error:
@@ -131,7 +131,8 @@ def promote(
     raw = model_version.tags.get(registry.EVIDENCE_TAG)
     if evidence is None and raw:
         raise refuse(f"malformed evidence: tag {registry.EVIDENCE_TAG} is not a JSON object")
-    reasons += ev.check_evidence(evidence, gates.model_dump(), now=now)
+    paths = ev.GatePaths(model, spec.models[model].gates)
+    reasons += ev.check_evidence(evidence, gates.model_dump(), now=now, paths=paths)
     if evidence is not None:
         for field, expected in (("model", model), ("version", version), ("run_id", model_version.run_id)):
             if evidence.get(field) != expected:
@@ -144,7 +145,7 @@ def promote(
     if gates.require_staging and env != STAGING_ENV:
         staged, why = _staging_record(model_version.tags.get(RELEASE_TAG.format(env=STAGING_ENV)), evidence, trusted)
         if why:
-            reasons.append(f"{env} requires a prior staging release (gates.require_staging): {why}")
+            reasons.append(f"{env} requires a prior staging release ({paths('require_staging')}): {why}")
     if reasons:
         raise refuse(*reasons)
 

@@ -10,7 +10,8 @@ key the environment does not trust, fails verification.
     artifacts                         sha256 over the model's files (the service refuses others)
     evidence                          digest of the full evidence artifact in the MLflow run
     created_at, released_at           when the evidence was sealed, when this release was signed
-    gates                             each gate's verdict and the numbers the rules judge
+    gates                             each gate's verdict and the numbers the rules judge, with the
+                                      evaluation's task (`gate_summary`)
     staging                           for a production release: the signed staging release
                                       (image, released_at, key_id, signature) of the same version
     key_id, signature                 who signed, and the Ed25519 signature
@@ -40,6 +41,8 @@ KEY_FILE_ENV = "LOOPFORM_SIGNING_KEY_FILE"
 STAGING = "staging"
 SIGNATURE_POLICY = "release-signed"
 """The pack's rule whose config holds the trusted keys and the environment."""
+MODELS = "models"
+"""The key of a gate rule's config that holds per-model thresholds: `{"delivery": {"max_rmse": 12}}`."""
 CLOCK_SKEW_DAYS = 5 / (24 * 60)
 """Clocks of the machines that seal evidence and sign releases may differ a little (5 minutes)."""
 DIGEST_PREFIX = "sha256:"
@@ -170,8 +173,24 @@ def _number(value: Any) -> float | None:
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
+#: The evaluation numbers a record carries per task: what the pack's rules judge, and the bound of the main
+#: metric's interval on the worse side (auc_low, rmse_high) to show its uncertainty.
+EVALUATION_NUMBERS: dict[str, tuple[str, ...]] = {
+    "classification": ("auc", "auc_low", "auc_delta_low", "brier_skill", "positives"),
+    "regression": ("rmse", "rmse_high", "r2", "rows", "rmse_ratio_high"),
+}
+#: Counts among them, carried as integers.
+COUNTS = frozenset({"positives", "rows"})
+
+
 def gate_summary(evidence: Mapping[str, Any]) -> dict[str, Any]:
-    """Each gate's verdict and the numbers the pack's rules judge, from the full evidence."""
+    """Each gate's verdict and the numbers the pack's rules judge, from the full evidence.
+
+    The evaluation carries its task and that task's numbers: AUC, holdout positives, Brier skill and
+    the paired lower bound of challenger minus champion AUC for a classifier; RMSE, R², holdout rows
+    and the paired upper bound of challenger / champion RMSE - 1 for a regressor (a comparison's
+    bound is None when there was no champion).
+    """
     gates = evidence.get("gates") or {}
     evaluation = evidence.get("evaluation") or {}
 
@@ -180,15 +199,15 @@ def gate_summary(evidence: Mapping[str, Any]) -> dict[str, Any]:
         values = result.get("metrics") or {}
         return {"passed": result.get("passed") is True, **{m: _number(values.get(m)) for m in metrics}}
 
+    task = evaluation.get("task") if isinstance(evaluation.get("task"), str) else None
+    numbers = {key: _number(evaluation.get(key)) for key in EVALUATION_NUMBERS.get(task or "", ())}
     return {
         "validation": gate("validation", "worst_missing_share", "worst_out_of_range_share"),
         "drift": gate("drift", "drift_share"),
         "ood": gate("ood", "ood_rate"),
-        # What the pack judges: AUC, holdout positives, Brier skill and the paired lower bound of
-        # challenger minus champion AUC (None: there was no champion); auc_low shows the AUC's uncertainty.
         "evaluation": {
-            **{key: _number(evaluation.get(key)) for key in ("auc", "auc_low", "auc_delta_low", "brier_skill")},
-            "positives": int(positives) if (positives := _number(evaluation.get("positives"))) is not None else None,
+            "task": task,
+            **{key: int(value) if key in COUNTS and value is not None else value for key, value in numbers.items()},
         },
     }
 

@@ -594,7 +594,7 @@ class Release(Strict):
     evidence: str = Field(pattern=r"^sha256:[0-9a-f]{64}$", description="Digest of the full evidence artifact.")
     created_at: str = Field(description="ISO-8601 time the evidence was sealed.")
     released_at: str = Field(description="ISO-8601 time this release was signed.")
-    gates: dict[str, dict[str, bool | int | float | None]] = Field(
+    gates: dict[str, dict[str, bool | int | float | str | None]] = Field(
         description="Each gate's verdict and the numbers the rules judge."
     )
     staging: StagingProof | None = Field(None, description="The signed staging release (production records).")
@@ -607,12 +607,19 @@ class Release(Strict):
 
 
 class ModelSpec(Strict):
-    """One model: its code, pipeline, service and current release."""
+    """One model: its code, pipeline, service, own gates and current release."""
 
-    path: str = Field(description="Folder with model.py and features.py, relative to the repository.")
-    feature_service: str = Field(description="Feast feature service the model trains and serves on.")
+    path: str = Field(
+        description="Folder with the model's contract.py, model.py, train.py and data.py, relative to the repository "
+        "(`loopform.model_code`)."
+    )
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     serving: ServingSpec = Field(default_factory=ServingSpec)
+    gates: dict[str, Any] = Field(
+        default_factory=dict,
+        description="This model's gates over the environment's `gates`: any key of gates (drift merges key by key), "
+        "e.g. max_rmse for a regressor.",
+    )
     release: Release | None = Field(None, description="The released version; none deploys no service.")
 
 
@@ -646,7 +653,7 @@ class GatesSpec(Strict):
     max_out_of_range_share: Share = Field(0.01, description="Most share of values outside the schema's range.")
     drift: DriftGate = Field(default_factory=DriftGate)
     max_ood_rate: Share = Field(0.05, description="Most share of rows flagged out of distribution.")
-    min_auc: Share = Field(0.75, description="Least ROC AUC on the holdout set.")
+    min_auc: Share = Field(0.75, description="Least ROC AUC of a classifier on the holdout set.")
     max_auc_drop: Share = Field(
         0.01,
         description="Non-inferiority margin: the lower bound of the paired interval of challenger minus champion AUC "
@@ -659,7 +666,25 @@ class GatesSpec(Strict):
         description="Least Brier skill score (1 - Brier / Brier of always predicting the base rate): a base-rate "
         "model scores 0 and fails.",
     )
-    min_positives: int = Field(100, ge=1, description="Fewest positive labels the holdout needs to judge a model.")
+    min_positives: int = Field(100, ge=1, description="Fewest positive labels the holdout needs to judge a classifier.")
+    max_rmse: float | None = Field(
+        None,
+        gt=0,
+        description="Most RMSE of a regressor on the holdout, in the label's unit; every regressor needs one "
+        "(usually under models.<m>.gates).",
+    )
+    min_r2: float = Field(
+        0.1,
+        lt=1,
+        description="Least R² of a regressor on the holdout: always predicting the training mean scores about 0 "
+        "and fails.",
+    )
+    max_rmse_increase: Share = Field(
+        0.02,
+        description="Non-inferiority margin of a regressor: the upper bound of the paired interval of challenger "
+        "RMSE / champion RMSE - 1 must be below it.",
+    )
+    min_holdout_rows: int = Field(200, ge=1, description="Fewest holdout rows a regressor is judged on.")
     confidence: float = Field(0.95, gt=0.5, lt=1, description="Level of the bootstrap intervals.")
     bootstrap_samples: int = Field(1000, ge=100, description="Bootstrap resamples behind each interval.")
     alert_rate: Share = Field(
@@ -697,21 +722,26 @@ class LocalSpec(Strict):
     rows: int = Field(
         30000,
         ge=1000,
-        description="Rows of synthetic history (30 days): the holdout (its newest 20%) needs gates.min_positives frauds.",
+        description="Rows of synthetic history per model (30 days, from its generator): the holdout (its newest 20%) "
+        "needs gates.min_positives positives (a classifier) or min_holdout_rows (a regressor).",
     )
-    traffic: int = Field(600, ge=10, description="Requests of live traffic, one at a time (a share by card id).")
+    traffic: int = Field(
+        600, ge=10, description="Requests of live traffic per model, one at a time (a share by entity id)."
+    )
     drift_rows: int = Field(
         25000,
         ge=100,
-        description="Transactions of drifted traffic (over drift_days, scored in batches after the first `traffic`): "
-        "enough labelled rows that a retrained model learns the new regime and its holdout holds min_positives frauds.",
+        description="Events of drifted traffic per model (over drift_days, scored in batches after the first `traffic`): "
+        "enough labelled rows that a retrained model learns the new regime and its holdout can be judged.",
     )
     drift_days: int = Field(6, ge=1, description="Days the drifted traffic spans (its event times).")
     label_delay: Duration = Field(
-        "6h", description="Labels of served transactions arrive this long after each transaction (fraud reports)."
+        "6h", description="Labels of served events arrive this long after each event (e.g. fraud reports)."
     )
     seed: int = Field(7, description="Seed of data generation and training.")
-    serve_port: int = Field(3311, ge=1024, le=65535, description="Port of the local BentoML service.")
+    serve_port: int = Field(
+        3311, ge=1024, le=65535, description="Port of the local BentoML services (one model at a time)."
+    )
     drift: Literal["covariate", "label", "none"] = Field("covariate", description="Drift injected into traffic.")
 
 
@@ -729,6 +759,15 @@ class PlatformSpec(Strict):
     gates: GatesSpec = Field(default_factory=GatesSpec)
     monitoring: MonitoringSpec = Field(default_factory=MonitoringSpec)
     local: LocalSpec = Field(default_factory=LocalSpec, description="Settings of `loopform up` (local stack).")
+
+    def gates_for(self, model: str) -> GatesSpec:
+        """The gates model `model` is judged by: the environment's, with its own `models.<m>.gates` over them."""
+        base = self.gates.model_dump()
+        own = dict(self.models[model].gates) if model in self.models else {}
+        drift = own.pop("drift", None) or {}
+        if not isinstance(drift, dict):
+            raise ValueError("drift: must be a mapping of drift gate keys")
+        return GatesSpec.model_validate({**base, **own, "drift": {**base["drift"], **drift}})
 
     @property
     def is_local(self) -> bool:
@@ -788,6 +827,22 @@ class PlatformSpec(Strict):
                     ("models", name, "release", "model"),
                     f"is {model.release.model!r}: a release record of another model cannot serve as {name!r}",
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _model_gates(self) -> PlatformSpec:
+        for name in self.models:
+            try:
+                self.gates_for(name)
+            except (ValidationError, ValueError) as error:
+                problems = (
+                    [f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors(include_url=False)]
+                    if isinstance(error, ValidationError)
+                    else [str(error)]
+                )
+                raise SpecReferenceError(
+                    ("models", name, "gates"), "is not a valid overlay of gates: " + "; ".join(problems)
+                ) from None
         return self
 
     @model_validator(mode="after")
@@ -946,26 +1001,32 @@ def load_stack(path: Path, root: Path | None = None) -> PlatformSpec:
 
 
 _STACK_FILE = re.compile(r"^Pulumi\.([^.]+)\.yaml$")
-_FEATURE_SERVICE = re.compile(r"FeatureService\(\s*name\s*=\s*[\"']([^\"']+)[\"']")
 
 
 def check_repository(spec: PlatformSpec, root: Path, source: str) -> None:
-    """Each model's folder exists with its code, and names the feature service the spec says."""
+    """Each model's folder supplies the model interface with a contract of that model, and a regressor has
+    a max_rmse gate; each signature key has its public key."""
+    from loopform.model_code import ModelCode, ModelCodeError
+
     problems = []
     for name, model in sorted(spec.models.items()):
-        folder = root / model.path
-        missing = [f for f in ("features.py", "model.py", "train.py") if not (folder / f).is_file()]
+        code = ModelCode(name, root, model.path)
+        missing = code.missing()
         if missing:
             problems.append(
-                f"{CONFIG_KEY}.models.{name}.path: {model.path!r} has no {', '.join(missing)} "
-                f"(a model folder holds features.py, model.py and train.py, relative to {root})"
+                f"{CONFIG_KEY}.models.{name}.path: {model.path!r} has no {', '.join(missing)} (a model folder holds "
+                f"contract.py, model.py, train.py and data.py, relative to {root}; `loopform new model` writes one)"
             )
             continue
-        services = _FEATURE_SERVICE.findall((folder / "features.py").read_text())
-        if model.feature_service not in services:
+        try:
+            contract = code.contract
+        except (ModelCodeError, ValueError, ImportError) as error:
+            problems.append(f"{CONFIG_KEY}.models.{name}.path: {error}")
+            continue
+        if contract.task == "regression" and spec.gates_for(name).max_rmse is None:
             problems.append(
-                f"{CONFIG_KEY}.models.{name}.feature_service: {model.feature_service!r} is not a FeatureService "
-                f"of {model.path}/features.py (defined there: {', '.join(services) or 'none'})"
+                f"{CONFIG_KEY}.models.{name}.gates.max_rmse: required for a regressor ({model.path}/contract.py "
+                f"declares task regression): the most holdout RMSE, in {contract.label}'s unit, a release may have"
             )
     if spec.gitops.enabled:
         for key_id in spec.gitops.signature_keys:

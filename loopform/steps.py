@@ -16,29 +16,29 @@ Run directory layout:
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import shutil
-import sys
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from loopform.spec import PlatformSpec
+from loopform.evaluation import time_split
+from loopform.features import EVENTS_FILE
+from loopform.model_code import ModelCode
+from loopform.spec import GatesSpec, PlatformSpec
 
 if TYPE_CHECKING:
     import pandas as pd
 
+    from loopform.contract import Contract
     from loopform.gates.result import GateResult
 
-HOLDOUT_SHARE = 0.2
 REFERENCE_FILE = "reference.parquet"
 LABELS_FILE = "labels.parquet"
 MODEL_FOLDER = "model"  # the train step's output: an MLflow model folder (registry.save_model_folder)
 REGIMES_FILE = "regimes.json"  # accepted shifts of the world (see window_start)
-SOURCE_FILE = "transactions.parquet"
 STAGING = "staging"
 
 
@@ -64,31 +64,33 @@ class StepContext:
     seed: int = 7
     now: datetime = field(default_factory=lambda: datetime.now(UTC))
     offline_uri: str | None = None
-    """The platform's offline store (on Kubernetes, from LOOPFORM_FEAST_OFFLINE_URI): the source table
-    and the labels live there and the Feast repo is a client of the platform's registry. None: the
-    self-contained local repo under `feature_repo`."""
+    """The platform's offline store (on Kubernetes, from LOOPFORM_FEAST_OFFLINE_URI): the model's event
+    table and labels live in its folder there (`<offline>/<model>/`) and the Feast repo is a client of
+    the platform's registry. None: the self-contained local repo under `feature_repo`."""
     signer: Any = None
     """`loopform.promotion.Signer` that signs the staging record; None reads the key from the environment."""
 
     @property
-    def model_path(self) -> Path:
-        return self.root / self.spec.models[self.model].path
+    def code(self) -> ModelCode:
+        """The model's own code (`models/<m>/`: contract, model, train, data)."""
+        return ModelCode(self.model, self.root, self.spec.models[self.model].path)
 
-    def model_module(self, name: str) -> Any:
-        """`models/<model>/<name>.py` as a module (model code is plain Python in the repo)."""
-        package = self.spec.models[self.model].path.strip("/").replace("/", ".")
-        if str(self.root) not in sys.path:
-            sys.path.insert(0, str(self.root))
-        return importlib.import_module(f"{package}.{name}")
+    @property
+    def contract(self) -> Contract:
+        return self.code.contract
+
+    @property
+    def gates(self) -> GatesSpec:
+        """The gates this model is judged by: the environment's with the model's own over them."""
+        return self.spec.gates_for(self.model)
 
     def repo(self) -> Any:
         from loopform.features import FeatureRepo, cluster_config
 
         return FeatureRepo(
             self.feature_repo,
-            self.model_path,
+            self.contract,
             project=self.spec.feature_store.project,
-            service=self.spec.models[self.model].feature_service,
             config=cluster_config(self.spec.feature_store) if self.offline_uri else None,
         )
 
@@ -115,22 +117,20 @@ class StepContext:
         return json.loads(self.input(name).read_text())
 
 
-def split_by_time(frame: pd.DataFrame, timestamp: str) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(older, newest HOLDOUT_SHARE) by event time: the model is judged on data after its training data."""
-    ordered = frame.sort_values(timestamp, kind="stable").reset_index(drop=True)
-    cut = round(len(ordered) * (1 - HOLDOUT_SHARE))
-    return ordered.iloc[:cut].reset_index(drop=True), ordered.iloc[cut:].reset_index(drop=True)
+def model_folder_uri(ctx: StepContext) -> str:
+    """The model's own folder of the platform's offline store."""
+    return f"{(ctx.offline_uri or '').rstrip('/')}/{ctx.model}"
 
 
 def source_uri(ctx: StepContext) -> str:
-    """The Feast source table: one row of features per transaction."""
-    return f"{ctx.offline_uri.rstrip('/')}/{SOURCE_FILE}" if ctx.offline_uri else str(ctx.repo().data_path)
+    """The Feast source table of the model: one row of features per event."""
+    return f"{model_folder_uri(ctx)}/{EVENTS_FILE}" if ctx.offline_uri else str(ctx.repo().data_path)
 
 
 def labels_uri(ctx: StepContext) -> str:
-    """Labelled events (id, card, time, label): the entity frame of training. Features live in Feast."""
+    """Labelled events (id, entity, time, label): the entity frame of training. Features live in Feast."""
     if ctx.offline_uri:
-        return f"{ctx.offline_uri.rstrip('/')}/{LABELS_FILE}"
+        return f"{model_folder_uri(ctx)}/{LABELS_FILE}"
     return str(ctx.feature_repo / "data" / LABELS_FILE)
 
 
@@ -206,27 +206,25 @@ def ingest(
 
 
 def load_table(ctx: StepContext, since: pd.Timestamp | None = None) -> pd.DataFrame:
-    """Features and labels of every ingested transaction (with event time after `since`), as one frame."""
+    """Features and labels of every ingested event (with event time after `since`), as one frame."""
     import pandas as pd
 
-    from loopform import data
-
+    contract = ctx.contract
     for uri in (labels_uri(ctx), source_uri(ctx)):
         if not _exists(uri):
-            raise StepFailed(f"no data at {uri}: ingest labelled transactions first")
-    newer = None if since is None else [(data.TIMESTAMP, ">", since)]
+            raise StepFailed(f"no data at {uri}: ingest labelled events first")
+    newer = None if since is None else [(contract.timestamp, ">", since)]
     features = pd.read_parquet(source_uri(ctx), filters=newer)
     labels = pd.read_parquet(labels_uri(ctx), filters=newer)
-    return labels.merge(features, on=[data.ID, data.ENTITY, data.TIMESTAMP], how="inner")
+    return labels.merge(features, on=[contract.id, contract.entity, contract.timestamp], how="inner")
 
 
 def training_window_of(table: pd.DataFrame, ctx: StepContext) -> pd.DataFrame:
     """The rows of the model's training window: the last `training.window_days` of event time, from the
     newest accepted shift on (`window_start`)."""
-    from loopform import data
-
-    end = table[data.TIMESTAMP].max()
-    return table[table[data.TIMESTAMP] > window_start(ctx, end)].reset_index(drop=True)
+    timestamp = ctx.contract.timestamp
+    end = table[timestamp].max()
+    return table[table[timestamp] > window_start(ctx, end)].reset_index(drop=True)
 
 
 def validate_data(ctx: StepContext) -> dict[str, GateResult]:
@@ -238,26 +236,26 @@ def validate_data(ctx: StepContext) -> dict[str, GateResult]:
     the window's newest rows (the holdout the model is evaluated on, and closest to what it will
     serve) with the older part it trains on.
     """
-    from loopform import data
     from loopform.gates import drift_gate, ood_gate
     from loopform.gates.report import write_summary_report
 
-    gates = ctx.spec.gates
+    gates, contract = ctx.gates, ctx.contract
+    timestamp = contract.timestamp
     table = load_table(ctx)
     results = {"validation": validate_table(table, ctx)}
     if results["validation"].passed:
         window = training_window_of(table, ctx)
-        older, newest = split_by_time(window, data.TIMESTAMP)
+        older, newest = time_split(window, timestamp)
         results["validation"] = _validate_window(window, ctx)
         reports = ctx.run_dir / "reports"
         reports.mkdir(parents=True, exist_ok=True)
-        results["drift"] = drift_gate(older, newest, gates, reports / "drift.html")
-        results["ood"] = ood_gate(older, newest, gates)
-        results["validation"].report = str(write_summary_report(window, None, reports / "validation.html"))
-        results["ood"].report = str(write_summary_report(newest, older, reports / "ood.html"))
+        results["drift"] = drift_gate(older, newest, gates, contract, reports / "drift.html")
+        results["ood"] = ood_gate(older, newest, gates, contract)
+        results["validation"].report = str(write_summary_report(window, None, contract, reports / "validation.html"))
+        results["ood"].report = str(write_summary_report(newest, older, contract, reports / "ood.html"))
         ctx.write_json(
             "window.json",
-            {"rows": len(window), "start": str(window[data.TIMESTAMP].min()), "end": str(window[data.TIMESTAMP].max())},
+            {"rows": len(window), "start": str(window[timestamp].min()), "end": str(window[timestamp].max())},
         )
     for name, result in results.items():
         result.write_json(ctx.run_dir / "gates" / f"{name}.json")
@@ -270,7 +268,7 @@ def validate_data(ctx: StepContext) -> dict[str, GateResult]:
 def validate_table(table: pd.DataFrame, ctx: StepContext) -> GateResult:
     from loopform.gates import validate_data as validation_gate
 
-    return validation_gate(table, ctx.spec.gates, require_label=True)
+    return validation_gate(table, ctx.gates, ctx.contract, require_label=True)
 
 
 def _validate_window(window: pd.DataFrame, ctx: StepContext) -> GateResult:
@@ -282,14 +280,13 @@ def _validate_window(window: pd.DataFrame, ctx: StepContext) -> GateResult:
 
 
 def get_features(ctx: StepContext) -> Path:
-    """Point-in-time-correct training set: each labelled event with its own transaction fields, and Feast
-    joins the card's aggregates as of the event (computed from the card's earlier transactions only)."""
-    from loopform import data
-
+    """Point-in-time-correct training set: each labelled event with its own fields, and Feast joins the
+    entity's features as of the event (computed from the entity's earlier events only)."""
+    contract = ctx.contract
     if not _exists(labels_uri(ctx)):
         raise StepFailed(f"no labelled events at {labels_uri(ctx)}: ingest data first")
-    events = load_table(ctx)  # labels beside each transaction's own fields
-    columns = [data.ID, data.ENTITY, data.TIMESTAMP, data.LABEL, *data.TRANSACTION_FEATURES]
+    events = load_table(ctx)  # labels beside each event's own fields
+    columns = [*contract.keys, *contract.event_features]
     entities = training_window_of(events, ctx)[columns]
     frame = ctx.repo().training_frame(entities)
     if len(frame) < 0.9 * len(entities):
@@ -303,11 +300,11 @@ def train(ctx: StepContext) -> Path:
     """Train on the older part of the training set (the newest part is the holdout)."""
     import pandas as pd
 
-    from loopform import data, registry
+    from loopform import registry
 
     frame = pd.read_parquet(ctx.input("training.parquet"))
-    older, _ = split_by_time(frame, data.TIMESTAMP)
-    model = ctx.model_module("train").train(older, seed=ctx.seed)
+    older, _ = time_split(frame, ctx.contract.timestamp)
+    model = ctx.code.train(older, seed=ctx.seed)
     path = ctx.run_dir / MODEL_FOLDER
     if path.exists():
         shutil.rmtree(path)
@@ -323,23 +320,26 @@ def _load_trained(ctx: StepContext) -> Any:
 
 
 def evaluate(ctx: StepContext) -> dict[str, Any]:
-    """Holdout metrics with bootstrap intervals at the gates' confidence, and the champion compared on the same rows.
+    """Holdout metrics of the model's task with bootstrap intervals at the gates' confidence, and the champion
+    compared on the same rows (`loopform.evaluation`).
 
-    The training part goes along: its base rate is what the Brier skill is measured against,
-    and its validation rows give the operating threshold's interval.
+    The training part goes along: its base rate (mean) is what the Brier skill (R²) is measured
+    against, and a classifier's validation rows give the operating threshold's interval.
     """
     import pandas as pd
 
-    from loopform import data, registry
+    from loopform import registry
+    from loopform.evaluation import evaluate as evaluate_model
 
     frame = pd.read_parquet(ctx.input("training.parquet"))
-    older, holdout = split_by_time(frame, data.TIMESTAMP)
+    older, holdout = time_split(frame, ctx.contract.timestamp)
     champion = registry.champion(ctx.mlflow(), ctx.model)
     champion_model, champion_version = champion if champion else (None, None)
-    gates = ctx.spec.gates
-    metrics = ctx.model_module("train").evaluate(
+    gates = ctx.gates
+    metrics = evaluate_model(
         _load_trained(ctx),
         holdout,
+        ctx.contract,
         champion_model,
         champion_version=champion_version,
         training=older,
@@ -356,11 +356,12 @@ def register(ctx: StepContext) -> dict[str, Any]:
     """Log the run (gates, reports, metrics, model, reference data) and register a version with its evidence."""
     import pandas as pd
 
-    from loopform import data, registry
+    from loopform import registry
+    from loopform.contract import fingerprint
     from loopform.gates.result import GateResult
 
     frame = pd.read_parquet(ctx.input("training.parquet"))
-    older, _ = split_by_time(frame, data.TIMESTAMP)
+    older, _ = time_split(frame, ctx.contract.timestamp)
     gate_results = {}
     for path in sorted((ctx.run_dir / "gates").glob("*.json")):
         result = GateResult.from_dict(json.loads(path.read_text()))
@@ -373,7 +374,7 @@ def register(ctx: StepContext) -> dict[str, Any]:
         ctx.model,
         _load_trained(ctx),
         gate_results=gate_results,
-        training_data_fingerprint=data.fingerprint(older),
+        training_data_fingerprint=fingerprint(older),
         params={"seed": ctx.seed, "rows": len(older), "stack": ctx.spec.environment},
         evaluation=ctx.read_json("evaluation.json"),
     )

@@ -10,10 +10,12 @@ from typing import Any
 
 import torch
 
-from loopform import data, registry
+from loopform import registry
+from loopform.evaluation import evaluate_classifier, time_split
 from loopform.gates.result import GateResult
+from models.fraud import data
 from models.fraud.model import FraudModel
-from models.fraud.train import evaluate, time_split, train
+from models.fraud.train import train
 
 
 def small_model(seed: int = 3) -> tuple[FraudModel, Any, Any, dict[str, Any]]:
@@ -22,9 +24,9 @@ def small_model(seed: int = 3) -> tuple[FraudModel, Any, Any, dict[str, Any]]:
     The holdout is the later 8000 rows, so it holds about 200 positives: enough for every
     stack's gates.min_positives (100).
     """
-    train_df, holdout = time_split(data.generate(12000, seed=seed), holdout_share=2 / 3)
+    train_df, holdout = time_split(data.generate(12000, seed=seed), data.TIMESTAMP, holdout_share=2 / 3)
     model = train(train_df, seed=seed)
-    return model, train_df, holdout, evaluate(model, holdout, training=train_df)
+    return model, train_df, holdout, evaluate_classifier(model, holdout, label=data.LABEL, training=train_df)
 
 
 def base_rate_model(model: FraudModel) -> FraudModel:

@@ -38,6 +38,7 @@ def evidence(model: str = "fraud", version: int = 3, *, created: datetime = NOW 
             "ood": {"gate": "ood", "passed": True, "metrics": {"ood_rate": 0.01}, "failures": []},
         },
         "evaluation": {
+            "task": "classification",
             "auc": 0.91,
             "auc_low": 0.89,
             "auc_high": 0.93,
@@ -73,17 +74,49 @@ def evidence(model: str = "fraud", version: int = 3, *, created: datetime = NOW 
     return ev.seal(body, now=created)
 
 
+REGRESSION = {
+    "task": "regression",
+    "rmse": 9.5,
+    "rmse_low": 9.1,
+    "rmse_high": 9.9,
+    "mae": 7.2,
+    "mae_low": 6.9,
+    "mae_high": 7.5,
+    "r2": 0.62,
+    "rmse_base": 15.4,
+    "label_mean": 38.0,
+    "rows": 2000,
+    "confidence": 0.95,
+    "bootstrap_samples": 1000,
+    "champion_version": 2,
+    "champion_rmse": 9.6,
+    "rmse_ratio": -0.01,
+    "rmse_ratio_low": -0.02,
+    "rmse_ratio_high": 0.005,
+}
+"""The evaluation of a regressor (`loopform.evaluation.evaluate_regressor`) that passes a max_rmse of 12."""
+
+
+def regression_evidence(model: str = "delivery", version: int = 3, **evaluation: Any) -> dict[str, Any]:
+    """Sealed evidence of a regressor: `evidence` with REGRESSION (and `evaluation`'s changes) as its evaluation."""
+    return evidence(model, version, evaluation={**REGRESSION, **evaluation})
+
+
 def release(
     env: str = "prod",
     *,
     key: Any = KEY,
     staged: bool = True,
-    image: str = "ghcr.io/loopform/fraud:v3",
+    image: str | None = None,
     released: datetime = NOW,
     sealed: dict | None = None,
 ) -> dict[str, Any]:
-    """A record signed for `env`; a prod record carries the signed staging record of the same version."""
+    """A record signed for `env`; a prod record carries the signed staging record of the same version.
+
+    The image defaults to the one `loopform promote` names for the sealed model and version.
+    """
     sealed = sealed or evidence()
+    image = image or f"ghcr.io/loopform/{sealed['model']}:v{sealed['version']}"
     record = rec.build(sealed, image=image, released_at=ev.now_iso(released))
     if staged and env != rec.STAGING:
         staging = rec.sign(

@@ -21,17 +21,20 @@ import pandas as pd
 import pytest
 import yaml
 
-from loopform import data
 from loopform.cli import main
+from loopform.features import EVENTS_FILE
 from loopform.gates.validation import label_dispersion, validate_batch
 from loopform.ingest import QUARANTINE, BatchRefused, ingest_batch
 from loopform.spec import CONFIG_KEY, GatesSpec, load_stack, stack_file
-from loopform.steps import LABELS_FILE, SOURCE_FILE, StepContext, ingest
+from loopform.steps import LABELS_FILE, StepContext, ingest
+from models.fraud import data
+from models.fraud.contract import CONTRACT
 
 ROOT = Path(__file__).resolve().parent.parent
 START = datetime(2024, 1, 1, tzinfo=UTC)
 SEED = 3
 ROWS = 19_500  # 30 days of about 650 transactions
+MODEL = "fraud"  # the store's folder of the model: <offline store>/fraud/
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +62,8 @@ def store(template: Path, tmp_path: Path) -> Path:
 
 
 def _digest(folder: Path, quarantine: Path | None = None) -> dict[str, str]:
-    """sha256 of every file under `folder` outside the store's quarantine/ (default: `folder`/quarantine)."""
-    quarantine = quarantine or folder / QUARANTINE
+    """sha256 of every file under `folder` outside the model's quarantine/ (default: `folder`/fraud/quarantine)."""
+    quarantine = quarantine or folder / MODEL / QUARANTINE
     return {
         str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
         for path in sorted(folder.rglob("*"))
@@ -177,7 +180,7 @@ def test_each_bad_batch_is_refused_and_the_store_is_byte_identical(
     assert _digest(store) == before
 
     # Quarantined with its report: the rows as sent and every check with its numbers.
-    (folder,) = (store / QUARANTINE).iterdir()
+    (folder,) = (store / MODEL / QUARANTINE).iterdir()
     assert sorted(p.name for p in folder.iterdir()) == ["report.json", "rows.parquet"]
     assert pd.read_parquet(folder / "rows.parquet")[data.ID].tolist() == batch[data.ID].tolist()
     report = json.loads((folder / "report.json").read_text())
@@ -198,10 +201,10 @@ def test_a_clean_day_passes_and_is_appended(
         "passed: schema, types, missing values, out-of-range values, duplicate ids, conflicting ids, labels, "
         "label shift, drift, ood" in out
     )
-    labels = pd.read_parquet(store / LABELS_FILE)
-    source = pd.read_parquet(store / SOURCE_FILE)
+    labels = pd.read_parquet(store / MODEL / LABELS_FILE)
+    source = pd.read_parquet(store / MODEL / EVENTS_FILE)
     assert len(labels) == len(source) == len(stored) + len(day)
-    assert set(day[data.ID]) <= set(source[data.ID]) and not (store / QUARANTINE).exists()
+    assert set(day[data.ID]) <= set(source[data.ID]) and not (store / MODEL / QUARANTINE).exists()
     # The stored types stay the schema's, whatever the batch came as.
     assert str(source["hour_of_day"].dtype) == "int64" and source["channel"].dtype == object
 
@@ -215,12 +218,13 @@ def test_the_first_batch_into_an_empty_store_gets_structural_checks_only(
     out = capsys.readouterr().out
     assert "no reference (the offline store is empty): structural checks only" in out
     assert "passed: schema, types, missing values, out-of-range values, duplicate ids, conflicting ids\n" in out
-    assert len(pd.read_parquet(store / LABELS_FILE)) == len(day)
+    assert len(pd.read_parquet(store / MODEL / LABELS_FILE)) == len(day)
     # Structure needs no reference: a broken first batch is refused all the same.
     assert _ingest(tmp_path / "empty-2", _missing(day), tmp_path) == 1
     err = capsys.readouterr().err
     assert "structural checks only" in err and "FAILED missing values: missing share of amount 0.20" in err
-    assert [p.name for p in (tmp_path / "empty-2").iterdir()] == [QUARANTINE]
+    assert [p.name for p in (tmp_path / "empty-2").iterdir()] == [MODEL]
+    assert [p.name for p in (tmp_path / "empty-2" / MODEL).iterdir()] == [QUARANTINE]
 
 
 def test_duplicate_ids_and_missing_keys_in_a_batch_are_refused(
@@ -257,7 +261,7 @@ def test_accepting_a_shift_waives_only_the_checks_against_the_reference(
     assert _ingest(store, drifted, tmp_path, *reason) == 0
     out = capsys.readouterr().out
     assert "accepted (new merchant mix after the acquisition (ticket 42)) drift: drift share" in out
-    assert len(pd.read_parquet(store / LABELS_FILE)) == len(stored) + len(drifted)
+    assert len(pd.read_parquet(store / MODEL / LABELS_FILE)) == len(stored) + len(drifted)
 
 
 def test_the_loop_ingest_is_the_same_code_path(
@@ -292,16 +296,16 @@ def test_the_loop_ingest_is_the_same_code_path(
 def test_validate_batch_numbers(history: tuple[pd.DataFrame, pd.DataFrame]) -> None:
     """The report's numbers: label test with the reference's dispersion, conflicts with examples."""
     stored, day = history
-    report = validate_batch(day.assign(**{data.LABEL: 0}), GatesSpec(), reference=stored, stored=stored)
+    report = validate_batch(day.assign(**{data.LABEL: 0}), GatesSpec(), CONTRACT, reference=stored, stored=stored)
     shift = next(c for c in report.checks if c.name == "label shift")
     assert shift.metrics["rate"] == 0 and shift.metrics["p_value"] < 0.01 and shift.metrics["dispersion"] >= 1
     assert shift.metrics["reference_rows"] == len(stored)
     resent = _resent(stored)
     conflicts = next(
-        c for c in validate_batch(resent, GatesSpec(), stored=stored).checks if c.name == "conflicting ids"
+        c for c in validate_batch(resent, GatesSpec(), CONTRACT, stored=stored).checks if c.name == "conflicting ids"
     )
     assert conflicts.metrics["conflicts"] == len(resent) and len(conflicts.metrics["examples"]) == 5
-    assert validate_batch(day.iloc[:0], GatesSpec()).failure_lines() == ["schema: the batch has no rows"]
+    assert validate_batch(day.iloc[:0], GatesSpec(), CONTRACT).failure_lines() == ["schema: the batch has no rows"]
 
 
 def test_a_local_stack_ingests_into_the_loops_store(
@@ -319,7 +323,7 @@ def test_a_local_stack_ingests_into_the_loops_store(
     assert main(["ingest", str(batch), *args]) == 2
     assert "run `loopform up --stack local` first" in capsys.readouterr().err
 
-    repo = tmp_path / "work" / "feast"
+    repo = tmp_path / "work" / "feast" / MODEL  # the model's own Feast repo
     context = StepContext("fraud", load_stack(stack), tmp_path / "run", None, repo, ROOT, ROOT / "stacks")
     ingest(context, stored)  # what `loopform up` does
     before = _digest(repo, repo / "data" / QUARANTINE)
@@ -332,7 +336,7 @@ def test_a_local_stack_ingests_into_the_loops_store(
 def test_materialisation_reads_only_admitted_batches(
     history: tuple[pd.DataFrame, pd.DataFrame], store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """On the cluster Feast's source is `<offline store>/transactions.parquet`: a refused batch never gets there,
+    """On the cluster Feast's source is `<offline store>/fraud/events.parquet`: a refused batch never gets there,
     so neither training nor materialisation sees it (the online store keeps each card's admitted row)."""
     from loopform.features import OFFLINE_URI_ENV, FeatureRepo
 
@@ -340,9 +344,9 @@ def test_materialisation_reads_only_admitted_batches(
     drifted = _bad("drift", history)
     assert _ingest(store, drifted, tmp_path) == 1
     monkeypatch.setenv(OFFLINE_URI_ENV, f"file://{store}")
-    repo = FeatureRepo(tmp_path / "feast", ROOT / "models" / "fraud", service="fraud_v1")
+    repo = FeatureRepo(tmp_path / "feast", CONTRACT)
     repo.configure()
-    assert Path(repo.definitions().transactions_source.path) == store / SOURCE_FILE
+    assert Path(repo.definitions().fraud_source.path) == store / MODEL / EVENTS_FILE
     repo.apply()
     repo.materialize(end=START + timedelta(days=31))
     cards = drifted[data.ENTITY].drop_duplicates().head(50).tolist()
@@ -352,7 +356,7 @@ def test_materialisation_reads_only_admitted_batches(
     assert admitted, "some cards of the refused batch have admitted history"
     served = online.set_index(data.ENTITY).loc[admitted, "avg_amount_30d"]
     assert served.tolist() == pytest.approx(latest.loc[admitted, "avg_amount_30d"].tolist())
-    assert not set(drifted[data.ID]) & set(pd.read_parquet(store / SOURCE_FILE)[data.ID])
+    assert not set(drifted[data.ID]) & set(pd.read_parquet(store / MODEL / EVENTS_FILE)[data.ID])
 
 
 def test_label_dispersion_counts_bursts_of_fraud() -> None:
@@ -360,16 +364,16 @@ def test_label_dispersion_counts_bursts_of_fraud() -> None:
     rng = np.random.default_rng(4)
     times = pd.Series(pd.Timestamp(START) + pd.to_timedelta(rng.integers(0, 30 * 86_400, 30_000), unit="s"))
     independent = pd.DataFrame({data.TIMESTAMP: times, data.LABEL: (rng.random(30_000) < 0.03).astype(int)})
-    assert 0.5 < label_dispersion(independent) < 1.6
+    assert 0.5 < label_dispersion(independent, CONTRACT) < 1.6
     day = times.dt.day.to_numpy()
     bursty = independent.assign(**{data.LABEL: (rng.random(30_000) < np.where(day % 3 == 0, 0.06, 0.015)).astype(int)})
-    assert label_dispersion(bursty) > 3
-    assert label_dispersion(independent.head(100).assign(**{data.LABEL: 0})) == 1.0
+    assert label_dispersion(bursty, CONTRACT) > 3
+    assert label_dispersion(independent.head(100).assign(**{data.LABEL: 0}), CONTRACT) == 1.0
 
 
 def test_an_html_report_on_request(history: tuple[pd.DataFrame, pd.DataFrame], store: Path, tmp_path: Path) -> None:
     """Evidently's data summary of the refused batch beside the reference (about 10 s: on request only)."""
     assert _ingest(store, _bad("missing", history), tmp_path, "--html-report") == 1
-    (folder,) = (store / QUARANTINE).iterdir()
+    (folder,) = (store / MODEL / QUARANTINE).iterdir()
     assert sorted(p.name for p in folder.iterdir()) == ["report.html", "report.json", "rows.parquet"]
     assert "<html" in (folder / "report.html").read_text(errors="replace").lower()

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from loopform import data
 from loopform.cli import main
 from loopform.spec import load_stack, stack_file
 from loopform.steps import StepContext, ingest
+from models.fraud import data
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -156,12 +156,12 @@ def test_the_cli_reads_the_project_it_runs_in(
         source = ROOT / name
         (shutil.copytree if source.is_dir() else shutil.copyfile)(source, copy / name)
     stack = copy / "stacks" / "Pulumi.dev.yaml"
-    stack.write_text(stack.read_text().replace("      fraud:\n", "      fraud-copy:\n", 1))
+    stack.write_text(stack.read_text().replace("      min_auc: 0.7\n", "      min_auc: 0.71\n", 1))
     monkeypatch.delenv("LOOPFORM_ROOT", raising=False)
     monkeypatch.chdir(copy / "models")  # below the project root
     assert main(["validate", "--stack", "dev"]) == 0
     assert f"{copy / 'stacks' / 'Pulumi.dev.yaml'}: valid spec" in capsys.readouterr().out
-    assert "fraud-copy" in load_stack(stack_file("dev")).models  # the library finds it the same way
+    assert load_stack(stack_file("dev")).gates.min_auc == 0.71  # the library finds it the same way
 
     monkeypatch.setenv("LOOPFORM_ROOT", str(ROOT))  # an image names its project
     assert main(["validate", "--stack", "dev"]) == 0

@@ -8,11 +8,12 @@ import pandas as pd
 import pytest
 import yaml
 
-from loopform import data
 from loopform.cli import main
-from loopform.features import OFFLINE_URI_ENV, REGISTRY_URL_ENV, FeatureRepo, cluster_config
+from loopform.features import EVENTS_FILE, OFFLINE_URI_ENV, REGISTRY_URL_ENV, FeatureRepo, cluster_config
 from loopform.spec import CONFIG_KEY, load_stack
-from loopform.steps import LABELS_FILE, SOURCE_FILE, StepContext, ingest
+from loopform.steps import LABELS_FILE, StepContext, ingest
+from models.fraud import data
+from models.fraud.contract import CONTRACT
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -34,7 +35,7 @@ def platform(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, str
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     spec = load_stack(stack)
     # The `feast apply` Job of the FeatureStore component, with the ConfigMap's feature_store.yaml.
-    FeatureRepo(tmp_path / "apply-job", ROOT / "models" / "fraud", config=cluster_config(spec.feature_store)).apply()
+    FeatureRepo(tmp_path / "apply-job", CONTRACT, config=cluster_config(spec.feature_store)).apply()
     # Upstream ETL lands labelled transactions in the offline store.
     context = StepContext(
         model="fraud",
@@ -56,8 +57,8 @@ def _step(name: str, stack: Path, run_dir: Path) -> int:
 
 def test_steps_read_the_platform_offline_store(platform: tuple[Path, str], tmp_path: Path) -> None:
     stack, offline = platform
-    folder = Path(offline.removeprefix("file://"))
-    assert sorted(p.name for p in folder.iterdir()) == [LABELS_FILE, SOURCE_FILE]
+    folder = Path(offline.removeprefix("file://")) / "fraud"
+    assert sorted(p.name for p in folder.iterdir()) == sorted([LABELS_FILE, EVENTS_FILE])
     run_dir = tmp_path / "work" / "run"
     assert _step("validate-data", stack, run_dir) == 0
     assert _step("get-features", stack, run_dir) == 0

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from loopform.data import (
+from models.fraud.data import (
     AVG_AMOUNT_NO_HISTORY,
     BASE_FRAUD_RATE,
     BY_NAME,

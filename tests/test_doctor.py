@@ -168,7 +168,7 @@ def stack(tmp_path: Path, identity: dict[str, Any] = IRSA, **cluster: Any) -> Pa
             },
         },
         "monitoring": {"prometheus_operator": True},
-        "models": {"fraud": {"path": "models/fraud", "feature_service": "fraud_v1", "training": {"gpu_pool": "gpu"}}},
+        "models": {"fraud": {"path": "models/fraud", "training": {"gpu_pool": "gpu"}}},
     }
     path = tmp_path / f"Pulumi.{ENV}.yaml"
     path.write_text(yaml.safe_dump({"config": {"loopform:platform": platform}}))

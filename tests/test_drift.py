@@ -13,7 +13,6 @@ import pandas as pd
 import pytest
 from scipy.spatial import distance
 
-from loopform.data import BASE_FRAUD_RATE, FEATURE_NAMES, LABEL, generate
 from loopform.gates import drift
 from loopform.gates.drift import (
     CALIBRATION_MAX_ROWS,
@@ -28,9 +27,12 @@ from loopform.gates.drift import (
     wasserstein_sorted,
 )
 from loopform.spec import DriftGate, GatesSpec
+from models.fraud.contract import CONTRACT
+from models.fraud.data import BASE_FRAUD_RATE, FEATURE_NAMES, LABEL, generate
 
 GATES = GatesSpec()
 COLUMNS = list(FEATURE_NAMES)
+KINDS = CONTRACT.kinds
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +42,7 @@ def reference() -> pd.DataFrame:
 
 @pytest.fixture(scope="module")
 def ref_profile(reference: pd.DataFrame) -> drift.Profile:
-    return profile(reference, COLUMNS)
+    return profile(reference, COLUMNS, kinds=KINDS)
 
 
 def test_decision_rule_bounds_the_false_alarm_rate() -> None:
@@ -145,7 +147,7 @@ def test_calibrated_thresholds_follow_the_window_size(ref_profile: drift.Profile
 
 
 def test_drift_gate_decides_on_the_calibrated_share(reference: pd.DataFrame) -> None:
-    clean = drift_gate(reference, generate(200, 8, days=1), GATES, label=None)
+    clean = drift_gate(reference, generate(200, 8, days=1), GATES, CONTRACT, labels=False)
     metrics = clean.metrics
     assert clean.passed and metrics["decision"] == "calibrated"
     assert metrics["drift_share"] == len(metrics["drifted"]) / len(COLUMNS)
@@ -156,25 +158,26 @@ def test_drift_gate_decides_on_the_calibrated_share(reference: pd.DataFrame) -> 
         assert {"method", "score", "threshold", "drifted"} <= set(feature), name
         assert {"statistic", "score", "p_value", "threshold", "drifted"} <= set(feature["calibrated"]), name
     assert set(metrics["evidently"]["drifted"]) == {n for n, f in metrics["features"].items() if f["drifted"]}
-    drifted = drift_gate(reference, generate(200, 9, days=1, covariate_drift=0.8), GATES, label=None)
+    drifted = drift_gate(reference, generate(200, 9, days=1, covariate_drift=0.8), GATES, CONTRACT, labels=False)
     assert not drifted.passed and "false_alarm_rate=0.01" in drifted.failures[0]
     assert "max_drift_share=0.3" in drifted.failures[0]
 
 
 def test_label_shift_doubling_is_detected_and_no_shift_is_not(reference: pd.DataFrame) -> None:
     doubled = generate(3_000, 60, days=1, label_shift=BASE_FRAUD_RATE)  # fraud rate x2
-    shift = label_shift(reference[LABEL], doubled[LABEL], GATES)
+    shift = label_shift(reference[LABEL], doubled[LABEL], GATES, LABEL)
     assert shift.shifted and shift.p_value < GATES.drift.label_shift_p_value
     assert shift.ratio is not None and 1.6 < shift.ratio < 2.5
     assert shift.current_rate == pytest.approx(doubled[LABEL].mean())
     assert shift.reference_rate == pytest.approx(reference[LABEL].mean())
     assert shift.positives_current == int(doubled[LABEL].sum()) and shift.n_current == 3_000
-    halved = label_shift(reference[LABEL], pd.Series(np.r_[np.ones(40), np.zeros(9_960)]), GATES)
+    halved = label_shift(reference[LABEL], pd.Series(np.r_[np.ones(40), np.zeros(9_960)]), GATES, LABEL)
     assert halved.shifted and halved.ratio is not None and halved.ratio < 0.5  # down counts too
 
     # No shift: 100 windows of 1000 labelled rows; at p < 0.01, 3 or more alarms has probability 8%.
     alarms = sum(
-        label_shift(reference[LABEL], generate(1_000, 70_000 + s, days=1)[LABEL], GATES).shifted for s in range(100)
+        label_shift(reference[LABEL], generate(1_000, 70_000 + s, days=1)[LABEL], GATES, LABEL).shifted
+        for s in range(100)
     )
     assert alarms <= 2
 
@@ -183,39 +186,40 @@ def test_label_shift_needs_a_large_enough_change() -> None:
     """A significant but small change in a large window is not a label shift (ratio < sqrt(2))."""
     reference = pd.Series(np.r_[np.ones(3_000), np.zeros(97_000)])  # 3%
     current = pd.Series(np.r_[np.ones(3_600), np.zeros(96_400)])  # 3.6%: x1.2, p ~ 1e-13
-    shift = label_shift(reference, current, GATES)
+    shift = label_shift(reference, current, GATES, LABEL)
     assert shift.p_value < 1e-6 and not shift.shifted
     assert shift.decision_ratio == pytest.approx(math.sqrt(2))
-    assert label_shift(reference, current, GATES, decision_ratio=2.0).decision_ratio == 2
+    assert label_shift(reference, current, GATES, LABEL, decision_ratio=2.0).decision_ratio == 2
     strict = GatesSpec(drift=DriftGate(label_shift_ratio=1.2))
-    assert label_shift(reference, current, strict).shifted
+    assert label_shift(reference, current, strict, LABEL).shifted
 
 
 def test_label_shift_input() -> None:
     with_missing = pd.Series([1.0, 0.0, np.nan, 0.0])
-    shift = label_shift(pd.Series([0, 1, 0, 0]), with_missing, GATES)
+    shift = label_shift(pd.Series([0, 1, 0, 0]), with_missing, GATES, LABEL)
     assert shift.n_current == 3 and shift.positives_current == 1
     with pytest.raises(DriftInputError, match="not binary"):
-        label_shift(pd.Series([0, 1]), pd.Series([0, 2]), GATES)
+        label_shift(pd.Series([0, 1]), pd.Series([0, 2]), GATES, LABEL)
     with pytest.raises(DriftInputError, match="no values"):
-        label_shift(pd.Series([0, 1]), pd.Series([np.nan, np.nan]), GATES)
-    no_positives = label_shift(pd.Series([0] * 100), pd.Series([1] * 20 + [0] * 80), GATES)
+        label_shift(pd.Series([0, 1]), pd.Series([np.nan, np.nan]), GATES, LABEL)
+    no_positives = label_shift(pd.Series([0] * 100), pd.Series([1] * 20 + [0] * 80), GATES, LABEL)
     assert no_positives.ratio == math.inf and no_positives.shifted
     # Positives in bursts (dispersion 4: variance four times the binomial's) need stronger evidence.
     reference = pd.Series(np.r_[np.ones(300), np.zeros(9_700)])
     current = pd.Series(np.r_[np.ones(40), np.zeros(960)])  # 4% against 3%: x1.33
     doubled = pd.Series(np.r_[np.ones(60), np.zeros(940)])  # x2
-    assert label_shift(reference, doubled, GATES).shifted
-    bursty = label_shift(reference, doubled, GATES, dispersion=4.0)
-    assert bursty.p_value > label_shift(reference, doubled, GATES).p_value and not bursty.shifted
-    assert not label_shift(reference, current, GATES).shifted
+    assert label_shift(reference, doubled, GATES, LABEL).shifted
+    bursty = label_shift(reference, doubled, GATES, LABEL, dispersion=4.0)
+    assert bursty.p_value > label_shift(reference, doubled, GATES, LABEL).p_value and not bursty.shifted
+    assert not label_shift(reference, current, GATES, LABEL).shifted
     with pytest.raises(ValueError, match="dispersion"):
-        label_shift(reference, current, GATES, dispersion=0.5)
+        label_shift(reference, current, GATES, LABEL, dispersion=0.5)
 
 
 def test_drift_gate_reports_label_shift(reference: pd.DataFrame) -> None:
     shifted = generate(3_000, 61, days=1, label_shift=2 * BASE_FRAUD_RATE)  # x3
-    result = drift_gate(reference, shifted, GatesSpec(drift=DriftGate(max_drift_share=1.0)))
+    labels_only = GatesSpec(drift=DriftGate(max_drift_share=1.0))
+    result = drift_gate(reference, shifted, labels_only, CONTRACT)
     assert not result.passed
     label = result.metrics["label"]
     assert label["shifted"] and label["test"].startswith("Fisher")
@@ -223,7 +227,7 @@ def test_drift_gate_reports_label_shift(reference: pd.DataFrame) -> None:
     assert any("label shift" in f and "Fisher exact" in f for f in result.failures)
     unlabelled = generate(3_000, 62, days=1)
     unlabelled[LABEL] = np.nan  # payloads before their labels arrive
-    assert drift_gate(reference, unlabelled, GATES).metrics["label"] is None
+    assert drift_gate(reference, unlabelled, GATES, CONTRACT).metrics["label"] is None
     # A Profile reference (profiled once, with the label) gives the same label test.
-    with_label = profile(reference, [*COLUMNS, LABEL])
-    assert drift_gate(with_label, shifted, GatesSpec(drift=DriftGate(max_drift_share=1.0))).metrics["label"] == label
+    with_label = profile(reference, [*COLUMNS, LABEL], kinds=KINDS)
+    assert drift_gate(with_label, shifted, labels_only, CONTRACT).metrics["label"] == label

@@ -193,7 +193,7 @@ def test_stale_and_future_evidence():
     evidence = make_evidence()
     later = NOW + timedelta(days=40)
     assert ev.check_evidence(evidence, GATES, now=later) == [
-        "stale evidence: created 2025-02-28T12:00:00+00:00 is 41 days old, more than max_evidence_age_days=30"
+        "stale evidence: created 2025-02-28T12:00:00+00:00 is 41 days old, more than gates.max_evidence_age_days=30"
     ]
     assert ev.check_evidence(evidence, {**GATES, "max_evidence_age_days": 60}, now=later) == []
     early = NOW - timedelta(days=2)

@@ -26,6 +26,7 @@ from components.registry import DatabaseEndpoint
 from loopform.features import REGISTRY_URL_ENV, FeatureRepo, cluster_config
 from loopform.render import render_components
 from loopform.spec import FeatureStoreSpec
+from models.fraud.contract import CONTRACT
 
 from .pg import needs_postgres, postgres
 
@@ -115,7 +116,7 @@ def test_the_job_creates_role_and_database_then_feast_applies_into_them(tmp_path
         url = registry_url(
             FeatureStoreSpec(), DatabaseEndpoint("127.0.0.1", server.port, None, "x"), "rotated/pass:word"
         )
-        FeatureRepo(tmp_path / "repo", ROOT / "models" / "fraud", config=cluster_config(FeatureStoreSpec())).configure()
+        FeatureRepo(tmp_path / "repo", CONTRACT, config=cluster_config(FeatureStoreSpec())).configure()
         env = {
             **os.environ,
             REGISTRY_URL_ENV: url,

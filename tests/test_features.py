@@ -12,8 +12,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from loopform import data
 from loopform.features import AS_OF, FeatureRepo
+from models.fraud import data
+from models.fraud.contract import CONTRACT
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -34,7 +35,7 @@ def cutoff(source) -> pd.Timestamp:
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory, source, cutoff) -> FeatureRepo:
     """One repository and FeatureStore for the module: constructing a store costs seconds."""
-    repo = FeatureRepo(tmp_path_factory.mktemp("feast"), ROOT / "models" / "fraud")
+    repo = FeatureRepo(tmp_path_factory.mktemp("feast"), CONTRACT)
     repo.write(source)
     repo.apply()
     repo.materialize(cutoff.to_pydatetime())
@@ -53,7 +54,7 @@ def events(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def test_definitions_are_applied(repo):
-    assert repo.apply() == ["card", "card_aggregates", "fraud_v1"]
+    assert repo.apply() == ["card_aggregates", "fraud_card", "fraud_v1"]
     service = repo.feature_service
     assert service.name == "fraud_v1"
     [projection] = service.feature_view_projections
@@ -131,7 +132,7 @@ def test_unknown_card_reads_nulls(repo, source):
 
 
 def test_write_refuses_a_frame_without_features(tmp_path, source):
-    repo = FeatureRepo(tmp_path / "bad", ROOT / "models" / "fraud")
+    repo = FeatureRepo(tmp_path / "bad", CONTRACT)
     with pytest.raises(ValueError, match="amount"):
         repo.write(source.drop(columns=["amount"]))
     with pytest.raises(FileNotFoundError, match="call write"):

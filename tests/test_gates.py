@@ -8,6 +8,9 @@ Which gate catches which fault:
     wrong types          all three (validation: dtype; drift and OOD: not numeric)
     label shift          drift gate, when both sides are labelled (a proportion test of the
                          positive rate); the prior shift also drags label-correlated features along
+    regression labels    validation (numbers inside the contract's label_range), a batch's "labels"
+                         (one value where the reference varies) and "label shift" (the calibrated
+                         distance test of the label's distribution), and the drift gate
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import pandas as pd
 import pytest
 from scipy.stats import wasserstein_distance
 
-from loopform.data import FEATURE_NAMES, LABEL, NUMERIC, generate
+from loopform.contract import Contract, Feature
 from loopform.gates import (
     DriftInputError,
     GateResult,
@@ -33,9 +36,14 @@ from loopform.gates import (
     validate_data,
 )
 from loopform.gates.drift import evidently_decisions, wasserstein_sorted
+from loopform.gates.validation import validate_batch
 from loopform.spec import DriftGate, GatesSpec
+from models.fraud.contract import CONTRACT
+from models.fraud.data import FEATURE_NAMES, LABEL, NUMERIC, generate
 
 GATES = GatesSpec()
+COLUMNS = list(FEATURE_NAMES)
+KINDS = CONTRACT.kinds
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +89,7 @@ def test_gate_result_json_round_trip(tmp_path: Path) -> None:
 
 
 def test_validation_passes_clean(clean: pd.DataFrame) -> None:
-    result = validate_data(clean, GATES, require_label=True)
+    result = validate_data(clean, GATES, CONTRACT, require_label=True)
     assert result.passed, result.failures
     assert result.metrics["worst_out_of_range_share"] == 0.0
     assert 0.01 < result.metrics["label_rate"] < 0.06
@@ -89,13 +97,13 @@ def test_validation_passes_clean(clean: pd.DataFrame) -> None:
 
 @pytest.mark.parametrize("dtype", ["category", "string"])
 def test_validation_accepts_other_string_storage(clean: pd.DataFrame, dtype: str) -> None:
-    assert validate_data(clean.astype({"channel": dtype, "merchant_category": dtype}), GATES).passed
-    assert validate_data(clean.astype({"hour_of_day": "Int64"}), GATES).passed
+    assert validate_data(clean.astype({"channel": dtype, "merchant_category": dtype}), GATES, CONTRACT).passed
+    assert validate_data(clean.astype({"hour_of_day": "Int64"}), GATES, CONTRACT).passed
 
 
 def test_validation_unlabelled_serving_data(clean: pd.DataFrame) -> None:
-    assert validate_data(clean.drop(columns=[LABEL]), GATES).passed
-    result = validate_data(clean.drop(columns=[LABEL]), GATES, require_label=True)
+    assert validate_data(clean.drop(columns=[LABEL]), GATES, CONTRACT).passed
+    result = validate_data(clean.drop(columns=[LABEL]), GATES, CONTRACT, require_label=True)
     assert not result.passed and result.failures == [f"missing column {LABEL!r}"]
 
 
@@ -112,32 +120,32 @@ def test_validation_unlabelled_serving_data(clean: pd.DataFrame) -> None:
     ],
 )
 def test_validation_fails_each_fault(fault: dict, needle: str) -> None:
-    result = validate_data(generate(3_000, 5, **fault), GATES, require_label=True)
+    result = validate_data(generate(3_000, 5, **fault), GATES, CONTRACT, require_label=True)
     assert not result.passed
     assert any(needle in f for f in result.failures), result.failures
 
 
 def test_validation_thresholds_come_from_the_spec() -> None:
     data = generate(3_000, 5, out_of_range=0.005)
-    assert not validate_data(data, GatesSpec(max_out_of_range_share=0.001)).passed
-    assert validate_data(data, GatesSpec(max_out_of_range_share=0.02)).passed
+    assert not validate_data(data, GatesSpec(max_out_of_range_share=0.001), CONTRACT).passed
+    assert validate_data(data, GatesSpec(max_out_of_range_share=0.02), CONTRACT).passed
 
 
 def test_validation_other_breakage(clean: pd.DataFrame) -> None:
-    assert validate_data(clean.iloc[:0], GATES).failures == ["data set is empty"]
+    assert validate_data(clean.iloc[:0], GATES, CONTRACT).failures == ["data set is empty"]
     dup = pd.concat([clean, clean.iloc[:3]])
-    assert any("duplicate" in f for f in validate_data(dup, GATES).failures)
+    assert any("duplicate" in f for f in validate_data(dup, GATES, CONTRACT).failures)
     bad_label = clean.assign(**{LABEL: clean[LABEL] * 2})
-    assert any("other than 0/1" in f for f in validate_data(bad_label, GATES).failures)
+    assert any("other than 0/1" in f for f in validate_data(bad_label, GATES, CONTRACT).failures)
     fractional = clean.assign(hour_of_day=clean["hour_of_day"] + 0.5)
-    assert any("fractional" in f for f in validate_data(fractional, GATES).failures)
+    assert any("fractional" in f for f in validate_data(fractional, GATES, CONTRACT).failures)
 
 
 # --- drift -----------------------------------------------------------------------------------------
 
 
 def test_drift_gate_passes_clean(reference: pd.DataFrame, clean: pd.DataFrame) -> None:
-    result = drift_gate(reference, clean, GATES)
+    result = drift_gate(reference, clean, GATES, CONTRACT)
     assert result.passed, result.failures
     assert result.metrics["drift_share"] <= GATES.drift.max_drift_share
     assert set(result.metrics["features"]) == set(FEATURE_NAMES)
@@ -145,24 +153,24 @@ def test_drift_gate_passes_clean(reference: pd.DataFrame, clean: pd.DataFrame) -
 
 
 def test_drift_gate_fails_covariate_drift(reference: pd.DataFrame) -> None:
-    result = drift_gate(reference, generate(5_000, 11, covariate_drift=0.5), GATES)
+    result = drift_gate(reference, generate(5_000, 11, covariate_drift=0.5), GATES, CONTRACT)
     assert not result.passed
     assert result.metrics["drift_share"] > GATES.drift.max_drift_share
     assert {"amount", "distance_from_home_km", "txn_count_24h"} <= set(result.metrics["drifted"])
     assert "max_drift_share=0.3" in result.failures[0]
     # A looser environment lets the same data through.
     loose = GatesSpec(drift=DriftGate(max_drift_share=0.9))
-    assert drift_gate(reference, generate(5_000, 11, covariate_drift=0.5), loose).passed
+    assert drift_gate(reference, generate(5_000, 11, covariate_drift=0.5), loose, CONTRACT).passed
 
 
 def test_drift_gate_catches_label_shift(reference: pd.DataFrame) -> None:
     shifted = generate(5_000, 11, label_shift=0.2)
-    result = drift_gate(reference, shifted, GatesSpec(drift=DriftGate(max_drift_share=0.9)))
+    result = drift_gate(reference, shifted, GatesSpec(drift=DriftGate(max_drift_share=0.9)), CONTRACT)
     assert not result.passed
     assert result.metrics["label"]["shifted"] is True
     assert any("label shift" in f for f in result.failures)
     # Unlabelled traffic: the label is simply not compared.
-    assert drift_gate(reference, generate(5_000, 11).drop(columns=[LABEL]), GATES).metrics["label"] is None
+    assert drift_gate(reference, generate(5_000, 11).drop(columns=[LABEL]), GATES, CONTRACT).metrics["label"] is None
 
 
 @pytest.mark.parametrize(
@@ -173,25 +181,25 @@ def test_drift_gate_catches_label_shift(reference: pd.DataFrame) -> None:
     ],
 )
 def test_drift_gate_fails_broken_input(reference: pd.DataFrame, fault: dict, needle: str) -> None:
-    result = drift_gate(reference, generate(2_000, 3, **fault), GATES)
+    result = drift_gate(reference, generate(2_000, 3, **fault), GATES, CONTRACT)
     assert not result.passed and needle in result.failures[0]
     with pytest.raises(DriftInputError):
-        compute_drift(reference, generate(2_000, 3, **fault))
+        compute_drift(reference, generate(2_000, 3, **fault), COLUMNS, kinds=KINDS)
 
 
 def test_drift_thresholds_come_from_the_spec(reference: pd.DataFrame) -> None:
     current = generate(5_000, 11, covariate_drift=0.1)
-    strict = compute_drift(reference, current, gates=GatesSpec(drift=DriftGate(feature_threshold=0.01)))
-    loose = compute_drift(reference, current, gates=GatesSpec(drift=DriftGate(feature_threshold=0.5)))
+    strict = compute_drift(reference, current, COLUMNS, GatesSpec(drift=DriftGate(feature_threshold=0.01)), kinds=KINDS)
+    loose = compute_drift(reference, current, COLUMNS, GatesSpec(drift=DriftGate(feature_threshold=0.5)), kinds=KINDS)
     assert strict.drift_share == 1.0 and loose.drift_share == 0.0
     assert {f.threshold for f in strict.features.values()} == {0.01}
-    small = compute_drift(reference.iloc[:500], current, gates=GatesSpec(drift=DriftGate(p_value=0.2)))
+    small = compute_drift(reference.iloc[:500], current, COLUMNS, GatesSpec(drift=DriftGate(p_value=0.2)), kinds=KINDS)
     assert {f.threshold for f in small.features.values()} == {0.2}
 
 
 def test_profile_reuse_gives_the_same_stats(reference: pd.DataFrame, clean: pd.DataFrame) -> None:
-    direct = compute_drift(reference, clean)
-    reused = compute_drift(profile(reference), clean, workers=1)
+    direct = compute_drift(reference, clean, COLUMNS, kinds=KINDS)
+    reused = compute_drift(profile(reference, COLUMNS, kinds=KINDS), clean, COLUMNS, workers=1)
     assert direct.to_dict() == reused.to_dict()
 
 
@@ -245,9 +253,8 @@ def _assert_same(ours, theirs: dict, share: float) -> None:
 def test_same_decisions_as_evidently(ref_rows: int, cur_rows: int, drift: float, missing: float) -> None:
     reference = generate(ref_rows, 1, missing_values=missing)
     current = generate(cur_rows, 2, covariate_drift=drift, missing_values=missing)
-    columns = list(FEATURE_NAMES)
-    theirs, share = _evidently(reference, current, columns)
-    ours = compute_drift(reference, current, columns)
+    theirs, share = _evidently(reference, current, COLUMNS)
+    ours = compute_drift(reference, current, COLUMNS, kinds=KINDS)
     _assert_same(ours, theirs, share)
     if drift:
         assert ours.drifted  # the comparison is not trivially all-clean
@@ -285,7 +292,7 @@ def test_same_decisions_as_evidently_edge_columns() -> None:
 def test_drift_gate_writes_evidently_report(tmp_path: Path, reference: pd.DataFrame) -> None:
     current = generate(1_500, 12, covariate_drift=0.5)
     path = tmp_path / "reports" / "drift.html"
-    result = drift_gate(reference.iloc[:3_000], current, GATES, report_path=path)
+    result = drift_gate(reference.iloc[:3_000], current, GATES, CONTRACT, report_path=path)
     assert result.report == str(path)
     html = path.read_text()
     assert "<html" in html.lower() and "amount" in html
@@ -298,7 +305,7 @@ def test_drift_gate_writes_evidently_report(tmp_path: Path, reference: pd.DataFr
 
 
 def test_ood_gate_passes_clean(reference: pd.DataFrame, clean: pd.DataFrame) -> None:
-    result = ood_gate(reference, clean, GATES)
+    result = ood_gate(reference, clean, GATES, CONTRACT)
     assert result.passed, result.failures
     assert result.metrics["ood_rate"] < 0.01
 
@@ -312,20 +319,116 @@ def test_ood_gate_passes_clean(reference: pd.DataFrame, clean: pd.DataFrame) -> 
     ],
 )
 def test_ood_gate_fails_each_fault(reference: pd.DataFrame, fault: dict, needle: str) -> None:
-    result = ood_gate(reference, generate(3_000, 9, **fault), GATES)
+    result = ood_gate(reference, generate(3_000, 9, **fault), GATES, CONTRACT)
     assert not result.passed
     assert any(needle in f for f in result.failures), result.failures
 
 
 def test_ood_counts_unseen_categories_and_extremes(reference: pd.DataFrame, clean: pd.DataFrame) -> None:
-    envelope = fit_envelope(reference)
+    envelope = fit_envelope(reference, COLUMNS, kinds=KINDS)
     current = clean.copy()
     current.loc[current.index[:400], "merchant_category"] = "casino"
     current.loc[current.index[200:600], "amount"] = 10 * envelope.bounds["amount"][1]
     current.loc[current.index[600:700], "amount"] = np.nan  # missing is not OOD
-    result = ood_gate(envelope, current, GATES)
+    result = ood_gate(envelope, current, GATES, CONTRACT)
     assert not result.passed
     assert result.metrics["ood_rows"] >= 600
     assert result.metrics["per_feature"]["merchant_category"] == pytest.approx(400 / len(current))
     assert GatesSpec(max_ood_rate=0.2).max_ood_rate > result.metrics["ood_rate"]
-    assert ood_gate(envelope, current, GatesSpec(max_ood_rate=0.2)).passed
+    assert ood_gate(envelope, current, GatesSpec(max_ood_rate=0.2), CONTRACT).passed
+
+
+# --- a regression contract ----------------------------------------------------------------------------
+
+TRIPS = Contract(
+    model="trips",
+    task="regression",
+    id="trip_id",
+    entity="driver_id",
+    entity_description="A driver.",
+    timestamp="event_timestamp",
+    label="minutes",
+    label_description="Minutes from pick-up to drop-off.",
+    label_range=(1.0, 180.0),
+    feature_service="trips_v1",
+    entity_view="driver_stats",
+    features=(
+        Feature("distance_km", "numeric", "float64", 0.0, 100.0, None, "Trip distance."),
+        Feature("zone", "categorical", "string", None, None, ("north", "south", "centre"), "Pick-up zone."),
+        Feature("trips_7d", "numeric", "int64", 0.0, 500.0, None, "The driver's trips in the 7 days before.", "entity"),
+    ),
+)
+START = pd.Timestamp("2024-01-01", tz="UTC")
+
+
+def trips(rows: int, seed: int, *, day: int = 0, days: int = 30, scale: float = 1.0) -> pd.DataFrame:
+    """Labelled trips from `day` on: minutes grow with distance, times `scale` (1.3: a 30% longer label)."""
+    rng = np.random.default_rng(seed)
+    distance = rng.gamma(2.0, 4.0, rows)
+    seconds = np.sort(rng.integers(0, days * 86_400, rows))
+    return pd.DataFrame(
+        {
+            "trip_id": [f"trip-{seed}-{i}" for i in range(rows)],
+            "driver_id": rng.integers(1, 200, rows).astype(np.int64),
+            "event_timestamp": START + pd.to_timedelta(day * 86_400 + seconds, unit="s"),
+            "distance_km": distance,
+            "zone": rng.choice(["north", "south", "centre"], rows),
+            "trips_7d": rng.poisson(40, rows).astype(np.int64),
+            "minutes": np.clip(5 + 2.5 * distance + rng.normal(0, 5, rows), 1, 120) * scale,
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def trip_history() -> pd.DataFrame:
+    return trips(5_000, 1)
+
+
+def test_regression_validation_checks_the_label_range() -> None:
+    clean = trips(2_000, 2)
+    result = validate_data(clean, GATES, TRIPS, require_label=True)
+    assert result.passed, result.failures
+    assert result.metrics["label_mean"] == pytest.approx(clean["minutes"].mean())
+    outside = clean.assign(minutes=clean["minutes"].where(clean.index >= 5, 500.0))
+    failures = validate_data(outside, GATES, TRIPS, require_label=True).failures
+    assert any("column 'minutes' has 5 values outside its range [1, 180] (e.g. 500.0)" in f for f in failures), failures
+    text = validate_data(clean.assign(minutes=clean["minutes"].astype(str)), GATES, TRIPS).failures
+    assert any(
+        f.startswith("column 'minutes' has dtype") and "expected numbers in its range [1, 180]" in f for f in text
+    ), text
+
+
+def test_regression_batch_of_one_label_value_is_refused(trip_history: pd.DataFrame) -> None:
+    batch = trips(400, 3, day=30, days=1).assign(minutes=30.0)
+    report = validate_batch(batch, GATES, TRIPS, reference=trip_history, stored=trip_history, accept_shift="waived")
+    labels = next(c for c in report.checks if c.name == "labels")
+    assert not labels.passed and not labels.against_reference  # a broken labeller: never waived
+    assert "labels" in [c.name for c in report.failed]
+    assert "distinct labels 1 of 400 rows (all 30) where the reference has" in labels.failures[0]
+
+
+def test_regression_label_shift_of_a_batch(trip_history: pd.DataFrame) -> None:
+    clean = validate_batch(trips(400, 4, day=30, days=1), GATES, TRIPS, reference=trip_history, stored=trip_history)
+    assert clean.passed, clean.failure_lines()
+    assert {c.name for c in clean.checks} >= {"labels", "label shift", "drift", "ood"}
+    longer = trips(400, 4, day=30, days=1, scale=1.3)  # the same trips, 30% longer
+    report = validate_batch(longer, GATES, TRIPS, reference=trip_history, stored=trip_history)
+    assert [c.name for c in report.failed] == ["label shift"]
+    shift = report.failed[0]
+    assert shift.metrics["mean"] == pytest.approx(1.3 * shift.metrics["reference_mean"], rel=0.1)
+    assert "(gates.drift.label_shift_p_value)" in shift.failures[0], shift.failures
+    accepted = validate_batch(longer, GATES, TRIPS, reference=trip_history, stored=trip_history, accept_shift="new")
+    assert accepted.passed and [c.name for c in accepted.accepted] == ["label shift"]
+
+
+def test_drift_gate_reports_a_regression_label_shift(trip_history: pd.DataFrame) -> None:
+    assert drift_gate(trip_history, trips(1_000, 5), GATES, TRIPS).metrics["label"]["drifted"] is False
+    longer = trips(1_000, 5, scale=1.3)
+    result = drift_gate(trip_history, longer, GATES, TRIPS)
+    assert not result.passed and result.metrics["drifted"] == []  # the features did not move, the label did
+    label = result.metrics["label"]
+    assert label["drifted"] and label["test"] == "calibrated normed Wasserstein"
+    assert any("label 'minutes' shifted" in f and "gates.drift.label_shift_p_value=0.01" in f for f in result.failures)
+    # A Profile reference (profiled once, with the label) gives the same label test.
+    with_label = profile(trip_history, [*TRIPS.feature_names, TRIPS.label], kinds={"zone": "categorical"})
+    assert drift_gate(with_label, longer, GATES, TRIPS).metrics["label"] == label

@@ -347,3 +347,21 @@ def test_bentofile_pins_equal_constraints():
         if pinned_version(req) is None or want is None or Version(pinned_version(req)) != Version(want):
             differ[line] = f"constraints.txt: {pins.get(name, 'not pinned')}"
     assert not differ, f"bentofile packages not pinned (==) to constraints.txt's version: {differ}"
+
+
+def test_every_bento_installs_what_the_tested_one_does():
+    """Every model's bentofile, and the one `loopform new model` writes, has the python and docker sections of the
+    bentofile the tests above resolve: one install set for every model service."""
+    from string import Template
+
+    from loopform.scaffold import TEMPLATES, values
+
+    tested = yaml.safe_load(BENTOFILE.read_text())
+    scaffolded = Template((TEMPLATES / "bentofile.yaml.tmpl").read_text()).substitute(values("demo", "regression"))
+    bentofiles = {str(p.relative_to(ROOT)): p.read_text() for p in sorted((ROOT / "bentos").glob("*/bentofile.yaml"))}
+    bentofiles["loopform new model"] = scaffolded
+    assert len(bentofiles) >= 3
+    for where, text in bentofiles.items():
+        bentofile = yaml.safe_load(text)
+        assert (bentofile["python"], bentofile["docker"]) == (tested["python"], tested["docker"]), where
+    assert yaml.safe_load(scaffolded)["service"] == "bentos.demo.service:DemoService"

@@ -11,15 +11,14 @@ import yaml
 from components.model_service import ModelService, ModelServiceArgs, manifests
 from loopform.render import render_components, write_services
 from loopform.spec import CONFIG_KEY, ModelSpec
+from models.fraud.contract import CONTRACT
 from tests import records
 
 RELEASE = records.release("dev")
 
 
 def _spec(release: dict | None = RELEASE) -> ModelSpec:
-    return ModelSpec.model_validate(
-        {"path": "models/fraud", "feature_service": "fraud_v1", "release": release, "serving": {"min_replicas": 2}}
-    )
+    return ModelSpec.model_validate({"path": "models/fraud", "release": release, "serving": {"min_replicas": 2}})
 
 
 def test_released_model_gets_zero_downtime_service() -> None:
@@ -98,7 +97,7 @@ def test_gitops_folder_holds_released_services(tmp_path: Path) -> None:
 def test_service_reads_the_platforms_feast(monkeypatch) -> None:
     """The env the manifests set is what the service builds its online-store reader from."""
     from loopform.features import cluster_config
-    from loopform.serving import online_store_from_env
+    from loopform.serving.release import online_store_from_env
     from loopform.spec import FeatureStoreSpec
 
     config = cluster_config(FeatureStoreSpec())
@@ -114,8 +113,8 @@ def test_service_reads_the_platforms_feast(monkeypatch) -> None:
 
     monkeypatch.delenv("LOOPFORM_FEAST_REPO", raising=False)
     monkeypatch.setenv("LOOPFORM_FEAST_CONFIG", env["LOOPFORM_FEAST_CONFIG"])
-    repo = online_store_from_env(Path(__file__).resolve().parent.parent / "models" / "fraud")
+    repo = online_store_from_env(CONTRACT)
     assert repo is not None and repo.config == config
     assert (repo.configure() / "feature_store.yaml").read_text() == config
     monkeypatch.delenv("LOOPFORM_FEAST_CONFIG")
-    assert online_store_from_env(Path(".")) is None
+    assert online_store_from_env(CONTRACT) is None

@@ -14,7 +14,6 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from loopform import data
 from loopform.gates.drift import compute_drift
 from loopform.gates.ood import ood_gate
 from loopform.monitor import (
@@ -29,6 +28,8 @@ from loopform.monitor import (
 )
 from loopform.payloads import PayloadLog
 from loopform.spec import GatesSpec
+from models.fraud import data
+from models.fraud.contract import CONTRACT
 
 NOW = datetime(2026, 5, 4, 12, 0, tzinfo=UTC)
 GATES = GatesSpec()
@@ -65,6 +66,7 @@ def test_clean_traffic_is_no_drift(tmp_path: Path, reference: pd.DataFrame) -> N
     registry = CollectorRegistry()
     result = run_monitor(
         "fraud",
+        contract=CONTRACT,
         reference=reference,
         payload_uri=uri,
         gates=GATES,
@@ -80,7 +82,7 @@ def test_clean_traffic_is_no_drift(tmp_path: Path, reference: pd.DataFrame) -> N
     assert result.decision == "calibrated" and result.false_alarm_rate == GATES.drift.false_alarm_rate
     assert result.evidently_drift_share is not None and result.label_shift is None  # payloads carry no labels
     # The OOD rate of the served traffic against the reference's envelope, as the OOD gate measures it.
-    expected_ood = ood_gate(reference, data.generate(1500, 2, days=20), GATES).metrics["ood_rate"]
+    expected_ood = ood_gate(reference, data.generate(1500, 2, days=20), GATES, CONTRACT).metrics["ood_rate"]
     assert result.ood_rate == pytest.approx(expected_ood) and result.ood_rows == round(expected_ood * 1500)
     assert set(result.ood) == set(data.FEATURE_NAMES) and result.max_ood_rate == GATES.max_ood_rate
     assert "OOD rate" in result.message and "within gates.max_ood_rate=0.05" in result.message
@@ -107,6 +109,7 @@ def test_drifted_traffic_raises_the_trigger_once(tmp_path: Path, reference: pd.D
     triggers = FileTrigger(tmp_path / "triggers")
     result = run_monitor(
         "fraud",
+        contract=CONTRACT,
         reference=reference,
         payload_uri=uri,
         gates=GATES,
@@ -155,7 +158,14 @@ def test_drifted_traffic_raises_the_trigger_once(tmp_path: Path, reference: pd.D
 
     # A second run while retraining is pending: still drift, but no second trigger file.
     again = run_monitor(
-        "fraud", reference=reference, payload_uri=uri, gates=GATES, registry=registry, until=NOW, trigger=triggers
+        "fraud",
+        contract=CONTRACT,
+        reference=reference,
+        payload_uri=uri,
+        gates=GATES,
+        registry=registry,
+        until=NOW,
+        trigger=triggers,
     )
     assert again.status == "drift" and again.trigger is None and "deduplicated" in again.message
     assert len(triggers.pending("fraud")) == 1
@@ -170,6 +180,7 @@ def test_too_few_rows_is_no_decision(tmp_path: Path, reference: pd.DataFrame) ->
     fired: list[RetrainEvent] = []
     result = run_monitor(
         "fraud",
+        contract=CONTRACT,
         reference=reference,
         payload_uri=uri,
         gates=GATES,
@@ -195,11 +206,24 @@ def test_gauges_follow_repeated_runs_in_one_registry(tmp_path: Path, reference: 
     _log(uri, data.generate(600, 6, days=20, covariate_drift=1.0), NOW - timedelta(hours=3), timedelta(hours=1))
     registry = CollectorRegistry()
     first = run_monitor(
-        "fraud", reference=reference, payload_uri=uri, gates=GATES, registry=registry, until=NOW, min_rows=500
+        "fraud",
+        contract=CONTRACT,
+        reference=reference,
+        payload_uri=uri,
+        gates=GATES,
+        registry=registry,
+        until=NOW,
+        min_rows=500,
     )
     assert first.status == "drift" and not first.triggered  # no trigger configured: gauges only
     later = run_monitor(  # a day later the window is empty: the drift series must not linger
-        "fraud", reference=reference, payload_uri=uri, gates=GATES, registry=registry, until=NOW + timedelta(days=2)
+        "fraud",
+        contract=CONTRACT,
+        reference=reference,
+        payload_uri=uri,
+        gates=GATES,
+        registry=registry,
+        until=NOW + timedelta(days=2),
     )
     assert later.status == "insufficient_data" and later.rows == 0
     text = metrics_text(registry)
@@ -214,11 +238,21 @@ def test_version_filter_and_missing_columns(tmp_path: Path, reference: pd.DataFr
     uri = str(tmp_path / "payloads")
     _log(uri, data.generate(600, 7, days=20), NOW - timedelta(hours=3), timedelta(hours=1), version=1)
     _log(uri, data.generate(600, 8, days=20, covariate_drift=1.0), NOW - timedelta(hours=2), timedelta(hours=1), 2)
-    v1 = run_monitor("fraud", reference=reference, payload_uri=uri, gates=GATES, until=NOW, version=1)
-    v2 = run_monitor("fraud", reference=reference, payload_uri=uri, gates=GATES, until=NOW, version=2)
+    v1 = run_monitor(
+        "fraud", contract=CONTRACT, reference=reference, payload_uri=uri, gates=GATES, until=NOW, version=1
+    )
+    v2 = run_monitor(
+        "fraud", contract=CONTRACT, reference=reference, payload_uri=uri, gates=GATES, until=NOW, version=2
+    )
     assert (v1.rows, v1.status) == (600, "ok") and (v2.rows, v2.status) == (600, "drift")
     broken = run_monitor(
-        "fraud", reference=reference.drop(columns=["amount"]), payload_uri=uri, gates=GATES, until=NOW, min_rows=10
+        "fraud",
+        contract=CONTRACT,
+        reference=reference.drop(columns=["amount"]),
+        payload_uri=uri,
+        gates=GATES,
+        until=NOW,
+        min_rows=10,
     )
     assert broken.status == "error" and "amount" in broken.message and not broken.triggered
 
@@ -228,7 +262,9 @@ def test_reference_from_parquet_and_parse_duration(tmp_path: Path, reference: pd
     reference.to_parquet(path)
     uri = str(tmp_path / "payloads")
     _log(uri, data.generate(700, 9, days=20), NOW - timedelta(minutes=80), timedelta(minutes=60))
-    result = run_monitor("fraud", reference=path, payload_uri=uri, gates=GATES, until=NOW, window="1h30m")
+    result = run_monitor(
+        "fraud", contract=CONTRACT, reference=path, payload_uri=uri, gates=GATES, until=NOW, window="1h30m"
+    )
     assert result.rows == 700 and result.status == "ok"
     assert result.window_start == (NOW - timedelta(minutes=90)).isoformat()
     assert parse_duration("1h30m") == timedelta(minutes=90) and parse_duration("45s") == timedelta(seconds=45)
@@ -255,7 +291,14 @@ def test_push_metrics_sends_the_exposition(tmp_path: Path) -> None:
     thread.start()
     try:
         registry = CollectorRegistry()
-        run_monitor("fraud", reference=pd.DataFrame(), payload_uri=str(tmp_path), gates=GATES, registry=registry)
+        run_monitor(
+            "fraud",
+            contract=CONTRACT,
+            reference=pd.DataFrame(),
+            payload_uri=str(tmp_path),
+            gates=GATES,
+            registry=registry,
+        )
         push_metrics(f"127.0.0.1:{server.server_port}", registry, "fraud")
     finally:
         server.shutdown()
@@ -279,7 +322,7 @@ def test_run_from_spec_uses_the_stack_settings(tmp_path: Path, reference: pd.Dat
     drifted = data.generate(400, 10, days=20, covariate_drift=1.0)
     _log(f"{tmp_path}/lake", drifted, NOW - timedelta(minutes=100), timedelta(minutes=60))
     _log(f"{tmp_path}/lake", drifted, NOW - timedelta(hours=5), timedelta(minutes=60))  # outside the 2h window
-    result = run_from_spec(spec, "fraud", reference=reference, until=NOW)
+    result = run_from_spec(spec, "fraud", CONTRACT, reference=reference, until=NOW)
     assert result.rows == 400 and result.min_rows == 300 and result.max_drift_share == 1.0
     assert result.false_alarm_rate == 0.05 and result.max_ood_rate == 0.5
     # Drifted traffic above the default 0.3 share but not above this stack's 1.0: the stack's gate decides.
@@ -298,6 +341,7 @@ def test_labelled_payloads_are_checked_for_label_shift(tmp_path: Path, reference
     registry = CollectorRegistry()
     result = run_monitor(
         "fraud",
+        contract=CONTRACT,
         reference=reference,
         payload_uri=uri,
         gates=loose,
@@ -317,7 +361,9 @@ def test_labelled_payloads_are_checked_for_label_shift(tmp_path: Path, reference
     # The same traffic at the reference's own rate: no label shift, no trigger.
     steady_uri = str(tmp_path / "steady")
     _log(steady_uri, data.generate(3000, 12, days=20), NOW - timedelta(hours=6), timedelta(hours=5), labels=True)
-    steady = run_monitor("fraud", reference=reference, payload_uri=steady_uri, gates=loose, until=NOW)
+    steady = run_monitor(
+        "fraud", contract=CONTRACT, reference=reference, payload_uri=steady_uri, gates=loose, until=NOW
+    )
     assert steady.label_shift is not None and not steady.label_shift["shifted"] and steady.status == "ok"
 
 
@@ -328,7 +374,14 @@ def test_ood_rate_of_served_traffic(tmp_path: Path, reference: pd.DataFrame) -> 
     _log(uri, broken, NOW - timedelta(hours=3), timedelta(hours=1))
     registry = CollectorRegistry()
     result = run_monitor(
-        "fraud", reference=reference, payload_uri=uri, gates=GATES, registry=registry, until=NOW, min_rows=500
+        "fraud",
+        contract=CONTRACT,
+        reference=reference,
+        payload_uri=uri,
+        gates=GATES,
+        registry=registry,
+        until=NOW,
+        min_rows=500,
     )
     assert result.ood_rate is not None and result.ood_rate > GATES.max_ood_rate
     assert result.ood_rows == round(result.ood_rate * 600)

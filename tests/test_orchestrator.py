@@ -183,7 +183,7 @@ def test_every_gpu_step_tolerates_its_pool_taints_and_selects_its_pool_labels(st
 
 def test_cpu_only_model_has_no_gpu_constraints() -> None:
     spec = _spec("dev")
-    cpu_model = ModelSpec.model_validate({"path": "models/fraud", "feature_service": "fraud_v1"})
+    cpu_model = ModelSpec.model_validate({"path": "models/fraud"})
     doc = render_workflow_template(_context(spec), "cpu", cpu_model)
     train = _templates(doc)["train"]
     assert "tolerations" not in train and "nodeSelector" not in train

@@ -10,6 +10,7 @@ from pulumi.runtime.rpc import is_rpc_secret
 
 from components.feature_store import FeatureStore, FeatureStoreArgs, feature_files, redis_connection_string
 from components.registry import SCRIPTS_DIR, UPGRADE_SCRIPT, DatabaseEndpoint, ModelRegistry, ModelRegistryArgs
+from loopform.model_code import ModelCodeError
 from loopform.render import REDACTED, RenderedResource, render_components
 from loopform.spec import ExternalDatabase, ExternalRedis, FeatureStoreSpec, RegistrySpec
 
@@ -265,5 +266,5 @@ def test_redis_connection_string_refuses_what_feast_cannot_parse() -> None:
 
 
 def test_feature_files_names_the_missing_model(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match=r"models\.ghost\.path"):
+    with pytest.raises(ModelCodeError, match=r"models\.ghost\.path"):
         feature_files(tmp_path, {"ghost": "models/ghost"})

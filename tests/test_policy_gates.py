@@ -23,11 +23,11 @@ APPLICATION = "kubernetes:argoproj.io/v1alpha1:Application"
 RULES = {candidate.name: candidate for candidate in gates.RULES}
 
 
-def deployment(record: dict[str, Any] | None) -> dict[str, Any]:
+def deployment(record: dict[str, Any] | None, model: str = "fraud") -> dict[str, Any]:
     """The model service's Deployment as the program declares it (direct road)."""
-    spec = ModelSpec.model_validate({"path": "models/fraud", "feature_service": "fraud_v1", "release": record})
+    spec = ModelSpec.model_validate({"path": f"models/{model}", "release": record})
     labels = {"loopform.dev/environment": "prod"}
-    return manifests(ModelServiceArgs(model="fraud", spec=spec, namespace="serve", labels=labels))[0]
+    return manifests(ModelServiceArgs(model=model, spec=spec, namespace="serve", labels=labels))[0]
 
 
 def application(record: dict[str, Any]) -> dict[str, Any]:
@@ -36,7 +36,7 @@ def application(record: dict[str, Any]) -> dict[str, Any]:
         "metadata": {
             "name": "loopform-serving-prod",
             "labels": {"loopform.dev/environment": "prod"},
-            "annotations": releases_annotation({"fraud": record}),
+            "annotations": releases_annotation({record["model"]: record}),
         }
     }
 
@@ -47,14 +47,25 @@ def judge(name: str, type_: str, props: dict[str, Any], **config: Any) -> list[s
 
 
 def roads(record: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-    return [(DEPLOYMENT, deployment(record)), (APPLICATION, application(record))]
+    return [(DEPLOYMENT, deployment(record, record["model"])), (APPLICATION, application(record))]
 
 
-def test_every_gate_rule_admits_a_good_release_on_both_roads() -> None:
-    good = records.release("prod")
+DELIVERY = {"models": {"delivery": {"max_rmse": 12}}}
+"""The config of metrics-meet-minimums in an environment whose regressor `delivery` has its own max_rmse."""
+
+
+@pytest.mark.parametrize(
+    ("sealed", "metrics"),
+    [(records.evidence(), {}), (records.regression_evidence(), DELIVERY)],
+    ids=["classifier", "regressor"],
+)
+def test_every_gate_rule_admits_a_good_release_on_both_roads(sealed: dict[str, Any], metrics: dict) -> None:
+    good = records.release("prod", sealed=sealed)
     for type_, props in roads(good):
         for candidate in gates.RULES:
             config = {"required": True} if candidate.name == "released-to-staging-first" else {}
+            if candidate.name == "metrics-meet-minimums":
+                config = metrics
             assert judge(candidate.name, type_, props, **config) == [], candidate.name
 
 
@@ -97,8 +108,9 @@ def test_a_record_resigned_with_an_untrusted_key_is_refused() -> None:
     assert staging.startswith("model fraud: staging proof of release record of fraud v3 is signed by key")
 
 
-def _failing(**evaluation_or_gates: Any) -> dict[str, Any]:
-    sealed = records.evidence()
+def _failing(sealed: dict[str, Any] | None = None, **evaluation_or_gates: Any) -> dict[str, Any]:
+    """A prod release of `sealed` (the classifier's evidence by default) with these gate results and metrics."""
+    sealed = sealed or records.evidence()
     body = {k: v for k, v in sealed.items() if k != "digest"}
     for key, value in evaluation_or_gates.items():
         if key in ("validation", "drift", "ood"):
@@ -165,26 +177,134 @@ def test_a_failed_gate_is_refused_with_number_and_threshold(name: str, changes: 
         assert judge(name, type_, props) == expected
 
 
-def test_the_record_carries_the_numbers_the_pack_judges() -> None:
-    assert records.release("prod")["gates"]["evaluation"] == {
-        "auc": 0.91,
-        "auc_low": 0.89,
-        "auc_delta_low": -0.002,
-        "brier_skill": 0.41,
-        "positives": 140,
-    }
-
-
 def test_a_first_release_has_no_champion_and_unrecorded_metrics_are_refused() -> None:
     first = _failing(champion_version=None, champion_auc=None, auc_delta=None, auc_delta_low=None, auc_delta_high=None)
     for type_, props in roads(first):
         assert judge("no-champion-regression", type_, props) == []
     bare = copy.deepcopy(records.release("prod"))
-    bare["gates"]["evaluation"] = {"auc": 0.91}
+    bare["gates"]["evaluation"] = {"task": "classification", "auc": 0.91}
     assert judge("metrics-meet-minimums", APPLICATION, application(bare)) == [
         "model fraud: fraud v3 records no holdout positives",
         "model fraud: fraud v3 records no Brier skill",
     ]
+    bare["gates"]["evaluation"] = {"auc": 0.91}
+    assert judge("metrics-meet-minimums", APPLICATION, application(bare)) == [
+        "model fraud: fraud v3 records no task (classification or regression), so no minimum can judge it"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("name", "changes", "config", "expected"),
+    [
+        (
+            "metrics-meet-minimums",
+            {"rmse": 14.2},
+            DELIVERY,
+            ["model delivery: RMSE 14.2000 > 12 (prod, models.delivery.max_rmse)"],
+        ),
+        ("metrics-meet-minimums", {}, {"max_rmse": 9}, ["model delivery: RMSE 9.5000 > 9 (prod, max_rmse)"]),
+        (
+            "metrics-meet-minimums",
+            {"rows": 150},
+            DELIVERY,
+            ["model delivery: holdout rows 150 < 200 (prod, min_holdout_rows)"],
+        ),
+        (
+            "metrics-meet-minimums",
+            {"r2": -0.00001, "rmse": 11.9},  # no better than always predicting the training mean
+            DELIVERY,
+            ["model delivery: R² 0.000 < 0.1 (prod, min_r2)"],
+        ),
+        (
+            "metrics-meet-minimums",
+            {},
+            {"models": {"fraud": {"max_rmse": 12}}},  # another model's threshold is not this one's
+            [
+                "model delivery: delivery v3 is judged by RMSE, and prod sets no max_rmse for it "
+                "(set models.delivery.gates.max_rmse in the stack file)"
+            ],
+        ),
+        (
+            "no-champion-regression",
+            {"rmse_ratio": -0.01, "rmse_ratio_high": 0.03},  # ahead on the point estimate, not shown non-inferior
+            {},
+            [
+                "model delivery: RMSE increase over the champion's has upper bound 0.0300 >= 0.02 "
+                "(prod, max_rmse_increase): not shown to be non-inferior"
+            ],
+        ),
+        (
+            "no-champion-regression",
+            {"rmse_ratio_high": 0.015},
+            {"models": {"delivery": {"max_rmse_increase": 0.01}}},
+            [
+                "model delivery: RMSE increase over the champion's has upper bound 0.0150 >= 0.01 "
+                "(prod, models.delivery.max_rmse_increase): not shown to be non-inferior"
+            ],
+        ),
+    ],
+)
+def test_a_regressor_is_judged_by_its_own_metrics(name: str, changes: dict, config: dict, expected: list[str]) -> None:
+    record = _failing(records.regression_evidence(), **changes)
+    assert judge(rec.SIGNATURE_POLICY, APPLICATION, application(record)) == []  # honestly signed
+    for type_, props in roads(record):
+        assert judge(name, type_, props, **config) == expected
+    # The classifier's numbers do not judge a regressor, nor the regressor's a classifier.
+    assert judge(name, APPLICATION, application(record), min_auc=0.99, max_auc_drop=0.0001, **config) == expected
+    classifier = _failing(rmse=50.0, r2=-1.0, rows=1, rmse_ratio_high=0.5)
+    assert judge(name, APPLICATION, application(classifier), **{**config, "max_rmse": 1}) == []
+
+
+def test_a_first_regressor_release_has_no_champion_and_unrecorded_metrics_are_refused() -> None:
+    first = _failing(records.regression_evidence(champion_version=None, rmse_ratio_high=None))
+    assert judge("no-champion-regression", APPLICATION, application(first)) == []
+    bare = copy.deepcopy(first)
+    bare["gates"]["evaluation"] = {"task": "regression", "rmse": 9.5}
+    assert judge("metrics-meet-minimums", APPLICATION, application(bare), **DELIVERY) == [
+        "model delivery: delivery v3 records no holdout rows",
+        "model delivery: delivery v3 records no R²",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("name", "threshold", "expected"),
+    [
+        ("data-validation-passed", {"max_out_of_range_share": 0.001}, "worst out of range share 0.0020 > 0.001"),
+        ("drift-within-threshold", {"max_drift_share": 0.05}, "drift share 0.1000 > 0.05"),
+        ("ood-within-threshold", {"max_ood_rate": 0.005}, "OOD rate 0.0100 > 0.005"),
+        ("metrics-meet-minimums", {"max_rmse": 9}, "RMSE 9.5000 > 9"),
+        ("no-champion-regression", {"max_rmse_increase": 0.005}, "RMSE increase over the champion's"),
+        ("evidence-fresh", {"max_evidence_age_days": 0.5}, "evidence of delivery v3 was 1.0 days old when released"),
+    ],
+)
+def test_a_models_own_thresholds_judge_that_model_only(name: str, threshold: dict, expected: str) -> None:
+    """`models.<m>` of a rule's config (from the stack's models.<m>.gates) is over the environment's thresholds."""
+    (key,) = threshold
+    config = {"models": {"delivery": {**DELIVERY["models"]["delivery"], **threshold}}}
+    regressor = records.release("prod", sealed=records.regression_evidence())
+    for type_, props in roads(regressor):
+        (message,) = judge(name, type_, props, **config)
+        assert message.startswith(f"model delivery: {expected}") and f"(prod, models.delivery.{key})" in message
+    classifier = records.release("prod")
+    assert judge(name, APPLICATION, application(classifier), **config) == []
+    both = {
+        "metadata": application(classifier)["metadata"]
+        | {"annotations": releases_annotation({"fraud": classifier, "delivery": regressor})}
+    }
+    assert [m.split(":")[0] for m in judge(name, APPLICATION, both, **config)] == ["model delivery"]
+
+
+def test_a_models_own_staging_rule() -> None:
+    unstaged = records.release("prod", sealed=records.regression_evidence(), staged=False)
+    assert judge("released-to-staging-first", DEPLOYMENT, deployment(unstaged, "delivery")) == []
+    config = {"models": {"delivery": {"required": True}}}
+    assert judge("released-to-staging-first", DEPLOYMENT, deployment(unstaged, "delivery"), **config) == [
+        "model delivery: delivery v3 was never released to staging (no signed staging record; prod requires one)"
+    ]
+    assert (
+        judge("released-to-staging-first", DEPLOYMENT, deployment(records.release("prod", staged=False)), **config)
+        == []
+    )
 
 
 def test_metric_thresholds_come_from_the_config() -> None:

@@ -20,7 +20,7 @@ from loopform import check, policy_config
 from loopform import evidence as ev
 from loopform.cli import main
 from loopform.record import SIGNATURE_POLICY, TrustedKey
-from loopform.spec import CONFIG_KEY, load_stack, stack_file
+from loopform.spec import CONFIG_KEY, PlatformSpec, load_stack, parse_spec, stack_file
 from policies.core import Resource, ResourceRule, with_defaults
 from policies.pack import rules
 from tests import records
@@ -32,14 +32,15 @@ STACKS = ("dev", "staging", "prod")
 @pytest.mark.parametrize("stack", STACKS)
 def test_shipped_configs_hold_the_stacks_gate_thresholds(stack: str) -> None:
     config = json.loads((ROOT / "policies" / "config" / f"{stack}.json").read_text())
-    assert policy_config.disagreements(config, load_stack(stack_file(stack)).gates) == []
+    spec = load_stack(stack_file(stack))
+    assert policy_config.disagreements(config, spec) == []
     assert config[SIGNATURE_POLICY]["environment"] == stack
     if stack != "dev":  # advisory is allowed in dev only
         assert config["all"] == "mandatory"
         assert all(
             not isinstance(v, dict) or v.get("enforcementLevel") != "advisory"
             for k, v in config.items()
-            if k in policy_config.gate_thresholds(load_stack(stack_file(stack)).gates) or k == SIGNATURE_POLICY
+            if k in policy_config.gate_thresholds(spec) or k == SIGNATURE_POLICY
         )
 
 
@@ -77,25 +78,33 @@ def test_the_pack_over_grpc_reports_exactly_what_the_rules_report(stack: str, re
 # --- releases through `loopform check --file`: the direct road, with a config that trusts the test key ----------
 
 
-def _stack(tmp_path: Path, record: dict[str, Any]) -> tuple[Path, Path]:
-    """A prod stack file serving `record` (GitOps off: the service is declared, the pack sees its Deployment)."""
+def _stack(tmp_path: Path, record: dict[str, Any], gates: dict[str, Any] | None = None) -> tuple[Path, Path]:
+    """A prod stack file serving `record` (GitOps off: the service is declared, the pack sees its Deployment).
+
+    The record's model is declared if the stack lacks it; `gates` are then its own `models.<m>.gates`.
+    """
     document = yaml.safe_load(stack_file("prod").read_text())
     platform = document["config"][CONFIG_KEY]
     platform["gitops"] = {"enabled": False}
-    platform["models"]["fraud"]["release"] = record
+    model = platform["models"].setdefault(record["model"], {"path": f"models/{record['model']}"})
+    model["release"] = record
+    if gates is not None:
+        model["gates"] = gates
     stacks = tmp_path / "stacks"
     stacks.mkdir(exist_ok=True)
     path = stacks / "Pulumi.prod.yaml"
     path.write_text(yaml.safe_dump(document))
     base = json.loads((ROOT / "policies" / "config" / "prod.json").read_text())
     trusted = [TrustedKey.parse(k) for k in records.TRUSTED]
-    config = policy_config.for_environment(base, "prod", load_stack(path).gates, trusted)
+    config = policy_config.for_environment(base, load_stack(path), trusted)
     policy_config.write(tmp_path / "policy" / "prod.json", config)
     return path, tmp_path / "policy" / "prod.json"
 
 
-def _check(tmp_path: Path, record: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> tuple[int, list[str]]:
-    path, _ = _stack(tmp_path, record)
+def _check(
+    tmp_path: Path, record: dict[str, Any], capsys: pytest.CaptureFixture[str], gates: dict[str, Any] | None = None
+) -> tuple[int, list[str]]:
+    path, _ = _stack(tmp_path, record, gates)
     code = main(["check", "--stack", "prod", "--file", str(path)])  # finds <dir>/policy/prod.json beside it
     lines = capsys.readouterr().out.splitlines()
     return code, [line for line in lines if line.startswith("mandatory")]
@@ -175,3 +184,85 @@ def test_a_bad_release_is_refused_naming_what_is_wrong(
     assert code == 1, case
     policy, text = expected
     assert any(policy in line and text in line for line in mandatory), mandatory
+
+
+def _regressor(**evaluation: Any) -> dict[str, Any]:
+    return records.release("prod", sealed=records.regression_evidence(**evaluation))
+
+
+@pytest.mark.parametrize(
+    ("case", "record", "gates", "expected"),
+    [
+        ("a good regressor", _regressor(), {"max_rmse": 12}, []),
+        (
+            "RMSE above the model's own max_rmse",
+            _regressor(rmse=14.2),
+            {"max_rmse": 12},
+            ["metrics-meet-minimums", "RMSE 14.2000 > 12 (prod, models.delivery.max_rmse)"],
+        ),
+        (
+            "too few holdout rows",
+            _regressor(rows=120),
+            {"max_rmse": 12, "min_holdout_rows": 500},
+            ["metrics-meet-minimums", "holdout rows 120 < 500 (prod, models.delivery.min_holdout_rows)"],
+        ),
+        (
+            "RMSE not non-inferior to the champion's",
+            _regressor(rmse_ratio_high=0.03),
+            {"max_rmse": 12},
+            ["no-champion-regression", "upper bound 0.0300 >= 0.02 (prod, max_rmse_increase)"],
+        ),
+    ],
+)
+def test_a_regressor_is_judged_by_its_own_gates(
+    case: str, record: dict, gates: dict, expected: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A regressor declared with its own models.<m>.gates: the derived policy config carries them to the pack."""
+    code, mandatory = _check(tmp_path, record, capsys, gates)
+    if not expected:
+        assert (code, mandatory) == (0, []), case
+        return
+    assert code == 1, case
+    policy, text = expected
+    assert any(policy in line and text in line for line in mandatory), mandatory
+
+
+def _courier(**gates: Any) -> PlatformSpec:
+    """The prod stack with one more model, `courier` (a regressor's folder), that has gates of its own."""
+    platform = yaml.safe_load(stack_file("prod").read_text())["config"][CONFIG_KEY]
+    platform["models"]["courier"] = {"path": "models/delivery", "gates": gates}
+    return parse_spec(platform, "courier")
+
+
+def test_a_models_own_gates_reach_the_policy_config() -> None:
+    prod_min_auc = load_stack(stack_file("prod")).gates.min_auc
+    spec = _courier(max_rmse=12, drift={"max_drift_share": 0.4}, min_auc=prod_min_auc)
+    thresholds = policy_config.gate_thresholds(spec)
+    assert thresholds["metrics-meet-minimums"]["models"]["courier"] == {"max_rmse": 12}  # min_auc: as prod's
+    assert thresholds["drift-within-threshold"]["models"]["courier"] == {"max_drift_share": 0.4}
+    assert "courier" not in thresholds["ood-within-threshold"].get("models", {})
+    shipped = json.loads((ROOT / "policies" / "config" / "prod.json").read_text())
+    assert policy_config.disagreements(shipped, spec) == [
+        "drift-within-threshold.models.courier.max_drift_share is None in the policy config, 0.4 in the stack's gates",
+        "metrics-meet-minimums.models.courier.max_rmse is None in the policy config, 12.0 in the stack's gates",
+    ]
+    config = policy_config.for_environment(shipped, spec, [])
+    assert policy_config.disagreements(config, spec) == []
+    assert config["metrics-meet-minimums"]["models"]["courier"] == {"max_rmse": 12}
+    config["ood-within-threshold"].setdefault("models", {})["gone"] = {"max_ood_rate": 0.5}  # a model the stack lost
+    assert policy_config.disagreements(config, spec) == [
+        "ood-within-threshold.models.gone.max_ood_rate is 0.5 in the policy config, None in the stack's gates"
+    ]
+
+
+def test_per_model_thresholds_are_checked_against_the_rules_schema() -> None:
+    policies = [check.PolicyInfo(rule.name, "mandatory", {"properties": dict(rule.config)}) for rule in rules()]
+    config = policy_config.for_environment({}, _courier(max_rmse=12), [])
+    assert check.reconcile_config(policies, config)["metrics-meet-minimums"].properties["models"]["courier"] == {
+        "max_rmse": 12
+    }
+    config["metrics-meet-minimums"]["models"]["courier"] = {"max_rmes": 12, "min_r2": 2}
+    with pytest.raises(check.PolicyConfigError) as error:
+        check.reconcile_config(policies, config)
+    assert "Additional properties are not allowed ('max_rmes' was unexpected)" in str(error.value)
+    assert "2 is greater than or equal to the maximum of 1" in str(error.value)

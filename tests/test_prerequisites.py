@@ -33,14 +33,14 @@ from tests import records
 from .conftest import ROOT, STACKS
 
 UPSTREAM = ROOT.parent / "shared" / "upstream"
-RELEASE = records.release()
+RELEASES = {"fraud": records.release(), "delivery": records.release(sealed=records.regression_evidence())}
 
 
 def released(spec: PlatformSpec) -> PlatformSpec:
     """The stack with its models released, so the GitOps service manifests are part of what is checked."""
     data = spec.model_dump(mode="json")
-    for model in data["models"].values():
-        model["release"] = RELEASE
+    for name, model in data["models"].items():
+        model["release"] = RELEASES[name]
     return PlatformSpec.model_validate(data)
 
 

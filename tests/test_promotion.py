@@ -17,10 +17,12 @@ import yaml
 from loopform import evidence as ev
 from loopform import policy_config, registry
 from loopform import record as rec
+from loopform.evaluation import evaluate_classifier
 from loopform.gates.result import GateResult
 from loopform.promotion import PromotionError, Signer, aliases_for, default_image, promote
 from loopform.spec import load_stack
-from models.fraud.train import evaluate, train
+from models.fraud.data import LABEL
+from models.fraud.train import train
 from tests import records
 from tests.helpers_registry import base_rate_model, gate_results, make_version, small_model, stored_weights
 
@@ -33,8 +35,8 @@ def signers(tmp_path_factory) -> dict[str, Signer]:
     """Per environment: the test key, and a policy config (with the stack's gates) that trusts it."""
     folder = tmp_path_factory.mktemp("policy")
     for env in ("dev", "staging", "prod"):
-        gates = load_stack(ROOT / "stacks" / f"Pulumi.{env}.yaml").gates
-        config = policy_config.for_environment({}, env, gates, [rec.TrustedKey.parse(k) for k in records.TRUSTED])
+        spec = load_stack(ROOT / "stacks" / f"Pulumi.{env}.yaml")
+        config = policy_config.for_environment({}, spec, [rec.TrustedKey.parse(k) for k in records.TRUSTED])
         SIGNERS[env] = Signer(records.KEY, policy_config.write(folder / f"{env}.json", config))
     return SIGNERS
 
@@ -85,9 +87,11 @@ def refused(store: str, name: str, version: int, env: str, stack: Path, **kwargs
     return info.value.reasons
 
 
-def rename(stack: Path, name: str) -> None:
-    """Declare the stack's fraud model under another name, so each test has its own registered model."""
-    stack.write_text(stack.read_text().replace("      fraud:\n", f"      {name}:\n"))
+def rename(stack: Path, name: str, gates: str = "") -> None:
+    """Declare the stack's fraud model under another name, so each test has its own registered model,
+    with `gates` (YAML flow mapping) as its own models.<name>.gates."""
+    own = f"        gates: {gates}\n" if gates else ""
+    stack.write_text(stack.read_text().replace("      fraud:\n", f"      {name}:\n{own}"))
 
 
 def test_promote_to_staging_writes_release_and_moves_alias(store, trained, stacks):
@@ -208,13 +212,14 @@ def test_refuses_stale_evidence_and_unknown_versions(store, trained, stacks):
     later = datetime.now(UTC) + timedelta(days=61)  # dev allows 60 days
     reasons = refused(store, "fraud-f", record.version, "dev", stacks["dev"], now=later)
     assert len(reasons) == 1 and reasons[0].startswith("stale evidence:")
-    assert reasons[0].endswith("more than max_evidence_age_days=60")
+    assert reasons[0].endswith("more than gates.max_evidence_age_days=60")
 
     assert refused(store, "fraud-f", 99, "dev", stacks["dev"]) == [
         f"the registry at {store} has no version 99 of model 'fraud-f'"
     ]
-    reasons = refused(store, "fraud-f", record.version, "dev", stacks["staging"])  # staging declares fraud only
-    assert reasons == [f"{stacks['staging']} declares no model 'fraud-f' under models (declared: fraud)"]
+    reasons = refused(store, "fraud-f", record.version, "dev", stacks["staging"])  # staging declares no fraud-f
+    declared = ", ".join(sorted(load_stack(stacks["staging"]).models))
+    assert reasons == [f"{stacks['staging']} declares no model 'fraud-f' under models (declared: {declared})"]
 
 
 def test_prod_needs_staging_first_and_archives_the_previous_champion(store, small, stacks):
@@ -258,7 +263,7 @@ def test_prod_needs_staging_first_and_archives_the_previous_champion(store, smal
     assert load_stack(stacks["prod"]).models["fraud-g"].release.image == "registry.example/fraud:1" == release.image
 
     # The challenger is compared with the champion on the same resampled rows (here: the same model, delta 0).
-    compared = evaluate(model, holdout, model, champion_version=v1.version, training=train_df)
+    compared = evaluate_classifier(model, holdout, model, label=LABEL, champion_version=v1.version, training=train_df)
     assert compared["auc_delta_low"] == compared["auc_delta_high"] == 0.0
     v2 = make_version(store, "fraud-g", model, compared)
     promote(
@@ -345,7 +350,7 @@ def test_a_base_rate_model_fails_promotion(store, small, stacks):
     model, train_df, holdout, _ = small
     rename(stacks["dev"], "fraud-l")
     constant = base_rate_model(model)
-    evaluation = evaluate(constant, holdout, training=train_df)
+    evaluation = evaluate_classifier(constant, holdout, label=LABEL, training=train_df)
     assert evaluation["auc"] == evaluation["auc_low"] == 0.5
     assert evaluation["brier_skill"] == pytest.approx(0.0, abs=1e-6)
     assert evaluation["ece"] < 0.01  # the old calibration gate (ECE <= 0.1) would have passed it
@@ -364,7 +369,7 @@ def test_a_challenger_not_shown_non_inferior_fails_promotion(store, small, stack
     model, train_df, holdout, _ = small
     rename(stacks["staging"], "fraud-m")
     weaker = train(train_df.iloc[:1500], seed=2, max_epochs=3)
-    evaluation = evaluate(weaker, holdout, model, champion_version=1, training=train_df)
+    evaluation = evaluate_classifier(weaker, holdout, model, label=LABEL, champion_version=1, training=train_df)
     assert evaluation["auc_delta_low"] <= -0.01
     assert evaluation["auc_delta_low"] <= evaluation["auc_delta"] <= evaluation["auc_delta_high"]
     record = make_version(store, "fraud-m", weaker, evaluation)
@@ -379,9 +384,67 @@ def test_too_few_holdout_positives_fail_promotion(store, small, stacks):
     model, train_df, holdout, _ = small
     rename(stacks["dev"], "fraud-n")
     few = holdout.iloc[: len(holdout) // 4]
-    evaluation = evaluate(model, few, training=train_df)
+    evaluation = evaluate_classifier(model, few, label=LABEL, training=train_df)
     assert evaluation["positives"] < 100
     record = make_version(store, "fraud-n", model, evaluation)
     assert refused(store, "fraud-n", record.version, "dev", stacks["dev"]) == [
         f"holdout positives {evaluation['positives']} < 100 (gates.min_positives): too few to judge the model"
+    ]
+
+
+def test_a_regressor_is_judged_by_its_own_gates(store, trained, stacks):
+    """A regressor's evidence is judged by RMSE, R² and holdout rows; max_rmse comes from models.<m>.gates."""
+    model, _ = trained  # the evaluation, not the network, is what the gates judge
+    first = {**records.REGRESSION, **dict.fromkeys(("champion_version", "champion_rmse", "rmse_ratio"))}
+    first |= dict.fromkeys(("rmse_ratio_low", "rmse_ratio_high"))
+    rename(stacks["dev"], "delivery-a")
+    record = make_version(store, "delivery-a", model, first)
+    assert refused(store, "delivery-a", record.version, "dev", stacks["dev"]) == [
+        "no max_rmse gate to judge a regressor by: set models.delivery-a.gates.max_rmse "
+        "(the most holdout RMSE a release may have, in the label's unit)"
+    ]
+    shutil.copyfile(ROOT / "stacks" / "Pulumi.dev.yaml", stacks["dev"])
+    rename(stacks["dev"], "delivery-a", "{max_rmse: 9, min_r2: 0.7}")
+    assert refused(store, "delivery-a", record.version, "dev", stacks["dev"]) == [
+        "RMSE 9.5000 > 9 (models.delivery-a.gates.max_rmse)",
+        "R² 0.620 < 0.7 (models.delivery-a.gates.min_r2)",
+    ]
+    shutil.copyfile(ROOT / "stacks" / "Pulumi.dev.yaml", stacks["dev"])
+    rename(stacks["dev"], "delivery-a", "{max_rmse: 12}")
+    release = promote(
+        "delivery-a", record.version, "dev", signer=SIGNERS["dev"], tracking_uri=store, stack_path=stacks["dev"]
+    )
+    assert release.gates["evaluation"] == {
+        "task": "regression",
+        "rmse": 9.5,
+        "rmse_high": 9.9,
+        "r2": 0.62,
+        "rows": 2000,
+        "rmse_ratio_high": None,
+    }
+    assert rec.verify(load_stack(stacks["dev"]).models["delivery-a"].release.record(), "dev", records.TRUSTED) == []
+
+    worse = make_version(store, "delivery-a", model, {**records.REGRESSION, "rmse_ratio_high": 0.03})
+    assert refused(store, "delivery-a", worse.version, "dev", stacks["dev"]) == [
+        "RMSE increase over the champion version 2's: upper bound 0.0300 at 95% >= 0.02 (gates.max_rmse_increase): "
+        "not shown to be non-inferior"
+    ]
+    few = make_version(store, "delivery-a", model, {**first, "rows": 150})
+    assert refused(store, "delivery-a", few.version, "dev", stacks["dev"]) == [
+        "holdout rows 150 < 200 (gates.min_holdout_rows): too few to judge the model"
+    ]
+
+
+def test_a_models_own_gates_judge_a_classifier_and_a_wrong_task_is_refused(store, trained, stacks):
+    model, evaluation = trained
+    rename(stacks["dev"], "fraud-o", "{min_auc: 0.99, drift: {max_drift_share: 0.01}}")
+    drifted = GateResult("drift", True, {"drift_share": 0.05})
+    record = make_version(store, "fraud-o", model, evaluation, gates=gate_results(drift=drifted))
+    assert refused(store, "fraud-o", record.version, "dev", stacks["dev"]) == [
+        "drift share 0.050 is above models.fraud-o.gates.drift.max_drift_share=0.01",
+        f"AUC {evaluation['auc']:.4f} < 0.99 (models.fraud-o.gates.min_auc)",
+    ]
+    untold = make_version(store, "fraud-o", model, {k: v for k, v in evaluation.items() if k != "task"})
+    assert refused(store, "fraud-o", untold.version, "dev", stacks["dev"]) == [
+        "evaluation.task is None: expected one of classification, regression, so no gate can judge it"
     ]

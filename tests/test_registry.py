@@ -9,8 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from loopform import data, registry
 from loopform import evidence as ev
+from loopform import registry
+from models.fraud import data
+from models.fraud.contract import CONTRACT
 from tests.helpers_registry import gate_results, make_version, small_model, stored_weights
 
 
@@ -140,9 +142,9 @@ def test_evidence_from_the_real_gates(store, trained):
     for drift in (0.0, 1.0):
         current = data.generate(1500, seed=21, covariate_drift=drift)
         results = [
-            validate_data(current, gates, require_label=True),
-            drift_gate(train_df, current, gates),
-            ood_gate(train_df, current, gates),
+            validate_data(current, gates, CONTRACT, require_label=True),
+            drift_gate(train_df, current, gates, CONTRACT),
+            ood_gate(train_df, current, gates, CONTRACT),
         ]
         run = registry.log_training_run(
             store,
@@ -162,7 +164,7 @@ def test_evidence_from_the_real_gates(store, trained):
 def test_the_service_loads_only_the_files_the_record_names(store, trained, released, tmp_path):
     """The evidence seals each model file's digest; a weights file swapped in the store is refused at load."""
     from loopform import record as rec
-    from loopform.serving import ArtifactDigestError, load_release
+    from loopform.serving.release import ArtifactDigestError, load_release
 
     model, _, holdout, _ = trained
     _, record = released

@@ -111,3 +111,28 @@ def test_policy_config_names_its_environment_and_keys(tmp_path: Path) -> None:
     path.write_text(json.dumps({"all": "mandatory"}))
     with pytest.raises(rec.RecordError, match="trusts no release keys"):
         rec.read_policy_config(path)
+
+
+def test_a_record_carries_the_task_and_the_numbers_its_rules_judge() -> None:
+    classifier = rec.gate_summary(records.evidence())["evaluation"]
+    assert classifier == {
+        "task": "classification",
+        "auc": 0.91,
+        "auc_low": 0.89,
+        "auc_delta_low": -0.002,
+        "brier_skill": 0.41,
+        "positives": 140,
+    }
+    regressor = rec.gate_summary(records.regression_evidence())["evaluation"]
+    assert regressor == {
+        "task": "regression",
+        "rmse": 9.5,
+        "rmse_high": 9.9,
+        "r2": 0.62,
+        "rows": 2000,
+        "rmse_ratio_high": 0.005,
+    }
+    assert isinstance(regressor["rows"], int)
+    first = rec.gate_summary(records.regression_evidence(champion_version=None, rmse_ratio_high=None))
+    assert first["evaluation"]["rmse_ratio_high"] is None  # no champion: nothing to compare
+    assert rec.gate_summary(records.evidence(evaluation={"auc": 0.9}))["evaluation"] == {"task": None}

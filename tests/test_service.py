@@ -1,8 +1,9 @@
-"""The fraud BentoML service over real HTTP on localhost, and `bentoml build` of its Bento.
+"""Model services built from a contract: the fraud service over real HTTP on localhost, `bentoml build` of its
+Bento, and the regression path (schemas, answers, payload records and metrics of a regressor).
 
-One module-scoped server: a small model trained with models/fraud/train.py, registered in a temporary
+One module-scoped fraud server: a small model trained with models/fraud/train.py, registered in a temporary
 MLflow SQLite store with alias `production`, a local Feast repo for /predict_card, and a payload log that
-only writes at shutdown (huge flush thresholds), so the last test proves that SIGTERM drains every record.
+only writes at shutdown (huge flush thresholds), so the last fraud test proves that SIGTERM drains every record.
 """
 
 from __future__ import annotations
@@ -20,7 +21,12 @@ from typing import Any
 import httpx
 import pytest
 
-from loopform.serving import ENV_MODEL_URI, ENV_TRACKING_URI, parse_model_uri, release_from_env, request_models
+from loopform.contract import Contract, Feature
+from loopform.serving.release import ENV_MODEL_URI, ENV_TRACKING_URI, parse_model_uri, release_from_env
+from loopform.serving.schemas import entity_api, schemas
+from models.fraud import data
+from models.fraud.contract import CONTRACT
+from tests.helpers_serving import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 SERVICE = "bentos.fraud.service:FraudService"
@@ -59,52 +65,66 @@ class Stack:
         response = httpx.post(f"{self.server.url}/{api}", timeout=60.0, **kwargs)
         if response.status_code == 200:
             answers = response.json()
-            rows = body["transactions"] if api == "predict_batch" else [body]
+            rows = body["events"] if api == "predict_batch" else [body]
             for answer, row in zip(answers if isinstance(answers, list) else [answers], rows, strict=True):
                 self.answered[answer["request_id"]] = (api, row)
         return response
+
+
+def serve_release(
+    work: Path, contract: Any, model: Any, frame: Any, service: str, **env: str
+) -> tuple[Any, Any, int, Any, str]:
+    """Release `model` as `<model>@production` in a fresh MLflow store, load `frame` into a local Feast repo and
+    start `service` on them: (server, the released model as loaded back, version, Feast repo, payload URI)."""
+    from loopform import registry
+    from loopform.contract import fingerprint
+    from loopform.features import FeatureRepo
+    from loopform.serving.process import BentoServer
+
+    name = contract.model
+    tracking_uri = f"sqlite:///{work}/mlflow.db"
+    run = registry.log_training_run(
+        tracking_uri, name, model, gate_results={}, training_data_fingerprint=fingerprint(frame)
+    )
+    version = registry.register_version(tracking_uri, name, run.run_id).version
+    registry.set_alias(tracking_uri, name, "production", version)
+    repo = FeatureRepo(work / "feast", contract)
+    repo.write(frame)
+    repo.apply()
+    repo.materialize(frame[contract.timestamp].max())
+    payload_uri = str(work / "lake" / "payloads")
+    env = {
+        **OFFLINE,
+        "LOOPFORM_TRACKING_URI": tracking_uri,
+        "LOOPFORM_MODEL_URI": f"models:/{name}@production",
+        "LOOPFORM_FEAST_REPO": str(work / "feast"),
+        "LOOPFORM_PAYLOAD_URI": payload_uri,
+        "BENTOML_HOME": str(work / "bentoml"),
+        "MPLCONFIGDIR": str(work / "mpl"),
+        **env,
+    }
+    server = BentoServer(service, working_dir=REPO, port=free_port(), env=env, log_path=work / "serve.log").start()
+    return server, registry.load_model(tracking_uri, name, version), version, repo, payload_uri
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Any:
     for key, value in OFFLINE.items():
         os.environ.setdefault(key, value)
-    from loopform import data, registry
-    from loopform.features import FeatureRepo
-    from loopform.serving import BentoServer
     from models.fraud.train import train
 
-    work = tmp_path_factory.mktemp("service")
     frame = data.generate(2500, 11, days=10, cards=150)
-    model = train(frame, 11, max_epochs=4)
-    tracking_uri = f"sqlite:///{work}/mlflow.db"
-    run = registry.log_training_run(
-        tracking_uri, "fraud", model, gate_results={}, training_data_fingerprint=data.fingerprint(frame)
+    server, loaded, version, repo, payload_uri = serve_release(
+        tmp_path_factory.mktemp("service"),
+        CONTRACT,
+        train(frame, 11, max_epochs=4),
+        frame,
+        SERVICE,
+        LOOPFORM_PAYLOAD_FLUSH_ROWS="1000000",  # nothing is written before shutdown ...
+        LOOPFORM_PAYLOAD_FLUSH_SECONDS="86400",  # ... so the last test checks the drain on SIGTERM
     )
-    record = registry.register_version(tracking_uri, "fraud", run.run_id)
-    registry.set_alias(tracking_uri, "fraud", "production", record.version)
-
-    repo = FeatureRepo(work / "feast", REPO / "models" / "fraud")
-    repo.write(frame)
-    repo.apply()
-    repo.materialize(frame[data.TIMESTAMP].max())
-
-    payload_uri = str(work / "lake" / "payloads")
-    env = {
-        **OFFLINE,
-        "LOOPFORM_TRACKING_URI": tracking_uri,
-        "LOOPFORM_MODEL_URI": "models:/fraud@production",
-        "LOOPFORM_FEAST_REPO": str(work / "feast"),
-        "LOOPFORM_PAYLOAD_URI": payload_uri,
-        "LOOPFORM_PAYLOAD_FLUSH_ROWS": "1000000",  # nothing is written before shutdown ...
-        "LOOPFORM_PAYLOAD_FLUSH_SECONDS": "86400",  # ... so the last test checks the drain on SIGTERM
-        "BENTOML_HOME": str(work / "bentoml"),
-        "MPLCONFIGDIR": str(work / "mpl"),
-    }
-    server = BentoServer(SERVICE, working_dir=REPO, env=env, log_path=work / "serve.log").start()
-    loaded = registry.load_model(tracking_uri, "fraud", record.version)
     cards = sorted(int(c) for c in frame[data.ENTITY].unique())[:20]
-    yield Stack(server, loaded, record.version, repo, cards, payload_uri)
+    yield Stack(server, loaded, version, repo, cards, payload_uri)
     server.stop()
 
 
@@ -120,9 +140,8 @@ def _score(model: Any, row: dict[str, Any]) -> float:
 def test_request_schema_is_strict() -> None:
     from pydantic import ValidationError
 
-    from loopform import data
-
-    transaction, by_card = request_models(data.FEATURES)
+    api = schemas(CONTRACT)
+    transaction, by_card = api.request, api.by_entity
     assert transaction.model_validate(GOOD).amount == 84.5
     for bad in (
         {**GOOD, "amount": "84.5"},
@@ -211,13 +230,13 @@ def test_unparseable_bodies_get_400(stack: Stack, content: bytes) -> None:
 @pytest.mark.slow
 def test_batch(stack: Stack) -> None:
     rows = [GOOD, {**GOOD, "amount": 4000.0, "hour_of_day": 3, "is_foreign": 1, "channel": "online"}]
-    response = stack.post("predict_batch", {"transactions": rows})
+    response = stack.post("predict_batch", {"events": rows})
     assert response.status_code == 200, response.text
     answers = response.json()
     assert [a["score"] for a in answers] == pytest.approx([_score(stack.model, r) for r in rows], rel=1e-6)
-    assert stack.post("predict_batch", {"transactions": []}).status_code == 400
-    bad = stack.post("predict_batch", {"transactions": [GOOD, {**GOOD, "channel": "fax"}]})
-    assert bad.status_code == 400 and bad.json()["detail"][0]["loc"] == ["transactions", 1, "channel"]
+    assert stack.post("predict_batch", {"events": []}).status_code == 400
+    bad = stack.post("predict_batch", {"events": [GOOD, {**GOOD, "channel": "fax"}]})
+    assert bad.status_code == 400 and bad.json()["detail"][0]["loc"] == ["events", 1, "channel"]
 
 
 @pytest.mark.slow
@@ -316,12 +335,13 @@ def test_graceful_shutdown_logs_every_answered_request(stack: Stack) -> None:
     """Last test of the module: SIGTERM, then the payload log holds exactly the answered requests."""
     import pandas as pd
 
-    from loopform import data
     from loopform.features import AS_OF
     from loopform.payloads import read_payloads
 
     for i in range(20):  # traffic of its own, so the test also holds when run alone
         assert stack.post("predict", {**GOOD, "amount": 500.0 + i}).status_code == 200
+        card = stack.cards[i % len(stack.cards)]
+        assert stack.post("predict_card", {"card_id": card, **OWN, "amount": 900.0 + i}).status_code == 200
     assert len(stack.answered) >= 20
     assert stack.server.stop(signal.SIGTERM) == 0, stack.server.log_tail()
     rows = read_payloads(stack.payload_uri, "fraud")
@@ -350,11 +370,188 @@ def test_graceful_shutdown_logs_every_answered_request(stack: Stack) -> None:
         assert json.loads(row["request"]).items() >= {k: v for k, v in body.items() if v is not None}.items()
 
 
+# --- the regression path: schemas, answers, payload records and metrics follow the contract's task ------------
+
+# A small regression contract of the test's own: the service code must need nothing but a contract.
+ETA = Contract(
+    model="eta",
+    task="regression",
+    id="trip_id",
+    entity="driver_id",
+    entity_description="A driver.",
+    timestamp="event_timestamp",
+    label="minutes",
+    label_description="Minutes of the trip.",
+    label_range=(0.0, 100.0),
+    feature_service="eta_v1",
+    entity_view="driver_stats",
+    features=(
+        Feature("distance_km", "numeric", "float64", 0.0, 50.0, None, "Trip distance."),
+        Feature("stops", "numeric", "int64", 1.0, 10.0, None, "Stops on the way."),
+        Feature("vehicle", "categorical", "string", None, None, ("bike", "car"), "Vehicle."),
+        Feature("trips_24h", "numeric", "int64", 0.0, 100.0, None, "The driver's trips in the 24 h before.", "entity"),
+    ),
+)
+TRIP = {"distance_km": 3.5, "stops": 2, "vehicle": "car", "trips_24h": 6}
+
+
+class MinutesStub:
+    """A regressor as the contract's interface sees it: `predict(frame)` in the label's unit."""
+
+    def predict(self, frame: Any) -> Any:
+        return 10.0 + 4.0 * frame["distance_km"].to_numpy() + frame["stops"].to_numpy()
+
+
+def test_regression_schemas_follow_the_contract() -> None:
+    from pydantic import ValidationError
+
+    api = schemas(ETA)
+    assert entity_api(ETA) == "predict_driver" and entity_api(CONTRACT) == "predict_card"
+    assert set(api.request.model_fields) == {"trip_id", *ETA.feature_names}
+    assert set(api.by_entity.model_fields) == {"driver_id", "trip_id", "distance_km", "stops", "vehicle"}
+    assert set(api.response.model_fields) == {"request_id", "prediction", "model", "version"}
+    assert api.response.model_fields["prediction"].annotation is float
+    assert set(schemas(CONTRACT).response.model_fields) == {
+        "request_id", "prediction", "score", "threshold", "model", "version"
+    }  # fmt: skip
+    for bad in ({**TRIP, "stops": 0}, {**TRIP, "vehicle": "drone"}, {**TRIP, "distance_km": "3"}):
+        with pytest.raises(ValidationError):
+            api.request.model_validate(bad)
+
+
+def test_regression_buckets_span_the_label_range() -> None:
+    from loopform.serving.metrics import PROBABILITY_BUCKETS, VALUE_BUCKETS, score_buckets
+
+    buckets = score_buckets(ETA)
+    assert buckets == tuple(5.0 * i for i in range(VALUE_BUCKETS + 1))  # 0, 5, ..., 100 minutes
+    assert score_buckets(CONTRACT) == PROBABILITY_BUCKETS
+
+
+def test_regression_service_in_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A regressor's service class over BentoML's ASGI app, with a stub model: answers, 400s, payloads, metrics."""
+    from prometheus_client import CollectorRegistry
+    from starlette.testclient import TestClient
+
+    from loopform.payloads import read_payloads
+    from loopform.serving import bento, scorer
+    from loopform.serving.metrics import create_metrics
+    from loopform.serving.release import Release
+
+    registry = CollectorRegistry()
+    counted = create_metrics(ETA, registry)
+    monkeypatch.setattr(scorer, "metrics", lambda contract: counted)  # not the process's default registry
+    monkeypatch.setattr(bento, "release_from_env", lambda: Release(MinutesStub(), "eta", 4, "models:/eta/4"))
+    monkeypatch.setenv("LOOPFORM_PAYLOAD_URI", str(tmp_path / "payloads"))
+    monkeypatch.delenv("LOOPFORM_FEAST_REPO", raising=False)
+    monkeypatch.delenv("LOOPFORM_FEAST_CONFIG", raising=False)
+    service = bento.model_service(ETA)
+    assert set(service.apis) == {"predict", "predict_batch", "predict_driver"}
+    rows = [{**TRIP, "trip_id": "t-1"}, {**TRIP, "distance_km": 8.0, "stops": 5}]
+    own = {name: TRIP[name] for name in ETA.event_features}
+    with TestClient(service.to_asgi()) as client:
+        one = client.post("/predict", json=rows[0])
+        assert one.status_code == 200, one.text
+        assert one.json() == {"request_id": one.json()["request_id"], "prediction": 26.0, "model": "eta", "version": 4}
+        many = client.post("/predict_batch", json={"events": rows})
+        assert many.status_code == 200, many.text
+        assert [a["prediction"] for a in many.json()] == [26.0, 47.0]
+        for body, field in (
+            ({**TRIP, "stops": 0}, ["stops"]),  # below the contract's range
+            ({**TRIP, "vehicle": "drone"}, ["vehicle"]),  # unknown category
+            ({**TRIP, "stops": "2"}, ["stops"]),  # a string for a number
+            ({**TRIP, "eta": 3}, ["eta"]),  # unknown field
+        ):
+            response = client.post("/predict", json=body)
+            assert response.status_code == 400 and field in [e["loc"] for e in response.json()["detail"]], body
+        assert client.post("/predict_batch", json={"events": []}).status_code == 400
+        entity_path = client.post("/predict_driver", json={"driver_id": 3, **own, "trips_24h": 2})
+        assert entity_path.status_code == 400  # an entity feature comes from the store, never the request
+        assert client.post("/predict_driver", json={"driver_id": 3, **own}).status_code == 503  # no store
+    records = read_payloads(str(tmp_path / "payloads"), "eta")  # drained by the shutdown hook
+    assert len(records) == 3 and "score" not in records.columns
+    assert {"trip_id", "driver_id", *ETA.feature_names, "prediction", "model_version"} <= set(records)
+    assert sorted(records["prediction"]) == [26.0, 26.0, 47.0] and set(records["trip_id"].dropna()) == {"t-1"}
+    labels = {"model": "eta", "version": "4"}
+    assert registry.get_sample_value("loopform_predictions_total", {**labels, "api": "predict_batch"}) == 2
+    assert registry.get_sample_value("loopform_prediction_score_bucket", {**labels, "le": "50.0"}) == 3
+
+
+@pytest.fixture(scope="module")
+def delivery(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The delivery service over HTTP: a small trained regressor, released in MLflow, a local Feast repo."""
+    from models.delivery import data as delivery_data
+    from models.delivery.contract import CONTRACT as DELIVERY
+    from models.delivery.train import train
+
+    frame = delivery_data.generate(2000, 5, days=10)
+    model = train(frame, 5, max_epochs=3)
+    server, loaded, version, repo, _ = serve_release(
+        tmp_path_factory.mktemp("delivery"), DELIVERY, model, frame, "bentos.delivery.service:DeliveryService"
+    )
+    yield server, loaded, version, frame, repo
+    server.stop()
+
+
 @pytest.mark.slow
-def test_bentoml_build(tmp_path: Path) -> None:
+def test_delivery_service_serves_a_batch_of_the_released_regressor(delivery: Any) -> None:
+    import pandas as pd
+
+    from models.delivery.contract import CONTRACT as DELIVERY
+
+    server, model, version, frame, repo = delivery
+    rows = [{name: _plain(row[name]) for name in DELIVERY.feature_names} for row in frame.head(40).to_dict("records")]
+    response = httpx.post(f"{server.url}/predict_batch", json={"events": rows}, timeout=60.0)
+    assert response.status_code == 200, response.text
+    answers = response.json()
+    assert {(a["model"], a["version"]) for a in answers} == {("delivery", version)}
+    assert all(set(a) == {"request_id", "prediction", "model", "version"} for a in answers)
+    expected = model.predict(frame.head(40))
+    assert [a["prediction"] for a in answers] == pytest.approx(list(expected), rel=1e-5)
+
+    restaurant = int(frame[DELIVERY.entity].iloc[0])
+    stored = repo.online([restaurant]).iloc[0]
+    own = {name: rows[0][name] for name in DELIVERY.event_features}
+    response = httpx.post(f"{server.url}/predict_restaurant", json={DELIVERY.entity: restaurant, **own}, timeout=60.0)
+    assert response.status_code == 200, response.text
+    vector = {**own, **{name: _plain(stored[name]) for name in DELIVERY.entity_features}}
+    assert response.json()["prediction"] == pytest.approx(float(model.predict(pd.DataFrame([vector]))[0]), rel=1e-5)
+
+    numeric = next(f for f in DELIVERY.features if f.kind == "numeric" and f.scope == "event")
+    bad = httpx.post(f"{server.url}/predict", json={**rows[0], numeric.name: numeric.max + 1}, timeout=60.0)
+    assert bad.status_code == 400 and [numeric.name] in [e["loc"] for e in bad.json()["detail"]]
+    metrics = httpx.get(f"{server.url}/metrics").text
+    labels = {"model": "delivery", "version": str(version), "api": "predict_batch"}
+    assert _metric(metrics, "loopform_predictions_total", **labels) == 40
+    assert _metric(metrics, "loopform_prediction_score_count", model="delivery", version=str(version)) == 41
+    edges = {sample["le"] for sample in _labels(metrics, "loopform_prediction_score_bucket")}
+    assert {"1.0", "12.95", "240.0", "+Inf"} <= edges  # buckets across the contract's label range
+    assert all("prediction" not in labels for labels in _labels(metrics, "loopform_predictions_total"))
+
+
+def _plain(value: Any) -> Any:
+    return value.item() if hasattr(value, "item") else value
+
+
+def _labels(text: str, name: str) -> list[dict[str, str]]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return [s.labels for family in text_string_to_metric_families(text) for s in family.samples if s.name == name]
+
+
+def test_a_scorer_refuses_a_model_without_its_tasks_method() -> None:
+    from loopform.serving.release import Release
+    from loopform.serving.scorer import Scorer
+
+    with pytest.raises(TypeError, match="classification model by its contract but lacks predict_proba, threshold"):
+        Scorer(Release(MinutesStub(), "fraud", 1, "models:/fraud/1"), CONTRACT, with_metrics=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("model", "by_entity"), [("fraud", "predict_card"), ("delivery", "predict_restaurant")])
+def test_bentoml_build(tmp_path: Path, model: str, by_entity: str) -> None:
     env = {**os.environ, **OFFLINE, "BENTOML_HOME": str(tmp_path / "bentoml")}
     result = subprocess.run(
-        [sys.executable, "-m", "bentoml", "build", "-f", "bentos/fraud/bentofile.yaml", "-o", "tag", "."],
+        [sys.executable, "-m", "bentoml", "build", "-f", f"bentos/{model}/bentofile.yaml", "-o", "tag", "."],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -364,15 +561,18 @@ def test_bentoml_build(tmp_path: Path) -> None:
     tag = result.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
     name, version = tag.split(":")
     bento = tmp_path / "bentoml" / "bentos" / name / version
-    assert name == "fraud"
+    assert name == model
     for path in (
-        "src/bentos/fraud/service.py",
-        "src/loopform/serving.py",
+        f"src/bentos/{model}/service.py",
+        "src/loopform/serving/bento.py",
+        "src/loopform/serving/scorer.py",
         "src/loopform/payloads.py",
-        "src/models/fraud/model.py",
+        f"src/models/{model}/model.py",
     ):
         assert (bento / path).is_file(), path
+    other = "delivery" if model == "fraud" else "fraud"
+    assert not (bento / "src" / "models" / other).exists()  # a bento carries its own model's code only
     requirements = (bento / "env" / "python" / "requirements.txt").read_text()
     assert "torch==2.13.0" in requirements and "bentoml==1.4.40" in requirements
     routes = {route["name"] for route in json.loads((bento / "apis" / "schema.json").read_text())["routes"]}
-    assert routes == {"predict", "predict_batch", "predict_card"}
+    assert routes == {"predict", "predict_batch", by_entity}

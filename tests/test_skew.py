@@ -21,12 +21,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from loopform import data
 from loopform.features import AS_OF, FeatureRepo
 from loopform.payloads import PayloadLog, read_payloads
-from loopform.serving import Release, Scorer
+from loopform.serving.release import Release
+from loopform.serving.scorer import Scorer
+from models.fraud import data
+from models.fraud.contract import CONTRACT
 
-ROOT = Path(__file__).resolve().parent.parent
 DAY = pd.Timedelta(days=1)
 MONTH = pd.Timedelta(days=30)
 
@@ -139,7 +140,7 @@ class World:
         later = self.frame[self.frame[data.TIMESTAMP] > self.cutoff]
         # Arrivals: the first few later transactions of many cards, so cards also see each other's writes.
         self.arrivals = later.groupby(data.ENTITY).head(2).head(60)
-        self.repo = FeatureRepo(root / "feast", ROOT / "models" / "fraud")
+        self.repo = FeatureRepo(root / "feast", CONTRACT)
         self.repo.write(self.history)  # only what has been ingested so far
         self.repo.apply()
         self.repo.materialize(self.cutoff.to_pydatetime())
@@ -149,11 +150,9 @@ class World:
         self.log = PayloadLog(self.payload_uri, "fraud", flush_rows=10_000, flush_seconds=3_600)
         self.scorer = Scorer(
             Release(model=model, name="fraud", version=1, uri="models:/fraud/1"),
-            data.FEATURE_NAMES,
+            CONTRACT,
             payloads=self.log,
             online=self.repo,
-            entity=data.ENTITY,
-            stored=data.CARD_FEATURES,
             with_metrics=False,
         )
 

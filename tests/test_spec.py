@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from loopform.cli import main
-from loopform.spec import CONFIG_KEY, PlatformSpec, SpecError, load_stack, parse_spec
+from loopform.spec import CONFIG_KEY, PlatformSpec, SpecError, check_repository, load_stack, parse_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -42,7 +42,7 @@ def _base() -> dict:
                 "gpu": {"kind": "karpenter", "gpus_per_node": 1, "node_class": {"role": "R", "discovery_tag": "c"}}
             }
         },
-        "models": {"fraud": {"path": "models/fraud", "feature_service": "fraud_v1", "training": {"gpu_pool": "gpu"}}},
+        "models": {"fraud": {"path": "models/fraud", "training": {"gpu_pool": "gpu"}}},
     }
 
 
@@ -97,6 +97,21 @@ BAD = [
     ("share above one", "gates.max_ood_rate", 1.5, "gates.max_ood_rate", "less than or equal to 1"),
     ("bad duration", "monitoring.window", "one day", "monitoring.window", "duration"),
     ("replica range", "models.fraud.serving", {"min_replicas": 5, "max_replicas": 2}, "serving", "below min_replicas"),
+    (
+        "unknown key in a model's gates",
+        "models.fraud.gates",
+        {"min_acu": 0.9},
+        f"{CONFIG_KEY}.models.fraud.gates",
+        "min_acu: Extra inputs are not permitted",
+    ),
+    (
+        "model's gate out of range",
+        "models.fraud.gates",
+        {"drift": {"max_drift_share": 1.5}},
+        f"{CONFIG_KEY}.models.fraud.gates",
+        "drift.max_drift_share: Input should be less than or equal to 1",
+    ),
+    ("model's max_rmse not positive", "models.fraud.gates", {"max_rmse": 0}, "models.fraud.gates", "greater than 0"),
 ]
 
 
@@ -171,8 +186,12 @@ def _dev_stack() -> dict:
 
 # Mistakes only the whole file and the repository reveal: tried through the CLI, as a user would.
 FILE_CASES = [
-    ("model folder missing", "models.fraud.path", "models/frod", "models.fraud.path: 'models/frod' has no features.py"),
-    ("feature service unknown", "models.fraud.feature_service", "fraud_v9", "'fraud_v9' is not a FeatureService"),
+    (
+        "model folder missing",
+        "models.fraud.path",
+        "models/frod",
+        "models.fraud.path: 'models/frod' has no contract.py, model.py, train.py, data.py",
+    ),
     ("environment of another stack", "environment", "qa", "is 'qa' but this is the stack file of 'dev'"),
     ("bucket missing from URI", "registry.artifacts", {"uri": "s3:///artifacts"}, "is not a URI of scheme"),
 ]
@@ -193,3 +212,39 @@ def test_bad_stack_file_through_cli(
     assert f"{path}: invalid stack spec" in err and words in err, err
     assert "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_models_own_gates_overlay_the_environments() -> None:
+    platform = _set(_base(), "gates", {"min_auc": 0.8, "drift": {"max_drift_share": 0.2, "p_value": 0.01}})
+    platform["models"]["fraud"]["gates"] = {"min_auc": 0.9, "drift": {"max_drift_share": 0.4}}
+    platform["models"]["delivery"] = {"path": "models/delivery", "gates": {"max_rmse": 12}}
+    spec = parse_spec(platform, "stacks/Pulumi.dev.yaml")
+    fraud, delivery = spec.gates_for("fraud"), spec.gates_for("delivery")
+    assert (fraud.min_auc, fraud.drift.max_drift_share, fraud.drift.p_value) == (0.9, 0.4, 0.01)  # key by key
+    assert (delivery.max_rmse, delivery.min_auc, delivery.drift) == (12, 0.8, spec.gates.drift)
+    assert spec.gates.min_auc == 0.8 and spec.gates.max_rmse is None  # the environment's own gates stay
+    assert spec.gates_for("unknown") == spec.gates
+
+
+def test_a_regressor_needs_a_max_rmse(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """check_repository reads each model's contract: a regressor must have a max_rmse in its gates."""
+    package = f"zoo_{tmp_path.name}"  # a package of its own: nothing cached from another test
+    folder = tmp_path / package / "delivery"
+    folder.mkdir(parents=True)
+    for name in ("model.py", "train.py", "data.py"):
+        (folder / name).write_text("")
+    (folder / "contract.py").write_text("from models.delivery.contract import CONTRACT as CONTRACT\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    platform = _base()
+    platform["models"] = {"delivery": {"path": f"{package}/delivery"}}
+    with pytest.raises(SpecError) as caught:
+        check_repository(parse_spec(platform, "Pulumi.dev.yaml"), tmp_path, "Pulumi.dev.yaml")
+    assert caught.value.problems == [
+        f"{CONFIG_KEY}.models.delivery.gates.max_rmse: required for a regressor ({package}/delivery/contract.py "
+        "declares task regression): the most holdout RMSE, in delivery_minutes's unit, a release may have"
+    ]
+    platform["models"]["delivery"]["gates"] = {"max_rmse": 12}
+    check_repository(parse_spec(platform, "Pulumi.dev.yaml"), tmp_path, "Pulumi.dev.yaml")
+    platform["models"]["delivery"]["gates"] = {}
+    platform["gates"] = {"max_rmse": 30}  # the environment's own max_rmse serves too
+    check_repository(parse_spec(platform, "Pulumi.dev.yaml"), tmp_path, "Pulumi.dev.yaml")

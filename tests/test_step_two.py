@@ -60,8 +60,10 @@ def _set(path: str, value: Any) -> Callable[[dict[str, Any]], None]:
     return edit
 
 
-def _add_model(spec: dict[str, Any]) -> None:
-    spec["models"]["fraud2"] = {**spec["models"]["fraud"], "serving": {"min_replicas": 1, "max_replicas": 2}}
+def _without_delivery(spec: dict[str, Any]) -> dict[str, Any]:
+    """The staging spec before its second model, `delivery`, was added."""
+    del spec["models"]["delivery"]
+    return spec
 
 
 def _new_pool(spec: dict[str, Any]) -> None:
@@ -86,7 +88,6 @@ ORDINARY = [
      {"staging-registry-postgres-data"}, set(), set()),
     ("redis volume growth", _set("feature_store.online_store.storage", "10Gi"),
      {"staging-features-redis-data"}, set(), set()),
-    ("a new model", _add_model, set(), {"staging-orchestrator-fraud2-template", "staging-orchestrator-fraud2-cron"}, set()),
     ("a removed model's schedule", _set("models.fraud.training.schedule", None), set(), set(),
      {"staging-orchestrator-fraud-cron"}),
     ("a new GPU pool", _new_pool, set(), {"staging-gpu-big-node-class", "staging-gpu-big-node-pool"}, set()),
@@ -112,12 +113,23 @@ def test_ordinary_change_touches_no_data(case, edit, updates, creates, deletes) 
     assert replaced <= {"kubernetes:batch/v1:Job"}, [s.line() for s in steps if s.change.action == "replace"]
 
 
+DELIVERY_PIPELINE = {"staging-orchestrator-delivery-template", "staging-orchestrator-delivery-cron"}
+
+
+def test_a_new_model_creates_only_its_pipeline() -> None:
+    """Its Feast definitions join the repo ConfigMap: the apply Job reruns (replaced), nothing else is replaced."""
+    steps = preview(_render(_without_delivery(_spec())), _render(_spec()))
+    actions = _by_action(steps)
+    assert not [s.line() for s in steps if s.refused]
+    assert actions["create"] == DELIVERY_PIPELINE
+    assert "delete" not in actions
+    assert actions.get("replace", set()) <= {"staging-features-apply"}
+
+
 def test_a_removed_model_deletes_only_its_pipeline() -> None:
-    before = _spec()
-    _add_model(before)
-    actions = _by_action(preview(_render(before), _render(_spec())))
-    assert actions["delete"] == {"staging-orchestrator-fraud2-template", "staging-orchestrator-fraud2-cron"}
-    assert "replace" not in set(actions) - {"replace"} or actions.get("replace", set()) <= {"staging-features-apply"}
+    actions = _by_action(preview(_render(_spec()), _render(_without_delivery(_spec()))))
+    assert actions["delete"] == DELIVERY_PIPELINE
+    assert actions.get("replace", set()) <= {"staging-features-apply"}
 
 
 def test_a_password_rotation_updates_the_secret_in_place_and_rolls_its_consumers() -> None:

@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from loopform import data, registry
-from models.fraud import train as training
+from loopform import evaluation, registry
+from loopform.evaluation import expected_calibration_error, stratified_split, time_split
+from models.fraud import data
 from models.fraud.model import FraudModel
-from models.fraud.train import evaluate, expected_calibration_error, stratified_split, time_split, train
+from models.fraud.train import train
 from tests.helpers_registry import base_rate_model
+
+evaluate = partial(evaluation.evaluate_classifier, label=data.LABEL)
 
 
 @pytest.fixture(scope="module")
 def split():
-    return time_split(data.generate(8000, seed=11), holdout_share=0.25)
+    return time_split(data.generate(8000, seed=11), data.TIMESTAMP, holdout_share=0.25)
 
 
 @pytest.fixture(scope="module")
@@ -120,22 +125,22 @@ def test_bootstrap_auc_is_the_auc_of_each_resample():
     labels = (rng.random(3000) < 0.05).astype(int)
     scores = np.round(rng.random(3000) * 0.6 + labels * 0.25, 2)  # many ties
     other = np.round(scores + rng.normal(0, 0.1, 3000), 2)
-    aucs = training.bootstrap_aucs(labels, scores, other, samples=7, seed=3)
+    aucs = evaluation.bootstrap_aucs(labels, scores, other, samples=7, seed=3)
     assert aucs.shape == (2, 7)
     pos, neg = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
-    w_pos, w_neg = training._counts(3, 1, range(7), len(pos)), training._counts(3, 0, range(7), len(neg))
+    w_pos, w_neg = evaluation._counts(3, 1, range(7), len(pos)), evaluation._counts(3, 0, range(7), len(neg))
     for b in range(7):
         rows = np.r_[np.repeat(pos, w_pos[b].astype(int)), np.repeat(neg, w_neg[b].astype(int))]
         assert aucs[0, b] == pytest.approx(roc_auc_score(labels[rows], scores[rows]), abs=1e-12)
         assert aucs[1, b] == pytest.approx(roc_auc_score(labels[rows], other[rows]), abs=1e-12)
     # Small chunks give the same resamples as one big chunk.
-    big = training.bootstrap_aucs(labels, scores, samples=50, seed=8)
-    original = training.BOOTSTRAP_CELLS
+    big = evaluation.bootstrap_aucs(labels, scores, samples=50, seed=8)
+    original = evaluation.BOOTSTRAP_CELLS
     try:
-        training.BOOTSTRAP_CELLS = 3 * len(labels)
-        assert np.array_equal(training.bootstrap_aucs(labels, scores, samples=50, seed=8), big)
+        evaluation.BOOTSTRAP_CELLS = 3 * len(labels)
+        assert np.array_equal(evaluation.bootstrap_aucs(labels, scores, samples=50, seed=8), big)
     finally:
-        training.BOOTSTRAP_CELLS = original
+        evaluation.BOOTSTRAP_CELLS = original
 
 
 def test_bootstrap_threshold_is_the_max_f1_threshold_of_each_resample():
@@ -143,20 +148,20 @@ def test_bootstrap_threshold_is_the_max_f1_threshold_of_each_resample():
     labels = (rng.random(2000) < 0.05).astype(int)
     scores = rng.random(2000) * 0.6 + labels * 0.3
     scores[:40] = 0.5  # a tie group
-    thresholds = training.bootstrap_thresholds(labels, scores, samples=10, seed=2)
+    thresholds = evaluation.bootstrap_thresholds(labels, scores, samples=10, seed=2)
     order = np.argsort(-scores, kind="stable")
     pos, neg = order[labels[order] == 1], order[labels[order] == 0]
-    w_pos, w_neg = training._counts(2, 1, range(10), len(pos)), training._counts(2, 0, range(10), len(neg))
+    w_pos, w_neg = evaluation._counts(2, 1, range(10), len(pos)), evaluation._counts(2, 0, range(10), len(neg))
     for b in range(10):
         rows = np.r_[np.repeat(pos, w_pos[b].astype(int)), np.repeat(neg, w_neg[b].astype(int))]
-        assert thresholds[b] == training.best_f1_threshold(labels[rows], scores[rows])
+        assert thresholds[b] == evaluation.best_f1_threshold(labels[rows], scores[rows])
 
 
 def test_alert_rate_counts_ties_in_proportion():
     labels = np.array([1, 0, 1, 0, 0, 0, 0, 0, 0, 0])
     scores = np.array([0.9, 0.5, 0.5, 0.5, 0.5, 0.1, 0.1, 0.1, 0.1, 0.1])
     # Top 3: the 0.9 (a fraud) and two of the four rows tied at 0.5 (one fraud among them: half a fraud expected).
-    view = training.at_alert_rate(labels, scores, 0.3)
+    view = evaluation.at_alert_rate(labels, scores, 0.3)
     assert view["alert_threshold"] == 0.5
     assert view["precision_at_alert_rate"] == pytest.approx(1.5 / 3)
     assert view["recall_at_alert_rate"] == pytest.approx(1.5 / 2)
@@ -176,8 +181,10 @@ def test_threshold_maximises_f1_on_validation(split, model):
 
     best = f1(model.threshold)
     assert all(f1(t) <= best + 1e-12 for t in np.unique(scores))
-    assert training.validation_rows(train_df, model).equals(val)  # what evaluate bootstraps the threshold on
-    assert training.validation_rows(train_df.iloc[1:], model) is None  # not the frame it was trained on
+    assert evaluation.validation_rows(train_df, model, data.LABEL).equals(
+        val
+    )  # what evaluate bootstraps the threshold on
+    assert evaluation.validation_rows(train_df.iloc[1:], model, data.LABEL) is None  # not the frame it was trained on
 
 
 def test_champion_comparison_scores_the_same_holdout(split, model):

@@ -67,14 +67,16 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pandas as pd
 
-from loopform.data import BY_NAME, FEATURE_NAMES, LABEL
 from loopform.gates.result import GateResult
 from loopform.spec import GatesSpec
+
+if TYPE_CHECKING:
+    from loopform.contract import Contract
 
 Kind = Literal["numeric", "categorical"]
 
@@ -279,13 +281,9 @@ class LabelShift:
 
 
 def column_kind(column: str, series: pd.Series, kinds: Mapping[str, Kind] | None = None) -> Kind:
-    """Kind of a column: given, from the schema (loopform.data.FEATURES), else inferred as Evidently does."""
+    """Kind of a column: given (from the model's contract), else inferred as Evidently does."""
     if kinds and column in kinds:
         return kinds[column]
-    if column in BY_NAME:
-        return BY_NAME[column].kind
-    if column == LABEL:
-        return "categorical"
     dtype = series.dtype
     if pd.api.types.is_bool_dtype(dtype) or isinstance(dtype, pd.CategoricalDtype):
         return "categorical"
@@ -331,7 +329,7 @@ def profile_column(series: pd.Series, column: str, kind: Kind, side: str = "refe
 
 def profile(
     data: pd.DataFrame,
-    columns: Sequence[str] = FEATURE_NAMES,
+    columns: Sequence[str],
     *,
     kinds: Mapping[str, Kind] | None = None,
     side: str = "reference",
@@ -675,7 +673,7 @@ def label_shift(
     reference: pd.Series | ColumnProfile,
     current: pd.Series,
     gates: GatesSpec,
-    column: str = LABEL,
+    column: str,
     *,
     dispersion: float = 1.0,
     decision_ratio: float | None = None,
@@ -729,7 +727,7 @@ def label_shift(
 def compute_drift(
     reference: pd.DataFrame | Profile,
     current: pd.DataFrame,
-    columns: Sequence[str] = FEATURE_NAMES,
+    columns: Sequence[str],
     gates: GatesSpec | None = None,
     *,
     kinds: Mapping[str, Kind] | None = None,
@@ -796,14 +794,57 @@ def compute_drift(
 # --- the gate ------------------------------------------------------------------------------------
 
 
+def regression_label_shift(
+    reference: pd.Series | ColumnProfile, current: pd.Series, gates: GatesSpec, column: str
+) -> CalibratedFeature:
+    """Did a numeric label's distribution move? The features' calibrated test, at gates.drift.label_shift_p_value.
+
+    The normed Wasserstein distance of the current labels against the reference's, with its bootstrap
+    p-value at the current window's size; a shift needs p <= label_shift_p_value and a distance of at
+    least gates.drift.feature_threshold, so a significant but tiny change in a large window is not one.
+    """
+    ref = (
+        reference if isinstance(reference, ColumnProfile) else profile_column(reference, column, "numeric", "reference")
+    )
+    cur = profile_column(current, column, "numeric", "current")
+    return calibrate_feature(ref, cur, gates, level=gates.drift.label_shift_p_value)
+
+
+def label_shift_failure(
+    reference: pd.Series | ColumnProfile, current: pd.Series, gates: GatesSpec, column: str, task: str
+) -> tuple[dict[str, Any], str | None]:
+    """(metrics, failure line or None) of the label check of the task: class balance or label distribution."""
+    if task == "classification":
+        shift = label_shift(reference, current, gates, column)
+        if not shift.shifted:
+            return shift.to_dict(), None
+        ratio = "none before" if shift.ratio in (None, math.inf) else f"{shift.ratio:.2f}x"
+        return shift.to_dict(), (
+            f"label {column!r} shifted: positive rate {shift.current_rate:.4f} over {shift.n_current} "
+            f"rows against {shift.reference_rate:.4f} in the reference ({ratio}; Fisher exact "
+            f"p={shift.p_value:.2g} < gates.drift.label_shift_p_value={shift.p_value_threshold}): "
+            "the class balance moved (label shift)"
+        )
+    moved = regression_label_shift(reference, current, gates, column)
+    metrics = {**moved.to_dict(), "test": "calibrated normed Wasserstein"}
+    if not moved.drifted:
+        return metrics, None
+    return metrics, (
+        f"label {column!r} shifted: normed Wasserstein distance {moved.score:.3g} over {moved.n_current} rows "
+        f"(p={moved.p_value:.2g} <= gates.drift.label_shift_p_value={moved.level:g}, and >= "
+        f"gates.drift.feature_threshold={moved.effect_threshold:g}): the label's distribution moved (label shift)"
+    )
+
+
 def drift_gate(
     reference: pd.DataFrame | Profile,
     current: pd.DataFrame,
     gates: GatesSpec,
+    contract: Contract,
     report_path: Path | None = None,
     *,
-    columns: Sequence[str] = FEATURE_NAMES,
-    label: str | None = LABEL,
+    columns: Sequence[str] | None = None,
+    labels: bool = True,
     workers: int | None = None,
 ) -> GateResult:
     """Fail when the calibrated drift share exceeds gates.drift.max_drift_share, or the labels shifted.
@@ -811,14 +852,19 @@ def drift_gate(
     The decision is the one calibrated to the window's size (false-alarm rate
     gates.drift.false_alarm_rate on clean data): metrics `drift_share`, `drifted` and each feature's
     `calibrated`. Evidently's fixed-threshold view stays beside it: metrics `evidently` and each
-    feature's method, score, threshold and drifted. The label is compared only when both sides carry
-    labelled rows (training data, labelled feedback), with `label_shift`'s proportion test. With
+    feature's method, score, threshold and drifted. Columns default to the contract's features, with
+    the contract's kinds. With `labels`, the contract's label is compared when both sides carry
+    labelled rows (training data, labelled feedback): a classifier's positive rate with `label_shift`'s
+    proportion test, a regressor's label distribution with `regression_label_shift`. With
     report_path, Evidently writes its HTML report for the same features with the same thresholds;
     metrics.report_agrees records whether its decisions match Evidently's view here.
     """
     max_share = gates.drift.max_drift_share
+    columns = list(columns or contract.feature_names)
+    kinds = contract.kinds
+    label = contract.label if labels else None
     try:
-        stats = compute_drift(reference, current, columns, gates, workers=workers, calibrate=True)
+        stats = compute_drift(reference, current, columns, gates, kinds=kinds, workers=workers, calibrate=True)
     except DriftInputError as error:
         metrics = {"drift_share": None, "max_drift_share": max_share, "rows_current": len(current)}
         return GateResult("drift", False, metrics, [f"cannot compute drift: {error}"])
@@ -862,19 +908,11 @@ def drift_gate(
     if labelled and current[label].notna().any():
         try:
             ref_labels = reference.columns[label] if isinstance(reference, Profile) else reference[label]
-            shift = label_shift(ref_labels, current[label], gates, label)
+            metrics["label"], failure = label_shift_failure(ref_labels, current[label], gates, label, contract.task)
         except DriftInputError as error:
             failures.append(f"cannot compare label {label!r}: {error}")
         else:
-            metrics["label"] = shift.to_dict()
-            if shift.shifted:
-                ratio = "none before" if shift.ratio in (None, math.inf) else f"{shift.ratio:.2f}x"
-                failures.append(
-                    f"label {label!r} shifted: positive rate {shift.current_rate:.4f} over {shift.n_current} "
-                    f"rows against {shift.reference_rate:.4f} in the reference ({ratio}; Fisher exact "
-                    f"p={shift.p_value:.2g} < gates.drift.label_shift_p_value={shift.p_value_threshold}): "
-                    "the class balance moved (label shift)"
-                )
+            failures += [failure] if failure else []
     report = None
     if report_path is not None:
         if isinstance(reference, Profile):

@@ -13,15 +13,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
-from loopform.data import FEATURE_NAMES
 from loopform.gates.drift import Kind, column_kind
 from loopform.gates.result import GateResult
 from loopform.spec import GatesSpec
+
+if TYPE_CHECKING:
+    from loopform.contract import Contract
 
 DEFAULT_QUANTILE = 0.001
 DEFAULT_MARGIN = 0.1
@@ -47,7 +49,7 @@ class Envelope:
 
 def fit_envelope(
     reference: pd.DataFrame,
-    columns: Sequence[str] = FEATURE_NAMES,
+    columns: Sequence[str],
     *,
     quantile: float = DEFAULT_QUANTILE,
     margin: float = DEFAULT_MARGIN,
@@ -84,16 +86,21 @@ def ood_gate(
     reference: pd.DataFrame | Envelope,
     current: pd.DataFrame,
     gates: GatesSpec,
+    contract: Contract,
     *,
-    columns: Sequence[str] = FEATURE_NAMES,
+    columns: Sequence[str] | None = None,
     quantile: float = DEFAULT_QUANTILE,
     margin: float = DEFAULT_MARGIN,
 ) -> GateResult:
-    """Fail when more than gates.max_ood_rate of the current rows fall outside the reference envelope."""
+    """Fail when more than gates.max_ood_rate of the current rows fall outside the reference envelope.
+
+    Columns default to the contract's features, with the contract's kinds."""
+    columns = list(columns or contract.feature_names)
+    kinds = contract.kinds
     envelope = (
         reference
         if isinstance(reference, Envelope)
-        else fit_envelope(reference, columns, quantile=quantile, margin=margin)
+        else fit_envelope(reference, columns, quantile=quantile, margin=margin, kinds=kinds)
     )
     columns = [c for c in columns if c in envelope.bounds or c in envelope.categories]
     metrics: dict[str, Any] = {"ood_rate": None, "max_ood_rate": gates.max_ood_rate, "rows": len(current)}

@@ -11,21 +11,25 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from loopform.data import FEATURES
-
 if TYPE_CHECKING:
     import pandas as pd
 
+    from loopform.contract import Contract
+
 
 def write_summary_report(
-    current: pd.DataFrame, reference: pd.DataFrame | None, path: Path, columns: Sequence[str] | None = None
+    current: pd.DataFrame,
+    reference: pd.DataFrame | None,
+    contract: Contract,
+    path: Path,
+    columns: Sequence[str] | None = None,
 ) -> Path:
     """Write Evidently's DataSummaryPreset report of `current` (against `reference` if given) to `path`."""
     from evidently import DataDefinition, Dataset, Report
     from evidently.presets import DataSummaryPreset
 
-    wanted = list(columns or [f.name for f in FEATURES])
-    kinds = {f.name: f.kind for f in FEATURES}
+    wanted = list(columns or contract.feature_names)
+    kinds = contract.kinds
     definition = DataDefinition(
         numerical_columns=[c for c in wanted if kinds.get(c) == "numeric"],
         categorical_columns=[c for c in wanted if kinds.get(c) == "categorical"],

@@ -1,4 +1,4 @@
-"""Schema gate: required columns, types, missing values, ranges and categories of the fraud data.
+"""Schema gate: required columns, types, missing values, ranges and categories of a model's data contract.
 
 Runs before anything learns from or is judged on a data set, so a broken upstream job (a column
 dropped, numbers shipped as strings, sentinel values out of range) stops the pipeline with a
@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from loopform.data import BY_NAME, ENTITY, FEATURE_NAMES, FEATURES, ID, LABEL, TIMESTAMP, Feature
+from loopform.contract import Contract, Feature
 from loopform.gates.result import GateResult, json_safe
 from loopform.spec import GatesSpec
 
@@ -60,59 +60,77 @@ def _out_of_range_share(series: pd.Series, feature: Feature) -> tuple[float, int
     return bad / len(present), bad
 
 
+def _label_problem(label: pd.Series, contract: Contract) -> str | None:
+    """Why the label column does not fit the contract's task, or None: 0/1 for a classifier, numbers in
+    label_range for a regressor."""
+    low, high = contract.label_range or (0, 1)
+    if not pd.api.types.is_numeric_dtype(label.dtype) or pd.api.types.is_bool_dtype(label.dtype):
+        expected = "0/1 integers" if contract.classification else f"numbers in its range [{low:g}, {high:g}]"
+        return f"has dtype {label.dtype}, expected {expected}"
+    values = label.dropna()
+    if contract.classification:
+        if not values.isin([0, 1]).all():
+            return f"holds values other than 0/1: {sorted(set(values.unique()) - {0, 1})[:5]}"
+        return None
+    numbers = values.to_numpy(dtype=np.float64)
+    outside = int(np.count_nonzero(~((numbers >= low) & (numbers <= high))))
+    if outside:
+        return f"has {outside} values outside its range [{low:g}, {high:g}] (e.g. {_examples(values[~values.between(low, high)])})"
+    return None
+
+
 def validate_data(
     df: pd.DataFrame,
     gates: GatesSpec,
+    contract: Contract,
     *,
     require_label: bool = False,
-    features: tuple[Feature, ...] = FEATURES,
 ) -> GateResult:
-    """Check a data set against the schema and the gates' missing/out-of-range limits.
+    """Check a data set against the model's contract and the gates' missing/out-of-range limits.
 
-    Required: ENTITY (integers), TIMESTAMP (timezone-aware datetimes), every feature, and LABEL
-    (0/1) when require_label. Fails on a missing column, a wrong type, any column with more
-    than gates.max_missing_share missing, any feature with more than gates.max_out_of_range_share
-    of its present values outside its range or category list, or duplicate transaction ids.
+    Required: the entity (integers), the event time (timezone-aware datetimes), every feature, and
+    the label when require_label (0/1 for a classifier, inside label_range for a regressor). Fails on
+    a missing column, a wrong type, any column with more than gates.max_missing_share missing, any
+    feature with more than gates.max_out_of_range_share of its present values outside its range or
+    category list, or duplicate event ids.
     """
+    features = contract.features
+    entity, timestamp, event_id, label = contract.entity, contract.timestamp, contract.id, contract.label
     failures: list[str] = []
     rows = len(df)
     metrics: dict[str, Any] = {"rows": rows, "columns": [str(c) for c in df.columns]}
     if rows == 0:
         return GateResult("validation", False, metrics, ["data set is empty"])
 
-    required = [ENTITY, TIMESTAMP, *(f.name for f in features)] + ([LABEL] if require_label else [])
+    required = [entity, timestamp, *(f.name for f in features)] + ([label] if require_label else [])
     missing_columns = [c for c in required if c not in df.columns]
     metrics["missing_columns"] = missing_columns
     failures += [f"missing column {c!r}" for c in missing_columns]
 
     type_errors: dict[str, str] = {}
-    if ENTITY in df.columns and not (
-        pd.api.types.is_integer_dtype(df[ENTITY].dtype) and not pd.api.types.is_bool_dtype(df[ENTITY].dtype)
+    if entity in df.columns and not (
+        pd.api.types.is_integer_dtype(df[entity].dtype) and not pd.api.types.is_bool_dtype(df[entity].dtype)
     ):
-        type_errors[ENTITY] = f"has dtype {df[ENTITY].dtype}, expected int64 ids"
-    if TIMESTAMP in df.columns:
-        dtype = df[TIMESTAMP].dtype
+        type_errors[entity] = f"has dtype {df[entity].dtype}, expected int64 ids"
+    if timestamp in df.columns:
+        dtype = df[timestamp].dtype
         if not isinstance(dtype, pd.DatetimeTZDtype):
-            type_errors[TIMESTAMP] = f"has dtype {dtype}, expected timezone-aware datetimes (UTC)"
+            type_errors[timestamp] = f"has dtype {dtype}, expected timezone-aware datetimes (UTC)"
     for feature in features:
         if feature.name in df.columns:
             problem = _dtype_problem(df[feature.name], feature)
             if problem:
                 type_errors[feature.name] = problem
-    if LABEL in df.columns:
-        label = df[LABEL]
-        if pd.api.types.is_numeric_dtype(label.dtype):
-            values = label.dropna()
-            if not values.isin([0, 1]).all():
-                type_errors[LABEL] = f"holds values other than 0/1: {sorted(set(values.unique()) - {0, 1})[:5]}"
-            elif len(values):
-                metrics["label_rate"] = float(values.mean())
-        else:
-            type_errors[LABEL] = f"has dtype {label.dtype}, expected 0/1 integers"
+    if label in df.columns:
+        problem = _label_problem(df[label], contract)
+        if problem:
+            type_errors[label] = problem
+        elif df[label].notna().any():
+            metrics["label_rate" if contract.classification else "label_mean"] = float(df[label].mean())
     metrics["type_errors"] = type_errors
     failures += [f"column {c!r} {problem}" for c, problem in type_errors.items()]
 
-    checked = [c for c in (ID, *required) if c in df.columns]
+    checked = [c for c in (event_id, *required) if c in df.columns]
     missing_share = {c: float(df[c].isna().mean()) for c in checked}
     metrics["missing_share"] = missing_share
     metrics["worst_missing_share"] = max(missing_share.values(), default=0.0)
@@ -144,18 +162,16 @@ def validate_data(
     metrics["out_of_range_count"] = out_of_range_count
     metrics["worst_out_of_range_share"] = max(out_of_range.values(), default=0.0)
 
-    if ID in df.columns:
-        duplicates = int(df[ID].duplicated().sum())
+    if event_id in df.columns:
+        duplicates = int(df[event_id].duplicated().sum())
         metrics["duplicate_ids"] = duplicates
         if duplicates:
-            failures.append(f"column {ID!r} has {duplicates} duplicate transaction ids")
+            failures.append(f"column {event_id!r} has {duplicates} duplicate event ids")
     return GateResult("validation", not failures, metrics, failures)
 
 
 # --- one incoming batch, on its own ------------------------------------------------------------------
 
-#: Columns every stored row needs: the id deduplicates, card and time join features, the label trains.
-KEY_COLUMNS: tuple[str, ...] = (ID, ENTITY, TIMESTAMP, LABEL)
 #: Fewest reference rows the checks against the reference need; below it a batch gets structural checks only.
 MIN_REFERENCE_ROWS = 1000
 #: Fewest days of reference the label dispersion is estimated from (else labels count as independent rows).
@@ -269,32 +285,33 @@ def _allowed(feature: Feature) -> str:
     return f"[{feature.min:g}, {feature.max:g}]"
 
 
-def _structure_checks(batch: pd.DataFrame, gates: GatesSpec) -> list[Check]:
+def _structure_checks(batch: pd.DataFrame, gates: GatesSpec, contract: Contract) -> list[Check]:
     """Schema, types, missing values, ranges and duplicate ids: what the batch must be, whatever is stored."""
-    result = validate_data(batch, gates, require_label=True)
+    result = validate_data(batch, gates, contract, require_label=True)
     metrics = result.metrics
-    absent = [c for c in KEY_COLUMNS if c not in batch.columns and c not in metrics["missing_columns"]]
+    event_id, keys = contract.id, contract.keys
+    absent = [c for c in keys if c not in batch.columns and c not in metrics["missing_columns"]]
     missing_columns = [*absent, *metrics["missing_columns"]]
     schema = Check("schema", not missing_columns, metrics={"missing_columns": missing_columns})
     if missing_columns:
         schema.failures.append(f"missing column(s) {', '.join(missing_columns)}")
 
     type_errors = dict(metrics["type_errors"])
-    if ID in batch.columns:
-        inferred = pd.api.types.infer_dtype(batch[ID], skipna=True)
+    if event_id in batch.columns:
+        inferred = pd.api.types.infer_dtype(batch[event_id], skipna=True)
         if inferred not in ("string", "empty"):
-            type_errors[ID] = f"holds {inferred} values, expected strings"
+            type_errors[event_id] = f"holds {inferred} values, expected strings"
     types = Check("types", not type_errors, metrics={"type_errors": type_errors})
     types.failures += [f"column {c!r} {problem} (check the column types)" for c, problem in type_errors.items()]
 
     shares = dict(metrics["missing_share"])
-    if ID in batch.columns and ID not in shares:
-        shares[ID] = float(batch[ID].isna().mean())
+    if event_id in batch.columns and event_id not in shares:
+        shares[event_id] = float(batch[event_id].isna().mean())
     missing = Check("missing values", True, metrics={"missing_share": shares})
     for column, share in shares.items():
-        if column in KEY_COLUMNS and share > 0:
+        if column in keys and share > 0:
             missing.failures.append(
-                f"missing share of {column} {share:.3f} > 0 (every row needs its {', '.join(KEY_COLUMNS)})"
+                f"missing share of {column} {share:.3f} > 0 (every row needs its {', '.join(keys)})"
             )
         elif share > gates.max_missing_share:
             missing.failures.append(
@@ -308,14 +325,14 @@ def _structure_checks(batch: pd.DataFrame, gates: GatesSpec) -> list[Check]:
         if share > gates.max_out_of_range_share:
             out_of_range.failures.append(
                 f"out-of-range share of {column} {share:.3f} > {gates.max_out_of_range_share} "
-                f"(gates.max_out_of_range_share): {counts[column]} values outside {_allowed(BY_NAME[column])}"
+                f"(gates.max_out_of_range_share): {counts[column]} values outside {_allowed(contract.by_name[column])}"
             )
     out_of_range.passed = not out_of_range.failures
 
     duplicates = Check("duplicate ids", True, metrics={"duplicate_ids": 0})
-    if ID in batch.columns:
-        repeated = batch[ID][batch[ID].duplicated(keep=False) & batch[ID].notna()]
-        count = int(batch[ID].dropna().duplicated().sum())
+    if event_id in batch.columns:
+        repeated = batch[event_id][batch[event_id].duplicated(keep=False) & batch[event_id].notna()]
+        count = int(batch[event_id].dropna().duplicated().sum())
         duplicates.metrics["duplicate_ids"] = count
         if count:
             duplicates.passed = False
@@ -323,28 +340,29 @@ def _structure_checks(batch: pd.DataFrame, gates: GatesSpec) -> list[Check]:
     return [schema, types, missing, out_of_range, duplicates]
 
 
-def _conflict_check(batch: pd.DataFrame, stored: pd.DataFrame | None) -> Check:
+def _conflict_check(batch: pd.DataFrame, stored: pd.DataFrame | None, contract: Contract) -> Check:
     """Ids already stored: a re-sent or corrected batch is a conflict to resolve, never a silent replacement."""
+    event_id, label = contract.id, contract.label
     check = Check("conflicting ids", True, metrics={"conflicts": 0, "changed_labels": 0})
-    if stored is None or ID not in batch.columns or stored.empty:
+    if stored is None or event_id not in batch.columns or stored.empty:
         return check
-    known = batch[batch[ID].isin(stored[ID])]
+    known = batch[batch[event_id].isin(stored[event_id])]
     if known.empty:
         return check
     changed = 0
-    if LABEL in batch.columns:
-        pairs = known[[ID, LABEL]].merge(stored[[ID, LABEL]], on=ID, suffixes=("", "_stored"))
-        changed = int((pairs[LABEL] != pairs[f"{LABEL}_stored"]).sum())
+    if label in batch.columns:
+        pairs = known[[event_id, label]].merge(stored[[event_id, label]], on=event_id, suffixes=("", "_stored"))
+        changed = int((pairs[label] != pairs[f"{label}_stored"]).sum())
     check.passed = False
-    check.metrics.update(conflicts=len(known), changed_labels=changed, examples=known[ID].head(EXAMPLES).tolist())
+    check.metrics.update(conflicts=len(known), changed_labels=changed, examples=known[event_id].head(EXAMPLES).tolist())
     check.failures.append(
         f"ids already in the offline store {len(known)} > 0 ({changed} with a different label; e.g. "
-        f"{_examples(known[ID])}): stored labels are never replaced, resolve the conflict upstream"
+        f"{_examples(known[event_id])}): stored labels are never replaced, resolve the conflict upstream"
     )
     return check
 
 
-def label_dispersion(reference: pd.DataFrame) -> float:
+def label_dispersion(reference: pd.DataFrame, contract: Contract) -> float:
     """How much more the reference's daily positive counts vary than independent rows would (>= 1).
 
     Fraud comes in episodes (a few transactions of one card minutes apart) and in bad days, so
@@ -353,11 +371,11 @@ def label_dispersion(reference: pd.DataFrame) -> float:
     variance inflation (quasi-binomial); the test then counts rows divided by it. 1 with fewer
     than MIN_DISPERSION_DAYS days or a one-class reference.
     """
-    labels = reference[LABEL].dropna()
+    labels = reference[contract.label].dropna()
     rate = float(labels.mean()) if len(labels) else 0.0
     if not 0 < rate < 1:
         return 1.0
-    days = reference.loc[labels.index, TIMESTAMP].dt.floor("D")
+    days = reference.loc[labels.index, contract.timestamp].dt.floor("D")
     counts = labels.groupby(days).agg(["sum", "count"])
     if len(counts) < MIN_DISPERSION_DAYS:
         return 1.0
@@ -366,7 +384,41 @@ def label_dispersion(reference: pd.DataFrame) -> float:
     return max(1.0, chi_square / (len(counts) - 1))
 
 
-def _label_checks(batch: pd.DataFrame, reference: pd.DataFrame, gates: GatesSpec) -> list[Check]:
+def _label_checks(batch: pd.DataFrame, reference: pd.DataFrame, gates: GatesSpec, contract: Contract) -> list[Check]:
+    """The label checks of the contract's task (a classifier's class balance, a regressor's label distribution)."""
+    if contract.classification:
+        return _class_checks(batch, reference, gates, contract.label, label_dispersion(reference, contract))
+    return _value_checks(batch, reference, gates, contract.label)
+
+
+def _value_checks(batch: pd.DataFrame, reference: pd.DataFrame, gates: GatesSpec, label: str) -> list[Check]:
+    """A regressor's labels: all equal where the reference varies is a broken labeller (never waived); a moved
+    distribution (the calibrated test of `drift.regression_label_shift`) is a label shift."""
+    from loopform.gates.drift import regression_label_shift
+
+    values, known = batch[label].dropna(), reference[label].dropna()
+    constant = Check("labels", True, metrics={"rows": len(values), "distinct": int(values.nunique())})
+    if len(values) > 1 and values.nunique() == 1 and known.nunique() > 1:
+        constant.passed = False
+        constant.failures.append(
+            f"distinct labels 1 of {len(values)} rows (all {values.iloc[0]:g}) where the reference has "
+            f"{known.nunique()}: a batch of one value is a broken labeller"
+        )
+    moved = regression_label_shift(known, values, gates, label)
+    metrics = {**moved.to_dict(), "mean": float(values.mean()), "reference_mean": float(known.mean())}
+    shift = Check("label shift", not moved.drifted, metrics=metrics, against_reference=True)
+    if moved.drifted:
+        shift.failures.append(
+            f"label mean {values.mean():.3g} vs reference {known.mean():.3g}: normed Wasserstein distance "
+            f"{moved.score:.3g} >= {moved.effect_threshold:g} (gates.drift.feature_threshold), p {moved.p_value:.2g} "
+            f"<= {moved.level:g} (gates.drift.label_shift_p_value)"
+        )
+    return [constant, shift]
+
+
+def _class_checks(
+    batch: pd.DataFrame, reference: pd.DataFrame, gates: GatesSpec, label: str, dispersion: float
+) -> list[Check]:
     """One-class labels (never waived) and label shift, with the monitor's test (`drift.label_shift`: a
     two-sided Fisher exact test at gates.drift.label_shift_p_value) but refusing only a batch whose ratio
     reaches label_shift_ratio itself (data is refused, not a retraining started). Counts are divided by
@@ -376,9 +428,13 @@ def _label_checks(batch: pd.DataFrame, reference: pd.DataFrame, gates: GatesSpec
     """
     from loopform.gates.drift import label_shift
 
-    dispersion = label_dispersion(reference)
     decided = label_shift(
-        reference[LABEL], batch[LABEL], gates, dispersion=dispersion, decision_ratio=gates.drift.label_shift_ratio
+        reference[label],
+        batch[label],
+        gates,
+        label,
+        dispersion=dispersion,
+        decision_ratio=gates.drift.label_shift_ratio,
     )
     n, positives = decided.n_current, decided.positives_current
     rate, rate_ref = decided.current_rate, decided.reference_rate
@@ -424,6 +480,7 @@ def _label_checks(batch: pd.DataFrame, reference: pd.DataFrame, gates: GatesSpec
 def validate_batch(
     batch: pd.DataFrame,
     gates: GatesSpec,
+    contract: Contract,
     *,
     reference: pd.DataFrame | None = None,
     stored: pd.DataFrame | None = None,
@@ -431,7 +488,7 @@ def validate_batch(
     min_drift_rows: int = 200,
     batch_id: str = "",
 ) -> BatchReport:
-    """Every check of one incoming batch of labelled transactions, judged on its own.
+    """Every check of one incoming batch of the model's labelled events, judged on its own.
 
     reference: labelled rows already in the offline store (its newest training window); with fewer than
         MIN_REFERENCE_ROWS the batch gets structural checks only.
@@ -445,8 +502,8 @@ def validate_batch(
 
     if len(batch) == 0:
         return BatchReport(batch_id, 0, [Check("schema", False, ["the batch has no rows"])], None, accept_shift)
-    checks = _structure_checks(batch, gates)
-    checks.append(_conflict_check(batch, stored))
+    checks = _structure_checks(batch, gates, contract)
+    checks.append(_conflict_check(batch, stored, contract))
     held = 0 if reference is None else len(reference)
     if held < MIN_REFERENCE_ROWS:
         why = f"skipped: no reference, the offline store's window holds {held} rows < {MIN_REFERENCE_ROWS}"
@@ -455,18 +512,19 @@ def validate_batch(
         return BatchReport(batch_id, len(batch), checks, None, accept_shift, held)
     assert reference is not None
 
-    stamps = reference[TIMESTAMP]
+    stamps = reference[contract.timestamp]
+    label = contract.label
     window = {"rows": len(reference), "start": str(stamps.min()), "end": str(stamps.max())}
     by_name = {c.name: c for c in checks}
     broken = set(by_name["schema"].metrics["missing_columns"]) | set(by_name["types"].metrics["type_errors"])
-    if LABEL in broken:
-        skipped = f"skipped: column {LABEL!r} is missing or not 0/1"
+    if label in broken:
+        skipped = f"skipped: column {label!r} is missing or not a label of the contract's task ({contract.task})"
         checks.append(Check("labels", True, skipped=skipped))
         checks.append(Check("label shift", True, against_reference=True, skipped=skipped))
     else:
-        checks += _label_checks(batch, reference, gates)
+        checks += _label_checks(batch, reference, gates, contract)
 
-    broken_features = sorted(broken & set(FEATURE_NAMES))
+    broken_features = sorted(broken & set(contract.feature_names))
     if broken_features:
         skipped = f"skipped: column(s) {', '.join(broken_features)} missing or of the wrong type"
         checks.append(Check("drift", True, against_reference=True, skipped=skipped))
@@ -476,8 +534,8 @@ def validate_batch(
         skipped = f"skipped: {len(batch)} rows < {min_drift_rows} (monitoring.min_rows), too few to compare"
         checks.append(Check("drift", True, against_reference=True, skipped=skipped))
     else:
-        drift = drift_gate(reference, batch, gates, label=None)
+        drift = drift_gate(reference, batch, gates, contract, labels=False)
         checks.append(Check("drift", drift.passed, list(drift.failures), drift.metrics, against_reference=True))
-    ood = ood_gate(reference, batch, gates)
+    ood = ood_gate(reference, batch, gates, contract)
     checks.append(Check("ood", ood.passed, list(ood.failures), ood.metrics, against_reference=True))
     return BatchReport(batch_id, len(batch), checks, window, accept_shift, len(reference))

@@ -1,11 +1,11 @@
-"""Synthetic card-transaction fraud data: the schema every gate, model and service shares.
+"""Synthetic card-transaction fraud data: the fraud model's sample-data generator (its contract is contract.py).
 
 The generator is the loop's stand-in for a data lake: deterministic for a seed at any size,
 with a learnable label and switches that inject the faults the gates must catch (covariate
 drift, out-of-range values, missing values, a missing column, wrong types, label shift).
 Everything is vectorised numpy so a million rows take a few seconds, and nothing is downloaded.
 
-Features come at two levels (`Feature.scope`). A transaction's own fields (amount, hour,
+Features come at two levels (`Feature.scope`: "event" and "entity"). A transaction's own fields (amount, hour,
 distance, merchant, channel, is_foreign) arrive with the transaction: in the request at
 serving, in the labelled event at training. Card-level features (txn_count_24h,
 avg_amount_30d, card_age_days) describe the card as of the transaction and are computed from
@@ -28,18 +28,29 @@ stream, so switching one on leaves the clean draws identical.
 
 from __future__ import annotations
 
-import hashlib
-from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Literal
 
 import numpy as np
 import pandas as pd
 
-ENTITY = "card_id"
-TIMESTAMP = "event_timestamp"
-LABEL = "is_fraud"
-ID = "transaction_id"
+from loopform import sample
+from loopform.contract import fingerprint  # noqa: F401  (re-exported for callers of the generator)
+from models.fraud.contract import CONTRACT
+
+ENTITY = CONTRACT.entity
+TIMESTAMP = CONTRACT.timestamp
+LABEL = CONTRACT.label
+ID = CONTRACT.id
+FEATURES = CONTRACT.features
+FEATURE_NAMES = CONTRACT.feature_names
+NUMERIC = CONTRACT.numeric
+CATEGORICAL = CONTRACT.categorical
+BY_NAME = CONTRACT.by_name
+#: The transaction's own fields: in the request at serving, in the labelled event at training.
+TRANSACTION_FEATURES = CONTRACT.event_features
+#: The card as of the transaction, from its earlier transactions: read from the feature store by card id.
+CARD_FEATURES = CONTRACT.entity_features
+COLUMNS = CONTRACT.columns
 
 BASE_FRAUD_RATE = 0.03
 DEFAULT_START = datetime(2024, 1, 1, tzinfo=UTC)
@@ -54,75 +65,6 @@ _EPISODE_GAP_S = 1_800.0  # ... about half an hour apart
 # two samples of the same bank's cards, so clean samples do not drift against each other.
 _POPULATION_SEED = 20240101
 
-
-@dataclass(frozen=True)
-class Feature:
-    """One model input: its kind, storage dtype and the schema range the validation gate enforces."""
-
-    name: str
-    kind: Literal["numeric", "categorical"]
-    dtype: str  # "float64" | "int64" | "string"
-    min: float | None
-    max: float | None
-    categories: tuple[str, ...] | None
-    description: str
-    # "transaction": the transaction's own field (request at serving, labelled event at training);
-    # "card": the card as of the transaction, from its earlier transactions (the feature store, by card id).
-    scope: Literal["transaction", "card"] = "transaction"
-
-
-MERCHANT_CATEGORIES: tuple[str, ...] = (
-    "grocery",
-    "restaurant",
-    "fuel",
-    "pharmacy",
-    "utilities",
-    "entertainment",
-    "travel",
-    "online_retail",
-    "electronics",
-    "jewelry",
-)
-CHANNELS: tuple[str, ...] = ("chip", "contactless", "swipe", "online", "manual_entry")
-
-FEATURES: tuple[Feature, ...] = (
-    Feature("amount", "numeric", "float64", 0.0, 50_000.0, None, "Transaction amount in EUR."),
-    Feature("hour_of_day", "numeric", "int64", 0.0, 23.0, None, "Local hour of the transaction (0-23)."),
-    Feature("distance_from_home_km", "numeric", "float64", 0.0, 20_000.0, None, "Distance from the card's home."),
-    Feature(
-        "txn_count_24h",
-        "numeric",
-        "int64",
-        0.0,
-        500.0,
-        None,
-        "The card's transactions in the 24 h before this one (not counting it).",
-        "card",
-    ),
-    Feature(
-        "avg_amount_30d",
-        "numeric",
-        "float64",
-        0.0,
-        50_000.0,
-        None,
-        "The card's mean amount over the 30 days before this transaction (0 without any).",
-        "card",
-    ),
-    Feature("card_age_days", "numeric", "int64", 0.0, 20_000.0, None, "Days since the card was issued.", "card"),
-    Feature("is_foreign", "numeric", "int64", 0.0, 1.0, None, "1 when the merchant is abroad."),
-    Feature("merchant_category", "categorical", "string", None, None, MERCHANT_CATEGORIES, "Merchant category."),
-    Feature("channel", "categorical", "string", None, None, CHANNELS, "How the card was presented."),
-)
-FEATURE_NAMES: tuple[str, ...] = tuple(f.name for f in FEATURES)
-NUMERIC: tuple[str, ...] = tuple(f.name for f in FEATURES if f.kind == "numeric")
-CATEGORICAL: tuple[str, ...] = tuple(f.name for f in FEATURES if f.kind == "categorical")
-BY_NAME: dict[str, Feature] = {f.name: f for f in FEATURES}
-#: The transaction's own fields: in the request at serving, in the labelled event at training.
-TRANSACTION_FEATURES: tuple[str, ...] = tuple(f.name for f in FEATURES if f.scope == "transaction")
-#: The card as of the transaction, from its earlier transactions: read from the feature store by card id.
-CARD_FEATURES: tuple[str, ...] = tuple(f.name for f in FEATURES if f.scope == "card")
-COLUMNS: tuple[str, ...] = (ID, ENTITY, TIMESTAMP, *FEATURE_NAMES, LABEL)
 
 # Class-conditional mixes (legitimate, fraud) and the mix covariate drift moves towards.
 _MERCHANT_P = {
@@ -142,9 +84,7 @@ _NIGHT_CURVE = np.exp(-0.5 * ((np.minimum(_HOURS, 24 - _HOURS) - 2.0) / 3.0) ** 
 _HOUR_P = {"legit": _DAY_CURVE / _DAY_CURVE.sum(), "fraud": (0.55 * _NIGHT_CURVE / _NIGHT_CURVE.sum())}
 _HOUR_P["fraud"] = _HOUR_P["fraud"] + 0.45 * _HOUR_P["legit"]
 _HOUR_P["drift"] = _NIGHT_CURVE / _NIGHT_CURVE.sum()
-
-# Independent random streams: base data first, then one per fault switch.
-_STREAMS = ("base", "drift", "out_of_range", "missing_values")
+_UNLISTED = {"merchant_category": "crypto_exchange", "channel": "telephone"}  # out-of-list values
 
 
 def generate(
@@ -185,28 +125,20 @@ def generate(
     label_shift: added to the fraud rate (0.03 + label_shift must stay in (0, 1)).
     missing_values: share of values of every feature set missing (int features become float64).
     """
-    if rows < 1:
-        raise ValueError(f"rows must be >= 1, got {rows}")
-    if days < 1:
-        raise ValueError(f"days must be >= 1, got {days}")
-    if covariate_drift < 0:
-        raise ValueError(f"covariate_drift must be >= 0, got {covariate_drift}")
-    for name, share in (("out_of_range", out_of_range), ("missing_values", missing_values)):
-        if not 0.0 <= share <= 1.0:
-            raise ValueError(f"{name} must be a share in [0, 1], got {share}")
+    start = start or DEFAULT_START
+    sample.check_options(rows, days, start, covariate_drift)
+    faults = sample.Faults(
+        out_of_range=out_of_range, missing_values=missing_values, missing_column=missing_column, wrong_types=wrong_types
+    )
     rate = BASE_FRAUD_RATE + label_shift
     if not 0.0 < rate < 1.0:
         raise ValueError(f"label_shift {label_shift} moves the fraud rate to {rate}, outside (0, 1)")
-    start = start or DEFAULT_START
-    if start.tzinfo is None:
-        raise ValueError("start must be timezone-aware (UTC)")
     nominal = max(1, round(rows / (days * RATE_PER_DAY)))  # active cards at the nominal rate
     n_cards = cards if cards is not None else max(MIN_CARDS, nominal)
     if n_cards < 1:
         raise ValueError(f"cards must be >= 1, got {n_cards}")
 
-    streams = np.random.SeedSequence(seed).spawn(len(_STREAMS))
-    rngs = {name: np.random.default_rng(stream) for name, stream in zip(_STREAMS, streams, strict=True)}
+    rngs = sample.streams(seed)
     # Drift makes the active cards (a prefix of the clean frame's) transact (1 + s) times as often.
     n_active = max(1, round(min(n_cards, nominal) / (1.0 + covariate_drift)))
     cols = _base(rngs["base"], rows, n_cards, n_active, rate, days)
@@ -215,34 +147,9 @@ def generate(
     _history_features(cols)
     window = cols.pop("_window")
     cols = {name: values[window] for name, values in cols.items()}
-    if out_of_range > 0:
-        _out_of_range(rngs["out_of_range"], cols, out_of_range)
-
-    seconds = cols.pop("_ts_seconds")
-    order = np.argsort(seconds, kind="stable")
-    offsets = seconds[order]
-    frame = {ID: _ids(seed, rows), ENTITY: cols.pop(ENTITY)[order]}
-    frame[TIMESTAMP] = pd.DatetimeIndex(pd.Timestamp(start).tz_convert("UTC") + pd.to_timedelta(offsets, unit="s"))
-    for f in FEATURES:
-        values = cols[f.name][order]
-        frame[f.name] = np.asarray(f.categories, dtype=object)[values] if f.kind == "categorical" else values
-    frame[LABEL] = cols[LABEL][order]
-    df = pd.DataFrame(frame)
-    for f in FEATURES:
-        if f.kind == "categorical" and out_of_range > 0:
-            df[f.name] = df[f.name].where(cols["_bad_" + f.name][order] == 0, _UNLISTED[f.name])
-    if missing_values > 0:
-        _missing_values(rngs["missing_values"], df, missing_values)
-    if wrong_types is not None:
-        _wrong_type(df, wrong_types)
-    if missing_column is not None:
-        if missing_column not in df.columns:
-            raise ValueError(f"missing_column {missing_column!r} is not a column; columns: {', '.join(df.columns)}")
-        df = df.drop(columns=[missing_column])
-    return df
-
-
-_UNLISTED = {"merchant_category": "crypto_exchange", "channel": "telephone"}
+    return sample.events_frame(
+        CONTRACT, cols, cols["_ts_seconds"], seed=seed, start=start, id_prefix="tx", faults=faults, unlisted=_UNLISTED
+    )
 
 
 def card_aggregates(cards: np.ndarray, seconds: np.ndarray, amounts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -251,33 +158,10 @@ def card_aggregates(cards: np.ndarray, seconds: np.ndarray, amounts: np.ndarray)
     cards: card ids; seconds: event times in seconds (any common origin); amounts: amounts with at most
     two decimals. A transaction counts for another of its card at time t when its own time is in
     [t - 24 h, t) (respectively [t - 30 days, t)): never itself, nor one at the same instant or later.
-    avg_amount_30d is AVG_AMOUNT_NO_HISTORY without such a transaction. Vectorised: one sort and a few
-    binary searches, whatever the number of cards.
+    avg_amount_30d is AVG_AMOUNT_NO_HISTORY without such a transaction (see `loopform.sample.trailing`).
     """
-    cards = np.asarray(cards, dtype=np.int64)
-    seconds = np.asarray(seconds, dtype=np.int64)
-    cents = np.round(np.asarray(amounts, dtype=np.float64) * 100.0).astype(np.int64)
-    n = cards.shape[0]
-    if n == 0:
-        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float64)
-    month = 30 * _DAY
-    origin = int(seconds.min())
-    # One sorted key per (card, time): windows of one card never reach another card's keys.
-    stride = int(seconds.max()) - origin + month + 1
-    key = (cards - cards.min()) * stride + (seconds - origin)
-    order = np.argsort(key, kind="stable")
-    ordered = key[order]  # queries in sorted order too: binary searches stay in cache
-    prefix = np.concatenate([[0], np.cumsum(cents[order])])
-    before = np.searchsorted(ordered, ordered, side="left")  # first transaction of the card at this instant
-    first_24h = np.searchsorted(ordered, ordered - _DAY, side="left")
-    first_30d = np.searchsorted(ordered, ordered - month, side="left")
-    n_30d = before - first_30d
-    total = prefix[before] - prefix[first_30d]
-    count_24h = np.empty(n, dtype=np.int64)
-    count_24h[order] = before - first_24h
-    mean = np.empty(n, dtype=np.float64)
-    mean[order] = np.divide(total, 100.0 * n_30d, out=np.full(n, AVG_AMOUNT_NO_HISTORY), where=n_30d > 0)
-    return count_24h.astype(np.int64), np.round(mean, 2)
+    day, month = sample.trailing(cards, seconds, amounts, (_DAY, 30 * _DAY), decimals=2, empty=AVG_AMOUNT_NO_HISTORY)
+    return day.count, np.round(month.mean, 2)
 
 
 def _history_features(cols: dict[str, np.ndarray]) -> None:
@@ -406,8 +290,7 @@ def _drift(rng: np.random.Generator, cols: dict[str, np.ndarray], s: float) -> N
     cols["is_foreign"] = np.where(rng.random(n) < 0.3 * mix, 1, cols["is_foreign"])
     for name, probs in (("merchant_category", _MERCHANT_P["drift"]), ("channel", _CHANNEL_P["drift"])):
         redraw = rng.random(n) < 0.6 * mix
-        fresh = np.searchsorted(np.cumsum(probs) / np.sum(probs), rng.random(n), side="right").clip(0, len(probs) - 1)
-        cols[name] = np.where(redraw, fresh, cols[name])
+        cols[name] = np.where(redraw, sample.draw(rng, probs, n), cols[name])
     # Fraud changes tactics too (a concept shift a retrained model can learn and the old one cannot):
     # card testing, small amounts near home at one merchant category through one channel.
     testing = (cols[LABEL] == 1) & (rng.random(n) < 0.5 * mix)
@@ -418,62 +301,3 @@ def _drift(rng: np.random.Generator, cols: dict[str, np.ndarray], s: float) -> N
     cols["is_foreign"] = np.where(testing, 0, cols["is_foreign"])
     cols["merchant_category"] = np.where(testing, _TESTING_MERCHANT, cols["merchant_category"])
     cols["channel"] = np.where(testing, _TESTING_CHANNEL, cols["channel"])
-
-
-def _out_of_range(rng: np.random.Generator, cols: dict[str, np.ndarray], share: float) -> None:
-    """Put `share` of every feature's values outside its schema range or category list."""
-    n = cols[LABEL].shape[0]
-    for f in FEATURES:
-        hit = rng.random(n) < share
-        if f.kind == "categorical":
-            cols["_bad_" + f.name] = hit.astype(np.int8)
-            continue
-        assert f.min is not None and f.max is not None
-        span = f.max - f.min
-        low = rng.random(n) < 0.5
-        offset = np.maximum(span * rng.uniform(0.01, 0.5, n), 1.0)
-        bad = np.where(low, f.min - offset, f.max + offset)
-        if f.dtype == "int64":
-            bad = np.where(low, np.floor(bad), np.ceil(bad)).astype(np.int64)
-        cols[f.name] = np.where(hit, bad, cols[f.name])
-
-
-def _missing_values(rng: np.random.Generator, df: pd.DataFrame, share: float) -> None:
-    """Blank `share` of every feature's values (int features become float64, as numpy requires)."""
-    n = len(df)
-    for f in FEATURES:
-        hit = rng.random(n) < share
-        if f.kind == "numeric":
-            df[f.name] = np.where(hit, np.nan, df[f.name].to_numpy(np.float64))
-        else:
-            df[f.name] = df[f.name].where(~hit, None)
-
-
-def _wrong_type(df: pd.DataFrame, column: str) -> None:
-    """Store one column with a type a broken upstream job would produce."""
-    if column not in df.columns:
-        raise ValueError(f"wrong_types {column!r} is not a column; columns: {', '.join(df.columns)}")
-    series = df[column]
-    if isinstance(series.dtype, pd.DatetimeTZDtype) or pd.api.types.is_datetime64_any_dtype(series):
-        df[column] = series.dt.strftime("%Y-%m-%dT%H:%M:%S%z").astype(object)
-    elif pd.api.types.is_numeric_dtype(series):
-        df[column] = series.astype(str).astype(object)
-    else:
-        df[column] = pd.factorize(series)[0].astype(np.int64)
-
-
-def _ids(seed: int, rows: int) -> np.ndarray:
-    """Transaction ids unique within a data set and distinct between seeds."""
-    prefix = f"tx-{seed & 0xFFFFFFFF:08x}-"
-    return (prefix + pd.Series(np.arange(rows, dtype=np.int64)).astype(str).str.zfill(9)).to_numpy(dtype=object)
-
-
-def fingerprint(df: pd.DataFrame) -> str:
-    """sha256 of the content: column names, dtypes and values in row order (stable across runs/processes)."""
-    digest = hashlib.sha256()
-    for name in sorted(df.columns, key=str):
-        column = df[name]
-        digest.update(f"{name}\x00{column.dtype}\x00{len(column)}\x00".encode())
-        hashed = pd.util.hash_pandas_object(column, index=False, categorize=False).to_numpy()
-        digest.update(hashed.tobytes())
-    return digest.hexdigest()

@@ -1,0 +1,95 @@
+"""The BentoML service of a model, built from its `Contract`, so a model's bento is a few lines:
+
+    # bentos/fraud/service.py
+    from loopform.serving.bento import model_service
+    from models.fraud.contract import CONTRACT
+
+    FraudService = model_service(CONTRACT)
+
+`bentoml serve bentos.fraud.service:FraudService` and the bentofile's `service:` import the service by that
+module attribute (BentoML records the import string it was imported by), so a class built here serves and
+builds like one written in the bento's module. APIs (JSON; schemas in `loopform.serving.schemas`):
+
+- POST /predict            every feature of one event, plus the caller's id (optional);
+- POST /predict_batch      `{"events": [...]}`, scored in one forward pass;
+- POST /predict_<entity>   the entity id and the event's own fields (e.g. `/predict_card` for `card_id`): the
+                           entity-scope features come from the online store, never from the request, and the
+                           event's own fields never from the store (that would score the entity's previous event).
+
+Configuration comes from the environment (`loopform.serving.release`). Malformed input is a 400 from the
+typed schema (BentoML answers pydantic errors itself), an unknown entity a 404, a missing feature store a
+503; the server keeps serving. APIs share logic through the plain `Scorer`: one API calling another would go
+over HTTP and deadlock. Annotations here are evaluated (no `from __future__ import annotations`): BentoML
+derives the batch output schema from the return annotation, a type built at run time.
+"""
+
+from typing import Any
+
+import bentoml
+from bentoml.exceptions import NotFound, ServiceUnavailable
+
+from loopform.contract import Contract
+from loopform.serving.release import (
+    ENV_FEAST_CONFIG,
+    ENV_FEAST_REPO,
+    online_store_from_env,
+    payload_log_from_env,
+    release_from_env,
+)
+from loopform.serving.schemas import class_prefix, entity_api, schemas
+from loopform.serving.scorer import Scorer, UnknownEntity, torch_threads
+
+
+def model_service(contract: Contract, *, timeout: float = 30) -> Any:
+    """The BentoML service (`bentoml.Service`) scoring `contract`'s model with its released version."""
+    api = schemas(contract)
+    request, batch, by_entity, response = api.request, api.batch, api.by_entity, api.response
+    by_entity_name = entity_api(contract)
+    if by_entity_name == "predict_batch":
+        raise ValueError(f"entity {contract.entity!r} names its API {by_entity_name!r}, the batch API's name")
+
+    class Service:
+        def __init__(self) -> None:
+            torch_threads()
+            release = release_from_env()
+            self.scorer = Scorer(
+                release, contract, payloads=payload_log_from_env(release.name), online=online_store_from_env(contract)
+            )
+
+        @bentoml.on_shutdown
+        def close_payload_log(self) -> None:
+            """Graceful shutdown: write every queued payload record before the worker exits."""
+            if self.scorer.payloads is not None:
+                self.scorer.payloads.close()
+
+        @bentoml.api(input_spec=request, output_spec=response)
+        def predict(self, **event: Any) -> response:  # type: ignore[valid-type]
+            """Score one event given every feature."""
+            return response(**self.scorer.score_rows([event], "predict")[0])
+
+        @bentoml.api(input_spec=batch)
+        def predict_batch(self, events: list[Any]) -> list[response]:  # type: ignore[valid-type]
+            """Score many events in one call (one forward pass): `{"events": [...]}`."""
+            # `events` is the batch body's field (schemas.BATCH_FIELD): BentoML passes fields by name.
+            rows = [e.model_dump() for e in events]
+            return [response(**answer) for answer in self.scorer.score_rows(rows, "predict_batch")]
+
+    def score_by_entity(self: Any, **event: Any) -> response:  # type: ignore[valid-type]
+        if self.scorer.online is None:
+            raise ServiceUnavailable(
+                f"scoring by {contract.entity} needs the online feature store: set {ENV_FEAST_REPO} or {ENV_FEAST_CONFIG}"
+            )
+        try:
+            return response(**self.scorer.score_entity(event, by_entity_name))
+        except UnknownEntity as error:
+            raise NotFound(str(error)) from None
+
+    score_by_entity.__name__ = score_by_entity.__qualname__ = by_entity_name
+    score_by_entity.__doc__ = (
+        f"Score an event of a {contract.entity}: its own fields from the request, "
+        f"{', '.join(contract.entity_features)} from the online store."
+    )
+    setattr(Service, by_entity_name, bentoml.api(input_spec=by_entity, output_spec=response)(score_by_entity))
+    Service.__name__ = Service.__qualname__ = f"{class_prefix(contract.model)}Service"
+    Service.__doc__ = contract.description or f"Scores {contract.model} events with the released model."
+    return bentoml.service(name=contract.model, traffic={"timeout": timeout})(Service)
