@@ -1,5 +1,8 @@
 """ModelService: the BentoML service of a released model version.
 
+Every model runs the serving image (images/serving, `loopform serve`) the release record names; the version and
+its files' digest are environment variables, so a promotion is a rolling update of the same image.
+
 The manifests are built by one pure function, `manifests`, so they can take either road:
 with GitOps enabled, `loopform render` writes them to `<gitops.path>/<environment>/` and
 Argo CD syncs them (Pulumi declares none, so no object has two owners); without GitOps, the
@@ -23,7 +26,7 @@ from loopform.identity import SERVING_ACCOUNT
 from loopform.spec import ModelSpec
 
 COMPONENT = "model-service"
-BENTO_UID = 1034  # the user BentoML's generated images run as
+SERVING_UID = 1000  # the user images/serving/Dockerfile runs as
 ANNOTATION_PREFIX = "loopform.dev/"
 
 
@@ -102,12 +105,17 @@ def manifests(args: ModelServiceArgs) -> list[dict[str, Any]]:
     container = {
         "name": "bento",
         "image": release.image,
+        # The image's entrypoint is `loopform serve`: it serves the model LOOPFORM_MODEL_URI names, on this port.
+        "args": ["--port", str(serving.port)],
         "env": env,
         # MLflow artifacts, the Feast registry and the payload log are on object storage.
         **common.env_from(args.credentials_env_from),
         "ports": [{"name": "http", "containerPort": serving.port}],
+        # Start-up loads and checks the release before the server starts, then once more in the worker: liveness
+        # counts only once it is up, so a slow registry delays the pod instead of restarting it.
+        "startupProbe": {**common.http_probe("/livez", "http", period=5), "failureThreshold": 60},
         "readinessProbe": common.http_probe("/readyz", "http", period=5),
-        "livenessProbe": common.http_probe("/livez", "http", period=20, initial_delay=30),
+        "livenessProbe": common.http_probe("/livez", "http", period=20, initial_delay=0),
         # Let endpoints drop the pod before it stops taking requests; BentoML then drains.
         "lifecycle": {"preStop": {"sleep": {"seconds": 10}}},
         "resources": common.resources(serving.resources),
@@ -134,7 +142,7 @@ def manifests(args: ModelServiceArgs) -> list[dict[str, Any]]:
                 "spec": {
                     "serviceAccountName": args.service_account,
                     "terminationGracePeriodSeconds": 40,
-                    "securityContext": common.pod_security(BENTO_UID),
+                    "securityContext": common.pod_security(SERVING_UID),
                     "containers": [container],
                 },
             },

@@ -126,7 +126,8 @@ class OrchestratorArgs:
     """Inputs of the Orchestrator; every value comes from the stack spec."""
 
     spec: OrchestratorSpec
-    """orchestrator section: chart version, pipeline image, artifact repository, deadlines, retries."""
+    """orchestrator section: chart version, pipeline images (CPU, and CUDA for GPU steps), artifact repository,
+    deadlines, retries."""
     environment: str
     """Environment name; steps load `stacks/Pulumi.<environment>.yaml` from the pipeline image."""
     namespaces: Namespaces

@@ -5,7 +5,8 @@ running `loopform step NAME` in the pipeline image and handing the run directory
 step as an Argo artifact. DAG dependencies mean a failed validate-data stops the run before
 training; retries cover infrastructure errors only (`OnError`), never a failed gate. A step
 with compute "training" gets the model's GPUs and the scheduling constraints of its pool,
-derived from the pool object by `components.gpu_pool.scheduling`.
+derived from the pool object by `components.gpu_pool.scheduling`; a step that requests GPUs
+runs the CUDA pipeline image (`orchestrator.gpu_pipeline_image`), every other the CPU one.
 
 Pure functions of the spec returning plain dicts, so they are testable without Pulumi and
 validated against hera's Argo models.
@@ -31,7 +32,7 @@ from hera.workflows import (
 from hera.workflows import models as m
 from hera.workflows.retry_strategy import RetryPolicy, RetryStrategy
 
-from components.gpu_pool import GpuScheduling, gpu_pod_resources, scheduling
+from components.gpu_pool import GPU_RESOURCE, GpuScheduling, gpu_pod_resources, scheduling
 from loopform.pipeline import PIPELINE, Step
 from loopform.spec import ExistingPool, KarpenterPool, ModelSpec, OrchestratorSpec
 
@@ -92,6 +93,12 @@ def step_resources(step: Step, model: ModelSpec, orchestrator: OrchestratorSpec)
     return orchestrator.step_resources.manifest()
 
 
+def step_image(resources: Mapping[str, Mapping[str, str]], orchestrator: OrchestratorSpec) -> str:
+    """The CUDA pipeline image where the container requests GPUs, the CPU one everywhere else: read from the
+    resources themselves, so no step gets GPUs without CUDA torch, and no CPU step pulls the CUDA libraries."""
+    return orchestrator.gpu_pipeline_image if GPU_RESOURCE in resources["limits"] else orchestrator.pipeline_image
+
+
 def _single_need(step: Step) -> str:
     if len(step.needs) != 1:
         raise ValueError(
@@ -118,7 +125,7 @@ def _container(ctx: PipelineContext, model: str, spec: ModelSpec, step: Step, fi
     resources = step_resources(step, spec, ctx.orchestrator)
     return Container(
         name=step.name,
-        image=ctx.orchestrator.pipeline_image,
+        image=step_image(resources, ctx.orchestrator),
         command=["loopform"],
         args=["step", step.name, "--model", model, "--stack", ctx.environment, "--run-dir", RUN_DIR],
         env=[

@@ -255,6 +255,17 @@ def cmd_step(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """The serving image's entrypoint: check the release, then become `bentoml serve` of its model's service."""
+    from loopform.serve import ServeRefused, serve
+
+    try:
+        serve(Path(args.root), args.model, host=args.host, port=args.port)
+    except ServeRefused as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+
+
 def cmd_promote(args: argparse.Namespace) -> int:
     """Promote a registered version to an environment through its gates, as a signed release record."""
     from loopform import record
@@ -310,6 +321,16 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     print(f"private key written to {out} (mode 600): keep it in your secret store, never in the repository")
     print('add this to "trusted_keys" of "release-signed" in policies/config/<env>.json:')
     print(json.dumps(entry, indent=2))
+    return 0
+
+
+def cmd_pin_images(args: argparse.Namespace) -> int:
+    """Pin the stack's images to the digests a release pushed, so the environment runs exactly that build."""
+    from loopform.images import pin_images, read_digests
+
+    path = _stack_path(args)
+    diff = pin_images(path, read_digests(Path(args.digests)), Path(args.root))
+    print(diff or f"{path}: its images are already pinned to these digests")
     return 0
 
 
@@ -479,11 +500,25 @@ def build_parser() -> argparse.ArgumentParser:
     run_step.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
     run_step.set_defaults(handler=cmd_step)
 
+    serve = commands.add_parser(
+        "serve", help="serve a released model version with BentoML (the serving image's entrypoint; exit 1: refused)"
+    )
+    serve.add_argument(
+        "model",
+        nargs="?",
+        help="model to serve (default: the one $LOOPFORM_MODEL_URI names; without that variable, MODEL@production)",
+    )
+    serve.add_argument("--host", default="0.0.0.0", help="address to listen on (default: 0.0.0.0)")
+    serve.add_argument("--port", type=int, default=3000, help="port to listen on (default: 3000)")
+    serve.set_defaults(handler=cmd_serve)
+
     promote = commands.add_parser("promote", help="promote a model version to an environment through its gates")
     promote.add_argument("model")
     promote.add_argument("version", type=int)
     promote.add_argument("--to", required=True, help="environment: stacks/Pulumi.<env>.yaml gets the release")
-    promote.add_argument("--image", help="service image (default: ghcr.io/loopform/<model>:v<version>)")
+    promote.add_argument(
+        "--image", help="service image, name:tag or name[:tag]@sha256:<digest> (default: the stack's services.image)"
+    )
     promote.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
     promote.add_argument(
         "--signing-key",
@@ -503,6 +538,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     keygen.add_argument("--owner", help="who holds the key, recorded in the entry for reviewers")
     keygen.set_defaults(handler=cmd_keygen)
+
+    pin = commands.add_parser("pin-images", help="pin the stack's images to a release's digests; print the diff")
+    stack_args(pin)
+    pin.add_argument(
+        "--digests",
+        required=True,
+        metavar="FILE",
+        help='JSON mapping each image repository to its digest ({"ghcr.io/loopform/pipeline": "sha256:..."}), '
+        "as .github/workflows/images.yml writes it",
+    )
+    pin.set_defaults(handler=cmd_pin_images)
 
     monitor = commands.add_parser("monitor", help="drift of recent payloads; exit 3 when retraining is triggered")
     monitor.add_argument("model")

@@ -15,6 +15,8 @@ Layout of an evidence record (top-level keys):
                                 auc_low, positives, brier_skill, ..., auc_delta_low for a
                                 classifier; rmse, rmse_low, rmse_high, mae, r2, rows, ...,
                                 rmse_ratio_high for a regressor; champion_version, confidence}
+    training                   the model's training facts (its `info`): seed, rows, epochs, device it
+                                trained on (cpu / cuda), hyperparameters
     artifacts                  {"digest": sha256 over the model's files, "files": {path: sha256}}
     digest                     sha256 hex of canonical JSON of every other key
 

@@ -28,6 +28,7 @@ import yaml
 
 from loopform.monitor import parse_duration
 from loopform.pipeline import PIPELINE
+from loopform.serve import service_target
 from loopform.spec import CONFIG_KEY, PlatformSpec, load_stack, read_stack_file
 
 if TYPE_CHECKING:
@@ -406,14 +407,6 @@ def _drifted(code: ModelCode, kind: str, rows: int, seed: int, now: datetime, da
     return code.generate(rows, seed, start=start, days=days, covariate_drift=strength)
 
 
-def service_target(root: Path, model: str) -> str:
-    """The model's BentoML service as `module:Class`: the `service` of `bentos/<model>/bentofile.yaml`."""
-    path = root / "bentos" / model / "bentofile.yaml"
-    if not path.is_file():
-        raise FileNotFoundError(f"model {model!r} has no {path}: each model's service is bentos/<model>/")
-    return str(yaml.safe_load(path.read_text())["service"])
-
-
 def _server(
     service: str, root: Path, workdir: Path, model: str, tracking_uri: str, release: dict[str, Any], port: int
 ) -> Any:
@@ -529,7 +522,7 @@ def _print_summary(summary: Summary, echo: Callable[[str], None]) -> None:
         echo(f"    endpoint           {run.endpoint} (stopped; serve again with:")
         for name, value in serve_env(summary.workdir, model, summary.tracking_uri, run.release).items():
             echo(f"                       {name}={value} \\")
-        echo(f"                       .venv/bin/bentoml serve {run.service})")
+        echo(f"                       .venv/bin/loopform serve {model} --port {run.endpoint.rsplit(':', 1)[-1]})")
     echo(f"  reports              {len(summary.reports)} HTML reports (gate reports also in each MLflow run):")
     for report in summary.reports:
         echo(f"                       {report}")

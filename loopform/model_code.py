@@ -6,7 +6,8 @@ The interface a model folder supplies (README "Add your own model"; `loopform ne
 - `model.py`: the model class, a torch module with `preprocessing()`, `example_input()` and
   `from_exported(preprocessing, network)` for the pickle-free format, and `predict_proba(frame)`
   (classification, with `threshold`) or `predict(frame)` (regression);
-- `train.py`: `train(frame, seed) -> model` on a frame of labelled events with the contract's columns;
+- `train.py`: `train(frame, seed, **settings) -> model` on a frame of labelled events with the contract's
+  columns; the train step passes `device` ("cuda" where the stack requests GPUs, else "cpu");
 - `data.py`: `generate(rows, seed, *, start, days, covariate_drift, label_shift) -> frame`, sample
   labelled events for the local loop and tests (drift and label shift switch on the shifts the
   monitor must catch).
@@ -79,9 +80,9 @@ class ModelCode:
             )
         return contract
 
-    def train(self, frame: pd.DataFrame, seed: int) -> Any:
-        """The model's `train.train` on labelled events."""
-        return self.module("train").train(frame, seed=seed)
+    def train(self, frame: pd.DataFrame, seed: int, **settings: Any) -> Any:
+        """The model's `train.train` on labelled events, with `settings` (e.g. `device`) passed on."""
+        return self.module("train").train(frame, seed=seed, **settings)
 
     def generate(self, rows: int, seed: int, **options: Any) -> pd.DataFrame:
         """Sample labelled events from the model's `data.generate` (start, days, covariate_drift, label_shift)."""

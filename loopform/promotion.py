@@ -17,6 +17,10 @@ serves the files the evidence names, and on success:
    MLflow tags are writable by any client, so the record counts only because its signature
    verifies with a key the environment's policy config trusts for staging.
 
+The record names the service image: `--image`, else the target stack's `services.image` (images/serving, which
+serves every model and version from the Deployment's environment, so a release needs no image build). It must be
+`name:tag` or `name[:tag]@sha256:<64 hex>`: a malformed reference would fail only when the cluster pulls it.
+
 The signing key must be one the target environment's policy config trusts for it, so a
 promotion that the policy pack would refuse is refused here first. Every check runs
 before any change; a refusal raises PromotionError and changes nothing.
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -34,6 +39,7 @@ from typing import Any
 
 from loopform import evidence as ev
 from loopform import record as rec
+from loopform.images import DIGEST, ImageRef
 from loopform.spec import CONFIG_KEY, Release, SpecError, load_stack, parse_spec
 
 PRODUCTION_ENVS = frozenset({"prod", "production"})
@@ -41,7 +47,7 @@ STAGING_ENV = rec.STAGING
 CHAMPION_ALIAS = "champion"
 RELEASE_TAG = "loopform.release.{env}"
 #: Evidence fields that must equal the run's own artifacts (gate JSONs, evaluation.json, data fingerprint).
-RECORDED_FIELDS = ("gates", "evaluation", "training_data_fingerprint")
+RECORDED_FIELDS = ("gates", "evaluation", "training", "training_data_fingerprint")
 
 
 class PromotionError(Exception):
@@ -74,9 +80,29 @@ def aliases_for(env: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
-def default_image(model: str, version: int) -> str:
-    """Service image of a version when none is given (the Bento the pipeline builds is tagged so)."""
-    return f"ghcr.io/loopform/{model}:v{version}"
+#: The OCI distribution grammar of a repository: an optional registry host (and port), then lowercase path components.
+_REPOSITORY = re.compile(
+    r"^(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*(?::[0-9]+)?/)?"
+    r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*$"
+)
+_TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+
+
+def image_problem(image: str) -> str | None:
+    """Why `image` is not a reference a release may record (`name:tag` or `name[:tag]@sha256:<64 hex>`), or None."""
+    ref = ImageRef.parse(image)
+    form = "name:tag or name[:tag]@sha256:<64 hex digits>"
+    if str(ref) != image or not _REPOSITORY.match(ref.repository) or len(ref.repository) > 255:  # e.g. `app:1@`
+        return f"image {image!r} is not a valid reference ({form})"
+    if ref.tag and not _TAG.match(ref.tag):
+        return f"image {image!r} has an invalid tag {ref.tag!r} ({form})"
+    if ref.digest is not None and not DIGEST.match(ref.digest):
+        return f"image {image!r} has an invalid digest {ref.digest!r}: sha256: and 64 lowercase hex digits"
+    if ref.tag is None and ref.digest is None:
+        return f"image {image!r} has neither tag nor digest, so it would run whatever `latest` is ({form})"
+    if ref.tag == "latest" and ref.digest is None:
+        return f"image {image!r} uses the latest tag, which moves: name a version tag or a digest ({form})"
+    return None
 
 
 def promote(
@@ -120,6 +146,10 @@ def promote(
         raise refuse(f"cannot read the trusted keys of {signer.policy_config}: {error}") from None
     key = rec.trusted_key(signer.key, ())
     reasons = _key_reasons(key.key_id, env, environment, trusted, signer.policy_config)
+    given = image is not None
+    image = image if image is not None else spec.services.image
+    if problem := image_problem(image):
+        reasons.append(problem if given else f"{stack_path} services.image: {problem}")
 
     mlflow_client = registry.client(tracking_uri)
     try:
@@ -150,7 +180,7 @@ def promote(
         raise refuse(*reasons)
 
     assert evidence is not None
-    unsigned = rec.build(evidence, image=image or default_image(model, version), released_at=ev.now_iso(now))
+    unsigned = rec.build(evidence, image=image, released_at=ev.now_iso(now))
     if staged is not None:
         unsigned["staging"] = rec.staging_proof(staged)
     signed = rec.sign(unsigned, env, signer.key)

@@ -1,7 +1,8 @@
 """MLflow helpers: training runs, model versions with their evidence, aliases, loading.
 
 A training run records params, metrics, every gate result (JSON artifact `gates/<gate>.json`),
-the gates' HTML reports (`reports/`), the evaluation (`evaluation.json`) and the model.
+the gates' HTML reports (`reports/`), the evaluation (`evaluation.json`), the model's training
+facts (`training.json`: the model's `info`, the device it trained on among them) and the model.
 Registration turns what the run recorded into sealed evidence (see loopform.evidence):
 the version's tags hold it (`loopform.evidence` as one canonical JSON tag, plus key tags
 such as `loopform.digest` and `loopform.auc` for the UI and for search), and a release
@@ -39,6 +40,7 @@ FINGERPRINT_TAG = "loopform.training_data_fingerprint"
 GATES_DIR = "gates"
 REPORTS_DIR = "reports"
 EVALUATION_FILE = "evaluation.json"
+TRAINING_FILE = "training.json"
 RELEASE_DIR = "release"
 MODEL_ARTIFACT = "model"
 PREPROCESSING_FILE = "preprocessing.json"  # in the model folder's extra_files/
@@ -176,7 +178,7 @@ def log_training_run(
     evaluation: Mapping[str, Any] | None = None,
     experiment: str | None = None,
 ) -> TrainingRun:
-    """Log one training run: params, gate results (+ their HTML reports), evaluation and the model.
+    """Log one training run: params, gate results (+ their HTML reports), evaluation, training facts and the model.
 
     Gate results are GateResult objects or their dicts; a result's `report` (a local HTML
     path) is uploaded to `reports/` and the recorded result points at the artifact instead.
@@ -192,7 +194,10 @@ def log_training_run(
     with mlflow.start_run(experiment_id=exp_id) as run:
         run_id = run.info.run_id
         mlflow.set_tags({FINGERPRINT_TAG: training_data_fingerprint, "loopform.model": model_name})
-        all_params = {**(getattr(model, "info", None) or {}), **(params or {})}
+        info = getattr(model, "info", None) or {}
+        if info:
+            mlflow.log_dict(ev.jsonable(info), TRAINING_FILE)
+        all_params = {**info, **(params or {})}
         if all_params:
             mlflow.log_params({k: json.dumps(v) if isinstance(v, list | dict) else v for k, v in all_params.items()})
         with tempfile.TemporaryDirectory() as tmp:
@@ -240,7 +245,7 @@ def _read_json_artifact(tracking_uri: str, run_id: str, path: str) -> Any:
 
 
 def run_record(tracking_uri: str, run_id: str) -> dict[str, Any]:
-    """Gate results, evaluation and fingerprint exactly as the run recorded them."""
+    """Gate results, evaluation, training facts and fingerprint exactly as the run recorded them."""
     mlflow_client = client(tracking_uri)
     run = mlflow_client.get_run(run_id)
     gates = {}
@@ -249,9 +254,11 @@ def run_record(tracking_uri: str, run_id: str) -> dict[str, Any]:
             gates[Path(item.path).stem] = _read_json_artifact(tracking_uri, run_id, item.path)
     names = {Path(item.path).name for item in mlflow_client.list_artifacts(run_id)}
     evaluation = _read_json_artifact(tracking_uri, run_id, EVALUATION_FILE) if EVALUATION_FILE in names else None
+    training = _read_json_artifact(tracking_uri, run_id, TRAINING_FILE) if TRAINING_FILE in names else None
     return {
         "gates": gates,
         "evaluation": evaluation,
+        "training": training,
         "training_data_fingerprint": run.data.tags.get(FINGERPRINT_TAG),
     }
 
@@ -284,9 +291,10 @@ def register_version(
 ) -> ReleaseRecord:
     """Register the run's model as a new version whose tags hold the run's sealed evidence.
 
-    The evidence is built from what the run recorded (gate JSONs, evaluation.json, data
-    fingerprint), so it cannot say more than the run proved. The release record JSON goes to
-    `record_dir/<model>-v<version>.json` (when given) and to the run's `release/` artifacts.
+    The evidence is built from what the run recorded (gate JSONs, evaluation.json, training.json
+    with the device it trained on, data fingerprint), so it cannot say more than the run proved.
+    The release record JSON goes to `record_dir/<model>-v<version>.json` (when given) and to the
+    run's `release/` artifacts.
     """
     import mlflow
 
@@ -310,6 +318,7 @@ def register_version(
             "training_data_fingerprint": recorded["training_data_fingerprint"],
             "gates": recorded["gates"],
             "evaluation": recorded["evaluation"],
+            "training": recorded["training"],
             "artifacts": {"digest": rec.artifacts_digest(files), "files": files},
         },
         now=now,

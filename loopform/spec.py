@@ -317,7 +317,7 @@ class RegistrySpec(Strict):
 
     @property
     def server_image(self) -> str:
-        return self.image or f"ghcr.io/loopform/mlflow:v{self.mlflow_version}"
+        return self.image or f"{IMAGE_REGISTRY}/mlflow:v{self.mlflow_version}"
 
 
 # --- feature store (Feast) -------------------------------------------------------------------
@@ -497,11 +497,24 @@ class ArtifactRepository(Strict):
     key_format: str = Field("{{workflow.name}}/{{pod.name}}")
 
 
+#: Where `.github/workflows/images.yml` publishes the repository's images, and the tag of this version (each image
+#: is also tagged with the git SHA); the project's version in pyproject.toml.
+IMAGE_REGISTRY = "ghcr.io/loopform"
+IMAGE_TAG = "0.1.0"
+
+
 class OrchestratorSpec(Strict):
     """Argo Workflows and the per-model training pipelines."""
 
     chart_version: str = Field("0.45.2", description="argo-workflows chart version (Argo Workflows v3.6).")
-    pipeline_image: str = Field("ghcr.io/loopform/pipeline:0.1.0", description="Image that runs `loopform step`.")
+    pipeline_image: str = Field(
+        f"{IMAGE_REGISTRY}/pipeline:{IMAGE_TAG}",
+        description="Image of the CPU steps (`loopform step`; images/pipeline, the CPU build of torch).",
+    )
+    gpu_pipeline_image: str = Field(
+        f"{IMAGE_REGISTRY}/pipeline-cuda:{IMAGE_TAG}",
+        description="Image of the steps that request GPUs (images/pipeline-cuda, the CUDA build of torch).",
+    )
     artifact_repository: ArtifactRepository = Field(default_factory=ArtifactRepository)
     active_deadline_seconds: int = Field(6 * 3600, ge=60, description="Hard limit of one pipeline run.")
     ttl_seconds_after_completion: int = Field(24 * 3600, ge=0, description="How long finished workflows stay.")
@@ -589,7 +602,7 @@ class Release(Strict):
     model: str = Field(description="Registered model name (the key under `models`).")
     version: int = Field(ge=1, description="MLflow model version.")
     run_id: str = Field(description="MLflow run that produced the version.")
-    image: str = Field(description="Service image with the model's Bento.")
+    image: str = Field(description="Service image that serves the version (services.image unless given; by digest).")
     artifacts: str = Field(pattern=r"^sha256:[0-9a-f]{64}$", description="Digest over the model's files.")
     evidence: str = Field(pattern=r"^sha256:[0-9a-f]{64}$", description="Digest of the full evidence artifact.")
     created_at: str = Field(description="ISO-8601 time the evidence was sealed.")
@@ -643,6 +656,16 @@ class DriftGate(Strict):
     )
     label_shift_p_value: float = Field(
         0.01, gt=0, lt=1, description="Significance of the proportion test that decides a label shift."
+    )
+
+
+class ServicesSpec(Strict):
+    """The model services' image: one per repository version, serving any model and version from its environment."""
+
+    image: str = Field(
+        f"{IMAGE_REGISTRY}/serving:{IMAGE_TAG}",
+        description="Image `loopform promote` records for a release unless given one (images/serving: the runtime, "
+        "models/ and bentos/; `loopform serve <model>`). Pin it by digest (REF@sha256:...) where policy requires.",
     )
 
 
@@ -756,6 +779,7 @@ class PlatformSpec(Strict):
     orchestrator: OrchestratorSpec = Field(default_factory=OrchestratorSpec)
     gitops: GitOpsSpec = Field(default_factory=GitOpsSpec)
     models: dict[Name, ModelSpec] = Field(default_factory=dict)
+    services: ServicesSpec = Field(default_factory=ServicesSpec)
     gates: GatesSpec = Field(default_factory=GatesSpec)
     monitoring: MonitoringSpec = Field(default_factory=MonitoringSpec)
     local: LocalSpec = Field(default_factory=LocalSpec, description="Settings of `loopform up` (local stack).")

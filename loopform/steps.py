@@ -296,15 +296,41 @@ def get_features(ctx: StepContext) -> Path:
     return path
 
 
+def training_device(ctx: StepContext) -> str:
+    """`cuda` where the model's spec requests GPUs (`training.gpus`), else `cpu`: the spec decides, not what the
+    machine happens to have, so the same spec trains the same way everywhere.
+
+    A step that requests GPUs and finds no CUDA device (the CPU image, or a node without a working driver)
+    fails instead of training on the CPU of a GPU node.
+    """
+    import torch
+
+    gpus = ctx.spec.models[ctx.model].training.gpus
+    if not gpus:
+        return "cpu"
+    if not torch.cuda.is_available():
+        build = f"CUDA {torch.version.cuda} build" if torch.version.cuda else "CPU build: torch.version.cuda is None"
+        raise StepFailed(
+            f"models.{ctx.model}.training.gpus requests {gpus} GPU(s), but torch {torch.__version__} ({build}) "
+            "sees no CUDA device: run the step in the CUDA pipeline image (orchestrator.gpu_pipeline_image) on a "
+            f"node with GPUs, or set models.{ctx.model}.training.gpus to 0 to train on the CPU"
+        )
+    return "cuda"
+
+
 def train(ctx: StepContext) -> Path:
-    """Train on the older part of the training set (the newest part is the holdout)."""
+    """Train on the older part of the training set (the newest part is the holdout), on `training_device`.
+
+    The model records the device in its training facts (`info`), which registration seals into the evidence.
+    """
     import pandas as pd
 
     from loopform import registry
 
+    device = training_device(ctx)
     frame = pd.read_parquet(ctx.input("training.parquet"))
     older, _ = time_split(frame, ctx.contract.timestamp)
-    model = ctx.code.train(older, seed=ctx.seed)
+    model = ctx.code.train(older, seed=ctx.seed, device=device)
     path = ctx.run_dir / MODEL_FOLDER
     if path.exists():
         shutil.rmtree(path)

@@ -1,15 +1,17 @@
-"""Each image's install set contains what its programs import for `s3://`, at the versions the tests ran with.
+"""Each image's install set contains what its programs import for `s3://`, at the versions the tests ran with,
+and the torch build its hardware needs: the CPU build in every image but the CUDA pipeline image's.
 
 The install set of an image is what pip resolves for the install arguments written in the image's own
 definition: the `pip install` line of a Dockerfile (with the files it installs from mapped back through its
 COPY lines) and the bentofile's `python.packages`. pip resolves it with `--dry-run --report` against the
 repository's constraints.txt, so editing a Dockerfile, a requirements file, pyproject.toml's extras, the
-bentofile or constraints.txt changes what is tested. The resolution needs a package index: these tests are
-skipped, with the reason, only where pip reaches none.
+bentofile or constraints.txt changes what is tested. The resolution needs a package index: these tests
+(marked slow) are skipped, with the reason, only where pip reaches none and CI is unset.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import functools
 import json
 import os
@@ -17,6 +19,8 @@ import re
 import shlex
 import subprocess
 import sys
+import tomllib
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlparse
 
@@ -29,18 +33,22 @@ from packaging.version import Version
 ROOT = Path(__file__).resolve().parent.parent
 CONSTRAINTS = ROOT / "constraints.txt"
 BENTOFILE = ROOT / "bentos" / "fraud" / "bentofile.yaml"
-DOCKERFILES = {
-    "pipeline": ROOT / "images" / "pipeline" / "Dockerfile",
-    "mlflow": ROOT / "images" / "mlflow" / "Dockerfile",
-}
+IMAGES_DIR = ROOT / "images"
+DOCKERFILES = {name: IMAGES_DIR / name / "Dockerfile" for name in ("pipeline", "pipeline-cuda", "serving", "mlflow")}
 # Index hosts an image names that this machine (and CI) cannot reach. The PyTorch CPU index only offers the
-# CPU build of the same pinned torch, which pip finds here through its find-links.
+# CPU build of the same pinned torch, which pip finds here through this machine's pip configuration.
 UNREACHABLE_INDEX_HOSTS = {"download.pytorch.org"}
+# Environment variables that change where pip finds packages (the rest, such as PIP_CERT, only how it fetches).
+_PIP_SOURCE_ENV = ("PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_FIND_LINKS", "PIP_NO_INDEX", "PIP_CONSTRAINT")
+# The images whose torch is PyPI's Linux wheel, the CUDA build; every other image with torch has the CPU build.
+CUDA_IMAGES = {"pipeline-cuda"}
 
 # What each image's programs import, for s3:// above all: Feast's S3 registry imports boto3, pandas/pyarrow
 # open s3:// through s3fs, MLflow's S3 artifact repository imports boto3, the server's backend is PostgreSQL.
 REQUIRED = {
     "pipeline": {"feast", "boto3", "s3fs", "redis", "torch", "mlflow"},
+    "pipeline-cuda": {"feast", "boto3", "s3fs", "redis", "torch", "mlflow"},
+    "serving": {"bentoml", "boto3", "s3fs", "redis", "feast", "mlflow", "torch"},
     "mlflow": {"mlflow", "boto3", "psycopg2-binary"},
     "bento": {"bentoml", "boto3", "s3fs", "redis", "feast", "mlflow", "torch"},
 }
@@ -106,6 +114,14 @@ def _image_path(workdir: PurePosixPath, path: str) -> PurePosixPath:
     return p if p.is_absolute() else workdir / p
 
 
+def _copy(path: Path, args: str) -> tuple[list[str], str]:
+    """(sources, destination) of a COPY line; its sources are paths in the build context."""
+    parts = json.loads(args) if args.startswith("[") else shlex.split(args)
+    assert not any(p.startswith("--from") for p in parts), f"{path}: COPY --from is not the repository"
+    *sources, dest = [p for p in parts if not p.startswith("--")]
+    return sources, dest
+
+
 def _is_pip_install(tokens: list[str]) -> int | None:
     """Index of the first argument after `pip install` / `python -m pip install`, else None."""
     for i, tok in enumerate(tokens[:-1]):
@@ -132,9 +148,7 @@ def dockerfile_install_args(path: Path) -> tuple[str, list[str]]:
         elif keyword == "ADD":
             raise AssertionError(f"{path}: ADD is not read by this test; use COPY or teach it")
         elif keyword == "COPY":
-            parts = json.loads(args) if args.startswith("[") else shlex.split(args)
-            assert not any(p.startswith("--from") for p in parts), f"{path}: COPY --from is not the repository"
-            *sources, dest = [p for p in parts if not p.startswith("--")]
+            sources, dest = _copy(path, args)
             dest_dir = dest.endswith("/") or dest in {".", "./"} or len(sources) > 1
             dest_path = _image_path(workdir, dest)
             for src in sources:
@@ -178,9 +192,7 @@ def dockerfile_install_args(path: Path) -> tuple[str, list[str]]:
             value = value if eq else next(it)
             out += [_PIP_OPTIONS_WITH_PATH[name], str(to_repo(_image_path(run_dir, value)))]
         elif name in _PIP_OPTIONS_WITH_URL:
-            value = value if eq else next(it)
-            if urlparse(value).hostname not in UNREACHABLE_INDEX_HOSTS:
-                out += [name, value]
+            out += [name, value if eq else next(it)]
         elif tok.startswith("-"):
             raise AssertionError(f"{path}: pip option {tok!r} is not understood by this test; teach it")
         elif tok.startswith((".", "/")):  # a local project, maybe with extras: .[cluster]
@@ -207,11 +219,10 @@ def bento_install_args() -> list[str]:
     # `bentoml build` does not take constraints.txt: the bentofile pins its packages to constraints.txt's versions
     # (test_bentofile_pins_equal_constraints), and resolving with the constraints checks that they agree.
     args = ["-c", str(CONSTRAINTS)]
-    urls = [("--index-url", python["index_url"])] if python.get("index_url") else []
-    urls += [("--extra-index-url", url) for url in python.get("extra_index_url") or []]
-    for option, url in urls:
-        if urlparse(url).hostname not in UNREACHABLE_INDEX_HOSTS:
-            args += [option, url]
+    if python.get("index_url"):
+        args += ["--index-url", python["index_url"]]
+    for url in python.get("extra_index_url") or []:
+        args += ["--extra-index-url", url]
     for link in python.get("find_links") or []:
         args += ["--find-links", link]
     return [*args, *python["packages"]]
@@ -226,13 +237,41 @@ def install_args(image: str) -> list[str]:
     return dockerfile_install_args(DOCKERFILES[image])[1]
 
 
+def resolution(image: str) -> tuple[list[str], bool]:
+    """(pip arguments, whether this machine's pip configuration stands in) of an image's install set here.
+
+    An image's build runs pip without configuration, against PyPI and the indexes its install names. An index
+    this machine cannot reach (UNREACHABLE_INDEX_HOSTS) is left out, and this machine's pip configuration stands
+    in for it. An image that names none resolves without that configuration, as its build does: a wheel on this
+    machine (the CPU build of torch) must not stand in for the one PyPI serves it (the CUDA build).
+    """
+    args: list[str] = []
+    stand_in = False
+    it = iter(install_args(image))
+    for arg in it:
+        if arg not in _PIP_OPTIONS_WITH_URL:
+            args.append(arg)
+        elif urlparse(url := next(it)).hostname in UNREACHABLE_INDEX_HOSTS:
+            stand_in = True
+        else:
+            args += [arg, url]
+    return args, stand_in
+
+
 def _pip(*args: str) -> list[str]:
     return [sys.executable, "-m", "pip", *args]
 
 
+def _pip_env(stand_in: bool) -> dict[str, str]:
+    """This process's environment, where nothing stands in without this machine's pip configuration and sources."""
+    if stand_in:
+        return dict(os.environ)
+    return {k: v for k, v in os.environ.items() if k not in _PIP_SOURCE_ENV} | {"PIP_CONFIG_FILE": os.devnull}
+
+
 @functools.cache
-def _index_unreachable() -> str | None:
-    """Why pip reaches no package index, or None where it reaches one (asked at most once per session).
+def _index_unreachable(stand_in: bool) -> str | None:
+    """Why pip reaches no package index with that environment, or None where it reaches one (asked at most once).
 
     Asked only after a resolution failed, and about a package with no version, so a bad pin fails the test
     instead of skipping it.
@@ -240,6 +279,7 @@ def _index_unreachable() -> str | None:
     probe = subprocess.run(
         _pip("install", "--dry-run", "--ignore-installed", "--no-deps", "--quiet", "boto3"),
         cwd=ROOT,
+        env=_pip_env(stand_in),
         capture_output=True,
         text=True,
     )
@@ -249,56 +289,70 @@ def _index_unreachable() -> str | None:
     return f"pip reaches no package index (`pip install --dry-run --no-deps boto3` failed: {tail})"
 
 
+@dataclass(frozen=True)
+class Resolved:
+    """One distribution of an install set, from pip's report."""
+
+    version: str
+    local: bool
+    """A local project (the repository), not a package from an index."""
+    requires: tuple[str, ...]
+    """Its requirements (Requires-Dist), markers included."""
+
+
 @pytest.fixture(scope="module")
 def install_set(tmp_path_factory):
-    """resolve(image) -> {distribution: (version, is a local project)}: one pip resolution per image.
+    """resolve(image) -> {distribution: Resolved}: one pip resolution per image.
 
     The resolutions are independent, so they run side by side, started when the first test asks.
     """
     tmp = tmp_path_factory.mktemp("pip-report")
-    runs: dict[str, tuple[list[str], subprocess.Popen | None, BaseException | None]] = {}
+    runs: dict[str, tuple[list[str], bool, subprocess.Popen | None, BaseException | None]] = {}
     for image in IMAGES:
         try:
-            args = install_args(image)
+            args, stand_in = resolution(image)
         except (AssertionError, KeyError, ValueError) as exc:  # a definition this test cannot read
-            runs[image] = ([], None, exc)
+            runs[image] = ([], False, None, exc)
             continue
         with (tmp / f"{image}.log").open("w") as log:
             proc = subprocess.Popen(
                 _pip("install", "--dry-run", "--ignore-installed", "--quiet", "--report", str(tmp / f"{image}.json"))
                 + args,
                 cwd=ROOT,
+                env=_pip_env(stand_in),
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
-        runs[image] = (args, proc, None)
+        runs[image] = (args, stand_in, proc, None)
 
     @functools.cache
-    def resolve(image: str) -> dict[str, tuple[str, bool]]:
-        args, proc, error = runs[image]
+    def resolve(image: str) -> dict[str, Resolved]:
+        args, stand_in, proc, error = runs[image]
         if error is not None:
             raise error
         if proc.wait() != 0:
             # No index at all skips, except in CI (`CI` set), which reaches PyPI: there it fails.
-            if (reason := _index_unreachable()) and not os.environ.get("CI"):
+            if (reason := _index_unreachable(stand_in)) and not os.environ.get("CI"):
                 pytest.skip(reason)
             output = (tmp / f"{image}.log").read_text()
             raise AssertionError(f"{image}: pip cannot resolve {shlex.join(args)}:\n{output[-4000:]}")
         return {
-            canonicalize_name(item["metadata"]["name"]): (
+            canonicalize_name(item["metadata"]["name"]): Resolved(
                 item["metadata"]["version"],
                 "dir_info" in item.get("download_info", {}),
+                tuple(item["metadata"].get("requires_dist") or ()),
             )
             for item in json.loads((tmp / f"{image}.json").read_text())["install"]
         }
 
     yield resolve
-    for _, proc, _ in runs.values():
+    for _, _, proc, _ in runs.values():
         if proc is not None and proc.poll() is None:
             proc.kill()
             proc.wait()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("image", IMAGES)
 def test_install_set_contains_what_the_image_imports(install_set, image):
     resolved = install_set(image)
@@ -306,19 +360,46 @@ def test_install_set_contains_what_the_image_imports(install_set, image):
     assert not missing, f"{image} image installs none of {missing} (install arguments: {install_args(image)})"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("image", IMAGES)
 def test_install_set_is_exactly_constraints(install_set, image):
     """Every distribution an image installs is pinned in constraints.txt, at the pinned version."""
     pins = constraint_pins()
     resolved = install_set(image)
-    unpinned = sorted(name for name, (_, local) in resolved.items() if not local and name not in pins)
+    unpinned = sorted(name for name, dist in resolved.items() if not dist.local and name not in pins)
     assert not unpinned, f"{image}: installs distributions constraints.txt does not pin: {unpinned}"
     differ = {
-        name: (version, str(pins[name].specifier))
-        for name, (version, _) in resolved.items()
-        if name in pins and not pins[name].specifier.contains(Version(version), prereleases=True)
+        name: (dist.version, str(pins[name].specifier))
+        for name, dist in resolved.items()
+        if name in pins and not pins[name].specifier.contains(Version(dist.version), prereleases=True)
     }
     assert not differ, f"{image}: resolved versions differ from constraints.txt: {differ}"
+
+
+def cuda_libraries(torch: Resolved) -> set[str]:
+    """The CUDA libraries (nvidia-*, cuda-*) torch requires on this platform: none in the CPU build."""
+    requirements = [Requirement(line) for line in torch.requires]
+    return {
+        canonicalize_name(req.name)
+        for req in requirements
+        if req.name.startswith(("nvidia-", "cuda-")) and (req.marker is None or req.marker.evaluate({"extra": ""}))
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("image", [image for image in IMAGES if "torch" in REQUIRED[image]])
+def test_torch_is_the_build_the_image_runs_on(install_set, image):
+    """The CUDA pipeline image installs PyPI's Linux wheel with the CUDA libraries it needs; every other image the
+    CPU build (`+cpu`, from the PyTorch CPU index), without them."""
+    resolved = install_set(image)
+    torch, libraries = resolved["torch"], cuda_libraries(resolved["torch"])
+    if image in CUDA_IMAGES:
+        assert Version(torch.version).local is None, f"{image}: torch {torch.version} is not PyPI's CUDA build"
+        assert libraries, f"{image}: torch {torch.version} requires no CUDA libraries"
+        assert libraries <= set(resolved), f"{image}: CUDA libraries missing: {sorted(libraries - set(resolved))}"
+    else:
+        assert Version(torch.version).local == "cpu", f"{image}: torch {torch.version} is not the CPU build"
+        assert not libraries, f"{image}: the CPU build requires {sorted(libraries)}"
 
 
 @pytest.mark.parametrize("image", sorted(DOCKERFILES))
@@ -331,6 +412,55 @@ def test_dockerfile_installs_through_constraints_on_plain_python(image):
     assert python[1] == tested, f"{image}: base image {base} is not Python {tested}, the Python the test resolved with"
     constraints = [args[i + 1] for i, a in enumerate(args[:-1]) if a == "-c"]
     assert str(CONSTRAINTS) in constraints, f"{image}: `pip install` does not use the repository's constraints.txt"
+
+
+def dockerignored(path: str, patterns: list[str]) -> bool:
+    """Whether BuildKit leaves `path` out of the build context: the last pattern that matches it or a folder
+    above it decides, and a `!` pattern lets it in again (Docker's rule, for the patterns these files use)."""
+    parts = PurePosixPath(path).parts
+    prefixes = ["/".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    ignored = False
+    for pattern in patterns:
+        if any(fnmatch.fnmatchcase(prefix, pattern.removeprefix("!").strip("/")) for prefix in prefixes):
+            ignored = not pattern.startswith("!")
+    return ignored
+
+
+@pytest.mark.parametrize("image", sorted(DOCKERFILES))
+def test_build_context_holds_what_the_dockerfile_copies_and_not_the_venv(image):
+    """Each Dockerfile has its own `.dockerignore` (the context is the repository root, .venv included), and every
+    COPY source gets through it: a build would otherwise fail on a file it cannot find."""
+    dockerfile = DOCKERFILES[image]
+    ignore = dockerfile.with_name(f"{dockerfile.name}.dockerignore")
+    assert ignore.is_file(), f"{image}: no {ignore.relative_to(ROOT)}: the build would send the whole repository"
+    patterns = [line.strip() for line in ignore.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    assert dockerignored(".venv/bin/python", patterns), f"{image}: the build context holds .venv"
+    sources = [
+        s
+        for keyword, args in dockerfile_instructions(dockerfile)
+        if keyword == "COPY"
+        for s in _copy(dockerfile, args)[0]
+    ]
+    assert sources, f"{image}: copies nothing"
+    left_out = [source for source in sources if dockerignored(source, patterns)]
+    assert not left_out, f"{image}: {ignore.relative_to(ROOT)} leaves out what the Dockerfile copies: {left_out}"
+
+
+def test_image_tags_follow_the_versions_they_hold():
+    """The MLflow image is tagged with the MLflow it installs (constraints.txt, images/mlflow/requirements.txt);
+    the repository's own images with the project's version."""
+    from loopform.spec import IMAGE_REGISTRY, IMAGE_TAG, RegistrySpec
+
+    mlflow = pinned_version(constraint_pins()["mlflow"])
+    requirements = [
+        line.split("#", 1)[0].strip() for line in (IMAGES_DIR / "mlflow" / "requirements.txt").read_text().splitlines()
+    ]
+    pinned = [pinned_version(req) for req in map(Requirement, filter(None, requirements)) if req.name == "mlflow"]
+    assert pinned == [mlflow], f"images/mlflow/requirements.txt pins mlflow {pinned}, constraints.txt {mlflow}"
+    assert RegistrySpec().mlflow_version == mlflow
+    assert RegistrySpec().server_image == f"{IMAGE_REGISTRY}/mlflow:v{mlflow}"
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert version == IMAGE_TAG, f"loopform.spec.IMAGE_TAG is {IMAGE_TAG}, pyproject.toml's version {version}"
 
 
 def test_bentofile_pins_equal_constraints():

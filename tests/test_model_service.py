@@ -8,13 +8,13 @@ from pathlib import Path
 import kubernetes_validate
 import yaml
 
-from components.model_service import ModelService, ModelServiceArgs, manifests
+from components.model_service import SERVING_UID, ModelService, ModelServiceArgs, manifests
 from loopform.render import render_components, write_services
-from loopform.spec import CONFIG_KEY, ModelSpec
+from loopform.spec import CONFIG_KEY, ModelSpec, ServicesSpec
 from models.fraud.contract import CONTRACT
 from tests import records
 
-RELEASE = records.release("dev")
+RELEASE = records.release("dev", image=ServicesSpec().image)
 
 
 def _spec(release: dict | None = RELEASE) -> ModelSpec:
@@ -29,8 +29,14 @@ def test_released_model_gets_zero_downtime_service() -> None:
     deployment = objects["Deployment"]
     assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
     container = deployment["spec"]["template"]["spec"]["containers"][0]
-    assert container["image"] == "ghcr.io/loopform/fraud:v3"
+    # The serving image for every model and version: the release picks the model and its files by env.
+    assert container["image"] == RELEASE["image"] == ServicesSpec().image
+    assert "command" not in container and container["args"] == ["--port", "3000"]  # `loopform serve` (ENTRYPOINT)
+    assert container["ports"] == [{"name": "http", "containerPort": 3000}]
+    assert deployment["spec"]["template"]["spec"]["securityContext"]["runAsUser"] == SERVING_UID
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    # Start-up checks the release before the server listens: liveness counts only after the startup probe.
+    assert container["startupProbe"]["httpGet"]["path"] == "/livez"
     assert container["lifecycle"]["preStop"]["sleep"]["seconds"] > 0
     assert {"name": "LOOPFORM_MODEL_URI", "value": "models:/fraud/3"} in container["env"]
     assert {"name": "LOOPFORM_ARTIFACTS_DIGEST", "value": RELEASE["artifacts"]} in container["env"]

@@ -117,7 +117,7 @@ def test_workflow_template_is_the_declared_pipeline(stack: str) -> None:
         for step in PIPELINE:
             template = templates[step.name]
             container = template["container"]
-            assert container["image"] == spec.orchestrator.pipeline_image
+            assert container["image"] in (spec.orchestrator.pipeline_image, spec.orchestrator.gpu_pipeline_image)
             assert [*container["command"], *container["args"]] == [
                 "loopform", "step", step.name, "--model", model, "--stack", spec.environment, "--run-dir", RUN_DIR,
             ]  # fmt: skip
@@ -181,6 +181,32 @@ def test_every_gpu_step_tolerates_its_pool_taints_and_selects_its_pool_labels(st
     assert gpu_steps >= 1  # every shipped stack trains on a GPU pool
 
 
+@pytest.mark.parametrize("stack", STACKS)
+def test_steps_that_request_gpus_run_the_cuda_image_and_every_other_step_the_cpu_image(stack: str) -> None:
+    spec = _spec(stack)
+    orchestrator = spec.orchestrator
+    assert orchestrator.gpu_pipeline_image != orchestrator.pipeline_image
+    images, gpu_steps = {}, set()
+    for model, model_spec in spec.models.items():
+        for step in PIPELINE:
+            container = _templates(render_workflow_template(_context(spec), model, model_spec))[step.name]["container"]
+            images[model, step.name] = container["image"]
+            if "nvidia.com/gpu" in container["resources"]["limits"]:
+                gpu_steps.add((model, step.name))
+    cuda = {key for key, image in images.items() if image == orchestrator.gpu_pipeline_image}
+    assert cuda == gpu_steps == {("fraud", "train")}  # every shipped stack trains fraud on GPUs, delivery on CPU
+    assert all(image == orchestrator.pipeline_image for key, image in images.items() if key not in cuda)
+
+
+def test_a_training_step_on_a_gpu_pool_without_gpus_runs_the_cpu_image() -> None:
+    """The image follows the GPUs a step requests, not the pool it is scheduled on."""
+    spec = _spec("dev")
+    pooled = ModelSpec.model_validate({"path": "models/fraud", "training": {"gpu_pool": "gpu", "gpus": 0}})
+    train = _templates(render_workflow_template(_context(spec), "pooled", pooled))["train"]
+    assert "nodeSelector" in train and "nvidia.com/gpu" not in train["container"]["resources"]["limits"]
+    assert train["container"]["image"] == spec.orchestrator.pipeline_image
+
+
 def test_cpu_only_model_has_no_gpu_constraints() -> None:
     spec = _spec("dev")
     cpu_model = ModelSpec.model_validate({"path": "models/fraud"})
@@ -188,6 +214,7 @@ def test_cpu_only_model_has_no_gpu_constraints() -> None:
     train = _templates(doc)["train"]
     assert "tolerations" not in train and "nodeSelector" not in train
     assert train["container"]["resources"] == cpu_model.training.resources.manifest()
+    assert train["container"]["image"] == spec.orchestrator.pipeline_image
     assert all(step_scheduling(step, cpu_model, spec.gpu.pools) is None for step in PIPELINE)
 
 

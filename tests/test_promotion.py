@@ -19,7 +19,7 @@ from loopform import policy_config, registry
 from loopform import record as rec
 from loopform.evaluation import evaluate_classifier
 from loopform.gates.result import GateResult
-from loopform.promotion import PromotionError, Signer, aliases_for, default_image, promote
+from loopform.promotion import PromotionError, Signer, aliases_for, image_problem, promote
 from loopform.spec import load_stack
 from models.fraud.data import LABEL
 from models.fraud.train import train
@@ -110,7 +110,8 @@ def test_promote_to_staging_writes_release_and_moves_alias(store, trained, stack
     )
 
     assert release.version == record.version and release.run_id == record.run_id
-    assert release.image == default_image("fraud-a", record.version) == f"ghcr.io/loopform/fraud-a:v{record.version}"
+    # The serving image the stack names: one image for every model and version, no build per release.
+    assert release.image == load_stack(stacks["staging"]).services.image
     text = stacks["staging"].read_text()
     # Round trip: every original line (comments included) is still there, in order; only the release was added.
     lines = iter(text.splitlines())
@@ -332,6 +333,58 @@ def test_refuses_keys_the_environment_does_not_trust(store, trained, stacks, tmp
         signer=Signer(records.KEY, SIGNERS["prod"].policy_config),
     )
     assert reasons == [f"{SIGNERS['prod'].policy_config} is the policy config of 'prod', not of 'staging'"]
+
+
+DIGEST = "sha256:" + "0123456789abcdef" * 4
+
+
+@pytest.mark.parametrize(
+    ("image", "problem"),
+    [
+        ("ghcr.io/loopform/serving:0.1.0", None),
+        (f"ghcr.io/loopform/serving@{DIGEST}", None),
+        (f"ghcr.io/loopform/serving:0.1.0@{DIGEST}", None),
+        ("localhost:5000/team/fraud-svc:v2", None),
+        ("ghcr.io/loopform/serving", "has neither tag nor digest"),
+        ("localhost:5000/serving", "has neither tag nor digest"),
+        ("ghcr.io/loopform/serving:latest", "uses the latest tag"),
+        ("ghcr.io/loopform/serving@sha256:abc", "has an invalid digest"),
+        (f"ghcr.io/loopform/serving@{DIGEST.upper()}", "has an invalid digest"),
+        ("ghcr.io/loopform/serving:-1", "has an invalid tag"),
+        ("ghcr.io/Loopform/serving:1", "is not a valid reference"),
+        ("ghcr.io/loopform/serving:1@", "is not a valid reference"),
+        ("", "is not a valid reference"),
+    ],
+)
+def test_image_is_a_tag_or_a_digest(image, problem):
+    found = image_problem(image)
+    assert found is None if problem is None else problem in found
+
+
+def test_records_the_image_given_by_digest_and_refuses_a_malformed_one(store, trained, stacks):
+    """A reference the cluster could not pull is refused here, not found out when the pods start."""
+    model, evaluation = trained
+    rename(stacks["dev"], "fraud-m")
+    record = make_version(store, "fraud-m", model, evaluation)
+    (reason,) = refused(store, "fraud-m", record.version, "dev", stacks["dev"], image="ghcr.io/loopform/serving")
+    assert reason.startswith("image 'ghcr.io/loopform/serving' has neither tag nor digest")
+    document = yaml.safe_load(stacks["dev"].read_text())
+    document["config"]["loopform:platform"]["services"] = {"image": "serving:latest"}
+    stacks["dev"].write_text(yaml.safe_dump(document))
+    (reason,) = refused(store, "fraud-m", record.version, "dev", stacks["dev"])
+    assert reason.startswith(f"{stacks['dev']} services.image: image 'serving:latest' uses the latest tag")
+
+    pinned = f"ghcr.io/loopform/serving@{DIGEST}"
+    release = promote(
+        "fraud-m",
+        record.version,
+        "dev",
+        signer=SIGNERS["dev"],
+        tracking_uri=store,
+        stack_path=stacks["dev"],
+        image=pinned,
+    )
+    assert release.image == pinned == load_stack(stacks["dev"]).models["fraud-m"].release.image
 
 
 def test_refuses_weights_swapped_after_registration(store, trained, stacks):

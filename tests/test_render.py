@@ -130,6 +130,37 @@ def test_every_model_has_its_pipeline(stack: str, rendered) -> None:
             assert needs[step.name] == (" && ".join(step.needs) or None), step.name
 
 
+def _images(value: object) -> list[str]:
+    """Every container image a manifest names (any `image` string, however deep)."""
+    if isinstance(value, dict):
+        return [v for k, v in value.items() if k == "image" and isinstance(v, str)] + [
+            image for v in value.values() for image in _images(v)
+        ]
+    return [image for v in value for image in _images(v)] if isinstance(value, list) else []
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_only_the_steps_that_request_gpus_run_the_cuda_pipeline_image(stack: str, rendered) -> None:
+    """fraud trains on GPUs in every stack, delivery on CPU: the CUDA image is fraud's train step's alone."""
+    from loopform.spec import load_stack, stack_file
+
+    orchestrator = load_stack(stack_file(stack)).orchestrator
+    steps = {
+        (resource.inputs["metadata"]["name"], template["name"]): template["container"]
+        for resource in rendered(stack)
+        if resource.kind == "WorkflowTemplate"
+        for template in resource.inputs["spec"]["templates"]
+        if "container" in template
+    }
+    gpu_steps = {key for key, container in steps.items() if "nvidia.com/gpu" in container["resources"]["limits"]}
+    assert gpu_steps == {("fraud-pipeline", "train")}
+    for key, container in steps.items():
+        expected = orchestrator.gpu_pipeline_image if key in gpu_steps else orchestrator.pipeline_image
+        assert container["image"] == expected, key
+    everywhere = [image for resource in rendered(stack) for image in _images(resource.manifest())]
+    assert everywhere.count(orchestrator.gpu_pipeline_image) == 1
+
+
 def test_render_reads_the_file_it_is_given(tmp_path: Path) -> None:
     import yaml
 

@@ -1,21 +1,28 @@
-"""Fraud model training and evaluation: determinism, early stopping, metrics, self-contained preprocessing."""
+"""Fraud model training and evaluation: determinism, early stopping, metrics, self-contained preprocessing, and
+the train step's device: the spec's GPUs or a clear failure, recorded in the evidence."""
 
 from __future__ import annotations
 
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from loopform import evaluation, registry
+from loopform import evaluation, registry, steps
+from loopform import evidence as ev
+from loopform.cli import main
 from loopform.evaluation import expected_calibration_error, stratified_split, time_split
+from loopform.spec import load_stack, stack_file
+from loopform.steps import MODEL_FOLDER, StepContext, StepFailed
 from models.fraud import data
 from models.fraud.model import FraudModel
 from models.fraud.train import train
 from tests.helpers_registry import base_rate_model
 
+ROOT = Path(__file__).resolve().parent.parent
 evaluate = partial(evaluation.evaluate_classifier, label=data.LABEL)
 
 
@@ -244,3 +251,53 @@ def test_single_class_data_is_a_clear_error(split):
         train(clean, seed=1)
     with pytest.raises(ValueError, match="both classes"):
         evaluate(train(split[0].iloc[:2000], seed=1, max_epochs=1), clean)
+
+
+# --- the train step's device -----------------------------------------------------------------------------
+
+
+def _step_context(stack: str, run_dir: Path, tracking_uri: str | None = None) -> StepContext:
+    return StepContext(
+        model="fraud",
+        spec=load_stack(stack_file(stack)),
+        run_dir=run_dir,
+        tracking_uri=tracking_uri,
+        feature_repo=run_dir / "feast",
+        root=ROOT,
+        stack_files=ROOT / "stacks",
+    )
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="torch sees a CUDA device here")
+def test_a_step_that_requests_gpus_fails_where_torch_sees_none(tmp_path, capsys):
+    """dev trains fraud on one GPU: without CUDA the step fails, as its pod would, instead of training on the CPU."""
+    assert load_stack(stack_file("dev")).models["fraud"].training.gpus == 1
+    argv = ["step", "train", "--stack", "dev", "--model", "fraud", "--run-dir", str(tmp_path / "run")]
+    assert main(argv) == 1
+    error = capsys.readouterr().err
+    build = f"CUDA {torch.version.cuda} build" if torch.version.cuda else "CPU build: torch.version.cuda is None"
+    assert f"models.fraud.training.gpus requests 1 GPU(s), but torch {torch.__version__} ({build})" in error
+    assert "sees no CUDA device" in error and "orchestrator.gpu_pipeline_image" in error
+    assert not (tmp_path / "run" / MODEL_FOLDER).exists()
+
+
+def test_a_cuda_build_without_a_device_says_so(tmp_path, monkeypatch):
+    """The CUDA image on a node whose GPU or driver torch cannot use: the message names the build it has."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    with pytest.raises(StepFailed, match=r"torch \S+ \(CUDA 13\.0 build\) sees no CUDA device"):
+        steps.train(_step_context("dev", tmp_path))
+
+
+@pytest.mark.slow
+def test_the_device_trained_on_is_in_the_sealed_evidence(tmp_path):
+    """The local stack requests no GPUs: the step trains on the CPU, and the evidence of the version says so."""
+    ctx = _step_context("local", tmp_path, tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert ctx.spec.models["fraud"].training.gpus == 0
+    data.generate(6000, seed=2).to_parquet(tmp_path / "training.parquet", index=False)
+    trained = registry.load_model_folder(steps.train(ctx))
+    assert trained.info["device"] == "cpu"
+    steps.evaluate(ctx)
+    evidence = steps.register(ctx)["evidence"]
+    assert ev.verify(evidence)
+    assert evidence["training"] == ev.jsonable(trained.info)
