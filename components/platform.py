@@ -25,10 +25,19 @@ from components.feature_store import (
 from components.gitops import GitOps, GitOpsArgs, public_keys
 from components.gpu_pool import GpuNodePool, GpuNodePoolArgs, NvidiaDevicePlugin, NvidiaDevicePluginArgs
 from components.model_service import ModelService, ModelServiceArgs
+from components.monitoring import (
+    DriftMonitor,
+    DriftMonitorArgs,
+    Pushgateway,
+    PushgatewayArgs,
+    monitor_account,
+    pushgateway_url,
+)
 from components.orchestrator import Orchestrator, OrchestratorArgs
 from components.registry import ModelRegistry, ModelRegistryArgs
 from components.secrets import SharedSecret, SharedSecretArgs, derived_password
 from loopform import identity
+from loopform.alert_rules import rule_group
 from loopform.features import OFFLINE_URI_ENV, REGISTRY_URL_ENV, cluster_config
 from loopform.prerequisites import DB_PASSWORD_CONFIG, REDIS_PASSWORD_CONFIG
 from loopform.spec import ExternalRedis, PlatformSpec
@@ -226,6 +235,41 @@ class Platform(pulumi.ComponentResource):
                 depends_on=[created["pipelines"], created["monitoring"], *credentials, *pools, registry, features],
             ),
         )
+
+        # One Pushgateway per environment; each model's monitor pushes to it.
+        monitoring_ns = cluster.namespaces.monitoring
+        pushgateway = Pushgateway(
+            f"{name}-pushgateway",
+            PushgatewayArgs(namespace=monitoring_ns, labels=labels, prometheus_release=prometheus_release),
+            common.child(self, depends_on=[created["monitoring"]]),
+        )
+        monitor_sa = monitor_account(
+            f"{name}-monitor-sa",
+            monitoring_ns,
+            labels,
+            identity.account_annotations(spec, "monitor"),
+            common.child(self, depends_on=[created["monitoring"]]),
+        )
+        for model in sorted(spec.models):
+            DriftMonitor(
+                f"{name}-{model}-monitor",
+                DriftMonitorArgs(
+                    model=model,
+                    environment=spec.environment,
+                    image=spec.orchestrator.pipeline_image,
+                    namespace=monitoring_ns,
+                    schedule=spec.monitoring.schedule,
+                    pushgateway=pushgateway_url(monitoring_ns),
+                    tracking_uri=common.service_url(
+                        f"{spec.environment}-registry", cluster.namespaces.platform, spec.registry.port
+                    ),
+                    labels=labels,
+                    credentials_env_from=env_from,
+                    rule_group=rule_group(spec, model) if prometheus_release is not None else None,
+                    prometheus_release=spec.monitoring.prometheus_release,
+                ),
+                common.child(self, depends_on=[created["monitoring"], *credentials, monitor_sa, pushgateway, registry]),
+            )
 
         self.argocd_application: pulumi.Output[str | None] = pulumi.Output.from_input(None)
         if spec.gitops.enabled:

@@ -341,7 +341,7 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     from prometheus_client import CollectorRegistry
 
     from loopform.model_code import ModelCode
-    from loopform.monitor import FileTrigger, run_monitor, write_metrics
+    from loopform.monitor import FileTrigger, push_metrics, run_monitor, write_metrics
 
     spec = load_stack(_stack_path(args), Path(args.root))
     if args.model not in spec.models:
@@ -374,6 +374,8 @@ def cmd_monitor(args: argparse.Namespace) -> int:
         raise UsageError(f"cannot read {payload_uri}: {error} (pip install 'loopform[cluster]')") from None
     if args.metrics_file:
         write_metrics(args.metrics_file, registry)
+    if args.push_gateway:
+        push_metrics(args.push_gateway, registry, args.model)
     print(result.message)
     return 3 if result.triggered else 0
 
@@ -561,6 +563,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="where reports, results and triggers go (default: .loopform/monitor)",
     )
     monitor.add_argument("--metrics-file", help="write the Prometheus gauges here (textfile collector format)")
+    monitor.add_argument(
+        "--push-gateway", help="push the Prometheus gauges to this Pushgateway (URL), grouped by model"
+    )
     monitor.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
     monitor.set_defaults(handler=cmd_monitor)
     return parser

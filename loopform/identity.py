@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from loopform.spec import IrsaIdentity, PlatformSpec, PodIdentity, StaticKeys
 
-WorkloadName = Literal["registry", "feature_store", "pipelines", "serving"]
+WorkloadName = Literal["registry", "feature_store", "pipelines", "serving", "monitor"]
 
 #: Pulumi secret config keys of the static-keys alternative.
 ACCESS_KEY_CONFIG = "objectStoreAccessKeyId"
@@ -26,6 +26,8 @@ MLFLOW_ACCOUNT = "loopform-mlflow"
 FEAST_ACCOUNT = "loopform-feast"
 RUNNER_ACCOUNT = "loopform-pipeline-runner"
 SERVING_ACCOUNT = "loopform-model-service"
+#: One account for every model's drift monitor: they share the monitor role.
+MONITOR_ACCOUNT = "loopform-drift-monitor"
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,7 @@ def workloads(spec: PlatformSpec) -> dict[WorkloadName, Workload]:
         ),
         "pipelines": Workload("pipelines", namespaces.pipelines, RUNNER_ACCOUNT, "pipeline steps (Argo Workflows)"),
         "serving": Workload("serving", namespaces.serving, SERVING_ACCOUNT, "BentoML model services"),
+        "monitor": Workload("monitor", namespaces.monitoring, MONITOR_ACCOUNT, "drift monitors (`loopform monitor`)"),
     }
 
 

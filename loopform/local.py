@@ -6,6 +6,11 @@ promote to staging) -> promote to production through the gates -> serve with Ben
 localhost -> traffic -> drifted traffic -> the monitor detects it -> retraining on the new data
 -> the new version is evaluated and gated; then one summary of every model.
 
+The monitor's decision reaches the retraining by the cluster's route when Prometheus, the Pushgateway and
+Alertmanager are installed (`loopform.local_alerting`): its gauges are pushed, Prometheus's drift rule fires,
+Alertmanager notifies the webhook receiver, and the receiver's callback starts the retraining, once per
+incident. Without them the monitor's `FileTrigger` starts it, and the progress says so.
+
 Everything it writes stays under `local.workdir`: MLflow on SQLite, the Feast repo, the
 payload log, reports, and the stack files its promotions record releases in (copies made
 from the local stack, never the repository's dev, staging or prod files). Each run starts
@@ -32,7 +37,9 @@ from loopform.serve import service_target
 from loopform.spec import CONFIG_KEY, PlatformSpec, load_stack, read_stack_file
 
 if TYPE_CHECKING:
+    from loopform.alerts import RetrainRequest
     from loopform.contract import Contract
+    from loopform.local_alerting import LocalAlerting, Retrainings
     from loopform.model_code import ModelCode
 
 PRODUCTION = "prod"
@@ -43,6 +50,40 @@ ENTITY_SHARE = 0.2  # share of single requests scored by entity id through the o
 SINGLE_TRAFFIC = 600  # requests of a phase sent one at a time; the rest go in batches
 BATCH = 500  # events per /predict_batch request
 MARKER = ".loopform-workdir"
+
+
+@dataclass
+class AlertRoute:
+    """The running Pushgateway -> Prometheus -> Alertmanager -> receiver route and what its receiver started."""
+
+    alerting: LocalAlerting
+    retrainings: Retrainings
+
+
+@contextmanager
+def drift_route(spec: PlatformSpec, workdir: Path) -> Iterator[AlertRoute | None]:
+    """The real alert route for the run's models, or None (the file trigger) when a server's binary is missing."""
+    from loopform.alert_rules import rule_groups
+    from loopform.local_alerting import LocalAlerting, Retrainings, missing
+
+    if missing():
+        yield None
+        return
+    retrainings = Retrainings()
+    with LocalAlerting(workdir / "alerting", rule_groups(spec), retrainings) as alerting:
+        yield AlertRoute(alerting, retrainings)
+
+
+def route_line(route: AlertRoute | None, workdir: Path) -> str:
+    """The progress line naming the route that starts retraining (and how to get the real one when it is not)."""
+    from loopform.local_alerting import PACKAGES, missing
+
+    if route is not None:
+        return f"drift route: {route.alerting.route()}"
+    return (
+        f"drift route: the monitor's file trigger in {workdir / 'triggers'} ({', '.join(missing())} missing: "
+        f"apt-get install {' '.join(PACKAGES)} for the Pushgateway -> Prometheus -> Alertmanager route)"
+    )
 
 
 @dataclass
@@ -197,8 +238,9 @@ def up(stack_path: Path, root: Path, echo: Callable[[str], None] = print) -> Sum
     summary = Summary(workdir=workdir, tracking_uri=tracking_uri)
     progress = Progress(total=len(spec.models) * (10 + 2 * len(PIPELINE)), echo=echo)
     echo(f"loopform up --stack {spec.environment}: models {', '.join(sorted(spec.models))}, everything under {workdir}")
-    for model in sorted(spec.models):
-        summary.models[model] = _model_loop(model, spec, root, workdir, tracking_uri, stacks, keys, progress)
+    with drift_route(spec, workdir) as route:
+        for model in sorted(spec.models):
+            summary.models[model] = _model_loop(model, spec, root, workdir, tracking_uri, stacks, keys, progress, route)
     # Each run's gate reports and the monitor's (MLflow keeps its own copies of the gate reports).
     summary.reports = sorted(str(p) for folder in ("runs", "monitor") for p in (workdir / folder).rglob("*.html"))
     (workdir / "summary.json").write_text(json.dumps(summary.to_dict(), indent=2, default=str))
@@ -215,6 +257,7 @@ def _model_loop(
     stacks: Path,
     keys: dict[str, Any],
     progress: Progress,
+    route: AlertRoute | None,
 ) -> ModelRun:
     """One model's loop: data, first version, production, serving, traffic, monitor, retraining on drift."""
     from loopform.steps import StepContext, ingest
@@ -281,37 +324,45 @@ def _model_loop(
 
     reference = first.run_dir / "reference.parquet"
     with progress.phase(f"{model}: drift monitor on the live-traffic window"):
-        run.monitor["clean"] = _monitor(first, reference, payload_uri, clean_start, drift_start, workdir)
+        run.monitor["clean"] = _monitor(first, reference, payload_uri, clean_start, drift_start, workdir, route)
         progress.note(_monitor_line(run.monitor["clean"]))
     with progress.phase(f"{model}: drift monitor on the drifted window"):
-        run.monitor["drifted"] = _monitor(first, reference, payload_uri, drift_start, None, workdir)
+        run.monitor["drifted"] = _monitor(first, reference, payload_uri, drift_start, None, workdir, route)
         progress.note(_monitor_line(run.monitor["drifted"]))
+        progress.note(route_line(route, workdir))
     if run.monitor["drifted"]["triggered"]:
         served = {"live": traffic, "drifted": drifted}
-        _retrain(context("run-2"), workdir, run, progress, served, payload_uri, keys[PRODUCTION])
+        _retrain(context("run-2"), workdir, run, progress, served, payload_uri, keys[PRODUCTION], route)
+        if route is not None:
+            progress.note(
+                f"Alertmanager re-sent firing drift alerts {route.alerting.repeats_ignored()} times so far; "
+                "the receiver ignored the repeats (incidents already acted on)"
+            )
     else:
         progress.note(f"no retraining: the monitor saw no drift crossing the threshold ({local.drift} drift injected)")
     return run
 
 
 def _retrain(
-    ctx: Any, workdir: Path, run: ModelRun, progress: Progress, served: Any, payload_uri: str, signer: Any
+    ctx: Any,
+    workdir: Path,
+    run: ModelRun,
+    progress: Progress,
+    served: Any,
+    payload_uri: str,
+    signer: Any,
+    route: AlertRoute | None,
 ) -> None:
     """What the trigger starts: the served traffic whose labels have arrived, validated in; the pipeline on the
     window that now ends with it; the gated promotion. A refusal at any gate is reported, and production stays."""
     from loopform.ingest import BatchRefused
-    from loopform.monitor import FileTrigger
     from loopform.promotion import PromotionError
     from loopform.steps import StepFailed, ingest
 
-    trigger = FileTrigger(workdir / "triggers")
     with progress.phase(
         f"{ctx.model}: retraining trigger: ingest the served traffic whose labels have arrived, materialise"
     ):
-        pending = trigger.pending(ctx.model)
-        for path in pending:
-            progress.note(f"handling {path.name}")
-            trigger.acknowledge(path)
+        trigger = _started_by(ctx.model, workdir, route, progress)
         delay = parse_duration(ctx.spec.local.label_delay)
         for name, frame in served.items():
             labelled = labelled_traffic(frame, payload_uri, ctx.contract, delay)
@@ -320,7 +371,7 @@ def _retrain(
                 f"(labels arrive {ctx.spec.local.label_delay} after each event)"
             )
             # Live traffic must pass on its own; the drifted traffic is the shift the trigger saw, accepted as such.
-            reason = f"retraining trigger {pending[0].name if pending else 'by hand'}" if name == "drifted" else None
+            reason = f"retraining trigger {trigger}" if name == "drifted" else None
             try:
                 report = ingest(ctx, labelled, accept_shift=reason)
             except BatchRefused as error:
@@ -346,6 +397,32 @@ def _retrain(
             progress.note(f"REFUSED, version {run.production_version} stays in production:\n{error}")
             return
         run.production_version = version
+
+
+def _started_by(model: str, workdir: Path, route: AlertRoute | None, progress: Progress) -> str:
+    """Wait for what starts this model's retraining; returns its name (`<model>-...`) for the ingest record.
+
+    On the alert route: the receiver's callback for the model's firing drift incident (polled; the guard only
+    keeps a broken route from hanging). Otherwise: the monitor's pending trigger files, acknowledged.
+    """
+    from loopform.alerts import DRIFT_ALERTNAME
+    from loopform.monitor import FileTrigger
+
+    if route is not None:
+        progress.note(f"waiting for Prometheus to fire {DRIFT_ALERTNAME} and Alertmanager to notify the receiver")
+        route.alerting.wait(lambda: bool(route.retrainings.of(model)), f"{model}'s {DRIFT_ALERTNAME} notification")
+        request: RetrainRequest = route.retrainings.of(model)[0]
+        progress.note(
+            f"{DRIFT_ALERTNAME} firing for {model} since {request.starts_at} (fingerprint {request.fingerprint}): "
+            "the receiver started retraining"
+        )
+        return f"{model}-{DRIFT_ALERTNAME}-{request.fingerprint}"
+    trigger = FileTrigger(workdir / "triggers")
+    pending = trigger.pending(model)
+    for path in pending:
+        progress.note(f"handling {path.name}")
+        trigger.acknowledge(path)
+    return pending[0].name if pending else "by hand"
 
 
 def labelled_traffic(served: Any, payload_uri: str, contract: Contract, delay: timedelta) -> Any:
@@ -469,10 +546,22 @@ def _plain(value: Any) -> Any:
 
 
 def _monitor(
-    ctx: Any, reference: Path, payload_uri: str, since: datetime, until: datetime | None, workdir: Path
+    ctx: Any,
+    reference: Path,
+    payload_uri: str,
+    since: datetime,
+    until: datetime | None,
+    workdir: Path,
+    route: AlertRoute | None,
 ) -> dict:
+    """One monitor run. On the alert route its gauges are pushed, and it asks for retraining exactly when the
+    drift rule will fire (the share above the model's threshold); otherwise its file trigger asks."""
+    from prometheus_client import CollectorRegistry
+
+    from loopform.alerts import DRIFT_ALERTNAME
     from loopform.monitor import FileTrigger, run_monitor
 
+    registry = CollectorRegistry()
     result = run_monitor(
         ctx.model,
         contract=ctx.contract,
@@ -483,8 +572,18 @@ def _monitor(
         gates=ctx.gates,
         report_dir=workdir / "monitor",
         min_rows=ctx.spec.monitoring.min_rows,
-        trigger=FileTrigger(workdir / "triggers"),
+        registry=registry,
+        trigger=None if route is not None else FileTrigger(workdir / "triggers"),
     )
+    if route is not None:
+        route.alerting.push(registry, ctx.model)
+        share = result.drift_share
+        result.triggered = share is not None and share > result.max_drift_share
+        if result.triggered:
+            result.trigger = f"{route.alerting.pushgateway.url} -> {DRIFT_ALERTNAME}"
+            result.message += f"; retraining asked for: share pushed to {route.alerting.pushgateway.url}"
+        elif result.status == "drift":
+            result.message += f"; label shift only: {DRIFT_ALERTNAME} reads the drift share, so no alert"
     return result.to_dict()
 
 

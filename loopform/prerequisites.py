@@ -47,6 +47,7 @@ DEFAULT_STORAGE_CLASS = "(default)"
 METRICS_API = "v1beta1.metrics.k8s.io"
 KARPENTER_CRDS = ("nodepools.karpenter.sh", "ec2nodeclasses.karpenter.k8s.aws")
 SERVICE_MONITOR_CRD = "servicemonitors.monitoring.coreos.com"
+PROMETHEUS_RULE_CRD = "prometheusrules.monitoring.coreos.com"
 POD_IDENTITY_AGENT = "eks-pod-identity-agent"
 #: Namespaces every Kubernetes cluster has.
 BUILTIN_NAMESPACES = frozenset({"default", "kube-system", "kube-public", "kube-node-lease"})
@@ -114,11 +115,12 @@ def _crds(spec: PlatformSpec) -> Iterable[Prerequisite]:
                 why="cluster.shared_addons is off: the stack that has it on installs the Argo CRDs",
                 fix="pulumi up the stack whose spec sets cluster.shared_addons: true first",
             )
-    if spec.monitoring.prometheus_operator:
+    operator_crds = {SERVICE_MONITOR_CRD: "ServiceMonitors", PROMETHEUS_RULE_CRD: "the drift alerts' PrometheusRules"}
+    for crd, what in operator_crds.items() if spec.monitoring.prometheus_operator else ():
         yield Prerequisite(
             "crd",
-            SERVICE_MONITOR_CRD,
-            why="monitoring.prometheus_operator is on: charts install ServiceMonitors",
+            crd,
+            why=f"monitoring.prometheus_operator is on: the platform declares {what}",
             fix="install the Prometheus Operator (e.g. the kube-prometheus-stack chart), "
             "or set monitoring.prometheus_operator: false",
         )
@@ -218,17 +220,20 @@ def _identity(spec: PlatformSpec) -> Iterable[Prerequisite]:
             )
 
 
-def _access(spec: PlatformSpec, workload: str) -> str:
+def _access(spec: PlatformSpec, workload: identity.WorkloadName) -> str:
     """The object-store access a workload's role needs."""
     artifacts, offline = spec.registry.artifacts.uri, spec.feature_store.offline_store.data_uri
+    payload = spec.monitoring.payload_uri
     bucket = artifacts.removeprefix("s3://").split("/", 1)[0]
-    needs = {
-        "registry": f"{artifacts} and the schema backups in s3://{bucket}/loopform-backups/mlflow/",
-        "feature_store": f"{offline} (read)",
-        "pipelines": f"{offline}, {artifacts}, s3://{spec.orchestrator.artifact_repository.bucket}",
-        "serving": f"{artifacts} (read), {spec.monitoring.payload_uri}",
+    needs: dict[identity.WorkloadName, str] = {
+        "registry": f"Get/Put/List on {artifacts} and the schema backups in s3://{bucket}/loopform-backups/mlflow/",
+        "feature_store": f"Get/Put/List on {offline} (read)",
+        "pipelines": f"Get/Put/List on {offline}, {artifacts}, s3://{spec.orchestrator.artifact_repository.bucket}",
+        "serving": f"Get/Put/List on {artifacts} (read), {payload}",
+        # It only reads: the payload log, and the reference data among the MLflow artifacts.
+        "monitor": f"Get/List on {payload}, {artifacts}",
     }
-    return f"s3 Get/Put/List on {needs[workload]}"
+    return f"s3 {needs[workload]}"
 
 
 def _buckets(spec: PlatformSpec) -> Iterable[Prerequisite]:

@@ -165,6 +165,9 @@ class WorkloadRoles(Strict):
         description="Pipeline steps and the Argo executor: offline store, MLflow artifacts, workflow artifacts."
     )
     serving: RoleArn = Field(description="Model services: MLflow artifacts, the Feast registry, the payload log.")
+    monitor: RoleArn = Field(
+        description="Drift monitors: the payload log and MLflow artifacts, read (the Pushgateway is in-cluster)."
+    )
 
 
 class IrsaIdentity(Strict):
@@ -571,6 +574,12 @@ class ServingSpec(Strict):
     target_cpu_utilization: int = Field(70, ge=10, le=100)
     port: int = Field(3000, ge=1, le=65535)
     resources: Resources = Field(default_factory=lambda: Resources(cpu="500m", memory="1Gi"))
+    max_error_rate: Share = Field(
+        0.01, description="Share of requests answered 5xx above which the serving alert fires (Prometheus rules)."
+    )
+    max_p99_seconds: float = Field(
+        1.0, gt=0, description="99th percentile request latency above which the serving alert fires."
+    )
 
     @model_validator(mode="after")
     def _replica_range(self) -> ServingSpec:

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from loopform import prerequisites, render
+from loopform import identity, prerequisites, render
 from loopform.references import (
     CHART_CR_SWITCHES,
     Manifests,
@@ -27,7 +28,7 @@ from loopform.references import (
     prerequisite_ref,
     unresolved,
 )
-from loopform.spec import CONFIG_KEY, PlatformSpec, load_stack, stack_file
+from loopform.spec import CONFIG_KEY, IrsaIdentity, PlatformSpec, PodIdentity, load_stack, stack_file
 from tests import records
 
 from .conftest import ROOT, STACKS
@@ -122,6 +123,48 @@ def test_a_pod_reading_s3_without_identity_is_caught(rendered) -> None:
     assert not any("dev-registry-postgres" in line for line in missing)
 
 
+def _run_as(value: Any) -> Iterator[str]:
+    """Every ServiceAccount a manifest's pods run as (pod specs, CronJob templates, Argo workflow specs)."""
+    if isinstance(value, dict):
+        if isinstance(value.get("serviceAccountName"), str):
+            yield value["serviceAccountName"]
+        for item in value.values():
+            yield from _run_as(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _run_as(item)
+
+
+@pytest.mark.parametrize("name", STACKS)
+def test_every_workload_runs_as_its_account_with_its_role(name: str, rendered) -> None:
+    """Each workload of the identity table has pods, running as its ServiceAccount, which gets its role.
+
+    Checked per workload, not per s3:// string: the drift monitor reads the payload log through the stack file
+    in its image, so no string in its manifest says it needs object storage.
+    """
+    spec, manifests = stack(name, rendered)
+    run_as = {(m["metadata"].get("namespace"), account) for m in manifests.objects for account in _run_as(m)}
+    accounts = {
+        (m["metadata"]["namespace"], m["metadata"]["name"]): m["metadata"].get("annotations") or {}
+        for m in manifests.objects
+        if m["kind"] == "ServiceAccount"
+    }
+    needed = prerequisites.prerequisites(spec)
+    associations = {item.name: item.fix for item in needed if item.kind == "pod-identity-association"}
+    for workload in identity.workloads(spec).values():
+        account = (workload.namespace, workload.service_account)
+        assert account in run_as, f"no pod of {workload.name} runs as {account}"
+        assert account in accounts, f"ServiceAccount {account} of {workload.name} is not created"
+        role = identity.role_arn(spec, workload.name)
+        if isinstance(spec.cluster.identity, IrsaIdentity):
+            assert accounts[account].get(identity.IRSA_ANNOTATION) == role, f"{account} lacks the {workload.name} role"
+            trusts = [item for item in needed if item.kind == "iam-role" and item.name == role]
+            assert [workload.subject in item.why for item in trusts] == [True], workload.name
+        else:
+            assert isinstance(spec.cluster.identity, PodIdentity)
+            assert f"--role-arn {role}" in associations[f"{workload.namespace}/{workload.service_account}"]
+
+
 def test_prerequisites_follow_the_spec() -> None:
     dev, staging, prod = (load_stack(stack_file(s)) for s in STACKS)
     names = {s.environment: {(p.kind, p.name) for p in prerequisites.prerequisites(s)} for s in (dev, staging, prod)}
@@ -161,7 +204,8 @@ def test_static_keys_are_created_in_every_namespace_that_reads_them(tmp_path: Pa
         for m in manifests.objects
         if m["kind"] == "Secret"
     }
-    for namespace in ("loopform-dev-system", "loopform-dev-pipelines", "loopform-dev-serving"):
+    namespaces = ("loopform-dev-system", "loopform-dev-pipelines", "loopform-dev-serving", "loopform-dev-monitoring")
+    for namespace in namespaces:
         assert secrets[(namespace, "loopform-object-store")] == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
     needed = prerequisites.prerequisites(spec)
     assert unresolved(manifests, needed) == []

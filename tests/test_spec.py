@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from loopform.cli import main
-from loopform.spec import CONFIG_KEY, PlatformSpec, SpecError, check_repository, load_stack, parse_spec
+from loopform.spec import CONFIG_KEY, PlatformSpec, SpecError, WorkloadRoles, check_repository, load_stack, parse_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,7 +30,7 @@ def test_defaults_fill_every_section() -> None:
     assert spec.gates.drift.max_drift_share == 0.3
 
 
-ROLES = {w: f"arn:aws:iam::123456789012:role/{w}" for w in ("registry", "feature_store", "pipelines", "serving")}
+ROLES = {w: f"arn:aws:iam::123456789012:role/{w}" for w in WorkloadRoles.model_fields}
 
 
 def _base() -> dict:

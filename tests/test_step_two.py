@@ -113,10 +113,14 @@ def test_ordinary_change_touches_no_data(case, edit, updates, creates, deletes) 
     assert replaced <= {"kubernetes:batch/v1:Job"}, [s.line() for s in steps if s.change.action == "replace"]
 
 
-DELIVERY_PIPELINE = {"staging-orchestrator-delivery-template", "staging-orchestrator-delivery-cron"}
+DELIVERY_PIPELINE = {
+    "staging-orchestrator-delivery-template",
+    "staging-orchestrator-delivery-cron",
+    "staging-delivery-monitor-cronjob",
+}
 
 
-def test_a_new_model_creates_only_its_pipeline() -> None:
+def test_a_new_model_creates_only_its_pipeline_and_monitor() -> None:
     """Its Feast definitions join the repo ConfigMap: the apply Job reruns (replaced), nothing else is replaced."""
     steps = preview(_render(_without_delivery(_spec())), _render(_spec()))
     actions = _by_action(steps)
@@ -126,7 +130,7 @@ def test_a_new_model_creates_only_its_pipeline() -> None:
     assert actions.get("replace", set()) <= {"staging-features-apply"}
 
 
-def test_a_removed_model_deletes_only_its_pipeline() -> None:
+def test_a_removed_model_deletes_only_its_pipeline_and_monitor() -> None:
     actions = _by_action(preview(_render(_spec()), _render(_without_delivery(_spec()))))
     assert actions["delete"] == DELIVERY_PIPELINE
     assert actions.get("replace", set()) <= {"staging-features-apply"}
