@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import pandas as pd
+if TYPE_CHECKING:
+    import pandas as pd
 
 Task = Literal["classification", "regression"]
 TASKS: tuple[Task, ...] = ("classification", "regression")
@@ -136,6 +137,8 @@ class Contract:
 
 def fingerprint(df: pd.DataFrame) -> str:
     """sha256 of the content: column names, dtypes and values in row order (stable across runs/processes)."""
+    import pandas as pd  # not at import: the Pulumi program and the CLI read contracts and never fingerprint
+
     digest = hashlib.sha256()
     for name in sorted(df.columns, key=str):
         column = df[name]
