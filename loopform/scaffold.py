@@ -148,12 +148,9 @@ def _has_model(text: str, name: str) -> bool:
 
 def with_model(text: str, name: str, entry: dict[str, Any]) -> str:
     """The stack file's text with `models.<name>` added; comments and layout of the rest kept."""
-    from ruamel.yaml import YAML
+    from loopform.promotion import _yaml
 
-    rt = YAML()
-    rt.preserve_quotes = True
-    rt.width = 4096
-    rt.indent(mapping=2, sequence=4, offset=2)
+    rt = _yaml()
     document = rt.load(text)
     platform = document["config"][CONFIG_KEY]
     if platform.get("models") is None:
