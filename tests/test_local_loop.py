@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,10 +10,9 @@ import pytest
 import yaml
 
 from loopform.spec import CONFIG_KEY
+from tests.helpers_project import cli, copy_project
 
 ROOT = Path(__file__).resolve().parent.parent
-#: What a user's repository holds that `loopform up` reads (the runtime itself is the installed package).
-PROJECT = ("Pulumi.yaml", "__main__.py", "stacks", "models", "bentos", "policies", "deploy")
 
 pytestmark = pytest.mark.slow
 
@@ -29,21 +25,10 @@ def _files(root: Path) -> dict[str, bytes]:
     }
 
 
-def cli(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    """`loopform ARGS` run in `root` as a user runs it: a new process that finds its project from the directory."""
-    return subprocess.run([sys.executable, "-m", "loopform.cli", *args], capture_output=True, text=True, cwd=root)
-
-
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, bytes], str]:
     """A copy of the repository with a model scaffolded by `loopform new model demo --task regression`."""
-    copy = tmp_path_factory.mktemp("project")
-    for name in PROJECT:
-        source = ROOT / name
-        if source.is_dir():
-            shutil.copytree(source, copy / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copyfile(source, copy / name)
+    copy = copy_project(tmp_path_factory.mktemp("project"))
     before = _files(copy)
     result = cli(copy, "new", "model", "demo", "--task", "regression")
     assert result.returncode == 0, result.stderr

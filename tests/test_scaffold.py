@@ -5,7 +5,6 @@ The end-to-end proof (the scaffold rendered, trained, gated, promoted and served
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,29 +13,15 @@ from string import Template
 import pytest
 
 from loopform.scaffold import NAME, TEMPLATES, values
-
-ROOT = Path(__file__).resolve().parent.parent
-PROJECT = ("Pulumi.yaml", "__main__.py", "stacks", "models", "bentos", "policies", "deploy")
-
-
-def _copy(folder: Path) -> Path:
-    for name in PROJECT:
-        source = ROOT / name
-        if source.is_dir():
-            shutil.copytree(source, folder / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copyfile(source, folder / name)
-    return folder
+from tests.helpers_project import cli, copy_project
 
 
 def _new(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "loopform.cli", "new", "model", *args], capture_output=True, text=True, cwd=root
-    )
+    return cli(root, "new", "model", *args)
 
 
 def test_refusals_name_the_problem_and_write_nothing(tmp_path: Path) -> None:
-    root = _copy(tmp_path)
+    root = copy_project(tmp_path)
     stacks = {p.name: p.read_text() for p in (root / "stacks").glob("*.yaml")}
     for args, message in (
         (("Bad-name", "--task", "regression"), "use lowercase letters and digits"),
@@ -51,17 +36,12 @@ def test_refusals_name_the_problem_and_write_nothing(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("task", ["classification", "regression"])
 def test_the_scaffold_is_a_valid_model_of_the_project(tmp_path: Path, task: str) -> None:
-    root = _copy(tmp_path)
+    root = copy_project(tmp_path)
     result = _new(root, "demo", "--task", task)
     assert result.returncode == 0, result.stderr
     # The stacks validate against the copy (its model folder checks out: contract, interface files, gates).
     for stack in ("local", "dev"):
-        checked = subprocess.run(
-            [sys.executable, "-m", "loopform.cli", "validate", "--stack", stack],
-            capture_output=True,
-            text=True,
-            cwd=root,
-        )
+        checked = cli(root, "validate", "--stack", stack)
         assert checked.returncode == 0 and "(3 models)" in checked.stdout, checked.stderr
     # The scaffold's code trains and is judged by the task's metrics, in a process of the copy's own.
     script = (
