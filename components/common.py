@@ -6,6 +6,7 @@ labels, and a fix lands everywhere at once.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import pulumi
@@ -84,6 +85,28 @@ def resources(spec: Resources) -> dict[str, dict[str, str]]:
     return spec.manifest()
 
 
+def service_monitor(
+    name: str,
+    namespace: str,
+    object_labels: dict[str, str],
+    selector: dict[str, str],
+    release: str,
+    port: str = "http",
+    honor_labels: bool = False,
+) -> dict[str, Any]:
+    """A Prometheus Operator ServiceMonitor scraping `/metrics` on the named `port` of the Services `selector`
+    picks; the operator's Prometheus selects it by its `release` label."""
+    endpoint: dict[str, Any] = {"port": port, "path": "/metrics"}
+    if honor_labels:
+        endpoint["honorLabels"] = True
+    return {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "ServiceMonitor",
+        "metadata": metadata(name, namespace, {**object_labels, "release": release}),
+        "spec": {"selector": {"matchLabels": selector}, "endpoints": [endpoint]},
+    }
+
+
 def service_url(name: str, namespace: str, port: int, scheme: str = "http") -> str:
     return f"{scheme}://{name}.{namespace}.svc.cluster.local:{port}"
 
@@ -151,6 +174,20 @@ def custom_resource(name: str, manifest: dict[str, Any], opts: pulumi.ResourceOp
         spec=manifest["spec"],
         opts=opts,
     )
+
+
+def declare(
+    parent: pulumi.ComponentResource, name: str, manifests: list[dict[str, Any]], classes: Mapping[str, Any]
+) -> None:
+    """Declare rendered manifests as children `<name>-<kind>`: typed resources for the kinds in `classes`
+    (metadata and spec), custom resources for the rest (the Prometheus Operator's kinds)."""
+    for manifest in manifests:
+        kind = manifest["kind"]
+        child_name = f"{name}-{kind.lower()}"
+        if kind in classes:
+            classes[kind](child_name, metadata=manifest["metadata"], spec=manifest["spec"], opts=child(parent))
+        else:
+            custom_resource(child_name, manifest, child(parent))
 
 
 def metadata_name(metadata: Any) -> str:

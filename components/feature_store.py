@@ -28,6 +28,8 @@ from loopform.spec import ExternalRedis, FeatureStoreSpec, InClusterRedis
 COMPONENT = "feast"
 FEAST_UID = 1000
 REDIS_UID = 999
+#: `feast serve --metrics` serves Prometheus metrics on this port (feast.metrics.start_metrics_server's default).
+FEAST_METRICS_PORT = 8000
 REPO_DIR = "/feature_repo"
 REPO_SOURCE_DIR = "/feature_repo_source"
 CONNECTION_KEY = "connection_string"
@@ -45,6 +47,8 @@ class FeatureStoreArgs:
     """Image with Feast and the feature definitions' imports (the pipeline image unless the spec names one)."""
     feature_files: dict[str, str] = field(default_factory=dict)
     """Feature definition files of the repo, by file name (e.g. {"fraud_features.py": source})."""
+    prometheus_release: str | None = None
+    """`release` label of the feature server's ServiceMonitor (`feast serve --metrics`); None: none."""
     namespace: str = "loopform-system"
     labels: dict[str, str] = field(default_factory=dict)
     storage_class: str | None = None
@@ -222,11 +226,18 @@ class FeatureStore(pulumi.ComponentResource):
         )
 
         port = spec.server.port
+        # --metrics: Feast's own Prometheus endpoint (its fixed port), with feast_feature_freshness_seconds, the
+        # materialisation lag the LoopformFeaturesStale rule reads. Its multiprocess folder goes to /tmp (emptyDir).
         server_pod = _with_command(
-            pod, ["feast", "serve", "--host", "0.0.0.0", "--port", str(port), "--no-access-log"], "Always"
+            pod,
+            ["feast", "serve", "--host", "0.0.0.0", "--port", str(port), "--no-access-log", "--metrics"],
+            "Always",
         )
         container = server_pod["spec"]["containers"][0]
-        container["ports"] = [{"name": "http", "containerPort": port}]
+        container["ports"] = [
+            {"name": "http", "containerPort": port},
+            {"name": "metrics", "containerPort": FEAST_METRICS_PORT},
+        ]
         container["readinessProbe"] = common.http_probe("/health", "http")
         container["livenessProbe"] = common.http_probe("/health", "http", period=20, initial_delay=20)
         container["resources"] = common.resources(spec.server.resources)
@@ -246,10 +257,26 @@ class FeatureStore(pulumi.ComponentResource):
             metadata=common.metadata(f"{name}-server", ns, object_labels),
             spec={
                 "selector": common.selector(COMPONENT, name),
-                "ports": [{"name": "http", "port": port, "targetPort": "http"}],
+                "ports": [
+                    {"name": "http", "port": port, "targetPort": "http"},
+                    {"name": "metrics", "port": FEAST_METRICS_PORT, "targetPort": "metrics"},
+                ],
             },
             opts=common.child(self, depends_on=[server]),
         )
+        if args.prometheus_release is not None:
+            common.custom_resource(
+                f"{name}-server-servicemonitor",
+                common.service_monitor(
+                    f"{name}-server",
+                    ns,
+                    object_labels,
+                    common.selector(COMPONENT, name),
+                    args.prometheus_release,
+                    port="metrics",
+                ),
+                common.child(self, depends_on=[service]),
+            )
 
         materialize = [
             "sh",

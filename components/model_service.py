@@ -23,11 +23,15 @@ import pulumi_kubernetes as k8s
 from components import common
 from loopform import record
 from loopform.identity import SERVING_ACCOUNT
+from loopform.payloads import DEFAULT_SPILL_MAX_BYTES, ENV_SPILL_DIR, ENV_SPILL_MAX_BYTES
 from loopform.spec import ModelSpec
 
 COMPONENT = "model-service"
 SERVING_UID = 1000  # the user images/serving/Dockerfile runs as
 ANNOTATION_PREFIX = "loopform.dev/"
+SPILL_MOUNT = "/var/spool/loopform-payloads"
+#: Room for the payload log's bounded spill plus the file being written.
+SPILL_SIZE_LIMIT = f"{DEFAULT_SPILL_MAX_BYTES * 3 // 2 // 2**20}Mi"
 
 
 def service_name(model: str) -> str:
@@ -80,10 +84,13 @@ class ModelServiceArgs:
     """ServiceAccount the service runs as (created by the Platform, with its IAM role where IRSA is used)."""
     credentials_env_from: list[dict[str, Any]] = field(default_factory=list)
     """`envFrom` with static object-store keys, when that is the identity (the Secret is the Platform's)."""
+    prometheus_release: str | None = None
+    """`release` label of its ServiceMonitor (BentoML's `/metrics`); None (no Prometheus Operator): none."""
 
 
 def manifests(args: ModelServiceArgs) -> list[dict[str, Any]]:
-    """Deployment, Service, HorizontalPodAutoscaler and PodDisruptionBudget of a released model."""
+    """Deployment, Service, HorizontalPodAutoscaler and PodDisruptionBudget of a released model, and the
+    ServiceMonitor of BentoML's `/metrics` with the Prometheus Operator."""
     release = args.spec.release
     if release is None:
         return []
@@ -97,6 +104,9 @@ def manifests(args: ModelServiceArgs) -> list[dict[str, Any]]:
         {"name": "LOOPFORM_TRACKING_URI", "value": args.tracking_uri},
         {"name": "LOOPFORM_PAYLOAD_URI", "value": args.payload_uri},
         {"name": "BENTOML_DO_NOT_TRACK", "value": "true"},
+        # The payload log spills here while the lake is down (bounded), and ships it when the lake is back.
+        {"name": ENV_SPILL_DIR, "value": SPILL_MOUNT},
+        {"name": ENV_SPILL_MAX_BYTES, "value": str(DEFAULT_SPILL_MAX_BYTES)},
         {"name": "MLFLOW_DISABLE_TELEMETRY", "value": "true"},
     ]
     if args.feast_config:
@@ -120,6 +130,7 @@ def manifests(args: ModelServiceArgs) -> list[dict[str, Any]]:
         "lifecycle": {"preStop": {"sleep": {"seconds": 10}}},
         "resources": common.resources(serving.resources),
         "securityContext": common.container_security(read_only_root=False),
+        "volumeMounts": [{"name": "payload-spill", "mountPath": SPILL_MOUNT}],
     }
     deployment = {
         "apiVersion": "apps/v1",
@@ -144,6 +155,8 @@ def manifests(args: ModelServiceArgs) -> list[dict[str, Any]]:
                     "terminationGracePeriodSeconds": 40,
                     "securityContext": common.pod_security(SERVING_UID),
                     "containers": [container],
+                    # Outlives a container restart (an OOM kill), so rows spilled before it still ship.
+                    "volumes": [{"name": "payload-spill", "emptyDir": {"sizeLimit": SPILL_SIZE_LIMIT}}],
                 },
             },
         },
@@ -179,7 +192,10 @@ def manifests(args: ModelServiceArgs) -> list[dict[str, Any]]:
         "metadata": meta,
         "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector}},
     }
-    return [deployment, service, autoscaler, budget]
+    manifests = [deployment, service, autoscaler, budget]
+    if args.prometheus_release is not None:
+        manifests.append(common.service_monitor(name, args.namespace, object_labels, selector, args.prometheus_release))
+    return manifests
 
 
 _CLASSES = {
@@ -197,14 +213,7 @@ class ModelService(pulumi.ComponentResource):
 
     def __init__(self, name: str, args: ModelServiceArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("loopform:serving:ModelService", name, None, opts)
-        for manifest in manifests(args):
-            kind = manifest["kind"]
-            _CLASSES[kind](
-                f"{name}-{kind.lower()}",
-                metadata=manifest["metadata"],
-                spec=manifest["spec"],
-                opts=common.child(self),
-            )
+        common.declare(self, name, manifests(args), _CLASSES)
         port = args.spec.serving.port
         self.url = pulumi.Output.from_input(common.service_url(service_name(args.model), args.namespace, port))
         self.register_outputs({"url": self.url})

@@ -1,4 +1,5 @@
-"""Monitoring: a drift monitor CronJob per model, the Pushgateway it pushes to, and the alerting rules.
+"""Monitoring: a drift monitor CronJob per model, the Pushgateway it pushes to, the alerting rules, the
+dashboard, and kube-prometheus-stack where the spec asks the platform to install it.
 
 Each run of `loopform monitor` is a short Job that ends before Prometheus could scrape it, so it pushes its
 gauges to the Pushgateway (grouped by model), which Prometheus scrapes with `honorLabels`. The rules
@@ -9,15 +10,18 @@ with monitoring.prometheus_operator on, like the charts' ServiceMonitors.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
 import pulumi
 import pulumi_kubernetes as k8s
+from pulumi_kubernetes.helm.v4 import Chart, ChartArgs, RepositoryOptsArgs
 
 from components import common
+from loopform.dashboard import dashboard
 from loopform.identity import MONITOR_ACCOUNT
-from loopform.spec import Resources
+from loopform.spec import PlatformSpec, Resources
 
 PUSHGATEWAY = "loopform-pushgateway"
 PUSHGATEWAY_IMAGE = "prom/pushgateway:v1.11.1"
@@ -98,19 +102,11 @@ def pushgateway_manifests(args: PushgatewayArgs) -> list[dict[str, Any]]:
         },
     ]
     if args.prometheus_release is not None:
+        # The pushed `model` and `job` labels are the series' own, not the Pushgateway's.
         manifests.append(
-            {
-                "apiVersion": "monitoring.coreos.com/v1",
-                "kind": "ServiceMonitor",
-                "metadata": common.metadata(
-                    PUSHGATEWAY, args.namespace, {**object_labels, "release": args.prometheus_release}
-                ),
-                "spec": {
-                    "selector": {"matchLabels": selector},
-                    # The pushed `model` and `job` labels are the series' own, not the Pushgateway's.
-                    "endpoints": [{"port": "http", "path": "/metrics", "honorLabels": True}],
-                },
-            }
+            common.service_monitor(
+                PUSHGATEWAY, args.namespace, object_labels, selector, args.prometheus_release, honor_labels=True
+            )
         )
     return manifests
 
@@ -252,17 +248,6 @@ _CLASSES: dict[str, Any] = {
 }
 
 
-def _declare(parent: pulumi.ComponentResource, name: str, manifests: list[dict[str, Any]]) -> None:
-    """Declare rendered manifests as children `<name>-<kind>` (custom resources for the Operator's kinds)."""
-    for manifest in manifests:
-        kind = manifest["kind"]
-        child = f"{name}-{kind.lower()}"
-        if kind in _CLASSES:
-            _CLASSES[kind](child, metadata=manifest["metadata"], spec=manifest["spec"], opts=common.child(parent))
-        else:
-            common.custom_resource(child, manifest, common.child(parent))
-
-
 def monitor_account(
     name: str, namespace: str, labels: dict[str, str], annotations: dict[str, str], opts: pulumi.ResourceOptions
 ) -> k8s.core.v1.ServiceAccount:
@@ -283,7 +268,7 @@ class Pushgateway(pulumi.ComponentResource):
 
     def __init__(self, name: str, args: PushgatewayArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("loopform:monitoring:Pushgateway", name, None, opts)
-        _declare(self, name, pushgateway_manifests(args))
+        common.declare(self, name, pushgateway_manifests(args), _CLASSES)
         self.url = pulumi.Output.from_input(pushgateway_url(args.namespace))
         self.register_outputs({"url": self.url})
 
@@ -295,6 +280,82 @@ class DriftMonitor(pulumi.ComponentResource):
 
     def __init__(self, name: str, args: DriftMonitorArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("loopform:monitoring:DriftMonitor", name, None, opts)
-        _declare(self, name, drift_monitor_manifests(args))
+        common.declare(self, name, drift_monitor_manifests(args), _CLASSES)
         self.cron_job = pulumi.Output.from_input(monitor_name(args.model))
         self.register_outputs({"cron_job": self.cron_job})
+
+
+#: kube-prometheus-stack, pinned: Prometheus Operator, Prometheus, Alertmanager, Grafana, kube-state-metrics.
+PROMETHEUS_STACK_CHART = "kube-prometheus-stack"
+PROMETHEUS_STACK_VERSION = "77.5.0"
+PROMETHEUS_COMMUNITY_REPO = "https://prometheus-community.github.io/helm-charts"
+#: The label (and value) kube-prometheus-stack's Grafana sidecar loads dashboard ConfigMaps by.
+DASHBOARD_LABEL = ("grafana_dashboard", "1")
+
+
+def prometheus_stack_values(release: str, install_crds: bool) -> dict[str, Any]:
+    """kube-prometheus-stack values: the Operator's CRDs only where the stack installs shared add-ons, and every
+    selector on the `release` label the platform's ServiceMonitors, PrometheusRules, AlertmanagerConfig carry."""
+    by_release = {"matchLabels": {"release": release}}
+    return {
+        "crds": {"enabled": install_crds},
+        "prometheus": {
+            "prometheusSpec": {
+                "ruleSelector": by_release,
+                "serviceMonitorSelector": by_release,
+                # Rules and monitors live in the monitoring, platform and serving namespaces.
+                "ruleNamespaceSelector": {},
+                "serviceMonitorNamespaceSelector": {},
+            }
+        },
+        "alertmanager": {
+            "alertmanagerSpec": {"alertmanagerConfigSelector": by_release, "alertmanagerConfigNamespaceSelector": {}}
+        },
+        "grafana": {
+            "sidecar": {"dashboards": {"enabled": True, "label": DASHBOARD_LABEL[0], "labelValue": DASHBOARD_LABEL[1]}}
+        },
+    }
+
+
+@dataclass(frozen=True, kw_only=True)
+class PrometheusStackArgs:
+    """Inputs of the kube-prometheus-stack release (monitoring.install_prometheus_stack)."""
+
+    namespace: str
+    """spec.cluster.namespaces.monitoring."""
+    release: str
+    """monitoring.prometheus_release: the Helm release name, which its selectors match in `release` labels."""
+    install_crds: bool = True
+    """Install the Prometheus Operator's CRDs (cluster.shared_addons: one stack per cluster does)."""
+
+
+class PrometheusStack(pulumi.ComponentResource):
+    """kube-prometheus-stack from its pinned chart, when the spec asks the platform to install monitoring."""
+
+    def __init__(self, name: str, args: PrometheusStackArgs, opts: pulumi.ResourceOptions | None = None) -> None:
+        super().__init__("loopform:monitoring:PrometheusStack", name, None, opts)
+        self.chart = Chart(
+            f"{name}-chart",
+            ChartArgs(
+                chart=PROMETHEUS_STACK_CHART,
+                version=PROMETHEUS_STACK_VERSION,
+                name=args.release,
+                namespace=args.namespace,
+                repository_opts=RepositoryOptsArgs(repo=PROMETHEUS_COMMUNITY_REPO),
+                values=prometheus_stack_values(args.release, args.install_crds),
+            ),
+            opts=common.child(self),
+        )
+        self.register_outputs({})
+
+
+def dashboard_config_map(spec: PlatformSpec, namespace: str, labels: dict[str, str]) -> dict[str, Any]:
+    """The platform's dashboard (`loopform.dashboard`) as the ConfigMap Grafana's sidecar loads."""
+    name = f"loopform-{spec.environment}-dashboard"
+    object_labels = common.labels("dashboard", name, {**labels, DASHBOARD_LABEL[0]: DASHBOARD_LABEL[1]})
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": common.metadata(name, namespace, object_labels),
+        "data": {f"loopform-{spec.environment}.json": json.dumps(dashboard(spec), indent=1, sort_keys=True)},
+    }

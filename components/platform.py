@@ -28,16 +28,20 @@ from components.model_service import ModelService, ModelServiceArgs
 from components.monitoring import (
     DriftMonitor,
     DriftMonitorArgs,
+    PrometheusStack,
+    PrometheusStackArgs,
     Pushgateway,
     PushgatewayArgs,
+    dashboard_config_map,
     monitor_account,
     pushgateway_url,
 )
-from components.orchestrator import Orchestrator, OrchestratorArgs
+from components.orchestrator import SUBMITTER_SERVICE_ACCOUNT, Orchestrator, OrchestratorArgs
 from components.registry import ModelRegistry, ModelRegistryArgs
+from components.retraining import RetrainingRoute, RetrainingRouteArgs
 from components.secrets import SharedSecret, SharedSecretArgs, derived_password
 from loopform import identity
-from loopform.alert_rules import rule_group
+from loopform.alert_rules import feature_views, rule_group
 from loopform.features import OFFLINE_URI_ENV, REGISTRY_URL_ENV, cluster_config
 from loopform.prerequisites import DB_PASSWORD_CONFIG, REDIS_PASSWORD_CONFIG
 from loopform.spec import ExternalRedis, PlatformSpec
@@ -64,6 +68,7 @@ def model_services(spec: PlatformSpec) -> list[ModelServiceArgs]:
             payload_uri=spec.monitoring.payload_uri,
             service_account=identity.SERVING_ACCOUNT,
             credentials_env_from=identity.credentials_env_from(spec),
+            prometheus_release=spec.monitoring.prometheus_release if spec.monitoring.operator else None,
         )
         for model, model_spec in sorted(spec.models.items())
         if model_spec.release is not None
@@ -150,7 +155,7 @@ class Platform(pulumi.ComponentResource):
             identity.account_annotations(spec, "serving"),
         )
         env_from = identity.credentials_env_from(spec)
-        prometheus_release = spec.monitoring.prometheus_release if spec.monitoring.prometheus_operator else None
+        prometheus_release = spec.monitoring.prometheus_release if spec.monitoring.operator else None
 
         in_platform = common.child(self, depends_on=[created["platform"], *credentials])
         registry = ModelRegistry(
@@ -164,6 +169,7 @@ class Platform(pulumi.ComponentResource):
                 account_annotations=identity.account_annotations(spec, "registry"),
                 credentials_env_from=env_from,
                 protect_data=cluster.protect_data,
+                prometheus_release=prometheus_release,
             ),
             in_platform,
         )
@@ -184,6 +190,7 @@ class Platform(pulumi.ComponentResource):
                 registry_database=registry.database,
                 registry_password=derived_password(args.registry_db_password, f"feast-registry:{spec.environment}"),
                 registry_client_namespaces=[cluster.namespaces.pipelines, cluster.namespaces.serving],
+                prometheus_release=prometheus_release,
             ),
             # Its SQL registry lives on the registry's PostgreSQL.
             common.child(
@@ -250,6 +257,7 @@ class Platform(pulumi.ComponentResource):
             identity.account_annotations(spec, "monitor"),
             common.child(self, depends_on=[created["monitoring"]]),
         )
+        views = feature_views(spec, args.root)
         for model in sorted(spec.models):
             DriftMonitor(
                 f"{name}-{model}-monitor",
@@ -265,11 +273,14 @@ class Platform(pulumi.ComponentResource):
                     ),
                     labels=labels,
                     credentials_env_from=env_from,
-                    rule_group=rule_group(spec, model) if prometheus_release is not None else None,
+                    rule_group=rule_group(spec, model, views[model]) if prometheus_release is not None else None,
                     prometheus_release=spec.monitoring.prometheus_release,
                 ),
                 common.child(self, depends_on=[created["monitoring"], *credentials, monitor_sa, pushgateway, registry]),
             )
+
+        if prometheus_release is not None:
+            self._alerting(name, spec, labels, prometheus_release, [created["monitoring"], orchestrator])
 
         self.argocd_application: pulumi.Output[str | None] = pulumi.Output.from_input(None)
         if spec.gitops.enabled:
@@ -324,6 +335,51 @@ class Platform(pulumi.ComponentResource):
                 "workflow_submitter": self.workflow_submitter,
                 "argocd_application": self.argocd_application,
             }
+        )
+
+    def _alerting(
+        self,
+        name: str,
+        spec: PlatformSpec,
+        labels: dict[str, str],
+        prometheus_release: str,
+        depends_on: list[pulumi.Resource],
+    ) -> None:
+        """With a Prometheus Operator: kube-prometheus-stack where the spec installs it, the dashboard, and the
+        retraining route (Alertmanager -> Argo Events -> one Workflow per drift incident)."""
+        cluster = spec.cluster
+        monitoring_ns = cluster.namespaces.monitoring
+        stack: list[pulumi.Resource] = []
+        if spec.monitoring.install_prometheus_stack:
+            stack.append(
+                PrometheusStack(
+                    f"{name}-prometheus-stack",
+                    PrometheusStackArgs(
+                        namespace=monitoring_ns, release=prometheus_release, install_crds=cluster.shared_addons
+                    ),
+                    common.child(self, depends_on=depends_on),
+                )
+            )
+        dashboard = dashboard_config_map(spec, monitoring_ns, labels)
+        k8s.core.v1.ConfigMap(
+            f"{name}-dashboard",
+            metadata=dashboard["metadata"],
+            data=dashboard["data"],
+            opts=common.child(self, depends_on=depends_on),
+        )
+        RetrainingRoute(
+            f"{name}-retraining",
+            RetrainingRouteArgs(
+                environment=spec.environment,
+                namespace=monitoring_ns,
+                pipelines_namespace=cluster.namespaces.pipelines,
+                models=sorted(spec.models),
+                submitter_service_account=SUBMITTER_SERVICE_ACCOUNT,
+                labels=labels,
+                prometheus_release=prometheus_release,
+                install_crds=cluster.shared_addons,
+            ),
+            common.child(self, depends_on=[*depends_on, *stack]),
         )
 
     def _credentials(

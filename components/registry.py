@@ -26,6 +26,10 @@ from loopform.spec import ExternalDatabase, InClusterPostgres, RegistrySpec
 COMPONENT = "mlflow"
 POSTGRES_UID = 999  # the postgres image's user
 MLFLOW_UID = 1000
+#: The folder `mlflow server --expose-prometheus` keeps its workers' metric samples in.
+METRICS_DIR = "/tmp/mlflow-metrics"
+#: The pod's IP (downward API): a scrape's Host header, which --allowed-hosts must accept.
+POD_IP_ENV = "POD_IP"
 URL_KEY = "url"
 PASSWORD_KEY = "POSTGRES_PASSWORD"
 
@@ -104,6 +108,8 @@ class ModelRegistryArgs:
     """`envFrom` with static object-store keys, when that is the identity."""
     protect_data: bool = True
     """Protect and retain the database, its volume and its Secret (cluster.protect_data)."""
+    prometheus_release: str | None = None
+    """`release` label of the server's ServiceMonitor (`--expose-prometheus`); None (no Prometheus Operator): none."""
 
 
 @dataclass(frozen=True)
@@ -203,7 +209,15 @@ class ModelRegistry(pulumi.ComponentResource):
         script_checksum = hashlib.sha256(script.encode()).hexdigest()[:16]
 
         port = spec.port
-        hosts = [f"{name}", f"{name}.{ns}", f"{name}.{ns}.svc", f"{name}.{ns}.svc.cluster.local", "localhost"]
+        # Prometheus scrapes the pod by its IP: the container expands $(POD_IP) from the downward API.
+        hosts = [
+            f"{name}",
+            f"{name}.{ns}",
+            f"{name}.{ns}.svc",
+            f"{name}.{ns}.svc.cluster.local",
+            "localhost",
+            f"$({POD_IP_ENV})",
+        ]
         allowed_hosts = ",".join(h for host in hosts for h in (host, f"{host}:{port}"))
         server = k8s.apps.v1.Deployment(
             f"{name}-server",
@@ -243,8 +257,13 @@ class ModelRegistry(pulumi.ComponentResource):
                                     "--serve-artifacts",
                                     f"--artifacts-destination={spec.artifacts.uri}",
                                     f"--allowed-hosts={allowed_hosts}",
+                                    # /metrics on the server's port; the folder holds the workers' samples.
+                                    f"--expose-prometheus={METRICS_DIR}",
                                 ],
-                                "env": env,
+                                "env": [
+                                    *env,
+                                    {"name": POD_IP_ENV, "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+                                ],
                                 **common.env_from(args.credentials_env_from),
                                 "ports": [{"name": "http", "containerPort": port}],
                                 "readinessProbe": common.http_probe("/health", "http"),
@@ -272,6 +291,15 @@ class ModelRegistry(pulumi.ComponentResource):
             },
             opts=common.child(self, depends_on=[server]),
         )
+
+        if args.prometheus_release is not None:
+            common.custom_resource(
+                f"{name}-servicemonitor",
+                common.service_monitor(
+                    name, ns, object_labels, common.selector(COMPONENT, name), args.prometheus_release
+                ),
+                common.child(self, depends_on=[service]),
+            )
 
         self.service_name = service.metadata.name
         # Derived from the Service, so whatever uses the URI waits until the server is up behind it.

@@ -43,6 +43,8 @@ ENTRYPOINT = "pipeline"
 ARTIFACT_REPOSITORY_CONFIGMAP = "artifact-repositories"
 ARTIFACT_REPOSITORY_KEY = "default-v1"
 STEP_USER = 1000
+#: The workflow-level custom metric a successful run emits (`last_success_metric`).
+LAST_SUCCESS_METRIC = "loopform_pipeline_last_success_timestamp_seconds"
 
 
 def template_name(model: str) -> str:
@@ -114,9 +116,9 @@ def _retry(orchestrator: OrchestratorSpec) -> RetryStrategy:
         limit=retry.limit,
         # OnError: pod/node/controller errors are retried; a step that exits non-zero (a failed gate) is not.
         retry_policy=RetryPolicy.on_error,
-        backoff=m.Backoff(
-            duration=retry.backoff, factor=m.IntOrString(root=retry.factor), max_duration=retry.max_backoff
-        ),
+        # No maxDuration: in Argo Workflows it bounds all tries together and becomes a retried pod's deadline,
+        # so a long training step would be cut short on its retry.
+        backoff=m.Backoff(duration=retry.backoff, factor=m.IntOrString(root=retry.factor)),
     )
 
 
@@ -151,6 +153,24 @@ def _container(ctx: PipelineContext, model: str, spec: ModelSpec, step: Step, fi
     )
 
 
+def mutex_name(model: str) -> str:
+    """The Argo Workflows mutex every run of `model`'s pipeline holds."""
+    return f"retrain-{model}"
+
+
+def last_success_metric(model: str) -> m.Prometheus:
+    """A workflow-level custom metric the Argo controller exposes once a run succeeds: when that run started
+    (the dashboard's "last retraining", which matches the name with or without the `argo_workflows_` prefix the
+    controller's exporter may add)."""
+    return m.Prometheus(
+        name=LAST_SUCCESS_METRIC,
+        help="Unix time the last successful pipeline run of the model started.",
+        labels=[m.MetricLabel(key="model", value=model)],
+        when="{{status}} == Succeeded",
+        gauge=m.Gauge(value="{{workflow.creationTimestamp.s}}", realtime=False),
+    )
+
+
 def render_workflow_template(ctx: PipelineContext, model: str, spec: ModelSpec) -> dict[str, Any]:
     """The model's WorkflowTemplate as a plain Argo object (apiVersion, kind, metadata, spec)."""
     labels = {**ctx.labels, "loopform.dev/model": model}
@@ -171,6 +191,10 @@ def render_workflow_template(ctx: PipelineContext, model: str, spec: ModelSpec) 
         ),
         pod_metadata=m.Metadata(labels=labels),
         workflow_metadata=m.WorkflowMetadata(labels=labels),
+        metrics=m.Metrics(prometheus=[last_success_metric(model)]),
+        # One run of a model at a time, whoever starts it (the schedule, a drift alert, a person): on the
+        # template, because `templateReferencing: Strict` rejects a submitted Workflow that sets it.
+        synchronization=m.Synchronization(mutexes=[m.Mutex(name=mutex_name(model))]),
         security_context=m.PodSecurityContext(
             run_as_non_root=True,
             run_as_user=STEP_USER,

@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from loopform.extras import RUNTIME_COMMANDS, missing_runtime, require_runtime
 from loopform.spec import ProjectNotFound, SpecError, load_stack, repo_root, stack_file
 
 Handler = Callable[[argparse.Namespace], int]
@@ -32,9 +33,10 @@ def cmd_render(args: argparse.Namespace) -> int:
     from loopform import render
 
     root = Path(args.root)
-    resources = render.render_stack(args.stack, root, path)
     out = Path(args.out) if args.out else root / "rendered" / args.stack
-    paths = render.write(resources, out)
+    render.claim_output(out, root)  # before the render's seconds: refuses a folder it did not create
+    resources = render.render_stack(args.stack, root, path)
+    paths = render.write_output(render.rendered_files(resources), out, root)
     rows = [
         (r.kind, r.name, str((r.inputs.get("metadata") or {}).get("namespace") or r.inputs.get("namespace") or "-"))
         for r in resources
@@ -55,7 +57,7 @@ def cmd_render(args: argparse.Namespace) -> int:
     if spec.gitops.enabled:
         # The repository's GitOps folder only by default; with --out, beside the rendered files.
         services_out = Path(args.services_out or out / "services") if args.services_out or args.out else None
-        services = render.write_services(args.stack, root, services_out, path)
+        services = render.write_services_to(args.stack, root, services_out, path)
         where = services_out or root / spec.gitops.path / args.stack
         print(f"{len(services)} model-service manifests written to {where} (synced by Argo CD)")
     return 0
@@ -87,6 +89,27 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(line)
     print(result.summary())
     return 1 if result.mandatory else 0
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    """Preview offline what the working tree changes in a stack against a git ref, as a pull-request comment.
+
+    Exit 0 whatever the policy verdict says (the comment reports it; `loopform check` is the gate).
+    """
+    from loopform.diff import DiffError, diff, to_markdown, to_text
+
+    try:
+        report = diff(args.stack, Path(args.root), args.base)
+    except DiffError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    text = to_text(report) if args.format == "text" else to_markdown(report, args.limit)
+    if args.out:
+        Path(args.out).write_text(text)
+        print(f"diff of stack {args.stack} against {args.base} written to {args.out} ({len(text):,} characters)")
+    else:
+        print(text, end="")
+    return 0
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -421,7 +444,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     render = commands.add_parser("render", help="render the stack's resources offline (no CLI, no cluster)")
     stack_args(render)
-    render.add_argument("--out", help="output folder (default: rendered/<stack>)")
+    render.add_argument(
+        "--out",
+        help="output folder: new, empty, or one render wrote before, never one of the repository's own "
+        "(default: rendered/<stack>)",
+    )
     render.add_argument(
         "--services-out",
         help="model-service manifests for Argo CD (default: <out>/services with --out, else <gitops.path>/<stack>)",
@@ -439,6 +466,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("--policy-pack", help="policy pack folder (default: policies)")
     check.set_defaults(handler=cmd_check)
+
+    diff = commands.add_parser(
+        "diff",
+        help="preview offline what the working tree changes in a stack against a git ref: promotions, resources, "
+        "policy verdict (Markdown for a pull request)",
+    )
+    diff.add_argument("--stack", required=True, help="stack name: compares stacks/Pulumi.<stack>.yaml's renders")
+    diff.add_argument("--base", required=True, metavar="REF", help="git branch, tag or commit to compare with")
+    diff.add_argument(
+        "--format", choices=["markdown", "text"], default="markdown", help="markdown (default, cut to one comment)"
+    )
+    diff.add_argument("--out", metavar="FILE", help="write the diff here instead of standard output")
+    diff.add_argument(
+        "--limit",
+        type=int,
+        default=65_536,
+        metavar="CHARS",
+        help="most characters of the Markdown, cut at whole entries (default: 65536, one pull-request comment)",
+    )
+    diff.set_defaults(handler=cmd_diff)
 
     validate = commands.add_parser("validate", help="check a stack file against the spec")
     stack_args(validate)
@@ -582,9 +629,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
     handler: Handler = args.handler
     try:
+        if args.command in RUNTIME_COMMANDS:
+            require_runtime()
         return handler(args)
     except (SpecError, UsageError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as error:
+        if (message := missing_runtime(error)) is None:
+            raise
+        print(f"error: loopform {args.command}: {message}", file=sys.stderr)
         return 2
 
 

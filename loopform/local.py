@@ -61,16 +61,16 @@ class AlertRoute:
 
 
 @contextmanager
-def drift_route(spec: PlatformSpec, workdir: Path) -> Iterator[AlertRoute | None]:
+def drift_route(spec: PlatformSpec, workdir: Path, root: Path) -> Iterator[AlertRoute | None]:
     """The real alert route for the run's models, or None (the file trigger) when a server's binary is missing."""
-    from loopform.alert_rules import rule_groups
+    from loopform.alert_rules import feature_views, rule_groups
     from loopform.local_alerting import LocalAlerting, Retrainings, missing
 
     if missing():
         yield None
         return
     retrainings = Retrainings()
-    with LocalAlerting(workdir / "alerting", rule_groups(spec), retrainings) as alerting:
+    with LocalAlerting(workdir / "alerting", rule_groups(spec, feature_views(spec, root)), retrainings) as alerting:
         yield AlertRoute(alerting, retrainings)
 
 
@@ -238,7 +238,7 @@ def up(stack_path: Path, root: Path, echo: Callable[[str], None] = print) -> Sum
     summary = Summary(workdir=workdir, tracking_uri=tracking_uri)
     progress = Progress(total=len(spec.models) * (10 + 2 * len(PIPELINE)), echo=echo)
     echo(f"loopform up --stack {spec.environment}: models {', '.join(sorted(spec.models))}, everything under {workdir}")
-    with drift_route(spec, workdir) as route:
+    with drift_route(spec, workdir, root) as route:
         for model in sorted(spec.models):
             summary.models[model] = _model_loop(model, spec, root, workdir, tracking_uri, stacks, keys, progress, route)
     # Each run's gate reports and the monitor's (MLflow keeps its own copies of the gate reports).

@@ -48,6 +48,7 @@ METRICS_API = "v1beta1.metrics.k8s.io"
 KARPENTER_CRDS = ("nodepools.karpenter.sh", "ec2nodeclasses.karpenter.k8s.aws")
 SERVICE_MONITOR_CRD = "servicemonitors.monitoring.coreos.com"
 PROMETHEUS_RULE_CRD = "prometheusrules.monitoring.coreos.com"
+ALERTMANAGER_CONFIG_CRD = "alertmanagerconfigs.monitoring.coreos.com"
 POD_IDENTITY_AGENT = "eks-pod-identity-agent"
 #: Namespaces every Kubernetes cluster has.
 BUILTIN_NAMESPACES = frozenset({"default", "kube-system", "kube-public", "kube-node-lease"})
@@ -115,8 +116,14 @@ def _crds(spec: PlatformSpec) -> Iterable[Prerequisite]:
                 why="cluster.shared_addons is off: the stack that has it on installs the Argo CRDs",
                 fix="pulumi up the stack whose spec sets cluster.shared_addons: true first",
             )
-    operator_crds = {SERVICE_MONITOR_CRD: "ServiceMonitors", PROMETHEUS_RULE_CRD: "the drift alerts' PrometheusRules"}
-    for crd, what in operator_crds.items() if spec.monitoring.prometheus_operator else ():
+    operator_crds = {
+        SERVICE_MONITOR_CRD: "ServiceMonitors",
+        PROMETHEUS_RULE_CRD: "the drift alerts' PrometheusRules",
+        ALERTMANAGER_CONFIG_CRD: "the AlertmanagerConfig routing drift alerts to retraining",
+    }
+    # Installed by this stack's kube-prometheus-stack only where it installs shared add-ons (CRDs are cluster-wide).
+    installed_here = spec.monitoring.install_prometheus_stack and spec.cluster.shared_addons
+    for crd, what in operator_crds.items() if spec.monitoring.operator and not installed_here else ():
         yield Prerequisite(
             "crd",
             crd,
@@ -127,12 +134,15 @@ def _crds(spec: PlatformSpec) -> Iterable[Prerequisite]:
 
 
 def _shared_crds(spec: PlatformSpec) -> list[str]:
-    """The Argo CRDs this stack's objects need (WorkflowTemplate, CronWorkflow; AppProject, Application)."""
+    """The Argo CRDs this stack's objects need (WorkflowTemplate, CronWorkflow; AppProject, Application; the
+    Argo Events kinds of the retraining route)."""
     crds = ["workflowtemplates.argoproj.io"]
     if any(model.training.schedule for model in spec.models.values()):
         crds.append("cronworkflows.argoproj.io")
     if spec.gitops.enabled:
         crds += ["appprojects.argoproj.io", "applications.argoproj.io"]
+    if spec.monitoring.operator:  # the retraining route: Argo Events' EventBus, EventSource and Sensors
+        crds += ["eventbus.argoproj.io", "eventsources.argoproj.io", "sensors.argoproj.io"]
     return crds
 
 

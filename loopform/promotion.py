@@ -24,14 +24,25 @@ serves every model and version from the Deployment's environment, so a release n
 The signing key must be one the target environment's policy config trusts for it, so a
 promotion that the policy pack would refuse is refused here first. Every check runs
 before any change; a refusal raises PromotionError and changes nothing.
+
+Two promotions to one environment at once: each holds an exclusive lock on `.<stack file>.lock` beside the stack
+file from before it reads the file until its last change, and one that finds the lock held is refused at once,
+naming it, rather than waiting to overwrite the winner's release with a record checked against a stale file. The
+stack file is replaced atomically (a temporary file renamed over it), so a reader or a crash sees the old or the new
+file, never half of one. The aliases move only after the stack file is written; if the registry then fails, every
+alias and tag already changed is put back and the stack file restored, so the two never disagree.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import io
 import json
+import os
 import re
-from collections.abc import Mapping
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -51,7 +62,8 @@ RECORDED_FIELDS = ("gates", "evaluation", "training", "training_data_fingerprint
 
 
 class PromotionError(Exception):
-    """A refused promotion; `reasons` lists every reason, and nothing was changed."""
+    """A refused promotion; `reasons` lists every reason, and nothing was changed (unless a reason says that a
+    release which failed halfway could not be fully undone, and what stayed changed)."""
 
     def __init__(self, model: str, version: int | str, env: str, reasons: list[str]) -> None:
         self.model = model
@@ -121,13 +133,26 @@ def promote(
     Raises PromotionError with every reason when it refuses; then neither the stack file nor
     the registry has changed.
     """
+    version = int(version)
+    stack_path = Path(stack_path)
+    with stack_lock(stack_path, lambda why: PromotionError(model, version, env, [why])):
+        return _promote_locked(model, version, env, tracking_uri, stack_path, signer, image, now or datetime.now(UTC))
+
+
+def _promote_locked(
+    model: str,
+    version: int,
+    env: str,
+    tracking_uri: str,
+    stack_path: Path,
+    signer: Signer,
+    image: str | None,
+    now: datetime,
+) -> Release:
+    """`promote` while this process holds the stack file's lock."""
     from mlflow.exceptions import MlflowException
 
     from loopform import registry
-
-    now = now or datetime.now(UTC)
-    version = int(version)
-    stack_path = Path(stack_path)
 
     def refuse(*reasons: str) -> PromotionError:
         return PromotionError(model, version, env, list(reasons))
@@ -191,16 +216,125 @@ def promote(
     text = render_release(stack_path, model, release)  # validates before anything is written
 
     previous_champion = registry.alias_version(tracking_uri, model, CHAMPION_ALIAS) if env in PRODUCTION_ENVS else None
-    stack_path.write_text(text)
-    for alias in aliases_for(env):
-        registry.set_alias(tracking_uri, model, alias, version)
-    mlflow_client.set_model_version_tag(model, str(version), RELEASE_TAG.format(env=env), json.dumps(signed))
-    if env in PRODUCTION_ENVS:
-        if previous_champion is not None and previous_champion != version:
-            mlflow_client.set_model_version_tag(model, str(previous_champion), registry.ARCHIVED_TAG, "true")
-        if model_version.tags.get(registry.ARCHIVED_TAG):
-            mlflow_client.delete_model_version_tag(model, str(version), registry.ARCHIVED_TAG)
+    original = stack_path.read_bytes()
+    undo: list[Callable[[], None]] = []
+    try:
+        replace_file(stack_path, text.encode("utf-8"))  # first: the aliases never name a release the file lacks
+        undo.append(lambda: replace_file(stack_path, original))  # atomic: had it failed, the file would be as it was
+        for alias in aliases_for(env):
+            undo.append(_alias_undo(mlflow_client, model, alias, registry.alias_version(tracking_uri, model, alias)))
+            registry.set_alias(tracking_uri, model, alias, version)
+        tags = [(version, RELEASE_TAG.format(env=env), json.dumps(signed))]
+        if env in PRODUCTION_ENVS:
+            if previous_champion is not None and previous_champion != version:
+                tags.append((previous_champion, registry.ARCHIVED_TAG, "true"))
+            if model_version.tags.get(registry.ARCHIVED_TAG):
+                tags.append((version, registry.ARCHIVED_TAG, None))
+        for tagged, tag, value in tags:
+            undo.append(_tag_undo(mlflow_client, model, tagged, tag))
+            if value is None:
+                mlflow_client.delete_model_version_tag(model, str(tagged), tag)
+            else:
+                mlflow_client.set_model_version_tag(model, str(tagged), tag, value)
+    except Exception as error:
+        left = _roll_back(undo)
+        if left:
+            raise refuse(
+                f"the release failed halfway ({type(error).__name__}: {error}) and could not be fully undone: "
+                + "; ".join(left)
+            ) from error
+        raise refuse(
+            f"the registry at {tracking_uri} failed during the release ({type(error).__name__}: {error}); "
+            f"{stack_path}, the aliases and the tags are as they were"
+        ) from error
     return release
+
+
+LOCK_SUFFIX = ".lock"
+
+
+def lock_path(stack_path: Path) -> Path:
+    """The lock file of a stack file: hidden, beside it (one lock per environment)."""
+    return stack_path.with_name(f".{stack_path.name}{LOCK_SUFFIX}")
+
+
+@contextlib.contextmanager
+def stack_lock(stack_path: Path, refused: Callable[[str], Exception]) -> Iterator[Path]:
+    """Hold an exclusive flock on the stack file's lock file, or raise `refused(why)` at once if another holds it.
+
+    The lock file is removed on release. A process that opened it just before that removal finds, once it holds
+    the lock, that the path no longer names the file it locked, and tries again with the new one.
+    """
+    lock = lock_path(stack_path)
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise refused(
+                f"another promotion to this environment holds the lock {lock} on {stack_path}: "
+                "try again when it has finished (one promotion per stack file at a time)"
+            ) from None
+        try:
+            current = os.stat(lock)
+        except FileNotFoundError:
+            current = None
+        held = os.fstat(fd)
+        if current is not None and (current.st_dev, current.st_ino) == (held.st_dev, held.st_ino):
+            break
+        os.close(fd)  # the holder before us removed it after we opened it: lock the file the path names now
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())  # who holds it, for an operator who finds it
+        yield lock
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            lock.unlink()
+        os.close(fd)
+
+
+def replace_file(path: Path, data: bytes) -> None:
+    """Write `data` to `path` atomically: a temporary file beside it, synced, then renamed over it (mode kept)."""
+    mode = path.stat().st_mode & 0o7777 if path.exists() else 0o644
+    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(temporary, mode)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
+
+
+def _alias_undo(client: Any, model: str, alias: str, before: int | None) -> Callable[[], None]:
+    """Put `alias` back where it pointed (or remove it, if it pointed nowhere)."""
+    if before is None:
+        return lambda: client.delete_registered_model_alias(model, alias)
+    return lambda: client.set_registered_model_alias(model, alias, str(before))
+
+
+def _tag_undo(client: Any, model: str, version: int, tag: str) -> Callable[[], None]:
+    """Put a version's tag back to its current value (or remove it, if it has none)."""
+    before = client.get_model_version(model, str(version)).tags.get(tag)
+    if before is None:
+        return lambda: client.delete_model_version_tag(model, str(version), tag)
+    return lambda: client.set_model_version_tag(model, str(version), tag, before)
+
+
+def _roll_back(undo: list[Callable[[], None]]) -> list[str]:
+    """Run the undo steps newest first, each even if an earlier one fails; what could not be undone."""
+    left = []
+    for step in reversed(undo):
+        try:
+            step()
+        except Exception as error:  # keep undoing the rest; report what stayed changed
+            left.append(f"{type(error).__name__}: {error}")
+    return left
 
 
 def _key_reasons(key_id: str, env: str, environment: str, trusted: list[rec.TrustedKey], config: Path) -> list[str]:

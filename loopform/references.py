@@ -36,6 +36,23 @@ CHART_CRDS = {
         "workflowtemplates.argoproj.io",
     ),
     "argo-cd": ("applications.argoproj.io", "applicationsets.argoproj.io", "appprojects.argoproj.io"),
+    "argo-events": ("eventbus.argoproj.io", "eventsources.argoproj.io", "sensors.argoproj.io"),
+    # Its `crds` sub-chart (the Prometheus Operator's CRDs), switched by `crds.enabled`.
+    "kube-prometheus-stack": tuple(
+        f"{plural}.monitoring.coreos.com"
+        for plural in (
+            "alertmanagerconfigs",
+            "alertmanagers",
+            "podmonitors",
+            "probes",
+            "prometheusagents",
+            "prometheuses",
+            "prometheusrules",
+            "scrapeconfigs",
+            "servicemonitors",
+            "thanosrulers",
+        )
+    ),
 }
 #: Chart values switches that make a chart render a custom resource of these CRDs.
 CHART_CR_SWITCHES = {
@@ -43,6 +60,8 @@ CHART_CR_SWITCHES = {
     "prometheusRule": "prometheusrules.monitoring.coreos.com",
     "podMonitor": "podmonitors.monitoring.coreos.com",
 }
+#: Kinds whose CRD's `spec.names.plural` is not the English plural (Argo Events names it `eventbus`).
+_IRREGULAR_PLURALS = {"EventBus": "eventbus"}
 _PREREQUISITE_KINDS = {
     "crd": CRD,
     "api-service": "APIService",
@@ -73,7 +92,9 @@ class Ref:
 def crd_name(api_version: str, kind: str) -> str:
     """The CRD that defines `kind` in `api_version`'s group: `<plural>.<group>` (EC2NodeClass -> ec2nodeclasses)."""
     singular = kind.lower()
-    if singular.endswith("s"):
+    if kind in _IRREGULAR_PLURALS:
+        plural = _IRREGULAR_PLURALS[kind]
+    elif singular.endswith("s"):
         plural = f"{singular}es"
     elif singular.endswith("y"):
         plural = f"{singular[:-1]}ies"
@@ -291,7 +312,7 @@ def object_provides(manifest: dict[str, Any]) -> list[Ref]:
 def chart_provides(chart: dict[str, Any]) -> list[Ref]:
     """The CRDs a chart installs (when its values keep `crds.install` on, the charts' default)."""
     crds = (chart.get("values") or {}).get("crds") or {}
-    if crds.get("install", True) is False:
+    if crds.get("install", True) is False or crds.get("enabled", True) is False:
         return []
     return [Ref(CRD, None, crd) for crd in CHART_CRDS.get(chart.get("chart", ""), ())]
 

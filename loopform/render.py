@@ -75,7 +75,9 @@ class RenderedResource:
         data = _plain(self.inputs)
         if self.is_chart:
             return {
-                key: data[key] for key in ("chart", "version", "repositoryOpts", "namespace", "values") if key in data
+                key: data[key]
+                for key in ("chart", "version", "name", "repositoryOpts", "namespace", "values")
+                if key in data
             }
         if self.kind == "Secret" and self.is_kubernetes_object:
             for key in ("data", "stringData"):
@@ -206,26 +208,124 @@ def tree(resources: Iterable[RenderedResource]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write(resources: list[RenderedResource], out: Path) -> list[Path]:
-    """Write one YAML file per Kubernetes object or chart, plus the resource tree.
+TREE_FILE = "_tree.txt"
 
-    Files a previous render wrote into `out` are replaced, so removals show as deletions.
-    """
-    out.mkdir(parents=True, exist_ok=True)
-    for old in out.glob("*.yaml"):
-        old.unlink()
-    written = []
+
+def rendered_files(resources: list[RenderedResource]) -> dict[str, str]:
+    """One YAML file per Kubernetes object or chart, plus the resource tree: file name -> text."""
+    files: dict[str, str] = {}
     for resource in resources:
         if not (resource.is_kubernetes_object or resource.is_chart):
             continue
-        path = out / file_name(resource)
+        name = file_name(resource)
+        if name in files:
+            raise ValueError(f"two resources render to {name}: rename one of the {resource.kind}s")
+        files[name] = dump_yaml(resource.manifest())
+    files[TREE_FILE] = tree(resources)
+    return files
+
+
+def write(resources: list[RenderedResource], out: Path) -> list[Path]:
+    """Write `rendered_files` into `out` (created if missing); the YAML files sorted, then the tree.
+
+    Deletes nothing: `write_output` is what replaces an earlier render's files.
+    """
+    files = rendered_files(resources)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (out / name).write_text(text)
+    return [*sorted(out / name for name in files if name != TREE_FILE), out / TREE_FILE]
+
+
+MARKER = ".loopform-render"
+"""Written by `write_output` into each folder it writes: the names of the files it wrote there, one a line."""
+#: Folders of the repository itself: render never writes into them or below them (nor into the root or above it).
+REPOSITORY_FOLDERS = (
+    "stacks",
+    "components",
+    "models",
+    "policies",
+    "tests",
+    "loopform",
+    "bentos",
+    "images",
+    "docs",
+    "bench",
+    ".git",
+    ".github",
+    ".ci",
+)
+
+
+class OutputRefused(ValueError):
+    """A folder render may not write into: the repository's own, or one it did not create."""
+
+
+def claim_output(out: Path, root: Path) -> frozenset[str]:
+    """The names of the files an earlier render wrote into `out`, if render may write there; else OutputRefused.
+
+    Render may write into a folder that is missing, empty, or holds its marker; never into the repository's root,
+    a folder above it, or one of its own folders (`REPOSITORY_FOLDERS`), which `--out stacks` once emptied.
+    """
+    refuse_repository_folder(out, root)
+    target = out.resolve()
+    if not target.exists():
+        return frozenset()
+    if not target.is_dir():
+        raise OutputRefused(f"refusing to render into {out}: it is not a folder")
+    marker = target / MARKER
+    if marker.is_file():
+        names = (line.strip() for line in marker.read_text().splitlines() if not line.startswith("#"))
+        return frozenset(name for name in names if _plain_name(name))
+    if any(target.iterdir()):
+        raise OutputRefused(
+            f"refusing to render into {out}: it holds files and loopform render did not create it (no {MARKER}), "
+            "so they would be mixed with or replaced by rendered ones; pick a new or empty folder"
+        )
+    return frozenset()
+
+
+def refuse_repository_folder(out: Path, root: Path) -> None:
+    """OutputRefused if `out` is the repository's root, a folder above it, or in one of `REPOSITORY_FOLDERS`."""
+    target, repository = out.resolve(), root.resolve()
+    if repository.is_relative_to(target):
+        raise OutputRefused(f"refusing to render into {out}: it is the repository {root} or a folder above it")
+    for folder in REPOSITORY_FOLDERS:
+        if target.is_relative_to(repository / folder):
+            raise OutputRefused(
+                f"refusing to render into {out}: it is in the repository's own {folder}/ folder; "
+                "pick a folder of its own, e.g. rendered/<stack> (the default)"
+            )
+
+
+def write_output(files: dict[str, str], out: Path, root: Path) -> list[Path]:
+    """Write `files` (name -> text) into `out` in place of the files an earlier render wrote there, which go,
+    so removals show as deletions; any other file stays. Refuses (OutputRefused) what `claim_output` refuses.
+    """
+    previous = claim_output(out, root)
+    out.mkdir(parents=True, exist_ok=True)
+    _mark(out, previous | set(files))  # a render stopped halfway still knows every file it may have written
+    for name in sorted(previous):
+        (out / name).unlink(missing_ok=True)
+    written = []
+    for name, text in files.items():
+        path = out / name
         if path.exists():
-            raise ValueError(f"two resources render to {path.name}: rename one of the {resource.kind}s")
-        path.write_text(dump_yaml(resource.manifest()))
+            raise OutputRefused(f"refusing to overwrite {path}: loopform render did not write it")
+        path.write_text(text)
         written.append(path)
-    tree_path = out / "_tree.txt"
-    tree_path.write_text(tree(resources))
-    return [*sorted(written), tree_path]
+    _mark(out, set(files))
+    return sorted(written)
+
+
+def _plain_name(name: str) -> bool:
+    """A marker line render may delete: a file name in the folder itself, never a path out of it."""
+    return bool(name) and name not in (".", "..", MARKER) and "/" not in name and "\\" not in name
+
+
+def _mark(out: Path, names: set[str]) -> None:
+    header = "# Written by `loopform render`: the files it wrote here, which the next render replaces."
+    (out / MARKER).write_text("\n".join([header, *sorted(names)]) + "\n")
 
 
 SERVICES_README = """# Generated by `loopform render --stack {stack}`: do not edit.
@@ -237,30 +337,51 @@ shows both.
 """
 
 
-def write_services(stack: str, root: Path, out: Path | None = None, path: Path | None = None) -> list[Path]:
-    """Write the model-service manifests Argo CD syncs into `<gitops.path>/<stack>/` (or `out`)."""
+def service_files(stack: str, root: Path, path: Path | None = None) -> dict[str, str]:
+    """The model-service manifests Argo CD syncs, and the folder's README: file name -> text."""
+    from components.gitops import application_name
     from components.model_service import manifests
     from components.platform import model_services
     from loopform.spec import load_stack
 
     spec = load_stack(path or stack_file(stack, root))
-    out = out or root / spec.gitops.path / stack
-    out.mkdir(parents=True, exist_ok=True)
-    for old in out.glob("*.yaml"):
-        old.unlink()
-    written = []
-    for service in model_services(spec):
-        for manifest in manifests(service):
-            path = out / f"{manifest['metadata']['name']}.{manifest['kind'].lower()}.yaml"
-            path.write_text(dump_yaml(manifest))
-            written.append(path)
-    from components.gitops import application_name
-
-    readme = SERVICES_README.format(
+    files = {
+        f"{manifest['metadata']['name']}.{manifest['kind'].lower()}.yaml": dump_yaml(manifest)
+        for service in model_services(spec)
+        for manifest in manifests(service)
+    }
+    files["README.md"] = SERVICES_README.format(
         stack=stack, application=application_name(stack), namespace=spec.cluster.namespaces.gitops
     )
-    (out / "README.md").write_text(readme)
-    return sorted(written)
+    return files
+
+
+def write_services(stack: str, root: Path, out: Path | None = None, path: Path | None = None) -> list[Path]:
+    """Write the model-service manifests into `out`, else into `<gitops.path>/<stack>/`, which Argo CD syncs and
+    which holds only what render writes (`loopform check` enforces it), so its other YAML files go.
+
+    Returns the manifests written, sorted (not the README).
+    """
+    from loopform.spec import load_stack
+
+    files = service_files(stack, root, path)
+    if out is None:
+        out = root / load_stack(path or stack_file(stack, root)).gitops.path / stack
+        refuse_repository_folder(out, root)  # whatever gitops.path says
+        for old in out.glob("*.yaml"):
+            old.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (out / name).write_text(text)
+    return sorted(out / name for name in files if name != "README.md")
+
+
+def write_services_to(stack: str, root: Path, out: Path | None, path: Path | None = None) -> list[Path]:
+    """`write_services` as `loopform render` runs it: a folder given (`--services-out`, `--out`) is written as
+    `write_output` writes, so render refuses one it did not create; without one, the GitOps folder."""
+    if out is None:
+        return write_services(stack, root, None, path)
+    return [p for p in write_output(service_files(stack, root, path), out, root) if p.name != "README.md"]
 
 
 def stack_manifests(resources: list[RenderedResource], spec: Any) -> Any:

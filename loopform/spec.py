@@ -12,10 +12,13 @@ import json
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, model_validator
+
+from loopform.repo_paths import RepoPath
 
 CONFIG_KEY = "loopform:platform"
 
@@ -83,19 +86,41 @@ def _uri(schemes: tuple[str, ...]) -> Any:
     return AfterValidator(check)
 
 
-Quantity = Annotated[str, AfterValidator(_quantity)]
-Name = Annotated[str, AfterValidator(_dns_label)]
-Cron = Annotated[str, AfterValidator(_cron)]
-Duration = Annotated[str, AfterValidator(_duration)]
-ObjectStoreUri = Annotated[str, _uri(("s3", "gs", "az", "file"))]
-GitUrl = Annotated[str, _uri(("https", "ssh", "git"))]
+#: What each string format of the spec accepts, by its JSON schema `format` (the spec reference lists it).
+FORMATS = {
+    "quantity": "Kubernetes quantity: a number with an optional suffix Ki, Mi, Gi, Ti, k, M, G, T or m (8Gi, 250m)",
+    "dns-label": "DNS-1123 label: lower-case letters, digits and '-', at most 63, starting and ending alphanumeric",
+    "cron": "cron schedule: five fields (minute hour day-of-month month day-of-week) or "
+    + ", ".join(sorted(_CRON_MACROS)),
+    "duration": "duration: digits with unit ms, s, m or h, concatenated (30s, 5m, 1h30m)",
+    "object-store-uri": "URI of scheme s3, gs, az or file (s3://bucket/path)",
+    "git-url": "URL of scheme https, ssh or git",
+    "iam-role-arn": "IAM role ARN: arn:aws:iam::<12-digit account>:role/<name>",
+}
+
+
+def _format(name: str) -> WithJsonSchema:
+    assert name in FORMATS
+    return WithJsonSchema({"type": "string", "format": name})
+
+
+Quantity = Annotated[str, AfterValidator(_quantity), _format("quantity")]
+Name = Annotated[str, AfterValidator(_dns_label), _format("dns-label")]
+Cron = Annotated[str, AfterValidator(_cron), _format("cron")]
+Duration = Annotated[str, AfterValidator(_duration), _format("duration")]
+ObjectStoreUri = Annotated[str, _uri(("s3", "gs", "az", "file")), _format("object-store-uri")]
+GitUrl = Annotated[str, _uri(("https", "ssh", "git")), _format("git-url")]
 Share = Annotated[float, Field(ge=0.0, le=1.0)]
 
 
 class Strict(BaseModel):
-    """Base for every spec section: unknown keys are errors, values are immutable."""
+    """Base for every spec section: unknown keys are errors, values are immutable and never coerced.
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    Strict types, so a typo in YAML fails instead of changing meaning: `replicas: true` is not 1 and
+    `min_auc: "0.9"` is not 0.9. An integer still serves where a number is declared (YAML writes 1 for 1.0).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class Resources(Strict):
@@ -151,7 +176,7 @@ def _role_arn(value: str) -> str:
     return value
 
 
-RoleArn = Annotated[str, AfterValidator(_role_arn)]
+RoleArn = Annotated[str, AfterValidator(_role_arn), _format("iam-role-arn")]
 
 
 class WorkloadRoles(Strict):
@@ -177,8 +202,10 @@ class IrsaIdentity(Strict):
     lists the subjects).
     """
 
-    kind: Literal["irsa"] = "irsa"
-    roles: WorkloadRoles
+    kind: Literal["irsa"] = Field("irsa", description="Selects IAM Roles for Service Accounts.")
+    roles: WorkloadRoles = Field(
+        description="Role ARN of each workload; each ServiceAccount is annotated with its own."
+    )
 
 
 class PodIdentity(Strict):
@@ -188,9 +215,9 @@ class PodIdentity(Strict):
     `aws eks create-pod-identity-association` command for each.
     """
 
-    kind: Literal["pod-identity"] = "pod-identity"
+    kind: Literal["pod-identity"] = Field("pod-identity", description="Selects EKS Pod Identity.")
     cluster_name: str = Field(min_length=1, description="EKS cluster name the associations belong to.")
-    roles: WorkloadRoles
+    roles: WorkloadRoles = Field(description="Role ARN of each workload; one association per ServiceAccount.")
 
 
 class StaticKeys(Strict):
@@ -201,7 +228,7 @@ class StaticKeys(Strict):
     whose workloads read it.
     """
 
-    kind: Literal["static-keys"] = "static-keys"
+    kind: Literal["static-keys"] = Field("static-keys", description="Selects static access keys from secret config.")
     secret_name: Name = Field("loopform-object-store", description="Name of the Secret the program creates.")
 
 
@@ -262,7 +289,7 @@ def _postgres_image(value: str) -> str:
 class InClusterPostgres(Strict):
     """A PostgreSQL StatefulSet with a volume, for environments without a managed database."""
 
-    kind: Literal["in-cluster"] = "in-cluster"
+    kind: Literal["in-cluster"] = Field("in-cluster", description="Selects a PostgreSQL StatefulSet in the cluster.")
     image: Annotated[str, AfterValidator(_postgres_image)] = Field(
         "postgres:16.4", description="PostgreSQL image, tagged with its version (the major version is guarded)."
     )
@@ -277,15 +304,17 @@ class InClusterPostgres(Strict):
     storage: Quantity = Field("10Gi", description="Volume size.")
     database: Name = Field("mlflow", description="Database name.")
     user: Name = Field("mlflow", description="Database user.")
-    resources: Resources = Field(default_factory=lambda: Resources(cpu="250m", memory="512Mi"))
+    resources: Resources = Field(
+        default_factory=lambda: Resources(cpu="250m", memory="512Mi"), description="Of the PostgreSQL container."
+    )
 
 
 class ExternalDatabase(Strict):
     """A managed PostgreSQL (RDS, Cloud SQL); its password is the secret config `loopform:registryDbPassword`."""
 
-    kind: Literal["external"] = "external"
+    kind: Literal["external"] = Field("external", description="Selects a managed PostgreSQL outside the cluster.")
     host: str = Field(min_length=1, description="Database host name.")
-    port: int = Field(5432, ge=1, le=65535)
+    port: int = Field(5432, ge=1, le=65535, description="Database port.")
     database: Name = Field("mlflow", description="Database name.")
     user: Name = Field("mlflow", description="Database user.")
     sslmode: Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"] = Field(
@@ -312,11 +341,13 @@ class RegistrySpec(Strict):
     replicas: int = Field(1, ge=1, le=20, description="Tracking server replicas.")
     port: int = Field(5000, ge=1, le=65535, description="Service port.")
     workers: int = Field(2, ge=1, le=32, description="Server worker processes.")
-    resources: Resources = Field(default_factory=lambda: Resources(cpu="500m", memory="1Gi"))
+    resources: Resources = Field(
+        default_factory=lambda: Resources(cpu="500m", memory="1Gi"), description="Of the tracking server container."
+    )
     backend: InClusterPostgres | ExternalDatabase = Field(
         default_factory=InClusterPostgres, discriminator="kind", description="Backend store."
     )
-    artifacts: ArtifactStore = Field(default_factory=ArtifactStore)
+    artifacts: ArtifactStore = Field(default_factory=ArtifactStore, description="Where model artifacts are stored.")
 
     @property
     def server_image(self) -> str:
@@ -329,10 +360,12 @@ class RegistrySpec(Strict):
 class InClusterRedis(Strict):
     """A Redis StatefulSet for the online store."""
 
-    kind: Literal["in-cluster"] = "in-cluster"
+    kind: Literal["in-cluster"] = Field("in-cluster", description="Selects a Redis StatefulSet in the cluster.")
     image: str = Field("redis:7.4", description="Redis image.")
     storage: Quantity = Field("1Gi", description="Volume size for the append-only file.")
-    resources: Resources = Field(default_factory=lambda: Resources(cpu="100m", memory="256Mi"))
+    resources: Resources = Field(
+        default_factory=lambda: Resources(cpu="100m", memory="256Mi"), description="Of the Redis container."
+    )
 
 
 class ExternalRedis(Strict):
@@ -342,9 +375,9 @@ class ExternalRedis(Strict):
     namespace that reads the online store.
     """
 
-    kind: Literal["external"] = "external"
+    kind: Literal["external"] = Field("external", description="Selects a managed Redis outside the cluster.")
     host: str = Field(min_length=1, description="Redis host name (the primary or configuration endpoint).")
-    port: int = Field(6379, ge=1, le=65535)
+    port: int = Field(6379, ge=1, le=65535, description="Redis port.")
     ssl: bool = Field(True, description="TLS to Redis (in-transit encryption).")
     auth: bool = Field(True, description="Redis AUTH with the password from `loopform:redisPassword`.")
 
@@ -377,9 +410,12 @@ class OfflineStore(Strict):
 class FeatureServer(Strict):
     """The Feast feature server Deployment."""
 
-    replicas: int = Field(1, ge=1, le=50)
-    port: int = Field(6566, ge=1, le=65535)
-    resources: Resources = Field(default_factory=lambda: Resources(cpu="250m", memory="512Mi"))
+    replicas: int = Field(1, ge=1, le=50, description="Feature server replicas.")
+    port: int = Field(6566, ge=1, le=65535, description="Port the feature server listens on and its Service exposes.")
+    resources: Resources = Field(
+        default_factory=lambda: Resources(cpu="250m", memory="512Mi"),
+        description="Of the Feast containers: the feature server, the `feast apply` Job and materialisation.",
+    )
 
 
 class FeatureStoreSpec(Strict):
@@ -391,10 +427,12 @@ class FeatureStoreSpec(Strict):
         "which carries Feast and everything the feature definitions import.",
     )
     project: Name = Field("loopform", description="Feast project name.")
-    registry: FeastRegistry = Field(default_factory=FeastRegistry)
-    offline_store: OfflineStore = Field(default_factory=OfflineStore)
-    online_store: InClusterRedis | ExternalRedis = Field(default_factory=InClusterRedis, discriminator="kind")
-    server: FeatureServer = Field(default_factory=FeatureServer)
+    registry: FeastRegistry = Field(default_factory=FeastRegistry, description="Feast's SQL registry.")
+    offline_store: OfflineStore = Field(default_factory=OfflineStore, description="Historical feature data.")
+    online_store: InClusterRedis | ExternalRedis = Field(
+        default_factory=InClusterRedis, discriminator="kind", description="Redis online store: in-cluster or external."
+    )
+    server: FeatureServer = Field(default_factory=FeatureServer, description="The feature server Deployment.")
     materialization_schedule: Cron = Field("*/30 * * * *", description="When to run materialize-incremental.")
 
 
@@ -404,9 +442,9 @@ class FeatureStoreSpec(Strict):
 class Taint(Strict):
     """A node taint."""
 
-    key: str
-    value: str = ""
-    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] = "NoSchedule"
+    key: str = Field(description="Taint key; pods sent to the pool tolerate it.")
+    value: str = Field("", description="Taint value; empty tolerates the key with any value (operator Exists).")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] = Field("NoSchedule", description="Taint effect.")
 
 
 GPU_TAINT = Taint(key="nvidia.com/gpu", value="present", effect="NoSchedule")
@@ -432,9 +470,17 @@ class KarpenterNodeClass(Strict):
 class KarpenterPool(Strict):
     """GPU nodes that Karpenter launches on demand and removes when empty (scale to zero)."""
 
-    kind: Literal["karpenter"] = "karpenter"
-    instance_families: list[str] = Field(default_factory=lambda: ["g5", "g6"], min_length=1)
-    capacity_types: list[Literal["spot", "on-demand"]] = Field(default_factory=lambda: ["on-demand"], min_length=1)
+    kind: Literal["karpenter"] = Field("karpenter", description="Selects a Karpenter NodePool the stack declares.")
+    instance_families: list[str] = Field(
+        default_factory=lambda: ["g5", "g6"],
+        min_length=1,
+        description="EC2 instance families the nodes may be (requirement karpenter.k8s.aws/instance-family).",
+    )
+    capacity_types: list[Literal["spot", "on-demand"]] = Field(
+        default_factory=lambda: ["on-demand"],
+        min_length=1,
+        description="Capacity types the nodes may be (requirement karpenter.sh/capacity-type).",
+    )
     gpu_limit: int = Field(8, ge=1, description="Most GPUs the pool may hold at once.")
     gpus_per_node: int = Field(1, ge=1, le=16, description="Largest GPU count of one node in this pool.")
     consolidate_after: Duration = Field("5m", description="How long an empty node waits before removal.")
@@ -451,9 +497,12 @@ class KarpenterPool(Strict):
 class ExistingPool(Strict):
     """A GPU node group the cluster already has, described by its labels and taints."""
 
-    kind: Literal["existing"] = "existing"
+    kind: Literal["existing"] = Field("existing", description="Selects a node group the cluster already has.")
     labels: dict[str, str] = Field(min_length=1, description="Labels that select the pool's nodes.")
-    taints: list[Taint] = Field(default_factory=lambda: [GPU_TAINT])
+    taints: list[Taint] = Field(
+        default_factory=lambda: [GPU_TAINT],
+        description="Taints the pool's nodes carry; pods sent to the pool tolerate each. Default: nvidia.com/gpu=present.",
+    )
     gpu_limit: int = Field(8, ge=1, description="GPUs the pool offers in all.")
     gpus_per_node: int = Field(1, ge=1, le=16, description="GPUs on each node.")
 
@@ -484,20 +533,27 @@ class GpuSpec(Strict):
 class RetryPolicy(Strict):
     """Retries of pipeline steps on infrastructure errors (never on a failed gate)."""
 
-    limit: int = Field(3, ge=0, le=10)
+    limit: int = Field(3, ge=0, le=10, description="Retries of a step after its first try.")
     backoff: Duration = Field("30s", description="First delay.")
-    factor: int = Field(2, ge=1, le=10)
-    max_backoff: Duration = Field("10m")
+    factor: int = Field(2, ge=1, le=10, description="Each delay is the one before times this.")
+    max_backoff: Duration = Field(
+        "10m",
+        description="Longest single delay between Argo CD sync retries (its backoff maxDuration). Pipeline step "
+        "retries ignore it: Argo Workflows' maxDuration would bound all tries and cut a retried step's run.",
+    )
 
 
 class ArtifactRepository(Strict):
     """S3-compatible bucket where workflows keep their artifacts."""
 
-    bucket: str = Field("loopform-argo-artifacts")
+    bucket: str = Field("loopform-argo-artifacts", description="Bucket name (no scheme).")
     endpoint: str = Field("s3.amazonaws.com", description="host[:port] of the S3 API.")
-    region: str | None = Field(None)
+    region: str | None = Field(None, description="Bucket region; none lets the S3 client look it up.")
     insecure: bool = Field(False, description="Plain HTTP (MinIO in a lab).")
-    key_format: str = Field("{{workflow.name}}/{{pod.name}}")
+    key_format: str = Field(
+        "{{workflow.name}}/{{pod.name}}",
+        description="Object key of each step's artifacts and logs, in Argo template variables.",
+    )
 
 
 #: Where `.github/workflows/images.yml` publishes the repository's images, and the tag of this version (each image
@@ -518,29 +574,38 @@ class OrchestratorSpec(Strict):
         f"{IMAGE_REGISTRY}/pipeline-cuda:{IMAGE_TAG}",
         description="Image of the steps that request GPUs (images/pipeline-cuda, the CUDA build of torch).",
     )
-    artifact_repository: ArtifactRepository = Field(default_factory=ArtifactRepository)
+    artifact_repository: ArtifactRepository = Field(
+        default_factory=ArtifactRepository, description="Where workflows keep step artifacts and logs."
+    )
     active_deadline_seconds: int = Field(6 * 3600, ge=60, description="Hard limit of one pipeline run.")
     ttl_seconds_after_completion: int = Field(24 * 3600, ge=0, description="How long finished workflows stay.")
-    retry: RetryPolicy = Field(default_factory=RetryPolicy)
-    step_resources: Resources = Field(default_factory=lambda: Resources(cpu="500m", memory="1Gi"))
+    retry: RetryPolicy = Field(default_factory=RetryPolicy, description="Retries of pipeline steps.")
+    step_resources: Resources = Field(
+        default_factory=lambda: Resources(cpu="500m", memory="1Gi"),
+        description="Of every pipeline step but training (models.<name>.training.resources).",
+    )
 
 
 class GitOpsSpec(Strict):
     """Argo CD and the Application that syncs model services."""
 
-    enabled: bool = Field(True)
+    enabled: bool = Field(
+        True,
+        description="Argo CD syncs the model services from the rendered manifests in git. Off, `pulumi up` "
+        "deploys them itself.",
+    )
     chart_version: str = Field("7.8.2", description="argo-cd chart version.")
     argocd_version: str = Field("v2.14.2", description="Argo CD image tag (the one the chart version ships).")
     repo_url: GitUrl = Field("https://github.com/loopform/loopform.git", description="Repository Argo CD syncs.")
-    target_revision: str = Field("main")
-    path: str = Field("deploy", description="Folder of rendered service manifests; the environment is appended.")
+    target_revision: str = Field("main", description="Branch, tag or commit of repo_url Argo CD syncs.")
+    path: RepoPath = Field("deploy", description="Folder of rendered service manifests; the environment is appended.")
     signature_keys: list[Annotated[str, Field(pattern=r"^[0-9A-F]{16}$")]] = Field(
         default_factory=list,
         description="GnuPG key ids (16 upper-case hex digits) of release keys: Argo CD syncs only commits signed "
         "by one of them (AppProject signatureKeys). Empty: any commit syncs, which the policy pack refuses in "
         "staging and prod.",
     )
-    public_keys: str = Field(
+    public_keys: RepoPath = Field(
         "deploy/keys",
         description="Folder (in the repository) with each signature key's ASCII-armored public key, named "
         "<KEY_ID>.asc; Argo CD imports them (argocd-gpg-keys-cm).",
@@ -555,7 +620,9 @@ class TrainingSpec(Strict):
 
     gpu_pool: Name | None = Field(None, description="Pool from gpu.pools; none trains on CPU nodes.")
     gpus: int = Field(0, ge=0, le=16, description="GPUs for the train step.")
-    resources: Resources = Field(default_factory=lambda: Resources(cpu="2", memory="4Gi"))
+    resources: Resources = Field(
+        default_factory=lambda: Resources(cpu="2", memory="4Gi"), description="Of the train step's container."
+    )
     schedule: Cron | None = Field(None, description="Scheduled retraining (CronWorkflow); none means on demand.")
     window_days: int = Field(30, ge=1, description="Days of labelled events, back from the newest, a run trains on.")
 
@@ -569,11 +636,15 @@ class TrainingSpec(Strict):
 class ServingSpec(Strict):
     """The BentoML service of a released model."""
 
-    min_replicas: int = Field(2, ge=1)
-    max_replicas: int = Field(6, ge=1)
-    target_cpu_utilization: int = Field(70, ge=10, le=100)
-    port: int = Field(3000, ge=1, le=65535)
-    resources: Resources = Field(default_factory=lambda: Resources(cpu="500m", memory="1Gi"))
+    min_replicas: int = Field(2, ge=1, description="Replicas of the Deployment and the autoscaler's minimum.")
+    max_replicas: int = Field(6, ge=1, description="The autoscaler's maximum; not below min_replicas.")
+    target_cpu_utilization: int = Field(
+        70, ge=10, le=100, description="Average CPU use, in percent of the request, the autoscaler keeps."
+    )
+    port: int = Field(3000, ge=1, le=65535, description="Port the service listens on and its Service exposes.")
+    resources: Resources = Field(
+        default_factory=lambda: Resources(cpu="500m", memory="1Gi"), description="Of the service container."
+    )
     max_error_rate: Share = Field(
         0.01, description="Share of requests answered 5xx above which the serving alert fires (Prometheus rules)."
     )
@@ -593,10 +664,10 @@ class StagingProof(Strict):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    image: str
-    released_at: str
-    key_id: str
-    signature: str
+    image: str = Field(description="Service image of the staging release.")
+    released_at: str = Field(description="ISO-8601 time the staging release was signed.")
+    key_id: str = Field(description="Id of the Ed25519 key that signed the staging release.")
+    signature: str = Field(description="Ed25519 signature (base64) of the staging record.")
 
 
 class Release(Strict):
@@ -631,12 +702,12 @@ class Release(Strict):
 class ModelSpec(Strict):
     """One model: its code, pipeline, service, own gates and current release."""
 
-    path: str = Field(
+    path: RepoPath = Field(
         description="Folder with the model's contract.py, model.py, train.py and data.py, relative to the repository "
         "(`loopform.model_code`)."
     )
-    training: TrainingSpec = Field(default_factory=TrainingSpec)
-    serving: ServingSpec = Field(default_factory=ServingSpec)
+    training: TrainingSpec = Field(default_factory=TrainingSpec, description="The model's training pipeline.")
+    serving: ServingSpec = Field(default_factory=ServingSpec, description="The model's service.")
     gates: dict[str, Any] = Field(
         default_factory=dict,
         description="This model's gates over the environment's `gates`: any key of gates (drift merges key by key), "
@@ -683,7 +754,7 @@ class GatesSpec(Strict):
 
     max_missing_share: Share = Field(0.05, description="Most share of missing values in any column.")
     max_out_of_range_share: Share = Field(0.01, description="Most share of values outside the schema's range.")
-    drift: DriftGate = Field(default_factory=DriftGate)
+    drift: DriftGate = Field(default_factory=DriftGate, description="The drift gate.")
     max_ood_rate: Share = Field(0.05, description="Most share of rows flagged out of distribution.")
     min_auc: Share = Field(0.75, description="Least ROC AUC of a classifier on the holdout set.")
     max_auc_drop: Share = Field(
@@ -742,6 +813,17 @@ class MonitoringSpec(Strict):
     prometheus_release: str = Field(
         "kube-prometheus-stack", description="`release` label the Prometheus Operator selects rules by."
     )
+    install_prometheus_stack: bool = Field(
+        False,
+        description="Install kube-prometheus-stack (Prometheus Operator, Prometheus, Alertmanager, Grafana, "
+        "kube-state-metrics) from its pinned chart as release `prometheus_release`. Off, the rules, monitors "
+        "and dashboard target an existing Prometheus Operator through that release label.",
+    )
+
+    @property
+    def operator(self) -> bool:
+        """The Prometheus Operator's CRDs exist: installed by this stack, or already on the cluster."""
+        return self.prometheus_operator or self.install_prometheus_stack
 
 
 class LocalSpec(Strict):
@@ -869,7 +951,7 @@ class PlatformSpec(Strict):
                 self.gates_for(name)
             except (ValidationError, ValueError) as error:
                 problems = (
-                    [f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors(include_url=False)]
+                    [f"{'.'.join(map(str, loc))}: {message}" for loc, message in _located(error, GatesSpec)]
                     if isinstance(error, ValidationError)
                     else [str(error)]
                 )
@@ -929,64 +1011,123 @@ def _path(loc: tuple[Any, ...]) -> str:
 
 
 def _problems(error: ValidationError) -> list[str]:
+    return [f"{_path(loc)}: {message}" for loc, message in _located(error, PlatformSpec)]
+
+
+def _located(error: ValidationError, root: type[BaseModel]) -> list[tuple[tuple[Any, ...], str]]:
+    """Each error of a section of type `root`, at the key path the user typed, with its fix."""
     problems = []
     for err in error.errors(include_url=False):
-        # Drop the discriminated-union tag pydantic inserts ("in-cluster", "karpenter", ...)
-        # and validator wrappers, so the path is the one the user typed.
-        loc = tuple(
-            p for p in err["loc"] if not (isinstance(p, str) and (p in _UNION_TAGS or p.startswith("function-")))
-        )
+        loc, holders, models = _resolve(err["loc"], root)
         ctx = err.get("ctx") or {}
         inner = ctx.get("error")
         if isinstance(inner, SpecReferenceError):
             loc = loc + inner.loc
             message = str(inner)
         elif err["type"] == "extra_forbidden":
-            message = "unknown key" + _allowed_keys(loc)
-            problems.append(f"{_path(loc)}: {message}")
-            continue
+            message = "unknown key" + _allowed_keys(str(loc[-1]), holders)
         elif err["type"] == "union_tag_invalid":
             message = f"kind {ctx.get('tag')!r} is not one of {ctx.get('expected_tags')}"
+        elif err["type"] == "union_tag_not_found":
+            message = "needs a kind: one of " + ", ".join(repr(variant_tag(m)) for m in models)
         else:
             message = err["msg"].removeprefix("Value error, ")
-            if err["type"] not in ("missing",) and not isinstance(err["input"], dict):
-                message += f" (got {err['input']!r})"
-        problems.append(f"{_path(loc)}: {message}")
+            if err["type"] != "missing" and not isinstance(err["input"], dict):
+                message += f" (got {err['input']!r}{_strict_hint(err['type'], err['input'])})"
+        problems.append((loc, message))
     return problems
 
 
-_UNION_TAGS = {"in-cluster", "external", "karpenter", "existing", "irsa", "pod-identity", "static-keys"}
-
-
-def _allowed_keys(loc: tuple[Any, ...]) -> str:
-    """For an unknown key, list the keys its section does allow."""
-    model: Any = PlatformSpec
-    for part in loc[:-1]:
-        fields = getattr(model, "model_fields", None)
-        if fields is None:
-            return ""
-        if part in fields:
-            model = _model_of(fields[part].annotation)
-        elif isinstance(model, type) and issubclass(model, BaseModel):
-            return ""
-    fields = getattr(model, "model_fields", None)
-    if not fields:
+def _strict_hint(error_type: str, value: Any) -> str:
+    """Why a value YAML reads as another type is not taken as a number."""
+    if error_type not in ("int_type", "float_type"):
         return ""
-    close = difflib.get_close_matches(str(loc[-1]), list(fields), n=1)
+    if isinstance(value, bool):
+        return ": a boolean, not a number"
+    if isinstance(value, str) and re.fullmatch(r"\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*", value):
+        kind = "int" if error_type == "int_type" else "float"
+        return f": a quoted number is a string; write it without quotes (`pulumi config set --path`: add --type {kind})"
+    return ""
+
+
+def field_shape(annotation: Any) -> tuple[Literal["section", "map", "list", "leaf"], tuple[type[BaseModel], ...]]:
+    """What a field holds: a section (one model, or a union of models told apart by `kind`), a map of names to
+    sections, a list of sections, or a leaf value; with the section models. The spec reference and the error
+    messages both walk the spec by it."""
+    models = _models(annotation)
+    if models:
+        return "section", models
+    annotation = _strip(annotation)
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is dict and (models := _models(args[1])):
+        return "map", models
+    if origin is list and (models := _models(args[0])):
+        return "list", models
+    return "leaf", ()
+
+
+def variant_tag(model: type[BaseModel]) -> str | None:
+    """The `kind` that selects this model in a union of sections."""
+    field = model.model_fields.get("kind")
+    return field.default if field is not None and isinstance(field.default, str) else None
+
+
+def _strip(annotation: Any) -> Any:
+    """The annotation without Annotated metadata and without `| None`."""
+    while True:
+        if get_origin(annotation) is Annotated:
+            annotation = get_args(annotation)[0]
+        elif get_origin(annotation) in (Union, UnionType) and type(None) in get_args(annotation):
+            rest = tuple(a for a in get_args(annotation) if a is not type(None))
+            annotation = rest[0] if len(rest) == 1 else Union[rest]  # noqa: UP007 (a runtime union of members)
+        else:
+            return annotation
+
+
+def _models(annotation: Any) -> tuple[type[BaseModel], ...]:
+    annotation = _strip(annotation)
+    members = get_args(annotation) if get_origin(annotation) in (Union, UnionType) else (annotation,)
+    models = tuple(_strip(m) for m in members)
+    if all(isinstance(m, type) and issubclass(m, BaseModel) for m in models):
+        return models
+    return ()
+
+
+def _resolve(
+    loc: tuple[Any, ...], root: type[BaseModel]
+) -> tuple[tuple[Any, ...], tuple[type[BaseModel], ...], tuple[type[BaseModel], ...]]:
+    """Pydantic's error location as the key path the user typed (union tags and validator names dropped, told
+    apart from keys by the spec's structure), the sections that may hold its last key, and those it may be."""
+    path: list[Any] = []
+    shape, models = "section", (root,)
+    holders: tuple[type[BaseModel], ...] = ()
+    for part in loc:
+        if shape in ("map", "list"):  # a name the user chose, or a list index
+            path.append(part)
+            shape, holders = "section", ()
+            continue
+        if isinstance(part, str) and part.startswith("function-"):
+            continue
+        if shape == "section" and len(models) > 1:
+            tagged = tuple(m for m in models if variant_tag(m) == part)
+            if tagged:
+                models = tagged
+                continue
+        path.append(part)
+        holders = models if shape == "section" else ()
+        field = next((m.model_fields[part] for m in models if part in m.model_fields), None)
+        shape, models = field_shape(field.annotation) if field is not None else ("leaf", ())
+    return tuple(path), holders, models
+
+
+def _allowed_keys(key: str, holders: tuple[type[BaseModel], ...]) -> str:
+    """For an unknown key, the closest key its section allows and all of them."""
+    if len(holders) != 1:
+        return ""
+    fields = list(holders[0].model_fields)
+    close = difflib.get_close_matches(key, fields, n=1)
     hint = f"; did you mean {close[0]!r}?" if close else ""
     return f"{hint}; allowed here: {', '.join(fields)}"
-
-
-def _model_of(annotation: Any) -> Any:
-    from typing import get_args
-
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in get_args(annotation):
-        found = _model_of(arg)
-        if found is not None:
-            return found
-    return None
 
 
 def parse_spec(data: Any, source: str) -> PlatformSpec:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,8 @@ ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
+# The payload log's spill folders (loopform.payloads) go to this session's own temp folder, not a shared one.
+os.environ.setdefault("LOOPFORM_PAYLOAD_SPILL_DIR", tempfile.mkdtemp(prefix="loopform-test-spill-"))
 
 STACKS = ("dev", "staging", "prod")
 

@@ -36,6 +36,7 @@ NODEPOOLS = f"{CRDS}/nodepools.karpenter.sh"
 NODECLASSES = f"{CRDS}/ec2nodeclasses.karpenter.k8s.aws"
 SERVICE_MONITORS = f"{CRDS}/servicemonitors.monitoring.coreos.com"
 PROMETHEUS_RULES = f"{CRDS}/prometheusrules.monitoring.coreos.com"
+ALERTMANAGER_CONFIGS = f"{CRDS}/alertmanagerconfigs.monitoring.coreos.com"
 METRICS = "/apis/apiregistration.k8s.io/v1/apiservices/v1beta1.metrics.k8s.io"
 STORAGE_CLASSES = "/apis/storage.k8s.io/v1/storageclasses"
 EBS_DRIVER = "/apis/storage.k8s.io/v1/csidrivers/ebs.csi.aws.com"
@@ -59,6 +60,7 @@ def present() -> dict[str, tuple[int, Any]]:
         NODECLASSES: (200, fixture("crd_ec2nodeclasses.json")),
         SERVICE_MONITORS: (200, fixture("crd_servicemonitors.json")),
         PROMETHEUS_RULES: (200, fixture("crd_prometheusrules.json")),
+        ALERTMANAGER_CONFIGS: (200, fixture("crd_alertmanagerconfigs.json")),
         METRICS: (200, fixture("apiservice_metrics.json")),
         STORAGE_CLASSES: (200, fixture("storageclasses.json")),
         EBS_DRIVER: (200, fixture("csidriver_ebs.json")),
@@ -195,7 +197,7 @@ def test_everything_present(tmp_path: Path, api: FakeApiServer, capsys: pytest.C
     out = capsys.readouterr().out
     items = prerequisites(load_stack(path, ROOT))
     cluster = [item for item in items if item.checked_in == "cluster"]
-    assert sorted(item.kind for item in cluster) == ["api-service", *["crd"] * 4, "namespace", "storage-class"]
+    assert sorted(item.kind for item in cluster) == ["api-service", *["crd"] * 5, "namespace", "storage-class"]
     for item in cluster:
         assert line_of(out, item.name).split()[0] == "ok"
     elsewhere = [item for item in items if item.checked_in != "cluster"]
@@ -204,7 +206,7 @@ def test_everything_present(tmp_path: Path, api: FakeApiServer, capsys: pytest.C
         line = line_of(out, item.name)
         assert line.startswith(f"not checked ({item.checked_in})") and line.endswith(f"fix: {item.fix}")
     assert out.splitlines()[0] == f"Stack {ENV}: context {CONTEXT}, server {api.url} (Kubernetes v1.31.4-eks-2d5f260)"
-    assert out.splitlines()[-1] == f"7 ok, 0 missing, {len(elsewhere)} not checked here"
+    assert out.splitlines()[-1] == f"8 ok, 0 missing, {len(elsewhere)} not checked here"
     # The spec's kube_context won over the kubeconfig's current context, and every GET carried the token.
     assert sorted(api.paths) == sorted(
         [
@@ -213,6 +215,7 @@ def test_everything_present(tmp_path: Path, api: FakeApiServer, capsys: pytest.C
             NODECLASSES,
             SERVICE_MONITORS,
             PROMETHEUS_RULES,
+            ALERTMANAGER_CONFIGS,
             METRICS,
             STORAGE_CLASSES,
             EBS_DRIVER,
@@ -227,7 +230,7 @@ def test_kubeconfig_from_the_environment(
 ) -> None:
     monkeypatch.setenv("KUBECONFIG", str(kubeconfig(tmp_path, api.url)))
     assert main(["--root", str(ROOT), "doctor", "--stack", ENV, "--file", str(stack(tmp_path))]) == 0
-    assert capsys.readouterr().out.splitlines()[-1].startswith("7 ok, 0 missing")
+    assert capsys.readouterr().out.splitlines()[-1].startswith("8 ok, 0 missing")
     assert "/version" in api.paths
 
 
@@ -246,7 +249,7 @@ def test_missing_karpenter_and_metrics_server(
     assert metrics.startswith("MISSING") and "APIService not found" in metrics
     assert "fix: aws eks create-addon --cluster-name <cluster> --addon-name metrics-server" in metrics
     assert line_of(out, "servicemonitors.monitoring.coreos.com").startswith("ok ")
-    assert out.splitlines()[-1].startswith("4 ok, 3 missing, ")
+    assert out.splitlines()[-1].startswith("5 ok, 3 missing, ")
 
 
 def test_default_storage_class_without_its_csi_driver(
@@ -346,7 +349,7 @@ def test_crd_not_established_and_api_service_unavailable(
     assert "APIService is not Available (Available=False: MissingEndpoints: endpoints for" in line_of(
         out, "v1beta1.metrics.k8s.io"
     )
-    assert out.splitlines()[-1].startswith("5 ok, 2 missing, ")
+    assert out.splitlines()[-1].startswith("6 ok, 2 missing, ")
 
 
 def test_pod_identity_agent_and_gpu_namespace(

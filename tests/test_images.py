@@ -5,8 +5,10 @@ The install set of an image is what pip resolves for the install arguments writt
 definition: the `pip install` line of a Dockerfile (with the files it installs from mapped back through its
 COPY lines) and the bentofile's `python.packages`. pip resolves it with `--dry-run --report` against the
 repository's constraints.txt, so editing a Dockerfile, a requirements file, pyproject.toml's extras, the
-bentofile or constraints.txt changes what is tested. The resolution needs a package index: these tests
-(marked slow) are skipped, with the reason, only where pip reaches none and CI is unset.
+bentofile or constraints.txt changes what is tested. The IaC install the preview and deploy jobs run
+(`pip install -c constraints.txt -e .`, the base dependencies alone) is resolved the same way: it holds none of
+the runtime. The resolution needs a package index: these tests (marked slow) are skipped, with the reason, only
+where pip reaches none and CI is unset.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ REQUIRED = {
     "serving": {"bentoml", "boto3", "s3fs", "redis", "feast", "mlflow", "torch"},
     "mlflow": {"mlflow", "boto3", "psycopg2-binary"},
     "bento": {"bentoml", "boto3", "s3fs", "redis", "feast", "mlflow", "torch"},
+    "iac": {"pulumi", "pulumi-kubernetes", "pulumi-policy", "pydantic", "hera", "cryptography"},
 }
 IMAGES = sorted(REQUIRED)
 
@@ -234,6 +237,8 @@ def bento_install_args() -> list[str]:
 def install_args(image: str) -> list[str]:
     if image == "bento":
         return bento_install_args()
+    if image == "iac":
+        return ["-c", str(CONSTRAINTS), str(ROOT)]
     return dockerfile_install_args(DOCKERFILES[image])[1]
 
 
@@ -374,6 +379,15 @@ def test_install_set_is_exactly_constraints(install_set, image):
         if name in pins and not pins[name].specifier.contains(Version(dist.version), prereleases=True)
     }
     assert not differ, f"{image}: resolved versions differ from constraints.txt: {differ}"
+
+
+@pytest.mark.slow
+def test_the_iac_install_holds_none_of_the_runtime(install_set):
+    """The base install resolves without a single package of the runtime extra (torch, mlflow, feast, ...)."""
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    runtime = {canonicalize_name(Requirement(line).name) for line in extras["runtime"]}
+    assert runtime, "pyproject.toml has no runtime extra"
+    assert sorted(runtime & set(install_set("iac"))) == []
 
 
 def cuda_libraries(torch: Resolved) -> set[str]:

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from loopform.alert_rules import rule_groups
+from loopform.alert_rules import feature_views, rule_groups
 from loopform.alerts import DRIFT_ALERTNAME
 from loopform.local_alerting import LOCAL_FOR, LocalAlerting, Retrainings, drift_rules, missing
 from loopform.monitor import gauges
@@ -31,7 +31,7 @@ def spec() -> Any:
 
 
 def test_the_local_rules_are_the_specs_drift_rules_with_a_short_for(spec: Any) -> None:
-    groups = rule_groups(spec)
+    groups = rule_groups(spec, feature_views(spec, ROOT))
     local = drift_rules(groups)
     assert [group["name"] for group in local] == [group["name"] for group in groups]
     for group, ours in zip(groups, local, strict=True):
@@ -64,7 +64,7 @@ def push_share(alerting: LocalAlerting, model: str, share: float) -> None:
 @needs_servers
 def test_repeated_notifications_start_one_retraining_and_a_low_share_none(spec: Any, tmp_path: Path) -> None:
     retrainings = Retrainings()
-    with LocalAlerting(tmp_path / "alerting", rule_groups(spec), retrainings) as alerting:
+    with LocalAlerting(tmp_path / "alerting", rule_groups(spec, feature_views(spec, ROOT)), retrainings) as alerting:
         fraud, delivery = spec.gates_for("fraud"), spec.gates_for("delivery")
         push_share(alerting, "fraud", min(1.0, fraud.drift.max_drift_share + 0.5))
         push_share(alerting, "delivery", delivery.drift.max_drift_share / 2)
@@ -96,7 +96,7 @@ def test_without_the_servers_up_uses_the_file_trigger_and_says_so(
 
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     assert missing() == ["alertmanager", "prometheus", "pushgateway"]
-    with drift_route(spec, tmp_path) as route:
+    with drift_route(spec, tmp_path, ROOT) as route:
         assert route is None
         line = route_line(route, tmp_path)
     assert line.startswith(f"drift route: the monitor's file trigger in {tmp_path / 'triggers'}")

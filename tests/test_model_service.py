@@ -124,3 +124,35 @@ def test_service_reads_the_platforms_feast(monkeypatch) -> None:
     assert (repo.configure() / "feature_store.yaml").read_text() == config
     monkeypatch.delenv("LOOPFORM_FEAST_CONFIG")
     assert online_store_from_env(CONTRACT) is None
+
+
+def test_with_the_operator_bentomls_metrics_are_scraped() -> None:
+    """A ServiceMonitor for BentoML's /metrics on the Service's http port; none without the Prometheus Operator."""
+    objects = {m["kind"]: m for m in manifests(ModelServiceArgs(model="fraud", spec=_spec(), prometheus_release="kps"))}
+    monitor, service = objects["ServiceMonitor"], objects["Service"]
+    assert monitor["metadata"]["labels"]["release"] == "kps"
+    assert monitor["metadata"]["namespace"] == service["metadata"]["namespace"]
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    assert monitor["spec"]["endpoints"] == [{"port": "http", "path": "/metrics"}]
+    assert "http" in {p["name"] for p in service["spec"]["ports"]}
+    assert "ServiceMonitor" not in {m["kind"] for m in manifests(ModelServiceArgs(model="fraud", spec=_spec()))}
+    resources = render_components(
+        lambda: ModelService("svc", ModelServiceArgs(model="fraud", spec=_spec(), prometheus_release="kps"))
+    )
+    assert "svc-servicemonitor" in {r.name for r in resources}
+
+
+def test_the_payload_log_spills_to_a_bounded_volume_of_its_own() -> None:
+    """The spill folder (loopform.payloads) is an emptyDir: it outlives a container restart and is bigger than
+    the log's own bound, so the log, not the kubelet, decides when rows are dropped."""
+    from kubernetes.utils import parse_quantity
+
+    from loopform.payloads import ENV_SPILL_DIR, ENV_SPILL_MAX_BYTES
+
+    (deployment,) = [m for m in manifests(ModelServiceArgs(model="fraud", spec=_spec())) if m["kind"] == "Deployment"]
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == env[ENV_SPILL_DIR]]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    assert parse_quantity(volume["emptyDir"]["sizeLimit"]) > int(env[ENV_SPILL_MAX_BYTES])

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -19,7 +22,7 @@ from loopform import policy_config, registry
 from loopform import record as rec
 from loopform.evaluation import evaluate_classifier
 from loopform.gates.result import GateResult
-from loopform.promotion import PromotionError, Signer, aliases_for, image_problem, promote
+from loopform.promotion import PromotionError, Signer, aliases_for, image_problem, lock_path, promote
 from loopform.spec import load_stack
 from models.fraud.data import LABEL
 from models.fraud.train import train
@@ -501,3 +504,170 @@ def test_a_models_own_gates_judge_a_classifier_and_a_wrong_task_is_refused(store
     assert refused(store, "fraud-o", untold.version, "dev", stacks["dev"]) == [
         "evaluation.task is None: expected one of classification, regression, so no gate can judge it"
     ]
+
+
+#: One racing `promote`: waits at the start line (a file), then promotes. While it holds the stack's lock it waits
+#: for the other racer to finish, so the two overlap however the machine schedules them.
+RACER = """
+import json, sys, time
+from pathlib import Path
+from loopform import promotion
+from tests import records
+
+store, stack, policy, version, folder, me, other = sys.argv[1:]
+folder = Path(folder)
+render_release = promotion.render_release
+
+def held(*args):
+    deadline = time.monotonic() + 120  # a bound on waiting for a racer that died, not a timing assertion
+    while not (folder / f"done-{other}").exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return render_release(*args)
+
+promotion.render_release = held
+(folder / f"ready-{me}").touch()
+while not (folder / "go").exists():
+    time.sleep(0.01)
+try:
+    signer = promotion.Signer(records.KEY, Path(policy))
+    release = promotion.promote("fraud-race", int(version), "staging", tracking_uri=store, stack_path=Path(stack),
+                                signer=signer)
+    print(json.dumps({"promoted": release.version}))
+except promotion.PromotionError as error:
+    print(json.dumps({"refused": str(error)}))
+finally:
+    (folder / f"done-{me}").touch()
+"""
+
+
+def test_two_promotions_at_once_leave_one_winner_and_a_valid_stack_file(store, trained, stacks, tmp_path):
+    model, evaluation = trained
+    rename(stacks["staging"], "fraud-race")
+    versions = [make_version(store, "fraud-race", model, evaluation).version for _ in range(2)]
+    folder = tmp_path / "race"
+    folder.mkdir()
+    racers = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                RACER,
+                store,
+                str(stacks["staging"]),
+                str(SIGNERS["staging"].policy_config),
+                str(version),
+                str(folder),
+                str(me),
+                str(1 - me),
+            ],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for me, version in enumerate(versions)
+    ]
+    while not all((folder / f"ready-{me}").exists() or racer.poll() is not None for me, racer in enumerate(racers)):
+        time.sleep(0.01)  # both at the start line (or dead: communicate() then shows why)
+    (folder / "go").touch()
+    outcomes = []
+    for racer in racers:
+        out, err = racer.communicate(timeout=300)
+        assert racer.returncode == 0, err
+        outcomes.append(json.loads(out.strip().splitlines()[-1]))
+
+    winners = [o["promoted"] for o in outcomes if "promoted" in o]
+    losers = [o["refused"] for o in outcomes if "refused" in o]
+    assert len(winners) == 1 and len(losers) == 1, outcomes
+    lock = lock_path(stacks["staging"])
+    assert f"holds the lock {lock}" in losers[0] and "another promotion" in losers[0]
+    # The file parses and validates, holds the winner's release, and the alias names the same version.
+    release = load_stack(stacks["staging"]).models["fraud-race"].release
+    assert release is not None and release.version == winners[0]
+    assert rec.verify(release.record(), "staging", records.TRUSTED) == []
+    assert registry.alias_version(store, "fraud-race", "staging") == winners[0]
+    assert not lock.exists() and not list(stacks["staging"].parent.glob(".*.tmp"))
+
+
+def test_a_failed_alias_move_leaves_the_stack_file_and_the_registry_as_they_were(store, trained, stacks, monkeypatch):
+    model, evaluation = trained
+    rename(stacks["staging"], "fraud-alias")
+    record = make_version(store, "fraud-alias", model, evaluation)
+    seen = []
+
+    def failing_set_alias(uri: str, name: str, alias: str, version: int | str) -> None:
+        seen.append(load_stack(stacks["staging"]).models["fraud-alias"].release)  # what the file held at the move
+        raise OSError("registry unreachable")
+
+    monkeypatch.setattr(registry, "set_alias", failing_set_alias)
+    reasons = refused(store, "fraud-alias", record.version, "staging", stacks["staging"])
+    assert len(reasons) == 1 and "registry unreachable" in reasons[0] and "are as they were" in reasons[0]
+    # The alias was to move only once the stack file held the release.
+    assert len(seen) == 1 and seen[0] is not None and seen[0].version == record.version
+
+
+def test_a_release_failing_after_the_alias_moved_puts_the_alias_back(store, trained, stacks, monkeypatch):
+    from mlflow import MlflowClient
+
+    model, evaluation = trained
+    rename(stacks["staging"], "fraud-undo")
+    first = make_version(store, "fraud-undo", model, evaluation)
+    promote(
+        "fraud-undo",
+        first.version,
+        "staging",
+        signer=SIGNERS["staging"],
+        tracking_uri=store,
+        stack_path=stacks["staging"],
+    )
+    second = make_version(store, "fraud-undo", model, evaluation)
+    set_tag = MlflowClient.set_model_version_tag
+
+    def failing_set_tag(self, name: str, version: str, key: str, value: str) -> None:
+        if key == "loopform.release.staging":
+            assert registry.alias_version(store, name, "staging") == second.version  # the alias had moved
+            raise OSError("tag write lost")
+        set_tag(self, name, version, key, value)
+
+    monkeypatch.setattr(MlflowClient, "set_model_version_tag", failing_set_tag)
+    reasons = refused(store, "fraud-undo", second.version, "staging", stacks["staging"])
+    assert "tag write lost" in reasons[0]
+    assert registry.alias_version(store, "fraud-undo", "staging") == first.version
+    assert load_stack(stacks["staging"]).models["fraud-undo"].release.version == first.version
+
+
+def test_an_undo_that_fails_is_reported_and_the_rest_is_still_undone(store, trained, stacks, monkeypatch):
+    from mlflow import MlflowClient
+
+    model, evaluation = trained
+    rename(stacks["staging"], "fraud-stuck")
+    original = stacks["staging"].read_bytes()
+    record = make_version(store, "fraud-stuck", model, evaluation)
+    set_tag = MlflowClient.set_model_version_tag
+
+    def failing_set_tag(self, name: str, version: str, key: str, value: str) -> None:
+        if key == "loopform.release.staging":
+            raise OSError("tag write lost")
+        set_tag(self, name, version, key, value)
+
+    def failing_delete_alias(self, name: str, alias: str) -> None:
+        raise OSError("alias delete lost")
+
+    monkeypatch.setattr(MlflowClient, "set_model_version_tag", failing_set_tag)
+    monkeypatch.setattr(MlflowClient, "delete_registered_model_alias", failing_delete_alias)
+    with pytest.raises(PromotionError) as info:
+        promote(
+            "fraud-stuck",
+            record.version,
+            "staging",
+            signer=SIGNERS["staging"],
+            tracking_uri=store,
+            stack_path=stacks["staging"],
+        )
+    (reason,) = info.value.reasons
+    assert (
+        "failed halfway (OSError: tag write lost) and could not be fully undone: OSError: alias delete lost" in reason
+    )
+    # The alias it could not take back stays, and says so; the stack file was still restored after that failure.
+    assert registry.alias_version(store, "fraud-stuck", "staging") == record.version
+    assert stacks["staging"].read_bytes() == original

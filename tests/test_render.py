@@ -7,6 +7,7 @@ Golden files live in tests/golden/<stack>/. After an intended change, regenerate
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import kubernetes_validate
@@ -31,6 +32,8 @@ def _files(folder: Path) -> dict[str, str]:
 @pytest.mark.parametrize("stack", STACKS)
 def test_render_matches_golden(stack: str, rendered, tmp_path: Path) -> None:
     out = GOLDEN / stack if REGENERATE else tmp_path / stack
+    if REGENERATE:  # a resource that is gone must lose its golden file too
+        shutil.rmtree(out, ignore_errors=True)
     render.write(rendered(stack), out)
     actual, expected = _files(out), _files(GOLDEN / stack)
     assert sorted(actual) == sorted(expected), "resources added or removed: regenerate and review the golden files"
@@ -76,8 +79,12 @@ def test_stacks_differ_only_in_data(rendered) -> None:
     kinds = {stack: {(r.type_, r.name.split("-", 1)[1]) for r in rendered(stack) if "-" in r.name} for stack in STACKS}
     components = {stack: {r.type_ for r in rendered(stack) if not r.custom} for stack in STACKS}
     assert components["dev"] == components["staging"]
-    # prod's spec names an external Redis: its connection Secret is shared with the serving namespace.
-    assert components["prod"] == components["dev"] | {"loopform:secrets:SharedSecret"}
+    # prod's spec names an external Redis: its connection Secret is shared with the serving namespace; its
+    # cluster has a Prometheus Operator (monitoring.prometheus_operator), which the retraining route needs.
+    assert components["prod"] == components["dev"] | {
+        "loopform:secrets:SharedSecret",
+        "loopform:retraining:RetrainingRoute",
+    }
     # prod's spec names external databases: the in-cluster ones are simply not declared
     assert ("kubernetes:apps/v1:StatefulSet", "registry-postgres") in kinds["dev"]
     assert ("kubernetes:apps/v1:StatefulSet", "registry-postgres") not in kinds["prod"]
@@ -177,3 +184,77 @@ def test_render_reads_the_file_it_is_given(tmp_path: Path) -> None:
     assert deployment["spec"]["replicas"] == 3
     assert (tmp_path / "out" / "services" / "README.md").exists()
     assert _files(root / "deploy" / "dev") == deploy_before
+
+
+# --- `render --out` writes only into folders it created, and deletes only what it wrote -------------------------
+
+
+def test_render_out_refuses_the_repositorys_stacks_folder_and_the_stack_files_survive(tmp_path: Path) -> None:
+    from tests.helpers_project import cli, copy_project
+
+    project = copy_project(tmp_path)
+    before = _files(project / "stacks")
+    refused = cli(project, "render", "--stack", "dev", "--out", "stacks")
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert "refusing to render into stacks: it is in the repository's own stacks/ folder" in refused.stderr
+    assert _files(project / "stacks") == before and before
+
+
+@pytest.mark.parametrize("inside", [".", "..", "tests", "loopform/gates", "models/fraud/new"])
+def test_render_never_writes_into_the_repositorys_own_folders(tmp_path: Path, inside: str) -> None:
+    root = tmp_path / "repo"
+    (root / "models" / "fraud").mkdir(parents=True)
+    with pytest.raises(render.OutputRefused, match="refusing to render into"):
+        render.write_output({"a.yaml": "a: 1\n"}, root / inside, root)
+    assert not (root / inside / "a.yaml").exists()
+
+
+def test_render_out_refuses_a_folder_it_did_not_create(tmp_path: Path) -> None:
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "keep.yaml").write_text("mine: true\n")
+    assert main(["render", "--stack", "dev", "--out", str(mine)]) == 2
+    assert _files(mine) == {"keep.yaml": "mine: true\n"}
+    # --services-out is held to the same rule
+    out = tmp_path / "out"
+    assert main(["render", "--stack", "dev", "--out", str(out), "--services-out", str(mine)]) == 2
+    assert _files(mine) == {"keep.yaml": "mine: true\n"}
+
+
+def test_render_out_replaces_only_the_files_it_wrote(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    first = render.write_output(
+        {"a.deployment.yaml": "a\n", "b.service.yaml": "b\n", "_tree.txt": "t\n"}, out, tmp_path
+    )
+    assert [p.name for p in first] == ["_tree.txt", "a.deployment.yaml", "b.service.yaml"]
+    (out / "notes.yaml").write_text("a reviewer's notes\n")
+    # b is gone from the second render: its file goes; the file render did not write stays.
+    render.write_output({"a.deployment.yaml": "a2\n", "_tree.txt": "t2\n"}, out, tmp_path)
+    assert _files(out) == {
+        render.MARKER: (out / render.MARKER).read_text(),
+        "_tree.txt": "t2\n",
+        "a.deployment.yaml": "a2\n",
+        "notes.yaml": "a reviewer's notes\n",
+    }
+    listed = [line for line in (out / render.MARKER).read_text().splitlines() if not line.startswith("#")]
+    assert listed == ["_tree.txt", "a.deployment.yaml"]
+    # A file render did not write is never overwritten, and a marker naming a path out of the folder deletes nothing.
+    with pytest.raises(render.OutputRefused, match="did not write it"):
+        render.write_output({"notes.yaml": "x\n"}, out, tmp_path)
+    (tmp_path / "outside.yaml").write_text("x\n")
+    (out / render.MARKER).write_text("../outside.yaml\n")
+    render.write_output({"a.deployment.yaml": "a3\n"}, out, tmp_path)
+    assert (tmp_path / "outside.yaml").exists() and (out / "notes.yaml").exists()
+
+
+def test_render_command_renders_again_into_its_own_folder(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert main(["render", "--stack", "dev", "--out", str(out)]) == 0
+    (out / "README.md").write_text("kept\n")
+    stale = out / "dev-gone.deployment.yaml"
+    stale.write_text("kind: Deployment\n")
+    with (out / render.MARKER).open("a") as marker:
+        marker.write(f"{stale.name}\n")  # as if an earlier render had written it
+    assert main(["render", "--stack", "dev", "--out", str(out)]) == 0
+    assert not stale.exists() and (out / "README.md").read_text() == "kept\n"
+    assert (out / "dev-registry-server.deployment.yaml").exists() and (out / "services" / render.MARKER).exists()

@@ -102,7 +102,7 @@ BAD = [
         "models.fraud.gates",
         {"min_acu": 0.9},
         f"{CONFIG_KEY}.models.fraud.gates",
-        "min_acu: Extra inputs are not permitted",
+        "min_acu: unknown key; did you mean 'min_auc'?",
     ),
     (
         "model's gate out of range",
@@ -112,6 +112,65 @@ BAD = [
         "drift.max_drift_share: Input should be less than or equal to 1",
     ),
     ("model's max_rmse not positive", "models.fraud.gates", {"max_rmse": 0}, "models.fraud.gates", "greater than 0"),
+    # Strict types: YAML that reads as another type is an error, not a silent conversion.
+    ("boolean as integer", "registry.replicas", True, f"{CONFIG_KEY}.registry.replicas", "a boolean, not a number"),
+    (
+        "quoted number",
+        "gates.min_auc",
+        "0.9",
+        f"{CONFIG_KEY}.gates.min_auc",
+        "(got '0.9': a quoted number is a string; write it without quotes (`pulumi config set --path`: add --type float)",
+    ),
+    ("quoted integer", "gates.min_positives", "100", "gates.min_positives", "valid integer"),
+    ("fraction as integer", "registry.workers", 2.5, f"{CONFIG_KEY}.registry.workers", "valid integer"),
+    ("boolean as number", "models.fraud.serving.max_p99_seconds", False, "max_p99_seconds", "valid number"),
+    ("number as boolean", "cluster.protect_data", 1, f"{CONFIG_KEY}.cluster.protect_data", "valid boolean"),
+    ("string as boolean", "gitops.enabled", "yes", f"{CONFIG_KEY}.gitops.enabled", "valid boolean"),
+    ("quoted number in a model's gates", "models.fraud.gates", {"min_auc": "0.9"}, "models.fraud.gates", "min_auc"),
+    # Unknown keys under map-keyed and union sections name the closest key of that very section.
+    (
+        "unknown key in a model",
+        "models.fraud.trainng",
+        {},
+        f"{CONFIG_KEY}.models.fraud.trainng",
+        "did you mean 'training'?; allowed here: path, training",
+    ),
+    (
+        "unknown key deep in a model",
+        "models.fraud.serving.max_replica",
+        3,
+        f"{CONFIG_KEY}.models.fraud.serving.max_replica",
+        "did you mean 'max_replicas'?",
+    ),
+    (
+        "unknown key in a GPU pool",
+        "gpu.pools.gpu.gpu_limt",
+        4,
+        f"{CONFIG_KEY}.gpu.pools.gpu.gpu_limt",
+        "did you mean 'gpu_limit'?; allowed here: kind, instance_families",
+    ),
+    (
+        "unknown key of one union variant",
+        "registry.backend",
+        {"kind": "external", "host": "db", "sslmod": "require"},
+        f"{CONFIG_KEY}.registry.backend.sslmod",
+        "did you mean 'sslmode'?; allowed here: kind, host, port",
+    ),
+    (
+        "unknown key of the other union variant",
+        "registry.backend",
+        {"kind": "in-cluster", "storge": "8Gi"},
+        f"{CONFIG_KEY}.registry.backend.storge",
+        "did you mean 'storage'?; allowed here: kind, image, storage",
+    ),
+    (
+        "unknown key in a list entry",
+        "gpu.pools.gpu",
+        {"kind": "existing", "labels": {"a": "b"}, "taints": [{"key": "k", "efect": "NoSchedule"}]},
+        f"{CONFIG_KEY}.gpu.pools.gpu.taints[0].efect",
+        "did you mean 'effect'?",
+    ),
+    ("union without kind", "registry.backend", {"storage": "8Gi"}, "backend: needs a kind", "'in-cluster', 'external'"),
 ]
 
 
@@ -248,3 +307,32 @@ def test_a_regressor_needs_a_max_rmse(tmp_path: Path, monkeypatch: pytest.Monkey
     platform["models"]["delivery"]["gates"] = {}
     platform["gates"] = {"max_rmse": 30}  # the environment's own max_rmse serves too
     check_repository(parse_spec(platform, "Pulumi.dev.yaml"), tmp_path, "Pulumi.dev.yaml")
+
+
+def test_an_integer_serves_where_a_number_is_declared() -> None:
+    platform = _set(_base(), "gates.min_auc", 1)
+    _set(platform, "models.fraud.serving.max_p99_seconds", 2)
+    spec = parse_spec(platform, "stacks/Pulumi.dev.yaml")
+    assert spec.gates.min_auc == 1.0 and isinstance(spec.gates.min_auc, float)
+    assert spec.models["fraud"].serving.max_p99_seconds == 2.0
+
+
+def test_a_model_named_like_a_union_kind_keeps_its_name_in_errors() -> None:
+    """Union tags are told from keys by the spec's structure, not by name: a model may be called `external`."""
+    platform = _base()
+    platform["models"]["external"] = {"path": "models/external", "servng": {}}
+    with pytest.raises(SpecError) as caught:
+        parse_spec(platform, "stacks/Pulumi.dev.yaml")
+    assert caught.value.problems == [
+        f"{CONFIG_KEY}.models.external.servng: unknown key; did you mean 'serving'?; "
+        "allowed here: path, training, serving, gates, release"
+    ]
+
+
+def test_the_local_loops_environment_stacks_are_valid_specs(tmp_path: Path) -> None:
+    """`loopform up` writes staging and prod stacks from the local one: strict types must take them too."""
+    from loopform.local import environment_stacks
+
+    folder = environment_stacks(ROOT / "stacks" / "Pulumi.local.yaml", tmp_path, ROOT)
+    loaded = {path.name: load_stack(path).environment for path in sorted(folder.glob("Pulumi.*.yaml"))}
+    assert loaded == {"Pulumi.prod.yaml": "prod", "Pulumi.staging.yaml": "staging"}
