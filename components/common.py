@@ -43,6 +43,30 @@ def metadata(
     return meta
 
 
+#: The user loopform's images (images/*/Dockerfile) run as: 10000 or above, so it maps to no user of the host.
+IMAGE_UID = 10001
+#: Kubernetes resource annotations Checkov reads as reviewed exceptions: `checkov.io/skip<n>: <check>=<reason>`.
+CHECKOV_SKIP = "checkov.io/skip"
+
+
+#: A database image's own user: the files on its volume are that user's, so a pod of another UID could not
+#: start on an existing volume (day-two safety outweighs the rule).
+DATA_OWNER_EXCEPTION = (
+    "CKV_K8S_40",
+    "the official image's user owns the data on the volume; another UID could not open an existing database",
+)
+
+
+def image(reference: str) -> dict[str, str]:
+    """A container's image fields: a tag can be moved, so it is pulled every time; a digest cannot."""
+    return {"image": reference} if "@sha256:" in reference else {"image": reference, "imagePullPolicy": "Always"}
+
+
+def checkov_skips(*exceptions: tuple[str, str]) -> dict[str, str]:
+    """Annotations recording reviewed Checkov exceptions (check id, reason); docs/hardening.md lists them all."""
+    return {f"{CHECKOV_SKIP}{n}": f"{check}={reason}" for n, (check, reason) in enumerate(exceptions, start=1)}
+
+
 def pod_security(user: int) -> dict[str, Any]:
     """Pod-level settings that satisfy the `restricted` Pod Security Standard."""
     return {

@@ -19,14 +19,21 @@ import pulumi_kubernetes as k8s
 import yaml
 
 from components import common, secrets
-from components.registry import POSTGRES_UID, DatabaseEndpoint, database_url
+from components.registry import DatabaseEndpoint, database_url
 from components.secrets import SharedSecret, SharedSecretArgs
 from loopform.features import OFFLINE_URI_ENV, REGISTRY_URL_ENV, cluster_config
 from loopform.identity import FEAST_ACCOUNT
-from loopform.spec import ExternalRedis, FeatureStoreSpec, InClusterRedis
+from loopform.spec import ExternalRedis, FeatureStoreSpec, InClusterRedis, Resources
 
 COMPONENT = "feast"
-FEAST_UID = 1000
+#: Reviewed Checkov exceptions (docs/hardening.md): Feast reads these secrets from the environment only.
+FEAST_ENV_SECRETS = common.checkov_skips(
+    ("CKV_K8S_35", "Feast reads the online store and registry URLs only from env vars (${VAR} in feature_store.yaml)")
+)
+REGISTRY_DB_ENV_SECRETS = common.checkov_skips(
+    ("CKV_K8S_35", "psql reads the admin password from PGPASSWORD and the script the role's from the environment")
+)
+FEAST_UID = common.IMAGE_UID  # the pipeline image's user
 REDIS_UID = 999
 #: `feast serve --metrics` serves Prometheus metrics on this port (feast.metrics.start_metrics_server's default).
 FEAST_METRICS_PORT = 8000
@@ -220,7 +227,7 @@ class FeatureStore(pulumi.ComponentResource):
 
         apply_job = k8s.batch.v1.Job(
             f"{name}-apply",
-            metadata=common.metadata(f"{name}-apply-{repo_hash}", ns, object_labels),
+            metadata=common.metadata(f"{name}-apply-{repo_hash}", ns, object_labels, FEAST_ENV_SECRETS),
             spec={"backoffLimit": 4, "template": _with_command(pod, ["feast", "apply"], "OnFailure")},
             opts=common.child(self, depends_on=depends, delete_before_replace=True),
         )
@@ -243,7 +250,7 @@ class FeatureStore(pulumi.ComponentResource):
         container["resources"] = common.resources(spec.server.resources)
         server = k8s.apps.v1.Deployment(
             f"{name}-server",
-            metadata=common.metadata(f"{name}-server", ns, object_labels),
+            metadata=common.metadata(f"{name}-server", ns, object_labels, FEAST_ENV_SECRETS),
             spec={
                 "replicas": spec.server.replicas,
                 "selector": {"matchLabels": common.selector(COMPONENT, name)},
@@ -285,7 +292,7 @@ class FeatureStore(pulumi.ComponentResource):
         ]
         k8s.batch.v1.CronJob(
             f"{name}-materialize",
-            metadata=common.metadata(f"{name}-materialize", ns, object_labels),
+            metadata=common.metadata(f"{name}-materialize", ns, object_labels, FEAST_ENV_SECRETS),
             spec={
                 "schedule": spec.materialization_schedule,
                 "concurrencyPolicy": "Forbid",
@@ -329,13 +336,14 @@ class FeatureStore(pulumi.ComponentResource):
             },
             "spec": {
                 "serviceAccountName": args.service_account,
+                "automountServiceAccountToken": False,
                 "securityContext": common.pod_security(FEAST_UID),
                 "initContainers": [
                     {
                         "name": "feature-repo",
-                        "image": args.image,
+                        **common.image(args.image),
                         "command": REPO_COPY_COMMAND,
-                        "resources": {"requests": {"cpu": "10m", "memory": "32Mi"}, "limits": {"memory": "64Mi"}},
+                        "resources": common.resources(Resources(cpu="10m", memory="64Mi")),
                         "securityContext": security,
                         "volumeMounts": [
                             {"name": "repo-source", "mountPath": REPO_SOURCE_DIR, "readOnly": True},
@@ -346,7 +354,7 @@ class FeatureStore(pulumi.ComponentResource):
                 "containers": [
                     {
                         "name": "feast",
-                        "image": args.image,
+                        **common.image(args.image),
                         "workingDir": REPO_DIR,
                         "env": [*env, {"name": "HOME", "value": "/tmp"}],
                         **common.env_from(args.credentials_env_from),
@@ -385,7 +393,7 @@ class FeatureStore(pulumi.ComponentResource):
         )
         self._redis_workload = k8s.apps.v1.StatefulSet(
             f"{name}-redis",
-            metadata=common.metadata(role, ns, redis_labels),
+            metadata=common.metadata(role, ns, redis_labels, common.checkov_skips(common.DATA_OWNER_EXCEPTION)),
             spec={
                 "serviceName": role,
                 "replicas": 1,
@@ -393,11 +401,12 @@ class FeatureStore(pulumi.ComponentResource):
                 "template": {
                     "metadata": {"labels": redis_labels},
                     "spec": {
+                        "automountServiceAccountToken": False,
                         "securityContext": common.pod_security(REDIS_UID),
                         "containers": [
                             {
                                 "name": "redis",
-                                "image": redis.image,
+                                **common.image(redis.image),
                                 "args": ["--appendonly", "yes", "--dir", "/data"],
                                 "ports": [{"name": "redis", "containerPort": 6379}],
                                 "readinessProbe": common.exec_probe(ping, period=5),
@@ -438,7 +447,9 @@ class FeatureStore(pulumi.ComponentResource):
         password_ref = {"secretKeyRef": {"name": registry_secret_name(name), "key": "password"}}
         return k8s.batch.v1.Job(
             f"{name}-registry-db",
-            metadata=version.apply(lambda tag: common.metadata(f"{name}-registry-db-{tag[:8]}", ns, labels)),
+            metadata=version.apply(
+                lambda tag: common.metadata(f"{name}-registry-db-{tag[:8]}", ns, labels, REGISTRY_DB_ENV_SECRETS)
+            ),
             spec={
                 "backoffLimit": 6,
                 "template": {
@@ -446,11 +457,12 @@ class FeatureStore(pulumi.ComponentResource):
                     "spec": {
                         "restartPolicy": "OnFailure",
                         "automountServiceAccountToken": False,
-                        "securityContext": common.pod_security(POSTGRES_UID),
+                        # psql needs no user of its own (the image's postgres user owns only the server's files).
+                        "securityContext": common.pod_security(common.IMAGE_UID),
                         "containers": [
                             {
                                 "name": "registry-database",
-                                "image": spec.registry.client_image,
+                                **common.image(spec.registry.client_image),
                                 "command": REGISTRY_DATABASE_COMMAND,
                                 "env": [
                                     {"name": "REGISTRY_SQL", "value": REGISTRY_DATABASE_SQL},
@@ -459,10 +471,7 @@ class FeatureStore(pulumi.ComponentResource):
                                     {"name": "FEAST_REGISTRY_PASSWORD", "valueFrom": password_ref},
                                 ],
                                 "envFrom": [{"secretRef": {"name": database.admin_secret}}],
-                                "resources": {
-                                    "requests": {"cpu": "10m", "memory": "32Mi"},
-                                    "limits": {"memory": "64Mi"},
-                                },
+                                "resources": common.resources(Resources(cpu="10m", memory="64Mi")),
                                 "securityContext": common.container_security(),
                             }
                         ],

@@ -23,7 +23,7 @@ from pulumi_kubernetes.batch.v1 import Job
 from pulumi_kubernetes.helm.v4 import Chart, ChartArgs, RepositoryOptsArgs
 
 from components import common
-from loopform.spec import GitOpsSpec, Namespaces, RetryPolicy
+from loopform.spec import GitOpsSpec, Namespaces, Resources, RetryPolicy
 
 ARGO_HELM_REPO = "https://argoproj.github.io/argo-helm"
 ARGOCD_IMAGE_REPOSITORY = "quay.io/argoproj/argocd"
@@ -69,7 +69,12 @@ def argocd_values(
         # them helm.sh/resource-policy: keep, Chart v4 retains them on destroy, and the next `up` then fails
         # with AlreadyExists (pulumi-kubernetes >= 4.29 creates rather than upserts).
         "crds": {"install": install_crds, "keep": False},
-        "global": {"image": {"repository": ARGOCD_IMAGE_REPOSITORY, "tag": argocd_version}},
+        # The chart's own NetworkPolicies (one per component) and a default deny of ingress: no pod of another
+        # namespace reaches the repo-server or the Redis cache (components/network.py adds egress rules).
+        "global": {
+            "image": {"repository": ARGOCD_IMAGE_REPOSITORY, "tag": argocd_version},
+            "networkPolicy": {"create": True, "defaultDenyIngress": True},
+        },
         "redisSecretInit": {"enabled": False},
         # No SSO is configured, so Dex would only be an idle attack surface.
         "dex": {"enabled": False},
@@ -88,8 +93,12 @@ def redis_secret_init_rules() -> list[dict[str, Any]]:
 
 def redis_secret_init_job(namespace: str, argocd_version: str, labels: Mapping[str, str]) -> dict[str, Any]:
     """The chart's pre-install hook Job, as an ordinary Job (no TTL: Pulumi keeps tracking it)."""
+    exceptions = common.checkov_skips(
+        ("CKV_K8S_38", "argocd admin redis-initial-password creates the Secret through the Kubernetes API"),
+        ("CKV_K8S_40", "the argocd image's own user (999) owns its home; the Job is one-shot"),
+    )
     return {
-        "metadata": common.metadata(REDIS_SECRET_INIT, namespace, dict(labels)),
+        "metadata": common.metadata(REDIS_SECRET_INIT, namespace, dict(labels), exceptions),
         "spec": {
             "backoffLimit": 6,
             "template": {
@@ -101,13 +110,10 @@ def redis_secret_init_job(namespace: str, argocd_version: str, labels: Mapping[s
                     "containers": [
                         {
                             "name": "secret-init",
-                            "image": f"{ARGOCD_IMAGE_REPOSITORY}:{argocd_version}",
+                            **common.image(f"{ARGOCD_IMAGE_REPOSITORY}:{argocd_version}"),
                             "command": ["argocd", "admin", "redis-initial-password"],
                             "securityContext": common.container_security(),
-                            "resources": {
-                                "requests": {"cpu": "50m", "memory": "64Mi"},
-                                "limits": {"memory": "128Mi"},
-                            },
+                            "resources": common.resources(Resources(cpu="50m", memory="128Mi")),
                         }
                     ],
                 },

@@ -27,7 +27,7 @@ from loopform.payloads import DEFAULT_SPILL_MAX_BYTES, ENV_SPILL_DIR, ENV_SPILL_
 from loopform.spec import ModelSpec
 
 COMPONENT = "model-service"
-SERVING_UID = 1000  # the user images/serving/Dockerfile runs as
+SERVING_UID = common.IMAGE_UID  # the user images/serving/Dockerfile runs as
 ANNOTATION_PREFIX = "loopform.dev/"
 SPILL_MOUNT = "/var/spool/loopform-payloads"
 #: Room for the payload log's bounded spill plus the file being written.
@@ -114,7 +114,7 @@ def manifests(args: ModelServiceArgs) -> list[dict[str, Any]]:
         env += [variable for variable in feast_env if variable]
     container = {
         "name": "bento",
-        "image": release.image,
+        **common.image(release.image),
         # The image's entrypoint is `loopform serve`: it serves the model LOOPFORM_MODEL_URI names, on this port.
         "args": ["--port", str(serving.port)],
         "env": env,
@@ -153,6 +153,7 @@ def manifests(args: ModelServiceArgs) -> list[dict[str, Any]]:
                 "spec": {
                     "serviceAccountName": args.service_account,
                     "terminationGracePeriodSeconds": 40,
+                    "automountServiceAccountToken": False,
                     "securityContext": common.pod_security(SERVING_UID),
                     "containers": [container],
                     # Outlives a container restart (an OOM kill), so rows spilled before it still ship.

@@ -27,7 +27,7 @@ PUSHGATEWAY = "loopform-pushgateway"
 PUSHGATEWAY_IMAGE = "prom/pushgateway:v1.11.1"
 PUSHGATEWAY_PORT = 9091
 PUSHGATEWAY_UID = 65534  # `nobody`, the user the upstream image runs as
-MONITOR_UID = 1000  # the user images/pipeline/Dockerfile runs as
+MONITOR_UID = common.IMAGE_UID  # the user images/pipeline/Dockerfile runs as
 #: A scratch folder (emptyDir): the root filesystem is read-only.
 SCRATCH = "/scratch"
 #: `loopform monitor` exits 3 when it triggered retraining: a result, not a failure to retry.
@@ -62,7 +62,7 @@ def pushgateway_manifests(args: PushgatewayArgs) -> list[dict[str, Any]]:
     selector = common.selector("pushgateway", PUSHGATEWAY)
     container = {
         "name": "pushgateway",
-        "image": PUSHGATEWAY_IMAGE,
+        **common.image(PUSHGATEWAY_IMAGE),
         "ports": [{"name": "http", "containerPort": PUSHGATEWAY_PORT}],
         "readinessProbe": common.http_probe("/-/ready", "http"),
         "livenessProbe": common.http_probe("/-/healthy", "http", period=20),
@@ -161,7 +161,7 @@ def drift_monitor_manifests(args: DriftMonitorArgs) -> list[dict[str, Any]]:
     object_labels = common.labels("drift-monitor", name, {**args.labels, "loopform.dev/model": args.model})
     container = {
         "name": "monitor",
-        "image": args.image,
+        **common.image(args.image),
         "args": [
             "monitor",
             args.model,

@@ -18,7 +18,6 @@ from typing import Any
 import pulumi
 import yaml
 from pulumi_kubernetes.apiextensions import CustomResource
-from pulumi_kubernetes.core.v1 import ConfigMap
 from pulumi_kubernetes.helm.v4 import Chart, ChartArgs, RepositoryOptsArgs
 
 from components import common
@@ -40,6 +39,10 @@ SUBMITTER_SERVICE_ACCOUNT = "loopform-workflow-submitter"
 #: The executor's `init` and `wait` containers in every step pod: the chart leaves them without requests or a
 #: memory limit; the wait container archives the run directory to the artifact store.
 EXECUTOR_RESOURCES = {"requests": {"cpu": "100m", "memory": "64Mi"}, "limits": {"memory": "512Mi"}}
+
+
+#: Pod-level settings the chart leaves empty and `restricted` requires (non-root, the runtime's seccomp profile).
+RESTRICTED_POD = {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
 
 
 def argo_workflows_values(
@@ -67,8 +70,10 @@ def argo_workflows_values(
             "clusterWorkflowTemplates": {"enabled": False},
             "metricsConfig": {"enabled": True},
             "serviceMonitor": service_monitor,
+            # With the chart's container settings, the pod meets the namespace's `restricted` Pod Security.
+            "podSecurityContext": RESTRICTED_POD,
         },
-        "server": {"clusterWorkflowTemplates": {"enabled": False}},
+        "server": {"clusterWorkflowTemplates": {"enabled": False}, "podSecurityContext": RESTRICTED_POD},
         # The chart's workflow ServiceAccount and Role are replaced by the runner below.
         "workflow": {"serviceAccount": {"create": False}, "rbac": {"create": False}},
         # The controller adds these containers to every step pod: hardened like the steps (the pod-level
@@ -169,6 +174,8 @@ class Orchestrator(pulumi.ComponentResource):
     """The same as workflow_templates as plain data (names are fixed by the spec)."""
 
     def __init__(self, name: str, args: OrchestratorArgs, opts: pulumi.ResourceOptions | None = None) -> None:
+        from pulumi_kubernetes.core.v1 import ConfigMap  # typed Kubernetes modules are slow to import: load on use
+
         super().__init__("loopform:orchestrator:Orchestrator", name, None, opts)
         spec = args.spec
         namespace = args.namespaces.pipelines

@@ -36,6 +36,7 @@ from components.monitoring import (
     monitor_account,
     pushgateway_url,
 )
+from components.network import NetworkPolicies, NetworkPoliciesArgs
 from components.orchestrator import SUBMITTER_SERVICE_ACCOUNT, Orchestrator, OrchestratorArgs
 from components.registry import ModelRegistry, ModelRegistryArgs
 from components.retraining import RetrainingRoute, RetrainingRouteArgs
@@ -44,7 +45,7 @@ from loopform import identity
 from loopform.alert_rules import feature_views, rule_group
 from loopform.features import OFFLINE_URI_ENV, REGISTRY_URL_ENV, cluster_config
 from loopform.prerequisites import DB_PASSWORD_CONFIG, REDIS_PASSWORD_CONFIG
-from loopform.spec import ExternalRedis, PlatformSpec
+from loopform.spec import ExternalDatabase, ExternalRedis, PlatformSpec
 
 
 def common_labels(spec: PlatformSpec) -> dict[str, str]:
@@ -73,6 +74,38 @@ def model_services(spec: PlatformSpec) -> list[ModelServiceArgs]:
         for model, model_spec in sorted(spec.models.items())
         if model_spec.release is not None
     ]
+
+
+def pod_security_level(role: str, spec: PlatformSpec) -> str:
+    """The Pod Security Standard a namespace enforces: `restricted` wherever every pod is ours or a chart's
+    we configure to meet it. The monitoring namespace runs Argo Events' controller and its JetStream
+    EventBus, whose pod settings are the chart's and the controller's: `baseline`; and with
+    kube-prometheus-stack, node-exporter, which reads the host (hostNetwork, hostPID, hostPath): `privileged`."""
+    if role != "monitoring":
+        return "restricted"
+    return "privileged" if spec.monitoring.install_prometheus_stack else "baseline"
+
+
+def network_policies_args(spec: PlatformSpec, labels: dict[str, str]) -> NetworkPoliciesArgs:
+    """What the NetworkPolicies need from the spec: namespaces, ports, and where Prometheus runs."""
+    monitoring = spec.monitoring
+    external = [
+        backend.port
+        for backend in (spec.registry.backend, spec.feature_store.online_store)
+        if isinstance(backend, ExternalDatabase | ExternalRedis)
+    ]
+    ports = {model.serving.port for model in spec.models.values()}
+    return NetworkPoliciesArgs(
+        namespaces=spec.cluster.namespaces.model_dump(),
+        registry_port=spec.registry.port,
+        feature_server_port=spec.feature_store.server.port,
+        serving_ports=sorted(ports),
+        prometheus_namespace=(monitoring.prometheus_namespace or spec.cluster.namespaces.monitoring)
+        if monitoring.operator
+        else None,
+        external_ports=sorted(set(external)),
+        labels=labels,
+    )
 
 
 def secret_config(config: pulumi.Config, spec: PlatformSpec) -> dict[str, Any]:
@@ -137,13 +170,19 @@ class Platform(pulumi.ComponentResource):
                     "name": namespace,
                     "labels": {
                         **common.labels("namespace", namespace, labels),
-                        "pod-security.kubernetes.io/enforce": "baseline",
+                        "pod-security.kubernetes.io/enforce": pod_security_level(role, spec),
                         "pod-security.kubernetes.io/warn": "restricted",
                     },
                 },
                 # Deleting a namespace deletes everything in it: the one holding the databases is protected.
                 opts=common.stateful(self, cluster.protect_data and role == "platform"),
             )
+
+        NetworkPolicies(
+            f"{name}-network",
+            network_policies_args(spec, labels),
+            common.child(self, depends_on=list(created.values())),
+        )
 
         credentials = self._credentials(name, args, labels, list(created.values()))
         serving_account = common.service_account(

@@ -25,7 +25,7 @@ from loopform.spec import ExternalDatabase, InClusterPostgres, RegistrySpec
 
 COMPONENT = "mlflow"
 POSTGRES_UID = 999  # the postgres image's user
-MLFLOW_UID = 1000
+MLFLOW_UID = common.IMAGE_UID  # images/mlflow/Dockerfile's user
 #: The folder `mlflow server --expose-prometheus` keeps its workers' metric samples in.
 METRICS_DIR = "/tmp/mlflow-metrics"
 #: The pod's IP (downward API): a scrape's Host header, which --allowed-hosts must accept.
@@ -182,7 +182,9 @@ class ModelRegistry(pulumi.ComponentResource):
             "name": "MLFLOW_BACKEND_STORE_URI",
             "valueFrom": {"secretKeyRef": {"name": f"{name}-db", "key": URL_KEY}},
         }
-        env = [backend_env, *self._artifact_env(spec)]
+        # Read-only root filesystems: HOME and every scratch write (gunicorn, metrics, backups) go to /tmp.
+        home = {"name": "HOME", "value": "/tmp"}
+        env = [backend_env, home, *self._artifact_env(spec)]
         security = common.pod_security(MLFLOW_UID)
 
         # Before any server starts: back up and migrate the schema when this MLflow's is newer (see module doc).
@@ -195,12 +197,17 @@ class ModelRegistry(pulumi.ComponentResource):
         )
         upgrade = {
             "name": "upgrade-schema",
-            "image": spec.server_image,
+            **common.image(spec.server_image),
             "command": ["python", f"{SCRIPTS_DIR}/{UPGRADE_SCRIPT.name}"],
-            "env": [backend_env, {"name": "LOOPFORM_BACKUP_URI", "value": backup_uri(spec)}, *self._artifact_env(spec)],
+            "env": [
+                backend_env,
+                home,
+                {"name": "LOOPFORM_BACKUP_URI", "value": backup_uri(spec)},
+                *self._artifact_env(spec),
+            ],
             **common.env_from(args.credentials_env_from),
             "resources": common.resources(spec.resources),
-            "securityContext": common.container_security(read_only_root=False),
+            "securityContext": common.container_security(),
             "volumeMounts": [
                 {"name": "scripts", "mountPath": SCRIPTS_DIR, "readOnly": True},
                 {"name": "tmp", "mountPath": "/tmp"},
@@ -221,7 +228,14 @@ class ModelRegistry(pulumi.ComponentResource):
         allowed_hosts = ",".join(h for host in hosts for h in (host, f"{host}:{port}"))
         server = k8s.apps.v1.Deployment(
             f"{name}-server",
-            metadata=common.metadata(name, ns, object_labels),
+            metadata=common.metadata(
+                name,
+                ns,
+                object_labels,
+                common.checkov_skips(
+                    ("CKV_K8S_35", "mlflow server reads its database URL only from MLFLOW_BACKEND_STORE_URI")
+                ),
+            ),
             spec={
                 "replicas": spec.replicas,
                 "selector": {"matchLabels": common.selector(COMPONENT, name)},
@@ -237,6 +251,7 @@ class ModelRegistry(pulumi.ComponentResource):
                     },
                     "spec": {
                         "serviceAccountName": args.service_account,
+                        "automountServiceAccountToken": False,
                         "securityContext": security,
                         "initContainers": [upgrade],
                         "volumes": [
@@ -246,7 +261,7 @@ class ModelRegistry(pulumi.ComponentResource):
                         "containers": [
                             {
                                 "name": "mlflow",
-                                "image": spec.server_image,
+                                **common.image(spec.server_image),
                                 "command": [
                                     "mlflow",
                                     "server",
@@ -269,7 +284,8 @@ class ModelRegistry(pulumi.ComponentResource):
                                 "readinessProbe": common.http_probe("/health", "http"),
                                 "livenessProbe": common.http_probe("/health", "http", period=20, initial_delay=30),
                                 "resources": common.resources(spec.resources),
-                                "securityContext": common.container_security(read_only_root=False),
+                                "securityContext": common.container_security(),
+                                "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
                             }
                         ],
                     },
@@ -350,7 +366,15 @@ class ModelRegistry(pulumi.ComponentResource):
         )
         statefulset = k8s.apps.v1.StatefulSet(
             f"{name}-postgres",
-            metadata=common.metadata(role, ns, db_labels),
+            metadata=common.metadata(
+                role,
+                ns,
+                db_labels,
+                common.checkov_skips(
+                    common.DATA_OWNER_EXCEPTION,
+                    ("CKV_K8S_35", "the password's postStart rotation reads POSTGRES_PASSWORD from the environment"),
+                ),
+            ),
             spec={
                 "serviceName": role,
                 "replicas": 1,
@@ -359,22 +383,32 @@ class ModelRegistry(pulumi.ComponentResource):
                     # A new password rolls the pod; its postStart hook then applies it to the role.
                     "metadata": {"labels": db_labels, "annotations": {PASSWORD_CHECKSUM: checksum}},
                     "spec": {
+                        "automountServiceAccountToken": False,
                         "securityContext": common.pod_security(POSTGRES_UID),
                         "containers": [
                             {
                                 "name": "postgres",
-                                "image": backend.image,
+                                **common.image(backend.image),
                                 "env": env,
                                 "ports": [{"name": "postgres", "containerPort": 5432}],
                                 "readinessProbe": common.exec_probe(ready, period=5),
                                 "livenessProbe": common.exec_probe(ready, period=20),
                                 "lifecycle": {"postStart": {"exec": {"command": APPLY_PASSWORD_COMMAND}}},
                                 "resources": common.resources(backend.resources),
-                                "securityContext": common.container_security(read_only_root=False),
-                                "volumeMounts": [{"name": "data", "mountPath": "/var/lib/postgresql/data"}],
+                                # Read-only root: the server writes its data, its socket and lock, and scratch.
+                                "securityContext": common.container_security(),
+                                "volumeMounts": [
+                                    {"name": "data", "mountPath": "/var/lib/postgresql/data"},
+                                    {"name": "run", "mountPath": "/var/run/postgresql"},
+                                    {"name": "tmp", "mountPath": "/tmp"},
+                                ],
                             }
                         ],
-                        "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": common.claim_name(role)}}],
+                        "volumes": [
+                            {"name": "data", "persistentVolumeClaim": {"claimName": common.claim_name(role)}},
+                            {"name": "run", "emptyDir": {}},
+                            {"name": "tmp", "emptyDir": {}},
+                        ],
                     },
                 },
             },

@@ -128,14 +128,25 @@ class Resources(Strict):
 
     cpu: Quantity = Field("250m", description="CPU request.")
     memory: Quantity = Field("512Mi", description="Memory request, also the memory limit.")
-    cpu_limit: Quantity | None = Field(None, description="CPU limit; none leaves CPU unthrottled.")
+    cpu_limit: Quantity | None = Field(
+        None,
+        description="CPU limit; none sets four times the request (at least one CPU), so a runaway container "
+        "cannot take a node's CPU while a normal burst is not throttled.",
+    )
 
     def manifest(self) -> dict[str, dict[str, str]]:
         """The container `resources` block."""
-        limits = {"memory": self.memory}
-        if self.cpu_limit:
-            limits["cpu"] = self.cpu_limit
+        limits = {"cpu": self.cpu_limit or _default_cpu_limit(self.cpu), "memory": self.memory}
         return {"requests": {"cpu": self.cpu, "memory": self.memory}, "limits": limits}
+
+
+def _default_cpu_limit(request: str) -> str:
+    """Four times a CPU request, at least one CPU, in millicores (the request is a valid quantity)."""
+    if request.endswith("m"):
+        millicores = float(request[:-1])
+    else:
+        millicores = float(request) * 1000
+    return f"{max(int(millicores * 4), 1000)}m"
 
 
 # --- cluster -----------------------------------------------------------------------------
@@ -812,6 +823,12 @@ class MonitoringSpec(Strict):
     )
     prometheus_release: str = Field(
         "kube-prometheus-stack", description="`release` label the Prometheus Operator selects rules by."
+    )
+    prometheus_namespace: Name | None = Field(
+        None,
+        description="Namespace the cluster's Prometheus and Alertmanager run in: NetworkPolicies let its "
+        "Prometheus scrape every namespace and its Alertmanager reach the retraining webhook. None: the "
+        "platform's monitoring namespace (where install_prometheus_stack installs them).",
     )
     install_prometheus_stack: bool = Field(
         False,

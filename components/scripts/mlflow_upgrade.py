@@ -7,7 +7,7 @@ PostgreSQL database it also needs `pg_dump` on PATH (Debian's postgresql-client,
 newer).
 
 Environment (nothing is read from the command line, and the database URL and its password are never printed):
-  MLFLOW_BACKEND_STORE_URI  the database URL, as `mlflow server` reads it (postgresql+psycopg2://user:pass@host:5432/db?...)
+  MLFLOW_BACKEND_STORE_URI  the database URL, as `mlflow server` reads it (a postgresql+psycopg2 URL with user, password, host, db)
   LOOPFORM_BACKUP_URI       the folder backups go to: s3://bucket/prefix or file:///path
   MLFLOW_S3_ENDPOINT_URL    optional: the S3 endpoint (MinIO and the like), as for MLflow's artifacts
 
