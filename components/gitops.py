@@ -23,6 +23,7 @@ from pulumi_kubernetes.batch.v1 import Job
 from pulumi_kubernetes.helm.v4 import Chart, ChartArgs, RepositoryOptsArgs
 
 from components import common
+from components.orchestrator import chart_verification
 from loopform.spec import GitOpsSpec, Namespaces, Resources, RetryPolicy
 
 ARGO_HELM_REPO = "https://argoproj.github.io/argo-helm"
@@ -43,8 +44,9 @@ SERVICE_KINDS: tuple[tuple[str, str], ...] = (
     ("monitoring.coreos.com", "ServiceMonitor"),
 )
 
-#: Argo CD image of the default chart version (argo-cd chart 7.8.2 ships Argo CD v2.14.2).
-DEFAULT_ARGOCD_VERSION = "v2.14.2"
+#: Argo CD image of the default chart version (argo-cd chart 10.1.3 ships v3.4.5; v3.4.9 is that line's latest
+#: patch). Not 2.14: past its support, and affected by CVE-2026-45738, fixed only in 3.x (loopform/advisories.py).
+DEFAULT_ARGOCD_VERSION = "v3.4.9"
 
 
 def project_name(environment: str) -> str:
@@ -238,6 +240,7 @@ class GitOps(pulumi.ComponentResource):
                 namespace=namespace,
                 repository_opts=RepositoryOptsArgs(repo=ARGO_HELM_REPO),
                 values=argocd_values(args.argocd_version, args.install_crds, args.gpg_keys),
+                **chart_verification(spec.chart_keyring),
             ),
             opts=common.child(self, depends_on=[init_job]),
         )

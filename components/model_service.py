@@ -13,6 +13,7 @@ loads exactly the version and files the record names (LOOPFORM_ARTIFACTS_DIGEST)
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -199,12 +200,15 @@ def manifests(args: ModelServiceArgs) -> list[dict[str, Any]]:
     return manifests
 
 
-_CLASSES = {
-    "Deployment": k8s.apps.v1.Deployment,
-    "Service": k8s.core.v1.Service,
-    "HorizontalPodAutoscaler": k8s.autoscaling.v2.HorizontalPodAutoscaler,
-    "PodDisruptionBudget": k8s.policy.v1.PodDisruptionBudget,
-}
+@functools.cache
+def _classes() -> dict[str, Any]:
+    """The typed resource classes of the kinds declared here (large modules: loaded on first use)."""
+    return {
+        "Deployment": k8s.apps.v1.Deployment,
+        "Service": k8s.core.v1.Service,
+        "HorizontalPodAutoscaler": k8s.autoscaling.v2.HorizontalPodAutoscaler,
+        "PodDisruptionBudget": k8s.policy.v1.PodDisruptionBudget,
+    }
 
 
 class ModelService(pulumi.ComponentResource):
@@ -214,7 +218,7 @@ class ModelService(pulumi.ComponentResource):
 
     def __init__(self, name: str, args: ModelServiceArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("loopform:serving:ModelService", name, None, opts)
-        common.declare(self, name, manifests(args), _CLASSES)
+        common.declare(self, name, manifests(args), _classes())
         port = args.spec.serving.port
         self.url = pulumi.Output.from_input(common.service_url(service_name(args.model), args.namespace, port))
         self.register_outputs({"url": self.url})

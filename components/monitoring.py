@@ -10,6 +10,7 @@ with monitoring.prometheus_operator on, like the charts' ServiceMonitors.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -241,11 +242,14 @@ def drift_monitor_manifests(args: DriftMonitorArgs) -> list[dict[str, Any]]:
     return manifests
 
 
-_CLASSES: dict[str, Any] = {
-    "Deployment": k8s.apps.v1.Deployment,
-    "Service": k8s.core.v1.Service,
-    "CronJob": k8s.batch.v1.CronJob,
-}
+@functools.cache
+def _classes() -> dict[str, Any]:
+    """The typed resource classes of the kinds declared here (large modules: loaded on first use)."""
+    return {
+        "Deployment": k8s.apps.v1.Deployment,
+        "Service": k8s.core.v1.Service,
+        "CronJob": k8s.batch.v1.CronJob,
+    }
 
 
 def monitor_account(
@@ -268,7 +272,7 @@ class Pushgateway(pulumi.ComponentResource):
 
     def __init__(self, name: str, args: PushgatewayArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("loopform:monitoring:Pushgateway", name, None, opts)
-        common.declare(self, name, pushgateway_manifests(args), _CLASSES)
+        common.declare(self, name, pushgateway_manifests(args), _classes())
         self.url = pulumi.Output.from_input(pushgateway_url(args.namespace))
         self.register_outputs({"url": self.url})
 
@@ -280,7 +284,7 @@ class DriftMonitor(pulumi.ComponentResource):
 
     def __init__(self, name: str, args: DriftMonitorArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("loopform:monitoring:DriftMonitor", name, None, opts)
-        common.declare(self, name, drift_monitor_manifests(args), _CLASSES)
+        common.declare(self, name, drift_monitor_manifests(args), _classes())
         self.cron_job = pulumi.Output.from_input(monitor_name(args.model))
         self.register_outputs({"cron_job": self.cron_job})
 

@@ -27,6 +27,7 @@ from components.workflow import (
     PipelineContext,
     render_cron_workflow,
     render_workflow_template,
+    template_metadata,
     template_name,
 )
 from loopform.identity import ACCESS_KEY, RUNNER_ACCOUNT, SECRET_KEY
@@ -51,13 +52,20 @@ def argo_workflows_values(
     """argo-workflows chart values built from the spec.
 
     `prometheus_release` None means the cluster has no Prometheus Operator: no ServiceMonitor.
-    (Chart 0.45.2 has no `useDefaultArtifactRepo`, and `controller.workflowNamespaces` does
+    (The chart has no `useDefaultArtifactRepo`, and `controller.workflowNamespaces` does
     nothing with `singleNamespace`: neither is set.)
+
+    `images.tag` runs a later v3.7 patch than the chart's own (0.47.5 ships v3.7.11): argo-helm
+    builds no chart for v3.7.12 and later, whose fixes `templateReferencing: Strict` needs
+    (loopform/advisories.py). A patch release keeps the chart's CRDs, flags and config keys, so the
+    chart fits it; chart 1.x would mean Argo Workflows v4, a major version (docs/hardening.md).
     """
     service_monitor: dict[str, Any] = {"enabled": prometheus_release is not None}
     if prometheus_release is not None:
         service_monitor["additionalLabels"] = {"release": prometheus_release}
     return {
+        # Controller, server and executor images (each defaults to images.tag).
+        "images": {"tag": spec.argo_workflows_version},
         # Only the stack with cluster.shared_addons installs the CRDs. keep false: with `keep` the chart marks
         # them helm.sh/resource-policy: keep, Chart v4 retains them on destroy, and the next `up` then fails
         # with AlreadyExists (pulumi-kubernetes >= 4.29 creates rather than upserts).
@@ -83,6 +91,13 @@ def argo_workflows_values(
             "securityContext": common.container_security(read_only_root=False),
         },
     }
+
+
+def chart_verification(keyring: str | None) -> dict[str, Any]:
+    """Chart arguments that make Helm check the chart's provenance (.prov) against `keyring`; none without one."""
+    if keyring is None:
+        return {}
+    return {"verify": True, "keyring": pulumi.FileAsset(keyring)}
 
 
 def artifact_repository(spec: ArtifactRepository, static_keys_secret: str | None = None) -> dict[str, Any]:
@@ -191,6 +206,7 @@ class Orchestrator(pulumi.ComponentResource):
                 namespace=namespace,
                 repository_opts=RepositoryOptsArgs(repo=ARGO_HELM_REPO),
                 values=argo_workflows_values(spec, args.prometheus_release, args.install_crds),
+                **chart_verification(spec.chart_keyring),
             ),
             opts=common.child(self),
         )
@@ -236,12 +252,11 @@ class Orchestrator(pulumi.ComponentResource):
         crons: dict[str, pulumi.Output[str]] = {}
         for model, model_spec in sorted(args.models.items()):
             # Metadata never depends on the step environment; the spec may wait for Outputs in it.
-            template_doc = render_workflow_template(_context(args, namespace, pipeline_labels, {}), model, model_spec)
             template = CustomResource(
                 f"{name}-{model}-template",
-                api_version=template_doc["apiVersion"],
-                kind=template_doc["kind"],
-                metadata=template_doc["metadata"],
+                api_version=f"{ARGO_API_GROUP}/v1alpha1",
+                kind="WorkflowTemplate",
+                metadata=template_metadata(_context(args, namespace, pipeline_labels, {}), model),
                 spec=_template_spec(args, namespace, pipeline_labels, model, model_spec),
                 opts=common.child(self, depends_on=[chart, artifacts, runner, runner_binding]),
             )

@@ -16,25 +16,23 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from hera.workflows import (
-    DAG,
-    Artifact,
-    Container,
-    CronWorkflow,
-    EmptyDirVolume,
-    Env,
-    SecretEnv,
-    SecretEnvFrom,
-    WorkflowTemplate,
-)
-from hera.workflows import models as m
-from hera.workflows.retry_strategy import RetryPolicy, RetryStrategy
+# hera's Argo models take most of a second to import, so they load inside the functions that build templates,
+# not when the Pulumi program imports this module. Its YAML presenter (multi-line strings as literal blocks,
+# y/n quoted) is light and stays eager: every YAML the program dumps (ConfigMap data, the feature store's
+# content hash) has been written with it since this module first imported hera, and must not change.
+import hera._yaml  # noqa: F401
 
+from components.common import IMAGE_UID
 from components.gpu_pool import GPU_RESOURCE, GpuScheduling, gpu_pod_resources, scheduling
 from loopform.pipeline import PIPELINE, Step
 from loopform.spec import ExistingPool, KarpenterPool, ModelSpec, OrchestratorSpec
+
+if TYPE_CHECKING:
+    from hera.workflows import Container
+    from hera.workflows import models as m
+    from hera.workflows.retry_strategy import RetryStrategy
 
 RUN_DIR = "/work/run"
 WORK_DIR = "/work"
@@ -42,7 +40,7 @@ RUN_ARTIFACT = "run"
 ENTRYPOINT = "pipeline"
 ARTIFACT_REPOSITORY_CONFIGMAP = "artifact-repositories"
 ARTIFACT_REPOSITORY_KEY = "default-v1"
-STEP_USER = 1000
+STEP_USER = IMAGE_UID  # images/pipeline/Dockerfile's user
 #: The workflow-level custom metric a successful run emits (`last_success_metric`).
 LAST_SUCCESS_METRIC = "loopform_pipeline_last_success_timestamp_seconds"
 
@@ -111,6 +109,9 @@ def _single_need(step: Step) -> str:
 
 
 def _retry(orchestrator: OrchestratorSpec) -> RetryStrategy:
+    from hera.workflows import models as m
+    from hera.workflows.retry_strategy import RetryPolicy, RetryStrategy
+
     retry = orchestrator.retry
     return RetryStrategy(
         limit=retry.limit,
@@ -123,6 +124,9 @@ def _retry(orchestrator: OrchestratorSpec) -> RetryStrategy:
 
 
 def _container(ctx: PipelineContext, model: str, spec: ModelSpec, step: Step, first: bool) -> Container:
+    from hera.workflows import Artifact, Container, EmptyDirVolume, Env, SecretEnv, SecretEnvFrom
+    from hera.workflows import models as m
+
     sched = step_scheduling(step, spec, ctx.pools)
     resources = step_resources(step, spec, ctx.orchestrator)
     return Container(
@@ -162,6 +166,8 @@ def last_success_metric(model: str) -> m.Prometheus:
     """A workflow-level custom metric the Argo controller exposes once a run succeeds: when that run started
     (the dashboard's "last retraining", which matches the name with or without the `argo_workflows_` prefix the
     controller's exporter may add)."""
+    from hera.workflows import models as m
+
     return m.Prometheus(
         name=LAST_SUCCESS_METRIC,
         help="Unix time the last successful pipeline run of the model started.",
@@ -171,14 +177,30 @@ def last_success_metric(model: str) -> m.Prometheus:
     )
 
 
+def template_metadata(ctx: PipelineContext, model: str) -> dict[str, Any]:
+    """The WorkflowTemplate's metadata, without building the template (it needs no step environment)."""
+    return {
+        "annotations": {
+            "workflows.argoproj.io/description": f"Training pipeline of model {model} ({ctx.environment})."
+        },
+        "labels": {**ctx.labels, "loopform.dev/model": model},
+        "name": template_name(model),
+        "namespace": ctx.namespace,
+    }
+
+
 def render_workflow_template(ctx: PipelineContext, model: str, spec: ModelSpec) -> dict[str, Any]:
     """The model's WorkflowTemplate as a plain Argo object (apiVersion, kind, metadata, spec)."""
-    labels = {**ctx.labels, "loopform.dev/model": model}
+    from hera.workflows import DAG, Artifact, WorkflowTemplate
+    from hera.workflows import models as m
+
+    metadata = template_metadata(ctx, model)
+    labels = metadata["labels"]
     with WorkflowTemplate(
-        name=template_name(model),
-        namespace=ctx.namespace,
+        name=metadata["name"],
+        namespace=metadata["namespace"],
         labels=labels,
-        annotations={"workflows.argoproj.io/description": f"Training pipeline of model {model} ({ctx.environment})."},
+        annotations=metadata["annotations"],
         entrypoint=ENTRYPOINT,
         service_account_name=ctx.service_account,
         active_deadline_seconds=ctx.orchestrator.active_deadline_seconds,
@@ -220,6 +242,9 @@ def render_workflow_template(ctx: PipelineContext, model: str, spec: ModelSpec) 
 
 def render_cron_workflow(ctx: PipelineContext, model: str, schedule: str) -> dict[str, Any]:
     """A CronWorkflow that runs the model's WorkflowTemplate on `schedule` (one run at a time)."""
+    from hera.workflows import CronWorkflow
+    from hera.workflows import models as m
+
     labels = {**ctx.labels, "loopform.dev/model": model}
     cron = CronWorkflow(
         name=cron_name(model),

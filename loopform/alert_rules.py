@@ -11,6 +11,7 @@ seconds since the end of the feature view's most recent materialisation.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -33,6 +34,7 @@ _HORIZON = timedelta(days=62)
 _START = datetime(2024, 1, 1, tzinfo=UTC)
 
 
+@functools.cache
 def schedule_period(cron: str) -> timedelta:
     """The longest gap between two consecutive runs of `cron` (within two months of runs, or 400 of them)."""
     from croniter import croniter

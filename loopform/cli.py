@@ -364,7 +364,7 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     from prometheus_client import CollectorRegistry
 
     from loopform.model_code import ModelCode
-    from loopform.monitor import FileTrigger, push_metrics, run_monitor, write_metrics
+    from loopform.monitor import FileTrigger, production_reference, push_metrics, run_monitor, write_metrics
 
     spec = load_stack(_stack_path(args), Path(args.root))
     if args.model not in spec.models:
@@ -372,10 +372,16 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     contract = ModelCode(args.model, Path(args.root), spec.models[args.model].path).contract
     report_dir = Path(args.report_dir)
     version = None
+    sha256 = args.reference_sha256
     if args.reference:
         reference: Path = Path(args.reference)
     else:
-        reference, version = _production_reference(_tracking_uri(args), args.model, report_dir)
+        # The release's stored reference profile (its digest sealed in the evidence), or, for a release
+        # registered before profiles were stored, its training data.
+        try:
+            reference, sha256, version = production_reference(_tracking_uri(args), args.model, report_dir)
+        except LookupError as error:
+            raise UsageError(f"{error}; pass --reference") from None
     payload_uri = args.payload_uri or spec.monitoring.payload_uri
     registry = CollectorRegistry()
     try:
@@ -392,6 +398,7 @@ def cmd_monitor(args: argparse.Namespace) -> int:
             registry=registry,
             trigger=FileTrigger(report_dir / "triggers"),
             version=version,
+            reference_sha256=sha256,
         )
     except ImportError as error:
         raise UsageError(f"cannot read {payload_uri}: {error} (pip install 'loopform[cluster]')") from None
@@ -401,22 +408,6 @@ def cmd_monitor(args: argparse.Namespace) -> int:
         push_metrics(args.push_gateway, registry, args.model)
     print(result.message)
     return 3 if result.triggered else 0
-
-
-def _production_reference(tracking_uri: str, model: str, folder: Path) -> tuple[Path, int]:
-    """The training data of the version holding the production alias (logged by the register step), and that version.
-
-    Only that version's traffic is compared with it: older versions' payloads are not its business.
-    """
-    from loopform import registry
-
-    version = registry.alias_version(tracking_uri, model, "production")
-    if version is None:
-        raise UsageError(f"no version of {model!r} holds the production alias; pass --reference")
-    run_id = registry.client(tracking_uri).get_model_version(model, str(version)).run_id
-    folder.mkdir(parents=True, exist_ok=True)
-    local = registry.client(tracking_uri).download_artifacts(run_id, "reference/reference.parquet", str(folder))
-    return Path(local), version
 
 
 class UsageError(Exception):
@@ -530,7 +521,7 @@ def build_parser() -> argparse.ArgumentParser:
     seed.add_argument(
         "--html-report",
         action="store_true",
-        help="also write Evidently's data summary of a refused batch into its quarantine folder (slow)",
+        help="also write the data summary report of a refused batch into its quarantine folder",
     )
     seed.set_defaults(handler=cmd_ingest)
 
@@ -602,7 +593,12 @@ def build_parser() -> argparse.ArgumentParser:
     monitor = commands.add_parser("monitor", help="drift of recent payloads; exit 3 when retraining is triggered")
     monitor.add_argument("model")
     stack_args(monitor)
-    monitor.add_argument("--reference", help="reference Parquet (default: the production version's training data)")
+    monitor.add_argument(
+        "--reference",
+        help="reference: training data (Parquet) or a stored profile (.npz, with --reference-sha256); "
+        "default: the production version's stored profile",
+    )
+    monitor.add_argument("--reference-sha256", help="sha256 a --reference profile must have")
     monitor.add_argument("--payload-uri", help="payload log (default: monitoring.payload_uri)")
     monitor.add_argument(
         "--report-dir",

@@ -17,7 +17,7 @@ batch is judged on its own, before anything is written or read from it:
 
 Each model has its own folder of the offline store, `<offline store>/<model>/`. A refused batch is
 quarantined under `<model folder>/quarantine/<batch id>/` (its rows and report.json with every check
-and its numbers; report.html with Evidently's data summary on request) and nothing else is written:
+and its numbers; report.html, a data summary beside the reference, on request) and nothing else is written:
 the event table and the labels stay byte-identical. Feast's file source is
 `<model folder>/events.parquet` alone, so materialisation and training only ever read
 admitted batches; nothing under quarantine/ is read by anything.
@@ -233,7 +233,7 @@ def quarantine(
 def _html_report(
     frame: pd.DataFrame, reference: pd.DataFrame | None, contract: Contract, fs: object, path: str
 ) -> None:
-    """Evidently's data summary of the batch beside the reference (about 10 s with the import, 4 MB)."""
+    """The data summary report of the batch beside the reference (loopform.gates.report)."""
     from loopform.gates.report import write_summary_report
 
     usable = [c for c in contract.feature_names if c in frame.columns]

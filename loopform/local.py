@@ -322,7 +322,7 @@ def _model_loop(
         server.stop()  # graceful: the service drains its payload log
     run.payload_rows = len(_payloads(payload_uri, model))
 
-    reference = first.run_dir / "reference.parquet"
+    reference = _stored_reference(first)
     with progress.phase(f"{model}: drift monitor on the live-traffic window"):
         run.monitor["clean"] = _monitor(first, reference, payload_uri, clean_start, drift_start, workdir, route)
         progress.note(_monitor_line(run.monitor["clean"]))
@@ -545,9 +545,18 @@ def _plain(value: Any) -> Any:
     return value.item() if hasattr(value, "item") else value
 
 
+def _stored_reference(ctx: Any) -> tuple[Path, str | None]:
+    """The released run's reference profile and the sha256 its evidence seals (as the cluster's monitor loads
+    it from MLflow), or its training data where the run stored no profile."""
+    stored = ctx.read_json("release.json")["evidence"].get("reference_profile")
+    if stored is None:
+        return ctx.run_dir / "reference.parquet", None
+    return ctx.run_dir / Path(stored["artifact"]).name, stored["sha256"]
+
+
 def _monitor(
     ctx: Any,
-    reference: Path,
+    reference: tuple[Path, str | None],
     payload_uri: str,
     since: datetime,
     until: datetime | None,
@@ -565,7 +574,8 @@ def _monitor(
     result = run_monitor(
         ctx.model,
         contract=ctx.contract,
-        reference=reference,
+        reference=reference[0],
+        reference_sha256=reference[1],
         payload_uri=payload_uri,
         since=since,
         until=until or datetime.now(UTC),

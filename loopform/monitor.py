@@ -2,8 +2,14 @@
 
 `run_monitor` reads the payload log of one window, compares its feature columns with the reference (training)
 data using the pipeline's own drift gate (`loopform.gates.drift.drift_gate`, so serving and training agree on
-what drift is), sets Prometheus gauges, writes Evidently's HTML report and a JSON result, and raises the
+what drift is), sets Prometheus gauges, writes the drift gate's HTML report and a JSON result, and raises the
 retraining trigger when the drift share crosses `gates.drift.max_drift_share`. Too few rows give no decision.
+
+The reference is the release's stored profile where it has one: the register step sorted the training data's
+columns once and sealed the file's sha256 in the evidence (`loopform.gates.stored_profile`), so a run loads
+the sorted columns (checking the digest) instead of re-reading and re-sorting the training data.
+`production_reference` picks it; a release registered before profiles were stored falls back to its training
+data, and the result says which (`MonitorResult.reference`).
 
 The drift share that triggers is the gate's calibrated one: each feature's distance is judged against a
 bootstrap null at the window's own size, so that clean traffic triggers with probability at most
@@ -37,6 +43,7 @@ if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
     from loopform.contract import Contract
+    from loopform.gates.drift import Profile
     from loopform.spec import GatesSpec
 
 Status = Literal["ok", "drift", "insufficient_data", "error"]
@@ -321,6 +328,7 @@ class MonitorResult:
     trigger: str | None = None  # what the trigger returned (file path, workflow id); None when deduplicated
     report: str | None = None
     result_path: str | None = None
+    reference: str = ""  # what the window was compared with: the stored profile (verified) or the training data
 
     @property
     def decided(self) -> bool:
@@ -330,19 +338,56 @@ class MonitorResult:
         return asdict(self)
 
 
-def _reference_frame(reference: pd.DataFrame | str | os.PathLike[str]) -> pd.DataFrame:
+def load_reference(
+    reference: pd.DataFrame | Profile | str | os.PathLike[str], sha256: str | None = None
+) -> tuple[pd.DataFrame | Profile, str]:
+    """(reference, what it is): a stored profile (`.npz`, loaded only when it hashes to `sha256`), a Profile,
+    or training data (a DataFrame or Parquet file, profiled on this run)."""
     import pandas as pd
 
+    from loopform.gates.drift import Profile
+    from loopform.gates.stored_profile import load_profile
+
+    if isinstance(reference, Profile):
+        return reference, f"reference profile ({reference.rows} rows)"
     if isinstance(reference, pd.DataFrame):
-        return reference
-    return pd.read_parquet(reference)
+        return reference, f"training data ({len(reference)} rows, sorted on this run)"
+    path = Path(reference)
+    if path.suffix == ".npz":
+        if not sha256:
+            raise ValueError(f"{path} is a stored profile: give the sha256 its release's evidence recorded")
+        loaded = load_profile(path, sha256)
+        return loaded, f"stored reference profile ({loaded.rows} rows, sha256 {sha256[:12]}... verified)"
+    frame = pd.read_parquet(path)
+    fallback = "" if sha256 is None else ", digest ignored"
+    return frame, f"training data {path.name} ({len(frame)} rows, sorted on this run: no stored profile{fallback})"
+
+
+def production_reference(tracking_uri: str, model: str, folder: Path) -> tuple[Path, str | None, int]:
+    """(reference file, its sha256 or None, version) of the version holding the production alias.
+
+    The stored profile its evidence names (`reference_profile`), downloaded into `folder`; a version
+    registered before profiles were stored gives its training data (`reference/reference.parquet`) and
+    None, so the monitor sorts it as before and says so.
+    """
+    from loopform import registry
+
+    version = registry.alias_version(tracking_uri, model, "production")
+    if version is None:
+        raise LookupError(f"no version of {model!r} holds the production alias")
+    stored = (registry.read_evidence(tracking_uri, model, version) or {}).get("reference_profile")
+    run_id = registry.client(tracking_uri).get_model_version(model, str(version)).run_id
+    folder.mkdir(parents=True, exist_ok=True)
+    artifact = stored["artifact"] if stored else registry.REFERENCE_DATA
+    local = registry.client(tracking_uri).download_artifacts(run_id, artifact, str(folder))
+    return Path(local), (stored["sha256"] if stored else None), version
 
 
 def run_monitor(
     model: str,
     *,
     contract: Contract,
-    reference: pd.DataFrame | str | os.PathLike[str],
+    reference: pd.DataFrame | Profile | str | os.PathLike[str],
     payload_uri: str,
     since: datetime | None = None,
     gates: GatesSpec,
@@ -354,8 +399,12 @@ def run_monitor(
     trigger: Trigger | Sequence[Trigger] | None = None,
     version: int | None = None,
     columns: Sequence[str] | None = None,
+    reference_sha256: str | None = None,
 ) -> MonitorResult:
-    """Monitor the payloads of `model` in [since, until) against `reference` (DataFrame or Parquet path).
+    """Monitor the payloads of `model` in [since, until) against `reference`.
+
+    The reference is the release's stored profile (an `.npz` path with `reference_sha256`, the digest its
+    evidence recorded: see `production_reference`), a Profile, or training data (DataFrame or Parquet path).
 
     `since` defaults to `until - window` (until: now). Sets the gauges in `registry` (a fresh
     CollectorRegistry when None; read it back with `metrics_text`), writes `<model>-drift-<time>.html` and
@@ -401,7 +450,7 @@ def run_monitor(
             f"fewer than monitoring.min_rows={min_rows}"
         )
     else:
-        ref = _reference_frame(reference)
+        ref, result.reference = load_reference(reference, reference_sha256)
         report_path = Path(report_dir) / f"{model}-drift-{stamp}.html" if report_dir is not None else None
         gate = drift_gate(ref, current, gates, contract, report_path, columns=columns)
         metrics = gate.metrics
@@ -433,10 +482,10 @@ def run_monitor(
             shifted = bool(result.label_shift and result.label_shift["shifted"])
             result.status = "drift" if result.drift_share > max_share or shifted else "ok"
             result.message = _message(result, gate.failures)
-        result.message += _ood_note(result, ood_failures)
+        result.message += _ood_note(result, ood_failures) + f"; reference: {result.reference}"
     _export(result, registry)
     if result.status == "drift" and trigger is not None:
-        event = _event(result, ref)
+        event = _event(result, ref, reference_sha256)
         handles = [t.fire(event) for t in ([trigger] if not isinstance(trigger, Sequence) else trigger)]
         result.triggered = True
         result.trigger = next((h for h in handles if h is not None), None)
@@ -500,13 +549,19 @@ def _ood_note(result: MonitorResult, failures: Sequence[str]) -> str:
     )
 
 
-def _event(result: MonitorResult, reference: pd.DataFrame) -> RetrainEvent:
+def _event(result: MonitorResult, reference: pd.DataFrame | Profile, sha256: str | None) -> RetrainEvent:
     from loopform.contract import fingerprint
+    from loopform.gates.drift import Profile
 
-    try:
-        ref_id = fingerprint(reference)
-    except Exception:  # a reference without the full schema still gets a stable-enough key
-        ref_id = str(len(reference))
+    if sha256:
+        ref_id = sha256
+    elif isinstance(reference, Profile):
+        ref_id = json.dumps([reference.rows, {name: c.n for name, c in reference.columns.items()}])
+    else:
+        try:
+            ref_id = fingerprint(reference)
+        except Exception:  # a reference without the full schema still gets a stable-enough key
+            ref_id = str(len(reference))
     key = hashlib.sha256(json.dumps([result.model, ref_id, sorted(result.drifted)]).encode()).hexdigest()
     return RetrainEvent(
         model=result.model,
@@ -528,7 +583,7 @@ def run_from_spec(
     model: str,
     contract: Contract,
     *,
-    reference: pd.DataFrame | str | os.PathLike[str],
+    reference: pd.DataFrame | Profile | str | os.PathLike[str],
     report_dir: str | os.PathLike[str] | None = None,
     registry: CollectorRegistry | None = None,
     trigger: Trigger | Sequence[Trigger] | None = None,

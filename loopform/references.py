@@ -23,6 +23,8 @@ from loopform.prerequisites import BUILTIN_NAMESPACES, DEFAULT_STORAGE_CLASS, Pr
 
 CRD = "CustomResourceDefinition"
 _S3 = re.compile(r"s3://([a-z0-9][a-z0-9.-]{1,61}[a-z0-9])")
+#: What any YAML or JSON text with a mapping key `s3` contains: s3, maybe a closing quote, then the `:` indicator.
+_S3_KEY = re.compile(r"s3['\"]?\s*:")
 #: The CRDs each upstream chart installs with `crds.install: true` (its templates/crds/ folder, pinned versions).
 CHART_CRDS = {
     "argo-workflows": (
@@ -180,6 +182,8 @@ def _workflow_template_refs(manifest: dict[str, Any], namespace: str, by: str) -
 def _artifact_repository_refs(data: dict[str, str], namespace: str, by: str) -> Iterator[Ref]:
     """The Secrets and bucket an Argo artifact-repository ConfigMap names."""
     for text in data.values():
+        if not _S3_KEY.search(text):  # parse only what can hold one: a stack's dashboards are megabytes of JSON
+            continue
         try:
             repository = yaml.safe_load(text)
         except yaml.YAMLError:

@@ -43,6 +43,9 @@ EVALUATION_FILE = "evaluation.json"
 TRAINING_FILE = "training.json"
 RELEASE_DIR = "release"
 MODEL_ARTIFACT = "model"
+REFERENCE_DIR = "reference"
+REFERENCE_DATA = f"{REFERENCE_DIR}/reference.parquet"  # the training data the register step logs
+REFERENCE_PROFILE = f"{REFERENCE_DIR}/reference-profile.npz"  # its sorted columns (loopform.gates.stored_profile)
 PREPROCESSING_FILE = "preprocessing.json"  # in the model folder's extra_files/
 # A model class named by preprocessing.json must be one of the image's model packages.
 _MODEL_CLASS = re.compile(r"(models\.[A-Za-z_][A-Za-z0-9_]*\.model):([A-Za-z_][A-Za-z0-9_]*)")
@@ -263,6 +266,22 @@ def run_record(tracking_uri: str, run_id: str) -> dict[str, Any]:
     }
 
 
+def reference_profile(tracking_uri: str, run_id: str) -> dict[str, str] | None:
+    """The run's stored reference profile as the evidence names it (artifact path and the sha256 of its bytes
+    as stored), or None for a run that logged none."""
+    import mlflow
+
+    from loopform.gates.stored_profile import sha256_of
+
+    if REFERENCE_PROFILE not in {item.path for item in client(tracking_uri).list_artifacts(run_id, REFERENCE_DIR)}:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        local = mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path=REFERENCE_PROFILE, dst_path=tmp, tracking_uri=tracking_uri
+        )
+        return {"artifact": REFERENCE_PROFILE, "sha256": sha256_of(Path(local))}
+
+
 def evidence_tags(evidence: Mapping[str, Any]) -> dict[str, str]:
     """Version tags: the whole evidence as one canonical JSON tag, plus key fields for people and search."""
     tags = {
@@ -292,7 +311,8 @@ def register_version(
     """Register the run's model as a new version whose tags hold the run's sealed evidence.
 
     The evidence is built from what the run recorded (gate JSONs, evaluation.json, training.json
-    with the device it trained on, data fingerprint), so it cannot say more than the run proved.
+    with the device it trained on, data fingerprint, and the reference profile's digest when the run
+    stored one), so it cannot say more than the run proved.
     The release record JSON goes to `record_dir/<model>-v<version>.json` (when given) and to the
     run's `release/` artifacts.
     """
@@ -310,6 +330,7 @@ def register_version(
         mlflow_client.create_registered_model(model_name)
     version = mlflow_client.create_model_version(model_name, source=model_uri, run_id=run_id)
     files = model_file_digests(tracking_uri, f"models:/{model_name}/{version.version}")
+    profile = reference_profile(tracking_uri, run_id)
     sealed = ev.seal(
         {
             "model": model_name,
@@ -320,6 +341,7 @@ def register_version(
             "evaluation": recorded["evaluation"],
             "training": recorded["training"],
             "artifacts": {"digest": rec.artifacts_digest(files), "files": files},
+            **({"reference_profile": profile} if profile else {}),
         },
         now=now,
     )

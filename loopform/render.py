@@ -9,7 +9,9 @@ would be applied; Helm charts as chart + version + values; Secret data redacted.
 from __future__ import annotations
 
 import json
+import re
 import runpy
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,7 +78,7 @@ class RenderedResource:
         if self.is_chart:
             return {
                 key: data[key]
-                for key in ("chart", "version", "name", "repositoryOpts", "namespace", "values")
+                for key in ("chart", "version", "name", "repositoryOpts", "namespace", "verify", "keyring", "values")
                 if key in data
             }
         if self.kind == "Secret" and self.is_kubernetes_object:
@@ -105,7 +107,13 @@ def _plain(value: Any) -> Any:
 class _Mocks(Mocks):
     """Answers for the engine: echo inputs, fill names the provider would fill."""
 
+    def __init__(self) -> None:
+        # The inputs of the registration this thread is answering, already deserialized by the MockMonitor: the
+        # recording monitor keeps them instead of deserializing them again (the SDK registers from worker threads).
+        self.answering = threading.local()
+
     def new_resource(self, args: pulumi.runtime.MockResourceArgs) -> tuple[str, dict[str, Any]]:
+        self.answering.inputs = args.inputs
         state = dict(args.inputs)
         if args.typ.startswith("kubernetes:") and "apiVersion" in state:
             metadata = dict(state.get("metadata") or {})
@@ -120,14 +128,13 @@ class _Mocks(Mocks):
 class _RecordingMonitor(MockMonitor):
     """A MockMonitor that also keeps parent, custom flag, dependencies and inputs."""
 
-    def __init__(self, mocks: Mocks) -> None:
+    def __init__(self, mocks: _Mocks) -> None:
         super().__init__(mocks)
         self.recorded: list[RenderedResource] = []
 
     def RegisterResource(self, request: Any) -> Any:
         response = super().RegisterResource(request)
         if request.type != "pulumi:pulumi:Stack":
-            inputs = pulumi.runtime.rpc.deserialize_properties(request.object)
             self.recorded.append(
                 RenderedResource(
                     type_=request.type,
@@ -135,7 +142,7 @@ class _RecordingMonitor(MockMonitor):
                     urn=response.urn,
                     parent=request.parent or None,
                     custom=bool(request.custom),
-                    inputs=inputs,
+                    inputs=self.mocks.answering.inputs,
                     dependencies=tuple(request.dependencies),
                     protect=bool(request.protect),
                     retain_on_delete=bool(request.retainOnDelete),
@@ -184,8 +191,65 @@ def file_name(resource: RenderedResource) -> str:
     return f"{resource.name}.{resource.kind.lower()}.yaml"
 
 
+def _represent_str(dumper: yaml.SafeDumper, text: str) -> yaml.ScalarNode:
+    """Strings as every render has written them: hera's YAML presenter, which the program installs globally when it
+    imports hera (multi-line text as a literal block, the YAML 1.1 booleans y/Y/n/N quoted), here made explicit so
+    the output never depends on what else was imported."""
+    if "\n" in text:
+        return dumper.represent_scalar("tag:yaml.org,2002:str", text, style="|")
+    if text in ("y", "Y", "n", "N"):
+        return dumper.represent_scalar("tag:yaml.org,2002:str", text, style="'")
+    return dumper.represent_scalar("tag:yaml.org,2002:str", text)
+
+
+class _Dumper(yaml.SafeDumper):
+    """PyYAML's pure-Python emitter: the reference output."""
+
+
+class _FastDumper(yaml.CSafeDumper):
+    """libyaml's emitter, several times faster: byte-identical to `_Dumper` on `_libyaml_exact` data."""
+
+
+for _dumper in (_Dumper, _FastDumper):
+    _dumper.add_representer(str, _represent_str)
+
+#: Text libyaml emits exactly as PyYAML does: printable ASCII and line breaks, no space before a line break.
+_EXACT_TEXT = re.compile(r"[\n\x20-\x7e]*")
+#: PyYAML writes a mapping key of this many characters or more as an explicit `? key`; libyaml counts differently.
+_LONG_KEY = 100
+
+
+def _exact_text(text: str) -> bool:
+    """Whether libyaml writes `text` as PyYAML does. The two fold double-quoted scalars, and count the width of
+    escapes and non-ASCII characters, differently; double quotes are what text with other characters, a space
+    before a line break, or (multi-line) a trailing space gets. A multi-line text ending in two line breaks (the
+    `|+` block) may be followed by a document end marker in one and not the other."""
+    if _EXACT_TEXT.fullmatch(text) is None or " \n" in text:
+        return False
+    if "\n" in text:
+        return not text.endswith((" ", "\n\n")) and text != "\n"
+    return True
+
+
+def _libyaml_exact(data: Any) -> bool:
+    """Whether libyaml dumps `data` byte for byte as PyYAML does (`_exact_text` for every string; keys non-empty,
+    single-line and short); anything else goes through PyYAML."""
+    if isinstance(data, str):
+        return _exact_text(data)
+    if isinstance(data, dict):
+        return all(
+            isinstance(key, str) and 0 < len(key) < _LONG_KEY and "\n" not in key and _exact_text(key) for key in data
+        ) and all(_libyaml_exact(value) for value in data.values())
+    if isinstance(data, list):
+        return all(_libyaml_exact(item) for item in data)
+    return data is None or isinstance(data, bool | int | float)
+
+
 def dump_yaml(data: Any) -> str:
-    return yaml.safe_dump(data, sort_keys=True, default_flow_style=False, width=120, allow_unicode=True)
+    """`data` as block YAML, keys sorted: with libyaml where it is exact (a mapping, `_libyaml_exact`), else with
+    PyYAML (which ends a lone scalar with a document end marker that libyaml leaves out)."""
+    dumper = _FastDumper if isinstance(data, dict) and _libyaml_exact(data) else _Dumper
+    return yaml.dump(data, Dumper=dumper, sort_keys=True, default_flow_style=False, width=120, allow_unicode=True)
 
 
 def tree(resources: Iterable[RenderedResource]) -> str:

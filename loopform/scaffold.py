@@ -115,14 +115,7 @@ def new_model(root: Path, name: str, task: str) -> Scaffold:
     for stack, text in texts.items():
         if _has_model(text, name):
             raise ScaffoldError(f"stacks/Pulumi.{stack}.yaml already declares model {name!r}")
-    given = values(name, task)
-    scaffold = Scaffold()
-    for target, names in ((root / "models" / name, _MODEL_FILES), (root / "bentos" / name, _BENTO_FILES)):
-        target.mkdir(parents=True)
-        for file in names:
-            path = target / file
-            path.write_text(Template((TEMPLATES / f"{file}.tmpl").read_text()).substitute(given))
-            scaffold.files.append(path)
+    scaffold = Scaffold(files=write_model_files(root, name, task))
     for stack, text in texts.items():
         path = stack_file(stack, root)
         updated = with_model(text, name, stack_entry(name, task, stack))
@@ -137,6 +130,20 @@ def new_model(root: Path, name: str, task: str) -> Scaffold:
         )
         load_stack(path, root)  # the stack with the new model is a valid spec, and the model folder checks out
     return scaffold
+
+
+def write_model_files(root: Path, name: str, task: str) -> list[Path]:
+    """Write models/<name>/ and bentos/<name>/ from the templates (no stack entry); returns the files written.
+    `new_model` checks the name first; `bench/iac.py` writes hundreds of models with it."""
+    given = values(name, task)
+    files = []
+    for target, names in ((root / "models" / name, _MODEL_FILES), (root / "bentos" / name, _BENTO_FILES)):
+        target.mkdir(parents=True)
+        for file in names:
+            path = target / file
+            path.write_text(Template((TEMPLATES / f"{file}.tmpl").read_text()).substitute(given))
+            files.append(path)
+    return files
 
 
 def _has_model(text: str, name: str) -> bool:

@@ -142,10 +142,7 @@ class Resources(Strict):
 
 def _default_cpu_limit(request: str) -> str:
     """Four times a CPU request, at least one CPU, in millicores (the request is a valid quantity)."""
-    if request.endswith("m"):
-        millicores = float(request[:-1])
-    else:
-        millicores = float(request) * 1000
+    millicores = float(request[:-1]) if request.endswith("m") else float(request) * 1000
     return f"{max(int(millicores * 4), 1000)}m"
 
 
@@ -469,7 +466,13 @@ class KarpenterNodeClass(Strict):
         description="IAM role name of the nodes (the node role your Karpenter installation created; "
         "it needs an EKS access entry or aws-auth mapping). No default: a wrong role never makes a node.",
     )
-    ami_alias: str = Field("al2023@latest", description="amiSelectorTerms alias (GPU AMIs are picked per instance).")
+    ami_alias: str = Field(
+        "al2023@v20260923",
+        pattern=r"^[a-z0-9]+@(latest|v[0-9]{8})$",
+        description="amiSelectorTerms alias, <family>@v<YYYYMMDD> (an EKS AMI release; GPU AMIs are picked per "
+        "instance). `@latest` drifts every node to each new AMI as AWS publishes it; the tests refuse it in the "
+        "repository's stacks.",
+    )
     discovery_tag: str = Field(
         min_length=1,
         description="Value of tag karpenter.sh/discovery on the cluster's subnets and security groups "
@@ -576,7 +579,20 @@ IMAGE_TAG = "0.1.0"
 class OrchestratorSpec(Strict):
     """Argo Workflows and the per-model training pipelines."""
 
-    chart_version: str = Field("0.45.2", description="argo-workflows chart version (Argo Workflows v3.6).")
+    chart_version: str = Field(
+        "0.47.5", description="argo-workflows chart version (the last for Argo Workflows v3.7; it ships v3.7.11)."
+    )
+    argo_workflows_version: str = Field(
+        "v3.7.18",
+        pattern=r"^v[0-9]+\.[0-9]+\.[0-9]+$",
+        description="Argo Workflows image tag (controller, server, executor): a v3.7 patch past the chart's own "
+        "v3.7.11, which `templateReferencing: Strict` submitters can bypass (loopform/advisories.py).",
+    )
+    chart_keyring: RepoPath | None = Field(
+        None,
+        description="Binary GnuPG keyring (in the repository) holding argo-helm's signing key: set, Helm verifies "
+        "the chart's provenance before installing it (docs/hardening.md, Patched versions). None: unverified.",
+    )
     pipeline_image: str = Field(
         f"{IMAGE_REGISTRY}/pipeline:{IMAGE_TAG}",
         description="Image of the CPU steps (`loopform step`; images/pipeline, the CPU build of torch).",
@@ -605,8 +621,17 @@ class GitOpsSpec(Strict):
         description="Argo CD syncs the model services from the rendered manifests in git. Off, `pulumi up` "
         "deploys them itself.",
     )
-    chart_version: str = Field("7.8.2", description="argo-cd chart version.")
-    argocd_version: str = Field("v2.14.2", description="Argo CD image tag (the one the chart version ships).")
+    chart_version: str = Field("10.1.3", description="argo-cd chart version (for Argo CD 3.4; it ships v3.4.5).")
+    argocd_version: str = Field(
+        "v3.4.9",
+        description="Argo CD image tag: the chart's minor version, at its latest patch (loopform/advisories.py). "
+        "3.4, not 3.5: 3.5 deprecates AppProject signatureKeys, which `signature_keys` relies on.",
+    )
+    chart_keyring: RepoPath | None = Field(
+        None,
+        description="Binary GnuPG keyring (in the repository) holding argo-helm's signing key: set, Helm verifies "
+        "the chart's provenance before installing it (docs/hardening.md, Patched versions). None: unverified.",
+    )
     repo_url: GitUrl = Field("https://github.com/loopform/loopform.git", description="Repository Argo CD syncs.")
     target_revision: str = Field("main", description="Branch, tag or commit of repo_url Argo CD syncs.")
     path: RepoPath = Field("deploy", description="Folder of rendered service manifests; the environment is appended.")
@@ -1163,7 +1188,8 @@ def read_stack_file(path: Path) -> dict[str, Any]:
     if not path.exists():
         raise SpecError(source, ["file not found"])
     try:
-        document = yaml.safe_load(path.read_text())
+        # libyaml's safe loader where PyYAML has it: the same documents, several times faster on a large stack.
+        document = yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     except yaml.YAMLError as error:
         raise SpecError(source, [f"not valid YAML: {error}"]) from None
     if not isinstance(document, dict) or not isinstance(document.get("config"), dict):

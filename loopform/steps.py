@@ -10,6 +10,8 @@ Run directory layout:
   training.parquet       point-in-time-correct features + label, from Feast
   model/                 the trained model as an MLflow model folder (pt2 network + preprocessing.json, no pickle)
   evaluation.json        holdout metrics and the champion comparison
+  reference.parquet      the training part of the data, the monitor's reference (logged to the run)
+  reference-profile.npz  its sorted columns, computed once: the monitor loads them (digest in the evidence)
   release.json           the registered version and its sealed evidence
   promotion.json         the staging promotion's outcome
 """
@@ -379,7 +381,8 @@ def evaluate(ctx: StepContext) -> dict[str, Any]:
 
 
 def register(ctx: StepContext) -> dict[str, Any]:
-    """Log the run (gates, reports, metrics, model, reference data) and register a version with its evidence."""
+    """Log the run (gates, reports, metrics, model, reference data and profile) and register a version with its
+    evidence, which seals the reference profile's sha256 (`registry.reference_profile`)."""
     import pandas as pd
 
     from loopform import registry
@@ -406,10 +409,32 @@ def register(ctx: StepContext) -> dict[str, Any]:
     )
     reference = ctx.run_dir / REFERENCE_FILE
     older.to_parquet(reference, index=False)
-    registry.client(ctx.mlflow()).log_artifact(run.run_id, str(reference), "reference")
+    registry.client(ctx.mlflow()).log_artifact(run.run_id, str(reference), registry.REFERENCE_DIR)
+    stored = reference_profile(older, ctx.contract, ctx.run_dir)
+    if stored is not None:
+        registry.client(ctx.mlflow()).log_artifact(run.run_id, str(stored), registry.REFERENCE_DIR)
     record = registry.register_version(ctx.mlflow(), ctx.model, run.run_id, model_uri=run.model_uri, now=ctx.now)
     ctx.write_json("release.json", record.to_dict())
     return record.to_dict()
+
+
+def reference_profile(older: pd.DataFrame, contract: Contract, run_dir: Path) -> Path | None:
+    """The monitor's reference, computed once: the sorted feature and label columns of the training part,
+    written to `run_dir` (`loopform.gates.stored_profile.PROFILE_FILE`).
+
+    None when a column cannot be profiled (e.g. all missing): the monitor then falls back to the
+    training data and says so."""
+    from loopform.gates.drift import DriftInputError, profile
+    from loopform.gates.stored_profile import PROFILE_FILE, save_profile
+
+    columns = [*contract.feature_names, contract.label]
+    try:
+        profiled = profile(older, columns, kinds={**contract.kinds, contract.label: "numeric"})
+    except DriftInputError:
+        return None
+    path = run_dir / PROFILE_FILE
+    save_profile(profiled, path)
+    return path
 
 
 def promote_to_staging(ctx: StepContext) -> dict[str, Any]:

@@ -15,6 +15,7 @@ Only model code imports this module, so torch is imported at the top.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, TypeVar
@@ -87,19 +88,65 @@ class TabularModel(nn.Module):
             parts.append((values[:, None] == np.asarray(categories, dtype=object)[None, :]).astype(np.float32))
         return np.concatenate(parts, axis=1)
 
+    def encode_records(self, rows: Sequence[Mapping[str, Any]]) -> np.ndarray:
+        """`encode(pd.DataFrame.from_records(rows))` without a DataFrame: the serving path, where pandas costs
+        more than the network.
+
+        Rows whose every feature is a plain value (numbers as int or float, missing numbers as None, categories
+        as str) are encoded with numpy alone, with the same float64 arithmetic as `encode`, so the matrix is
+        bit-identical; anything else (strings for numbers, non-str categories, absent keys) goes through
+        `encode` itself, so both paths always agree.
+        """
+        if not rows:
+            return np.zeros((0, self.width), dtype=np.float32)
+        try:
+            numeric = np.array([[_number(row[name]) for name in self.numeric] for row in rows], dtype=np.float64)
+            hot = [[self._columns[name].get(_category(row[name]), -1) for name in self.categorical] for row in rows]
+        except (KeyError, TypeError):  # an absent feature or a value only pandas' coercion defines
+            return self.encode(pd.DataFrame.from_records(list(rows)))
+        mean = self.mean.cpu().numpy().astype(np.float64)
+        std = self.std.cpu().numpy().astype(np.float64)
+        numeric = np.where(np.isnan(numeric), mean, numeric)
+        matrix = np.zeros((len(rows), self.width), dtype=np.float32)
+        matrix[:, : len(self.numeric)] = (numeric - mean) / std
+        columns = np.asarray(hot, dtype=np.int64).reshape(len(rows), len(self.categorical))
+        seen = columns >= 0
+        matrix[np.nonzero(seen)[0], columns[seen]] = 1.0
+        return matrix
+
+    @functools.cached_property
+    def _columns(self) -> dict[str, dict[str, int]]:
+        """Per categorical feature: category -> its column in the encoded matrix (an unseen one has none)."""
+        start = len(self.numeric)
+        columns: dict[str, dict[str, int]] = {}
+        for name, categories in self.categorical.items():
+            columns[name] = {category: start + i for i, category in enumerate(categories)}
+            start += len(categories)
+        return columns
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The network's output (one number per row) for an encoded batch."""
         return self.net(x).squeeze(-1)
 
-    @torch.no_grad()
     def outputs(self, df: pd.DataFrame) -> torch.Tensor:
         """The network's output per row of a raw feature DataFrame, in eval mode, on the CPU."""
+        return self._infer(self.encode(df))
+
+    def outputs_records(self, rows: Sequence[Mapping[str, Any]]) -> torch.Tensor:
+        """`outputs` of rows given as mappings of raw features (`encode_records`): the serving path."""
+        return self._infer(self.encode_records(rows))
+
+    def _infer(self, encoded: np.ndarray) -> torch.Tensor:
+        """The forward pass in eval mode under `torch.inference_mode` (no autograd bookkeeping), on the CPU."""
         was_training = self.training
-        self.eval()
-        x = torch.from_numpy(self.encode(df)).to(self.mean.device)
-        out = self(x).cpu()
-        self.train(was_training)
-        return out
+        if was_training:
+            self.eval()
+        try:
+            with torch.inference_mode():
+                return self(torch.from_numpy(encoded).to(self.mean.device)).cpu()
+        finally:
+            if was_training:
+                self.train()
 
     def task_preprocessing(self) -> dict[str, Any]:
         """What the subclass adds to the preprocessing JSON (its threshold, its label's scale)."""
@@ -161,6 +208,10 @@ class TabularClassifier(TabularModel):
         """Probability of the positive class per row of a raw feature DataFrame."""
         return torch.sigmoid(self.outputs(df)).numpy().astype(np.float64)
 
+    def predict_proba_records(self, rows: Sequence[Mapping[str, Any]]) -> np.ndarray:
+        """`predict_proba` of rows given as mappings of raw features, without a DataFrame (the serving path)."""
+        return torch.sigmoid(self.outputs_records(rows)).numpy().astype(np.float64)
+
     def predict(self, df: pd.DataFrame) -> np.ndarray:
         """1 where the score reaches the operating threshold."""
         return (self.predict_proba(df) >= self.threshold).astype(np.int64)
@@ -182,12 +233,35 @@ class TabularRegressor(TabularModel):
         """The predicted label per row of a raw feature DataFrame."""
         return self.outputs(df).numpy().astype(np.float64) * self.label_std + self.label_mean
 
+    def predict_records(self, rows: Sequence[Mapping[str, Any]]) -> np.ndarray:
+        """`predict` of rows given as mappings of raw features, without a DataFrame (the serving path)."""
+        return self.outputs_records(rows).numpy().astype(np.float64) * self.label_std + self.label_mean
+
     def task_preprocessing(self) -> dict[str, Any]:
         return {"label_mean": float(self.label_mean), "label_std": float(self.label_std)}
 
     def restore_task(self, preprocessing: Mapping[str, Any]) -> None:
         self.label_mean = float(preprocessing["label_mean"])
         self.label_std = float(preprocessing["label_std"])
+
+
+def _number(value: Any) -> float:
+    """A numeric feature's value as `encode` reads it, for the values it reads the same way; TypeError for others."""
+    kind = type(value)
+    if kind is float:
+        return value
+    if kind is int and -(2**63) <= value < 2**63:  # beyond int64, pandas picks another dtype
+        return float(value)
+    if value is None:
+        return math.nan
+    raise TypeError(f"{value!r} needs pandas' numeric coercion")
+
+
+def _category(value: Any) -> str:
+    """A categorical feature's value as `encode` reads it when it is a str; TypeError for others (None, numbers)."""
+    if type(value) is str:
+        return value
+    raise TypeError(f"{value!r} needs pandas' string conversion")
 
 
 def pick_device(device: str | None = None) -> torch.device:

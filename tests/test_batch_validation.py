@@ -372,7 +372,7 @@ def test_label_dispersion_counts_bursts_of_fraud() -> None:
 
 
 def test_an_html_report_on_request(history: tuple[pd.DataFrame, pd.DataFrame], store: Path, tmp_path: Path) -> None:
-    """Evidently's data summary of the refused batch beside the reference (about 10 s: on request only)."""
+    """The data summary report of the refused batch beside the reference (on request only)."""
     assert _ingest(store, _bad("missing", history), tmp_path, "--html-report") == 1
     (folder,) = (store / MODEL / QUARANTINE).iterdir()
     assert sorted(p.name for p in folder.iterdir()) == ["report.html", "report.json", "rows.parquet"]

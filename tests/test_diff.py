@@ -181,10 +181,10 @@ def test_a_removed_model(rendered) -> None:
 
 
 def test_a_chart_version_bump(rendered) -> None:
-    report = _report(rendered, _stack(), _stack(_set("orchestrator.chart_version", "0.46.0")))
+    report = _report(rendered, _stack(), _stack(_set("orchestrator.chart_version", "1.0.0")))
     markdown = diff.to_markdown(report)
     _golden("chart_bump.md", markdown)
-    assert "- `version`: `0.45.2` → `0.46.0`" in markdown
+    assert "- `version`: `0.47.5` → `1.0.0`" in markdown
 
 
 def _long_report() -> diff.Report:

@@ -7,6 +7,7 @@ wall-clock times). Evidently agreement of the fixed-threshold statistics lives i
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -231,3 +232,33 @@ def test_drift_gate_reports_label_shift(reference: pd.DataFrame) -> None:
     # A Profile reference (profiled once, with the label) gives the same label test.
     with_label = profile(reference, [*COLUMNS, LABEL], kinds=KINDS)
     assert drift_gate(with_label, shifted, labels_only, CONTRACT).metrics["label"] == label
+
+
+def test_stored_profile_round_trip_is_exact(tmp_path: Path, reference: pd.DataFrame) -> None:
+    """A release's stored profile gives the statistics, decisions and label check its data gives; a
+    changed byte is refused."""
+    from loopform.gates.stored_profile import ProfileDigestError, load_profile, save_profile
+
+    columns = [*COLUMNS, LABEL]
+    made = profile(reference, columns, kinds={**KINDS, LABEL: "numeric"})
+    path = tmp_path / "reference-profile.npz"
+    digest = save_profile(made, path)
+    loaded = load_profile(path, digest)
+    assert loaded.rows == made.rows and list(loaded.columns) == columns
+    for name, column in made.columns.items():
+        other = loaded.columns[name]
+        assert (other.kind, other.n, other.n_unique, other.std) == (column.kind, column.n, column.n_unique, column.std)
+        if column.sorted is not None:
+            assert other.sorted is not None and np.array_equal(other.sorted, column.sorted), name
+        else:
+            assert other.keys is not None and other.keys.tolist() == column.keys.tolist(), name
+    assert path.stat().st_size < 8 * sum(c.n for c in made.columns.values())  # runs of repeated values are compact
+    current = generate(2_000, 5, days=1, covariate_drift=0.5, label_shift=2 * BASE_FRAUD_RATE)
+    direct = drift_gate(reference, current, GATES, CONTRACT)
+    assert drift_gate(loaded, current, GATES, CONTRACT).to_dict() == direct.to_dict()
+    assert direct.metrics["label"]["shifted"] and direct.metrics["drifted"]
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 1
+    path.write_bytes(bytes(data))
+    with pytest.raises(ProfileDigestError, match="not the one registered"):
+        load_profile(path, digest)

@@ -36,6 +36,8 @@ from loopform.gates import (
     validate_data,
 )
 from loopform.gates.drift import evidently_decisions, wasserstein_sorted
+from loopform.gates.ood import tail_quantiles
+from loopform.gates.report import write_summary_report
 from loopform.gates.validation import validate_batch
 from loopform.spec import DriftGate, GatesSpec
 from models.fraud.contract import CONTRACT
@@ -289,16 +291,38 @@ def test_same_decisions_as_evidently_edge_columns() -> None:
         )
 
 
-def test_drift_gate_writes_evidently_report(tmp_path: Path, reference: pd.DataFrame) -> None:
+def test_drift_gate_report_shows_the_exact_statistics(tmp_path: Path, reference: pd.DataFrame) -> None:
+    """The report carries every feature's Evidently method, score and decision and the calibrated one, says how
+    it was made, and draws the distributions from the sorted columns: a Profile reference gives the same page."""
     current = generate(1_500, 12, covariate_drift=0.5)
     path = tmp_path / "reports" / "drift.html"
     result = drift_gate(reference.iloc[:3_000], current, GATES, CONTRACT, report_path=path)
     assert result.report == str(path)
     html = path.read_text()
-    assert "<html" in html.lower() and "amount" in html
-    assert result.metrics["report_agrees"] is True, result.metrics["report_mismatches"]
+    assert "<html" in html.lower() and "How this report was made" in html and "all rows, no sample" in html
+    for name, feature in result.metrics["features"].items():
+        section = html[html.index(f"<section id='f-{name}'>") :]
+        assert f"{feature['method_display']} {feature['score']:.4g}" in section[:400], name
+        assert "<svg" in section[: section.index("</section>")], name
+    drifted = html.count("<span class=drift>drifted</span>")
+    calibrated = result.metrics["features"].values()
+    assert drifted == sum(f["drifted"] + f["calibrated"]["drifted"] for f in calibrated) > 0
+    assert "Decision: <span class='drift'>DRIFT</span>" in html
+    again = tmp_path / "again.html"
+    drift_gate(profile(reference.iloc[:3_000], [*COLUMNS, LABEL], kinds=KINDS), current, GATES, CONTRACT, again)
+    assert again.read_text() == html
     saved = GateResult.read_json(result.write_json(tmp_path / "drift.json"))
     assert saved.metrics["drift_share"] == result.metrics["drift_share"] and not saved.passed
+
+
+def test_summary_report_of_broken_and_clean_data(tmp_path: Path, reference: pd.DataFrame, clean: pd.DataFrame) -> None:
+    path = write_summary_report(clean, reference, CONTRACT, tmp_path / "ood.html")
+    html = path.read_text()
+    assert "How this report was made" in html and html.count("<section>") == len(COLUMNS)
+    assert f"{clean['merchant_category'].nunique():,}" in html
+    broken = generate(500, 3, wrong_types="txn_count_24h", missing_values=0.3)
+    html = write_summary_report(broken, None, CONTRACT, tmp_path / "validation.html").read_text()
+    assert "txn_count_24h" in html and "reference" not in html.split("</h1>", 1)[1].split("<section>", 2)[1]
 
 
 # --- OOD -------------------------------------------------------------------------------------------
@@ -322,6 +346,31 @@ def test_ood_gate_fails_each_fault(reference: pd.DataFrame, fault: dict, needle:
     result = ood_gate(reference, generate(3_000, 9, **fault), GATES, CONTRACT)
     assert not result.passed
     assert any(needle in f for f in result.failures), result.failures
+
+
+@pytest.mark.parametrize("quantile", [0.0, 0.001, 0.01, 0.37, 0.4999])
+def test_tail_quantiles_equal_numpy_bit_for_bit(quantile: float) -> None:
+    """The envelope's quantiles partition only the tails, yet equal np.quantile's exactly (ties, constants, order)."""
+    rng = np.random.default_rng(int(quantile * 1e4))
+    for values in (
+        rng.lognormal(size=50_003),
+        np.round(rng.normal(size=120_000), 1),
+        rng.integers(0, 4, 30_000).astype(float),
+        np.sort(rng.normal(size=40_000))[::-1].copy(),
+        np.full(25_000, 2.5),
+    ):
+        expected = np.quantile(values, [quantile, 1 - quantile])
+        assert tail_quantiles(values, quantile) == (float(expected[0]), float(expected[1]))
+
+
+def test_ood_envelope_from_a_profile_equals_the_data(reference: pd.DataFrame) -> None:
+    """The stored reference of a release (sorted columns) gives the envelope the data gives."""
+    stored = profile(reference, COLUMNS, kinds=KINDS)
+    assert fit_envelope(stored, COLUMNS, kinds=KINDS) == fit_envelope(reference, COLUMNS, kinds=KINDS)
+    current = generate(3_000, 9, out_of_range=0.05)
+    assert (
+        ood_gate(stored, current, GATES, CONTRACT).to_dict() == ood_gate(reference, current, GATES, CONTRACT).to_dict()
+    )
 
 
 def test_ood_counts_unseen_categories_and_extremes(reference: pd.DataFrame, clean: pd.DataFrame) -> None:

@@ -9,7 +9,7 @@ import kubernetes_validate
 import pulumi
 import pytest
 
-from components.gitops import GitOps, GitOpsArgs
+from components.gitops import DEFAULT_ARGOCD_VERSION, GitOps, GitOpsArgs
 from loopform.render import RenderedResource, render_components
 from loopform.spec import GitOpsSpec, PlatformSpec, RetryPolicy, load_stack, stack_file
 
@@ -76,7 +76,7 @@ def test_gitops_children_names_parents_and_outputs(stack: str) -> None:
 
 def test_redis_secret_hook_is_replaced_by_an_ordered_job() -> None:
     spec = _spec("dev")
-    resources, _ = _render(_args(spec, argocd_version="v2.14.9"))
+    resources, _ = _render(_args(spec, argocd_version="v3.4.8"))
     chart = resources["gitops-argo-cd"]
     values = chart.manifest()["values"]
     # The chart's hook is off (Pulumi would never run it) ...
@@ -88,7 +88,7 @@ def test_redis_secret_hook_is_replaced_by_an_ordered_job() -> None:
     (container,) = pod["containers"]
     assert container["command"] == ["argocd", "admin", "redis-initial-password"]
     assert container["image"] == f"{values['global']['image']['repository']}:{values['global']['image']['tag']}"
-    assert values["global"]["image"]["tag"] == "v2.14.9"
+    assert values["global"]["image"]["tag"] == "v3.4.8"
     assert pod["serviceAccountName"] == resources["gitops-redis-secret-init-sa"].manifest()["metadata"]["name"]
     assert "ttlSecondsAfterFinished" not in job.manifest()["spec"]
     assert resources["gitops-redis-secret-init-binding"].urn in job.dependencies
@@ -176,3 +176,25 @@ def test_application_follows_spec_path_revision_and_retry() -> None:
     assert app["syncPolicy"]["retry"] == {"limit": 2, "backoff": {"duration": "5s", "factor": 3, "maxDuration": "1m"}}
     assert resources["gitops-project"].manifest()["spec"]["sourceRepos"] == [gitops.repo_url]
     assert outputs["application_path"] == "manifests/prod"
+
+
+def test_the_default_image_is_the_spec_default() -> None:
+    """GitOpsArgs without a version runs what the spec defaults to, so the two cannot drift apart."""
+    assert GitOpsSpec().argocd_version == DEFAULT_ARGOCD_VERSION
+
+
+def test_the_chart_is_verified_only_with_a_keyring() -> None:
+    """Helm checks argo-helm's signature (the chart's .prov) when the spec names a keyring; without one (the
+    default, for users who have not fetched the key) the chart installs unverified rather than failing."""
+    spec = _spec("prod")
+    resources, _ = _render(_args(spec))
+    chart = resources["gitops-argo-cd"]
+    assert "verify" not in chart.inputs and "keyring" not in chart.inputs
+
+    signed = spec.model_copy(
+        update={"gitops": spec.gitops.model_copy(update={"chart_keyring": "deploy/keys/argo-helm.gpg"})}
+    )
+    resources, _ = _render(_args(signed))
+    chart = resources["gitops-argo-cd"]
+    assert chart.inputs["verify"] is True
+    assert chart.inputs["keyring"].path == "deploy/keys/argo-helm.gpg"

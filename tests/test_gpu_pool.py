@@ -4,9 +4,12 @@ spec errors for steps that name an undefined pool or ask for more GPUs than a po
 from __future__ import annotations
 
 import copy
+import re
+from pathlib import Path
 
 import pulumi
 import pytest
+from pydantic import ValidationError
 
 from components.gpu_pool import (
     GpuNodePool,
@@ -267,3 +270,25 @@ def test_gpus_without_a_pool_is_a_spec_error() -> None:
     del data["models"]["fraud"]["training"]["gpu_pool"]
     with pytest.raises(SpecError, match="gpus > 0 needs gpu_pool"):
         parse_spec(data, "stacks/Pulumi.dev.yaml")
+
+
+def test_the_default_ami_is_a_dated_eks_release() -> None:
+    """Unpinned, `al2023@latest` moves every node to each AMI AWS publishes; the default names one release."""
+    pool = GpuSpec.model_validate({"pools": {"big": {**KARPENTER, "node_class": {"role": "r", "discovery_tag": "t"}}}})
+    assert re.fullmatch(r"al2023@v20\d{6}", pool.pools["big"].node_class.ami_alias)
+
+
+@pytest.mark.parametrize("alias", ["al2023", "al2023@v2026", "al2023@2026-09-23", "AL2023@latest", "ami-0abc"])
+def test_an_ami_alias_must_be_family_at_version(alias: str) -> None:
+    with pytest.raises(ValidationError, match="ami_alias"):
+        GpuSpec.model_validate(
+            {"pools": {"big": {**KARPENTER, "node_class": {**KARPENTER["node_class"], "ami_alias": alias}}}}
+        )
+
+
+@pytest.mark.parametrize("path", sorted(Path(stack_file("dev")).parent.glob("Pulumi.*.yaml")), ids=lambda p: p.name)
+def test_no_stack_runs_gpu_nodes_on_the_latest_ami(path: Path) -> None:
+    """Every stack of the repository pins the AMI of its Karpenter pools: a new AMI is a reviewed change."""
+    spec = load_stack(path)
+    aliases = {name: pool.node_class.ami_alias for name, pool in spec.gpu.pools.items() if pool.kind == "karpenter"}
+    assert not {name: alias for name, alias in aliases.items() if alias.endswith("@latest")}

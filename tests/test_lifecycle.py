@@ -57,7 +57,8 @@ def test_stateful_volumes_are_claims_of_their_own(rendered) -> None:
     assert "volumeClaimTemplates" not in statefulset["spec"]
     claim = resources["dev-registry-postgres-data"].manifest()
     volumes = statefulset["spec"]["template"]["spec"]["volumes"]
-    assert volumes == [{"name": "data", "persistentVolumeClaim": {"claimName": claim["metadata"]["name"]}}]
+    persistent = [v for v in volumes if "emptyDir" not in v]  # the others are scratch (a read-only root)
+    assert persistent == [{"name": "data", "persistentVolumeClaim": {"claimName": claim["metadata"]["name"]}}]
     assert claim["spec"]["resources"]["requests"]["storage"] == "10Gi"
     assert resources["dev-registry-postgres-data"].urn in resources["dev-registry-postgres"].dependencies
 

@@ -389,3 +389,70 @@ def test_ood_rate_of_served_traffic(tmp_path: Path, reference: pd.DataFrame) -> 
     assert _samples(metrics_text(registry))[("loopform_ood_rate", (("model", "fraud"),))] == pytest.approx(
         result.ood_rate
     )
+
+
+def test_the_monitor_loads_the_release_s_stored_profile(tmp_path: Path, reference: pd.DataFrame) -> None:
+    """A release registered with a profile is monitored from it (its digest checked) with the same decision and
+    numbers as from its training data; one registered before profiles falls back to the data and says so."""
+    from loopform import registry
+    from loopform.gates.stored_profile import ProfileDigestError, sha256_of
+    from loopform.monitor import production_reference
+    from loopform.steps import reference_profile
+    from tests.helpers_registry import gate_results, small_model
+
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    model, _, _, evaluation = small_model()
+    reference.to_parquet(tmp_path / "reference.parquet")
+    client = registry.client(store)
+    for stored in (False, True):  # version 1 as registered before profiles, version 2 with one
+        run = registry.log_training_run(
+            store,
+            "fraud",
+            model,
+            gate_results=gate_results(),
+            training_data_fingerprint="0" * 64,
+            evaluation=evaluation,
+        )
+        client.log_artifact(run.run_id, str(tmp_path / "reference.parquet"), registry.REFERENCE_DIR)
+        if stored:
+            made = reference_profile(reference, CONTRACT, tmp_path)
+            assert made is not None
+            client.log_artifact(run.run_id, str(made), registry.REFERENCE_DIR)
+        registry.register_version(store, "fraud", run.run_id)
+    evidence = registry.read_evidence(store, "fraud", 2)
+    assert evidence is not None and evidence["reference_profile"]["sha256"] == sha256_of(made)
+    assert "reference_profile" not in (registry.read_evidence(store, "fraud", 1) or {})
+
+    uri = str(tmp_path / "payloads")
+    _log(uri, data.generate(900, 3, days=20, covariate_drift=1.0), NOW - timedelta(hours=6), timedelta(hours=5))
+    direct = run_monitor("fraud", contract=CONTRACT, reference=reference, payload_uri=uri, gates=GATES, until=NOW)
+    for version, says in ((1, "sorted on this run: no stored profile"), (2, "stored reference profile")):
+        registry.set_alias(store, "fraud", "production", version)
+        path, sha256, found = production_reference(store, "fraud", tmp_path / f"v{version}")
+        assert found == version and (sha256 is None) == (version == 1)
+        result = run_monitor(
+            "fraud",
+            contract=CONTRACT,
+            reference=path,
+            reference_sha256=sha256,
+            payload_uri=uri,
+            gates=GATES,
+            until=NOW,
+            report_dir=tmp_path / f"reports-{version}",
+        )
+        assert says in result.message and says in result.reference
+        assert result.status == direct.status == "drift" and result.drift_share == direct.drift_share
+        assert result.features == direct.features and result.ood_rate == direct.ood_rate
+        assert result.report is not None and Path(result.report).is_file()
+    with pytest.raises(ProfileDigestError):
+        run_monitor(
+            "fraud",
+            contract=CONTRACT,
+            reference=path,
+            reference_sha256="0" * 64,
+            payload_uri=uri,
+            gates=GATES,
+            until=NOW,
+        )
+    with pytest.raises(ValueError, match="give the sha256"):
+        run_monitor("fraud", contract=CONTRACT, reference=path, payload_uri=uri, gates=GATES, until=NOW)

@@ -115,6 +115,7 @@ def test_rules_name_their_thresholds_and_spec_keys(operator_stack) -> None:
     spec, _ = operator_stack
     for group in _groups(spec):
         drift, stale, errors, slow, drops, features = group["rules"]
+        assert drops["alert"] == "LoopformPayloadRowsDropped" and drops["expr"].endswith("[10m])) > 0")
         model = drift["labels"]["model"]
         share = spec.gates_for(model).drift.max_drift_share
         assert drift["expr"] == f'loopform_drift_share{{model="{model}"}} > {share}'
@@ -241,39 +242,43 @@ def test_serving_error_and_latency_alerts_fire_as_specified(operator_stack, tmp_
             for le, n in counts.items()
         ]
 
+    _promtool_case(
+        objects,
+        tmp_path,
+        [
+            requests("fraud", "200", 3),
+            requests("fraud", "500", 1),
+            requests("delivery", "200", 4),
+            *buckets("fraud", slow=True),
+            *buckets("delivery", slow=False),
+        ],
+        [
+            {"eval_time": "14m", "alertname": "LoopformServingErrors", "exp_alerts": []},
+            {"eval_time": "14m", "alertname": "LoopformServingSlow", "exp_alerts": []},
+            {"eval_time": "30m", "alertname": "LoopformServingErrors", "exp_alerts": [_alert(fraud_errors, "0.25")]},
+            {"eval_time": "30m", "alertname": "LoopformServingSlow", "exp_alerts": [_alert(fraud_slow, "2.485s")]},
+        ],
+        minutes=60,
+    )
+
+
+def _promtool_case(
+    objects: list[dict[str, Any]],
+    tmp_path: Path,
+    series: list[dict[str, str]],
+    expected: list[dict[str, Any]],
+    minutes: int,
+) -> None:
+    """Run one `promtool test rules` case on the rendered rules: `series` (plus fresh monitor runs of both models,
+    so no staleness alert interferes) sampled every minute for `minutes`, and the alerts `expected`."""
+    fresh = [
+        {"series": f'loopform_monitor_last_run_timestamp_seconds{{model="{m}"}}', "values": f"0+60x{minutes}"}
+        for m in ("fraud", "delivery")
+    ]
     tests = {
         "rule_files": [str(_rules_file(objects, tmp_path))],
         "evaluation_interval": "1m",
-        "tests": [
-            {
-                "interval": "1m",
-                "input_series": [
-                    requests("fraud", "200", 3),
-                    requests("fraud", "500", 1),
-                    requests("delivery", "200", 4),
-                    *buckets("fraud", slow=True),
-                    *buckets("delivery", slow=False),
-                    *(
-                        {"series": f'loopform_monitor_last_run_timestamp_seconds{{model="{m}"}}', "values": "0+60x60"}
-                        for m in ("fraud", "delivery")
-                    ),
-                ],
-                "alert_rule_test": [
-                    {"eval_time": "14m", "alertname": "LoopformServingErrors", "exp_alerts": []},
-                    {"eval_time": "14m", "alertname": "LoopformServingSlow", "exp_alerts": []},
-                    {
-                        "eval_time": "30m",
-                        "alertname": "LoopformServingErrors",
-                        "exp_alerts": [_alert(fraud_errors, "0.25")],
-                    },
-                    {
-                        "eval_time": "30m",
-                        "alertname": "LoopformServingSlow",
-                        "exp_alerts": [_alert(fraud_slow, "2.485s")],
-                    },
-                ],
-            }
-        ],
+        "tests": [{"interval": "1m", "input_series": [*series, *fresh], "alert_rule_test": expected}],
     }
     path = tmp_path / "tests.yaml"
     path.write_text(yaml.safe_dump(tests, sort_keys=False))
@@ -292,35 +297,17 @@ def test_feature_lag_alert_fires_when_materialisation_stops(operator_stack, tmp_
         labels = f'project="{project}",feature_view="{views[model]}"'
         return {"series": f"feast_feature_freshness_seconds{{{labels}}}", "values": values}
 
-    tests = {
-        "rule_files": [str(_rules_file(objects, tmp_path))],
-        "evaluation_interval": "1m",
-        "tests": [
-            {
-                "interval": "1m",
-                "input_series": [
-                    # delivery: materialised every 30 min (freshness 0..1740 s); fraud: never again after time 0.
-                    freshness("delivery", " ".join(["0+60x29"] * 6)),
-                    freshness("fraud", "0+60x180"),
-                    *(
-                        {"series": f'loopform_monitor_last_run_timestamp_seconds{{model="{m}"}}', "values": "0+60x180"}
-                        for m in ("fraud", "delivery")
-                    ),
-                ],
-                "alert_rule_test": [
-                    {"eval_time": "70m", "alertname": "LoopformFeaturesStale", "exp_alerts": []},
-                    {
-                        "eval_time": "80m",
-                        "alertname": "LoopformFeaturesStale",
-                        "exp_alerts": [_alert(fraud_features, "4800")],
-                    },
-                ],
-            }
+    _promtool_case(
+        objects,
+        tmp_path,
+        # delivery: materialised every 30 min (freshness 0..1740 s); fraud: never again after time 0.
+        [freshness("delivery", " ".join(["0+60x29"] * 6)), freshness("fraud", "0+60x180")],
+        [
+            {"eval_time": "70m", "alertname": "LoopformFeaturesStale", "exp_alerts": []},
+            {"eval_time": "80m", "alertname": "LoopformFeaturesStale", "exp_alerts": [_alert(fraud_features, "4800")]},
         ],
-    }
-    path = tmp_path / "tests.yaml"
-    path.write_text(yaml.safe_dump(tests, sort_keys=False))
-    assert "SUCCESS" in _promtool("test", "rules", str(path))
+        minutes=180,
+    )
 
 
 @needs_promtool
@@ -336,34 +323,17 @@ def test_dropped_payload_rows_alert_at_once(operator_stack, tmp_path: Path) -> N
             "values": values,
         }
 
-    tests = {
-        "rule_files": [str(_rules_file(objects, tmp_path))],
-        "evaluation_interval": "1m",
-        "tests": [
-            {
-                "interval": "1m",
-                "input_series": [
-                    dropped("fraud", "0x20 0+50x20"),  # nothing for 20 minutes, then 50 rows a minute
-                    dropped("delivery", "0x40"),
-                    *(
-                        {"series": f'loopform_monitor_last_run_timestamp_seconds{{model="{m}"}}', "values": "0+60x40"}
-                        for m in ("fraud", "delivery")
-                    ),
-                ],
-                "alert_rule_test": [
-                    {"eval_time": "19m", "alertname": "LoopformPayloadRowsDropped", "exp_alerts": []},
-                    {
-                        "eval_time": "35m",
-                        "alertname": "LoopformPayloadRowsDropped",
-                        "exp_alerts": [_alert(fraud_drops, "500")],
-                    },
-                ],
-            }
+    _promtool_case(
+        objects,
+        tmp_path,
+        # fraud: nothing for 20 minutes, then 50 rows a minute; delivery: none.
+        [dropped("fraud", "0x20 0+50x20"), dropped("delivery", "0x40")],
+        [
+            {"eval_time": "19m", "alertname": "LoopformPayloadRowsDropped", "exp_alerts": []},
+            {"eval_time": "35m", "alertname": "LoopformPayloadRowsDropped", "exp_alerts": [_alert(fraud_drops, "500")]},
         ],
-    }
-    path = tmp_path / "tests.yaml"
-    path.write_text(yaml.safe_dump(tests, sort_keys=False))
-    assert "SUCCESS" in _promtool("test", "rules", str(path))
+        minutes=40,
+    )
 
 
 def _groups(spec: PlatformSpec) -> list[dict[str, Any]]:

@@ -292,8 +292,10 @@ def test_orchestrator_children_names_parents_and_outputs(stack: str) -> None:
     assert chart["namespace"] == spec.cluster.namespaces.pipelines
     values = chart["values"]
     assert values["singleNamespace"] is True
-    # Ignored by chart 0.45.2 (dropped in 0.26.0 / no effect with singleNamespace): not set at all.
+    # Ignored by the chart (dropped in 0.26.0 / no effect with singleNamespace): not set at all.
     assert "useDefaultArtifactRepo" not in values and "workflowNamespaces" not in values["controller"]
+    # Controller, server and executor run the spec's patched v3.7, not the chart's own v3.7.11.
+    assert values["images"] == {"tag": spec.orchestrator.argo_workflows_version}
     assert values["controller"]["serviceMonitor"] == {"enabled": False}
     assert values["controller"]["workflowRestrictions"] == {"templateReferencing": "Strict"}
 
@@ -446,3 +448,26 @@ def test_step_environment_outputs_reach_every_step() -> None:
             {"name": "MLFLOW_TRACKING_URI", "value": "http://mlflow.ml.svc:5000"},
         ]
         assert container["envFrom"] == [{"secretRef": {"name": "loopform-object-store"}}]
+
+
+def _keyring_path(chart: RenderedResource) -> str | None:
+    """The keyring file a rendered Chart hands Helm (a FileAsset input), or None."""
+    keyring = chart.inputs.get("keyring")
+    return None if keyring is None else keyring.path
+
+
+def test_the_chart_is_verified_only_with_a_keyring() -> None:
+    """Helm checks argo-helm's signature (the chart's .prov) when the spec names a keyring; without one (the
+    default, for users who have not fetched the key) the chart installs unverified rather than failing."""
+    spec = _spec("prod")
+    resources, _ = _render(_args(spec))
+    chart = resources["orch-argo-workflows"]
+    assert "verify" not in chart.inputs and _keyring_path(chart) is None
+
+    signed = spec.model_copy(
+        update={"orchestrator": spec.orchestrator.model_copy(update={"chart_keyring": "deploy/keys/argo-helm.gpg"})}
+    )
+    resources, _ = _render(_args(signed))
+    chart = resources["orch-argo-workflows"]
+    assert chart.inputs["verify"] is True
+    assert _keyring_path(chart) == "deploy/keys/argo-helm.gpg"

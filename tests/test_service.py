@@ -474,6 +474,7 @@ def test_regression_service_in_process(tmp_path: Path, monkeypatch: pytest.Monke
     labels = {"model": "eta", "version": "4"}
     assert registry.get_sample_value("loopform_predictions_total", {**labels, "api": "predict_batch"}) == 2
     assert registry.get_sample_value("loopform_prediction_score_bucket", {**labels, "le": "50.0"}) == 3
+    assert registry.get_sample_value("loopform_serving_model_version", {"model": "eta"}) == 4
 
 
 @pytest.fixture(scope="module")
@@ -536,6 +537,37 @@ def _labels(text: str, name: str) -> list[dict[str, str]]:
     from prometheus_client.parser import text_string_to_metric_families
 
     return [s.labels for family in text_string_to_metric_families(text) for s in family.samples if s.name == name]
+
+
+class RecordsStub(MinutesStub):
+    """A regressor that also scores rows given as mappings (`predict_records`), as loopform's tabular models do."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[dict[str, Any]]] = []
+
+    def predict(self, frame: Any) -> Any:
+        raise AssertionError("the scorer built a DataFrame for a model that scores mappings")
+
+    def predict_records(self, rows: list[dict[str, Any]]) -> list[float]:
+        self.calls.append(rows)
+        return [10.0 + 4.0 * row["distance_km"] + row["stops"] for row in rows]
+
+
+def test_a_scorer_passes_feature_vectors_to_a_model_that_takes_them(tmp_path: Path) -> None:
+    from loopform.payloads import PayloadLog, read_payloads
+    from loopform.serving.release import Release
+    from loopform.serving.scorer import Scorer
+
+    model = RecordsStub()
+    rows = [{**TRIP, "trip_id": "t-1"}, {**TRIP, "distance_km": 8.0, "stops": 5}]
+    with PayloadLog(str(tmp_path / "payloads"), "eta") as payloads:
+        scorer = Scorer(Release(model, "eta", 4, "models:/eta/4"), ETA, payloads=payloads, with_metrics=False)
+        answers = scorer.score_rows(rows, "predict_batch")
+        assert [a["prediction"] for a in answers] == [26.0, 47.0]
+        assert model.calls == [[{name: row[name] for name in ETA.feature_names} for row in rows]]  # no trip_id
+    records = read_payloads(str(tmp_path / "payloads"), "eta").sort_values("prediction")
+    assert records["distance_km"].tolist() == [3.5, 8.0] and records["stops"].tolist() == [2, 5]
+    assert records["vehicle"].tolist() == ["car", "car"] and records["trip_id"].tolist() == ["t-1", None]
 
 
 def test_a_scorer_refuses_a_model_without_its_tasks_method() -> None:

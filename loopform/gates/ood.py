@@ -11,6 +11,7 @@ owns missing values).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -18,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from loopform.gates.drift import Kind, column_kind
+from loopform.gates.drift import Kind, Profile, column_kind
 from loopform.gates.result import GateResult
 from loopform.spec import GatesSpec
 
@@ -27,6 +28,8 @@ if TYPE_CHECKING:
 
 DEFAULT_QUANTILE = 0.001
 DEFAULT_MARGIN = 0.1
+_TAIL_MIN_ROWS = 20_000  # smaller columns take np.quantile directly
+_TAIL_SAMPLE = 2_000  # about this many values of a column set the tails' thresholds
 
 
 @dataclass(frozen=True)
@@ -48,14 +51,17 @@ class Envelope:
 
 
 def fit_envelope(
-    reference: pd.DataFrame,
+    reference: pd.DataFrame | Profile,
     columns: Sequence[str],
     *,
     quantile: float = DEFAULT_QUANTILE,
     margin: float = DEFAULT_MARGIN,
     kinds: dict[str, Kind] | None = None,
 ) -> Envelope:
-    """The envelope of the reference data (fit once, reuse for every window of traffic)."""
+    """The envelope of the reference data (fit once, reuse for every window of traffic).
+
+    From a drift Profile (its sorted columns: the stored reference of a release) the envelope is the
+    same as from the data it was made of: quantiles do not depend on the order of the values."""
     if not 0 <= quantile < 0.5:
         raise ValueError(f"quantile must be in [0, 0.5), got {quantile}")
     if margin < 0:
@@ -65,25 +71,80 @@ def fit_envelope(
         raise ValueError(f"reference data lacks column(s) {', '.join(map(repr, absent))}")
     bounds: dict[str, tuple[float, float]] = {}
     categories: dict[str, frozenset[Any]] = {}
+    if isinstance(reference, Profile):
+        for column in columns:
+            stored = reference.columns[column]
+            if stored.kind == "categorical":
+                assert stored.keys is not None
+                categories[column] = frozenset(stored.keys.tolist())
+            else:
+                assert stored.sorted is not None
+                bounds[column] = _widened(stored.sorted, quantile, margin)
+        return Envelope(bounds, categories, quantile, margin)
     for column in columns:
         series = reference[column]
         if column_kind(column, series, kinds) == "categorical":
-            categories[column] = frozenset(series.dropna().unique().tolist())
+            categories[column] = frozenset(series.value_counts(sort=False, dropna=True).index.tolist())
             continue
         if not pd.api.types.is_numeric_dtype(series.dtype):
             raise ValueError(f"reference column {column!r} should be numeric but has dtype {series.dtype}")
         values = series.to_numpy(dtype=np.float64, na_value=np.nan)
-        values = values[np.isfinite(values)]
+        finite = np.isfinite(values)
+        values = values if finite.all() else values[finite]
         if values.size == 0:
             raise ValueError(f"reference column {column!r} has no finite values")
-        low, high = np.quantile(values, [quantile, 1 - quantile])
-        width = high - low
-        bounds[column] = (float(low - margin * width), float(high + margin * width))
+        bounds[column] = _widened(values, quantile, margin)
     return Envelope(bounds, categories, quantile, margin)
 
 
+def _widened(values: np.ndarray, quantile: float, margin: float) -> tuple[float, float]:
+    """The [quantile, 1 - quantile] interval of finite values, widened by margin times its width on each side."""
+    low, high = tail_quantiles(values, quantile)
+    width = high - low
+    return float(low - margin * width), float(high + margin * width)
+
+
+def tail_quantiles(values: np.ndarray, quantile: float) -> tuple[float, float]:
+    """np.quantile(values, [quantile, 1 - quantile]) bit for bit, without partitioning the whole column.
+
+    Each order statistic the linear interpolation needs lies among the values beyond a threshold read
+    off a strided sample, so only those few are partitioned (exact whatever the sample; when the
+    threshold leaves too few values, the whole column is). Numpy's virtual index and interpolation
+    are repeated term by term, so the result equals np.quantile's.
+    """
+    n = values.size
+    if n < _TAIL_MIN_ROWS:
+        low, high = np.quantile(values, [quantile, 1 - quantile])
+        return float(low), float(high)
+    sample = np.sort(values[:: n // _TAIL_SAMPLE])
+    share = min(0.5, 2 * quantile + 0.01)
+    out = []
+    for q, lower in ((quantile, True), (1 - quantile, False)):
+        virtual = (n - 1) * q  # numpy's virtual index of the linear method
+        first = n - 1 if virtual >= n - 1 else math.floor(virtual)
+        second = min(first + 1, n - 1)
+        if lower:
+            cut = sample[min(sample.size - 1, math.ceil(share * sample.size))]
+            candidates, offset = values[values <= cut], 0
+        else:
+            cut = sample[max(0, math.floor((1 - share) * sample.size))]
+            candidates = values[values >= cut]
+            offset = n - candidates.size
+        enough = candidates.size > second if lower else offset <= first  # the statistics needed lie among them
+        if enough:
+            part = np.partition(candidates, [first - offset, second - offset])
+            a, b = part[first - offset], part[second - offset]
+        else:
+            ordered = np.partition(values, [first, second])
+            a, b = ordered[first], ordered[second]
+        gamma = virtual - first
+        difference = b - a
+        out.append(float(b - difference * (1 - gamma) if gamma >= 0.5 else a + difference * gamma))  # numpy's _lerp
+    return out[0], out[1]
+
+
 def ood_gate(
-    reference: pd.DataFrame | Envelope,
+    reference: pd.DataFrame | Profile | Envelope,
     current: pd.DataFrame,
     gates: GatesSpec,
     contract: Contract,
@@ -122,7 +183,9 @@ def ood_gate(
             values = series.to_numpy(dtype=np.float64, na_value=np.nan)
             outside = (values < low) | (values > high) | np.isinf(values)
         else:
-            outside = (series.notna() & ~series.isin(envelope.categories[column])).to_numpy()
+            outside = ~series.isin(envelope.categories[column]).to_numpy()
+            unseen = np.flatnonzero(outside)
+            outside[unseen] = series.iloc[unseen].notna().to_numpy()  # missing is not OOD (checked where unseen)
         per_feature[column] = float(outside.mean())
         flagged |= outside
     rate = float(flagged.mean())

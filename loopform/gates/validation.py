@@ -45,19 +45,21 @@ def _dtype_problem(series: pd.Series, feature: Feature) -> str | None:
     return None
 
 
-def _out_of_range_share(series: pd.Series, feature: Feature) -> tuple[float, int]:
-    """Share (and count) of present values outside the feature's range or category list."""
-    present = series.dropna()
-    if present.empty:
+def _out_of_range_share(series: pd.Series, feature: Feature, missing: int) -> tuple[float, int]:
+    """Share (and count) of present values outside the feature's range or category list (`missing`: how many
+    values are missing, counted once for the missing share; no copy of the present values is made)."""
+    present = len(series) - missing
+    if present == 0:
         return 0.0, 0
     if feature.kind == "categorical":
-        bad = int((~present.isin(feature.categories or ())).sum())
+        inside = int(np.count_nonzero(series.isin(feature.categories or ()).to_numpy()))  # missing is never inside
     else:
-        values = present.to_numpy(dtype=np.float64)
+        values = series.to_numpy(dtype=np.float64, na_value=np.nan)
         low = -np.inf if feature.min is None else feature.min
         high = np.inf if feature.max is None else feature.max
-        bad = int(np.count_nonzero(~((values >= low) & (values <= high))))  # NaN-free; inf counts as bad
-    return bad / len(present), bad
+        inside = int(np.count_nonzero((values >= low) & (values <= high)))  # NaN is not inside; inf counts as bad
+    bad = present - inside
+    return bad / present, bad
 
 
 def _label_problem(label: pd.Series, contract: Contract) -> str | None:
@@ -131,7 +133,8 @@ def validate_data(
     failures += [f"column {c!r} {problem}" for c, problem in type_errors.items()]
 
     checked = [c for c in (event_id, *required) if c in df.columns]
-    missing_share = {c: float(df[c].isna().mean()) for c in checked}
+    missing_count = {c: int(np.count_nonzero(df[c].isna().to_numpy())) for c in checked}
+    missing_share = {c: count / rows for c, count in missing_count.items()}
     metrics["missing_share"] = missing_share
     metrics["worst_missing_share"] = max(missing_share.values(), default=0.0)
     for column, share in missing_share.items():
@@ -145,7 +148,7 @@ def validate_data(
     out_of_range_count: dict[str, int] = {}
     for feature in features:
         if feature.name in df.columns and feature.name not in type_errors:
-            share, count = _out_of_range_share(df[feature.name], feature)
+            share, count = _out_of_range_share(df[feature.name], feature, missing_count[feature.name])
             out_of_range[feature.name] = share
             out_of_range_count[feature.name] = count
             if share > gates.max_out_of_range_share:

@@ -63,8 +63,10 @@ def model_service(contract: Contract, *, timeout: float = 30) -> Any:
                 self.scorer.payloads.close()
 
         @bentoml.api(input_spec=request, output_spec=response)
-        def predict(self, **event: Any) -> response:  # type: ignore[valid-type]
-            """Score one event given every feature."""
+        async def predict(self, **event: Any) -> response:  # type: ignore[valid-type]
+            """Score one event given every feature, on the event loop: one row (~0.2 ms) costs less than the hand-off
+            to a worker thread (bench/SERVING.md). The payload log's enqueue waits only when its 100,000-record
+            queue is full. The batch and by-entity APIs, which take longer, run on a worker thread."""
             return response(**self.scorer.score_rows([event], "predict")[0])
 
         @bentoml.api(input_spec=batch)
@@ -92,4 +94,13 @@ def model_service(contract: Contract, *, timeout: float = 30) -> Any:
     setattr(Service, by_entity_name, bentoml.api(input_spec=by_entity, output_spec=response)(score_by_entity))
     Service.__name__ = Service.__qualname__ = f"{class_prefix(contract.model)}Service"
     Service.__doc__ = contract.description or f"Scores {contract.model} events with the released model."
-    return bentoml.service(name=contract.model, traffic={"timeout": timeout})(Service)
+    routes = [f"/{name}" for name in ("predict", "predict_batch", by_entity_name)]
+    return bentoml.service(
+        name=contract.model,
+        traffic={"timeout": timeout},
+        # Every answer is counted by the Prometheus metrics and kept, with its request id, in the payload log, and
+        # loopform configures no trace exporter: an access-log line and an unexported span per request only cost
+        # time (bench/SERVING.md). A deployment's BentoML configuration (BENTOML_CONFIG) overrides both.
+        logging={"access": {"enabled": False}},
+        tracing={"excluded_urls": routes},
+    )(Service)

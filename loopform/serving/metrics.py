@@ -9,12 +9,15 @@ is an error rather than a silently mislabelled family.
   labelled by the class predicted;
 - `loopform_prediction_score{model, version}`: what was served: a classifier's probability (probability
   buckets), a regressor's predicted value (buckets spread over the contract's `label_range`);
-- `loopform_inference_seconds`, `loopform_rejected_requests_total`, `loopform_payload_records_total`.
+- `loopform_inference_seconds`, `loopform_rejected_requests_total`, `loopform_payload_records_total`;
+- `loopform_serving_model_version{model}`: the registry version this process serves (the dashboard's
+  "production version").
 """
 
 from __future__ import annotations
 
 import threading
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -49,17 +52,30 @@ class Metrics:
     inference: Any
     rejected: Any
     payloads: Any
+    version: Any
 
     def answered(
         self, labels: dict[str, str], api: str, predictions: Sequence[float], scores: Sequence[float], seconds: float
     ) -> None:
-        """Count one API call: its time, its payload records and each answer (class, score or value)."""
+        """Count one API call: its time, its payload records and each answer (class, score or value).
+
+        Each labelled series is looked up once per call, not once per row: in BentoML's multiprocess mode a
+        lookup takes a lock and the per-row loop was most of the metrics' cost.
+        """
         self.inference.labels(api=api, **labels).observe(seconds)
         self.payloads.labels(model=labels["model"]).inc(len(scores))
-        for prediction, score in zip(predictions, scores, strict=True):
-            extra = {"prediction": str(int(prediction))} if self.classification else {}
-            self.predictions.labels(api=api, **labels, **extra).inc()
-            self.score.labels(**labels).observe(score)
+        if self.classification:
+            for prediction, count in Counter(str(int(p)) for p in predictions).items():
+                self.predictions.labels(api=api, **labels, prediction=prediction).inc(count)
+        elif predictions:
+            self.predictions.labels(api=api, **labels).inc(len(predictions))
+        score = self.score.labels(**labels)
+        for value in scores:
+            score.observe(value)
+
+    def serving(self, model: str, version: int) -> None:
+        """Record which registry version of `model` this process serves."""
+        self.version.labels(model=model).set(version)
 
     def rejected_request(self, model: str, reason: str) -> None:
         self.rejected.labels(model=model, reason=reason).inc()
@@ -82,7 +98,7 @@ def metrics(contract: Contract) -> Metrics:
 
 def create_metrics(contract: Contract, registry: Any = None) -> Metrics:
     """New metric families for `contract`'s task in `registry` (default: prometheus_client's default registry)."""
-    from prometheus_client import REGISTRY, Counter, Histogram
+    from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 
     registry = REGISTRY if registry is None else registry
     classification = contract.classification
@@ -118,5 +134,13 @@ def create_metrics(contract: Contract, registry: Any = None) -> Metrics:
         ),
         payloads=Counter(
             "loopform_payload_records", "Records handed to the payload log.", ["model"], registry=registry
+        ),
+        # Every worker serves the same version: under BentoML's multiprocess collection, their maximum.
+        version=Gauge(
+            "loopform_serving_model_version",
+            "Registry version of the model this service serves.",
+            ["model"],
+            multiprocess_mode="max",
+            registry=registry,
         ),
     )

@@ -5,10 +5,16 @@ the same `Scorer` behind a plain FastAPI app, so the two differ only in the fram
 knows about the model comes from its `Contract`: the features and their order, the caller's id, the entity
 and which features the online store serves by entity id, and the task (a classifier has
 `predict_proba(frame)` and `threshold`, a regressor `predict(frame)` in the label's unit).
+
+A model that also has `predict_proba_records(rows)` (a classifier) or `predict_records(rows)` (a regressor),
+the same answers for rows given as mappings of raw features, is scored without a pandas DataFrame per
+request (`loopform.tabular` models have them): for a small network, building the DataFrame costs more than
+the forward pass.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -62,6 +68,8 @@ class Scorer:
         self.online = online  # object with .online(ids, with_time=True) -> DataFrame (loopform.features.FeatureRepo)
         self.metrics = metrics(contract) if with_metrics else None
         self._labels = {"model": release.name, "version": str(release.version)}
+        if self.metrics is not None:
+            self.metrics.serving(release.name, release.version)
         self._online_lock = threading.Lock()
 
     @property
@@ -71,11 +79,9 @@ class Scorer:
 
     def score_rows(self, rows: Sequence[Mapping[str, Any]], api: str) -> list[dict[str, Any]]:
         """Answers for rows of raw features (already validated); one payload record per row."""
-        import pandas as pd
-
         started = time.perf_counter()
-        frame = pd.DataFrame.from_records([{name: row[name] for name in self.features} for row in rows])
-        return self._finish(frame, rows, api, started)
+        vectors = [{name: row[name] for name in self.features} for row in rows]
+        return self._finish(vectors, rows, api, started)
 
     def score_entity(self, request: Mapping[str, Any], api: str) -> dict[str, Any]:
         """Answer for an event of an entity: its own fields from the request, the entity's features from the store.
@@ -106,18 +112,20 @@ class Scorer:
             raise UnknownEntity(f"no online features for {contract.entity}={entity_id}")
         first = stored.iloc[0]
         row = {name: _plain(first[name]) if name in served else request[name] for name in self.features}
-        frame = pd.DataFrame.from_records([row], columns=self.features)
         as_of = first.get(AS_OF)
         context = {AS_OF: None if as_of is None or pd.isna(as_of) else as_of.to_pydatetime()}
-        return self._finish(frame, [request], api, started, [context])[0]
+        return self._finish([row], [request], api, started, [context])[0]
 
-    def _predict(self, frame: pd.DataFrame) -> tuple[list[dict[str, Any]], np.ndarray, np.ndarray]:
+    def _predict(self, vectors: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], np.ndarray, np.ndarray]:
         """(the task's answer fields per row, predictions, what the score histogram observes)."""
         import numpy as np
 
         model = self.release.model
         if self.contract.classification:
-            scores = np.asarray(model.predict_proba(frame), dtype=np.float64)
+            by_records = getattr(model, "predict_proba_records", None)
+            scores = np.asarray(
+                by_records(vectors) if by_records else model.predict_proba(self._frame(vectors)), dtype=np.float64
+            )
             threshold = self.threshold
             classes = (scores >= threshold).astype(np.int64)
             fields = [
@@ -125,25 +133,33 @@ class Scorer:
                 for c, s in zip(classes, scores, strict=True)
             ]
             return fields, classes, scores
-        values = np.asarray(model.predict(frame), dtype=np.float64).reshape(-1)
+        by_records = getattr(model, "predict_records", None)
+        values = by_records(vectors) if by_records else model.predict(self._frame(vectors))
+        values = np.asarray(values, dtype=np.float64).reshape(-1)
         return [{"prediction": float(v)} for v in values], values, values
+
+    def _frame(self, vectors: list[dict[str, Any]]) -> pd.DataFrame:
+        """The feature vectors as the DataFrame a model without a records method reads."""
+        import pandas as pd
+
+        return pd.DataFrame.from_records(vectors, columns=self.features)
 
     def _finish(
         self,
-        frame: pd.DataFrame,
+        vectors: list[dict[str, Any]],
         requests: Sequence[Mapping[str, Any]],
         api: str,
         started: float,
         contexts: Sequence[Mapping[str, Any]] | None = None,
     ) -> list[dict[str, Any]]:
         contract = self.contract
-        fields, predictions, scores = self._predict(frame)
+        fields, predictions, scores = self._predict(vectors)
         elapsed = time.perf_counter() - started
         now = datetime.now(UTC)
         answers = []
         records = []
         contexts = contexts or [{} for _ in requests]
-        for request, row, context, answer in zip(requests, frame.to_dict("records"), contexts, fields, strict=True):
+        for request, row, context, answer in zip(requests, vectors, contexts, fields, strict=True):
             request_id = uuid.uuid4().hex
             answers.append(
                 {"request_id": request_id, **answer, "model": self.release.name, "version": self.release.version}
@@ -178,7 +194,14 @@ def _plain(value: Any) -> Any:
 
 
 def torch_threads() -> None:
-    """Intra-op threads for the forward pass: one by default, since concurrency comes from requests."""
+    """One intra-op and one inter-op thread by default: concurrency comes from requests and workers, and a
+    one-row forward pass of a small MLP gains nothing from threads (bench/SERVING.md measures it), while each
+    extra thread per worker competes for the cores the other workers serve on."""
     import torch
 
-    torch.set_num_threads(int(os.environ.get(ENV_TORCH_THREADS, "1")))
+    threads = int(os.environ.get(ENV_TORCH_THREADS, "1"))
+    torch.set_num_threads(threads)
+    # torch allows this only before the first inter-op work (RuntimeError after): then the pool it started stays
+    if torch.get_num_interop_threads() != threads:
+        with contextlib.suppress(RuntimeError):
+            torch.set_num_interop_threads(threads)
