@@ -27,12 +27,14 @@ from loopform.spec import ExternalRedis, FeatureStoreSpec, InClusterRedis, Resou
 
 COMPONENT = "feast"
 #: Reviewed Checkov exceptions (docs/hardening.md): Feast reads these secrets from the environment only.
-FEAST_ENV_SECRETS = common.checkov_skips(
-    ("CKV_K8S_35", "Feast reads the online store and registry URLs only from env vars (${VAR} in feature_store.yaml)")
-)
+FEAST_ENV_SECRETS = common.checkov_skips(common.FEAST_ENV_EXCEPTION)
 REGISTRY_DB_ENV_SECRETS = common.checkov_skips(
     ("CKV_K8S_35", "psql reads the admin password from PGPASSWORD and the script the role's from the environment")
 )
+REDIS_PORT = 6379
+#: Where the in-cluster Redis reads its config (with `requirepass`) and the probes read its password: files.
+REDIS_AUTH_DIR = "/etc/redis"
+REDIS_PING = ["sh", "-c", f'REDISCLI_AUTH="$(cat {REDIS_AUTH_DIR}/password)" exec redis-cli ping']
 FEAST_UID = common.IMAGE_UID  # the pipeline image's user
 REDIS_UID = 999
 #: `feast serve --metrics` serves Prometheus metrics on this port (feast.metrics.start_metrics_server's default).
@@ -145,23 +147,25 @@ def connection_secret_name(name: str) -> str:
 def redis_connection_env(spec: FeatureStoreSpec, name: str, namespace: str) -> dict[str, Any]:
     """The REDIS_CONNECTION_STRING variable feature_store.yaml reads, for any pod that uses the online store.
 
-    `name` is the FeatureStore component's name: the in-cluster Redis Service is `<name>-redis`; an
-    external Redis's connection string is in the Secret `<name>-online-store`, which the component
-    creates in its own namespace and in each client namespace.
+    `name` is the FeatureStore component's name. Either Redis's connection string, with its password, is in
+    the Secret `<name>-online-store`, which the component creates in its own namespace and in each client
+    namespace.
     """
-    online = spec.online_store
-    if isinstance(online, InClusterRedis):
-        return {"name": "REDIS_CONNECTION_STRING", "value": f"{name}-redis.{namespace}.svc.cluster.local:6379"}
     ref = {"name": connection_secret_name(name), "key": CONNECTION_KEY}
     return {"name": "REDIS_CONNECTION_STRING", "valueFrom": {"secretKeyRef": ref}}
 
 
-def redis_connection_string(online: ExternalRedis, password: str | None) -> str:
-    """Feast's Redis connection string: `host:port[,ssl=true][,password=...]` (comma-separated options)."""
-    parts = [f"{online.host}:{online.port}"]
-    if online.ssl:
+def redis_connection_string(online: ExternalRedis | InClusterRedis, password: str | None, host: str = "") -> str:
+    """Feast's Redis connection string: `host:port[,ssl=true][,password=...]` (comma-separated options).
+
+    An in-cluster Redis (at `host`, the StatefulSet's Service) always requires its password, derived by the
+    Platform from the database password; an external one as `auth` says, with `loopform:redisPassword`.
+    """
+    external = isinstance(online, ExternalRedis)
+    parts = [f"{online.host}:{online.port}" if external else f"{host}:{REDIS_PORT}"]
+    if external and online.ssl:
         parts.append("ssl=true")
-    if online.auth:
+    if not external or online.auth:
         if not password:
             raise ValueError("feature_store.online_store.auth needs pulumi config set --secret loopform:redisPassword")
         if "," in password:
@@ -170,6 +174,11 @@ def redis_connection_string(online: ExternalRedis, password: str | None) -> str:
             )
         parts.append(f"password={password}")
     return ",".join(parts)
+
+
+def redis_config(password: str) -> str:
+    """The in-cluster Redis's config file: every client must AUTH with the password."""
+    return f"requirepass {password}\n"
 
 
 class FeatureStore(pulumi.ComponentResource):
@@ -199,15 +208,20 @@ class FeatureStore(pulumi.ComponentResource):
         )
         redis_env = redis_connection_env(spec, name, ns)
         online = spec.online_store
+        depends: list[pulumi.Resource] = [repo, account]
         if isinstance(online, InClusterRedis):
+            host = f"{name}-redis.{ns}.svc.cluster.local"
             self._redis(name, online, args)
-            depends: list[pulumi.Resource] = [repo, account, self._redis_workload]
-            self.online_store = pulumi.Output.from_input(redis_env["value"])
+            depends.append(self._redis_workload)
+            self.online_store = pulumi.Output.from_input(f"{host}:{REDIS_PORT}")
         else:
-            connection = pulumi.Output.from_input(args.redis_password).apply(
-                lambda password: redis_connection_string(online, password)
-            )
-            secret = SharedSecret(
+            host = online.host
+            self.online_store = pulumi.Output.from_input(f"{online.host}:{online.port}")
+        connection = pulumi.Output.from_input(args.redis_password).apply(
+            lambda password: redis_connection_string(online, password, host)
+        )
+        depends.append(
+            SharedSecret(
                 f"{name}-online-store",
                 SharedSecretArgs(
                     secret_name=connection_secret_name(name),
@@ -217,8 +231,7 @@ class FeatureStore(pulumi.ComponentResource):
                 ),
                 common.child(self),
             )
-            depends = [repo, account, secret]
-            self.online_store = pulumi.Output.from_input(f"{online.host}:{online.port}")
+        )
 
         registry = self._registry(name, args, object_labels)
         depends.append(registry)
@@ -375,19 +388,31 @@ class FeatureStore(pulumi.ComponentResource):
         }
 
     def _redis(self, name: str, redis: InClusterRedis, args: FeatureStoreArgs) -> None:
-        """An in-cluster Redis with append-only persistence."""
+        """An in-cluster Redis with append-only persistence that requires a password (`requirepass`, from a
+        config file in a Secret; a new password rolls the pod)."""
         ns, role = args.namespace, f"{name}-redis"
         redis_labels = common.labels("redis", role, args.labels)
+        if args.redis_password is None:
+            raise ValueError("the in-cluster Redis needs a password (the Platform derives it from the database's)")
+        password = pulumi.Output.from_input(args.redis_password)
+        auth = k8s.core.v1.Secret(
+            f"{name}-redis-auth",
+            metadata=common.metadata(f"{role}-auth", ns, redis_labels),
+            string_data={
+                "redis.conf": password.apply(redis_config),
+                "password": password,
+            },
+            opts=common.child(self),
+        )
         k8s.core.v1.Service(
             f"{name}-redis-service",
             metadata=common.metadata(role, ns, redis_labels),
             spec={
                 "selector": common.selector("redis", role),
-                "ports": [{"name": "redis", "port": 6379, "targetPort": "redis"}],
+                "ports": [{"name": "redis", "port": REDIS_PORT, "targetPort": "redis"}],
             },
             opts=common.child(self),
         )
-        ping = ["redis-cli", "ping"]
         claim = common.persistent_volume_claim(
             self, f"{name}-redis-data", role, ns, redis_labels, redis.storage, args.storage_class, args.protect_data
         )
@@ -399,7 +424,10 @@ class FeatureStore(pulumi.ComponentResource):
                 "replicas": 1,
                 "selector": {"matchLabels": common.selector("redis", role)},
                 "template": {
-                    "metadata": {"labels": redis_labels},
+                    "metadata": {
+                        "labels": redis_labels,
+                        "annotations": {"loopform.dev/redis-password-checksum": secrets.checksum(password, role)},
+                    },
                     "spec": {
                         "automountServiceAccountToken": False,
                         "securityContext": common.pod_security(REDIS_UID),
@@ -407,20 +435,26 @@ class FeatureStore(pulumi.ComponentResource):
                             {
                                 "name": "redis",
                                 **common.image(redis.image),
-                                "args": ["--appendonly", "yes", "--dir", "/data"],
-                                "ports": [{"name": "redis", "containerPort": 6379}],
-                                "readinessProbe": common.exec_probe(ping, period=5),
-                                "livenessProbe": common.exec_probe(ping, period=20),
+                                "args": [f"{REDIS_AUTH_DIR}/redis.conf", "--appendonly", "yes", "--dir", "/data"],
+                                "ports": [{"name": "redis", "containerPort": REDIS_PORT}],
+                                "readinessProbe": common.exec_probe(REDIS_PING, period=5),
+                                "livenessProbe": common.exec_probe(REDIS_PING, period=20),
                                 "resources": common.resources(redis.resources),
                                 "securityContext": common.container_security(),
-                                "volumeMounts": [{"name": "data", "mountPath": "/data"}],
+                                "volumeMounts": [
+                                    {"name": "data", "mountPath": "/data"},
+                                    {"name": "auth", "mountPath": REDIS_AUTH_DIR, "readOnly": True},
+                                ],
                             }
                         ],
-                        "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": common.claim_name(role)}}],
+                        "volumes": [
+                            {"name": "data", "persistentVolumeClaim": {"claimName": common.claim_name(role)}},
+                            {"name": "auth", "secret": {"secretName": f"{role}-auth", "defaultMode": 0o440}},
+                        ],
                     },
                 },
             },
-            opts=common.stateful(self, args.protect_data, depends_on=[claim]),
+            opts=common.stateful(self, args.protect_data, depends_on=[claim, auth]),
         )
 
     def _registry(self, name: str, args: FeatureStoreArgs, labels: dict[str, str]) -> pulumi.Resource:

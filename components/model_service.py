@@ -136,7 +136,15 @@ def manifests(args: ModelServiceArgs) -> list[dict[str, Any]]:
     deployment = {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": meta,
+        "metadata": common.metadata(
+            name,
+            args.namespace,
+            object_labels,
+            {
+                **release_annotations(args.spec),
+                **(common.checkov_skips(common.FEAST_ENV_EXCEPTION) if args.feast_config else {}),
+            },
+        ),
         "spec": {
             "replicas": serving.min_replicas,
             "selector": {"matchLabels": selector},

@@ -41,6 +41,7 @@ from components.orchestrator import SUBMITTER_SERVICE_ACCOUNT, Orchestrator, Orc
 from components.registry import ModelRegistry, ModelRegistryArgs
 from components.retraining import RetrainingRoute, RetrainingRouteArgs
 from components.secrets import SharedSecret, SharedSecretArgs, derived_password
+from components.serving_limits import serving_limit_manifests
 from loopform import identity
 from loopform.alert_rules import feature_views, rule_group
 from loopform.features import OFFLINE_URI_ENV, REGISTRY_URL_ENV, cluster_config
@@ -178,6 +179,15 @@ class Platform(pulumi.ComponentResource):
                 opts=common.stateful(self, cluster.protect_data and role == "platform"),
             )
 
+        for manifest in serving_limit_manifests(spec, labels):
+            kind = manifest["kind"]
+            resource = k8s.core.v1.ResourceQuota if kind == "ResourceQuota" else k8s.core.v1.LimitRange
+            resource(
+                f"{name}-serving-{kind.lower()}",
+                metadata=manifest["metadata"],
+                spec=manifest["spec"],
+                opts=common.child(self, depends_on=[created["serving"]]),
+            )
         NetworkPolicies(
             f"{name}-network",
             network_policies_args(spec, labels),
@@ -223,7 +233,10 @@ class Platform(pulumi.ComponentResource):
                 storage_class=cluster.storage_class,
                 account_annotations=identity.account_annotations(spec, "feature_store"),
                 credentials_env_from=env_from,
-                redis_password=args.redis_password,
+                # An in-cluster Redis gets a password of its own, derived like the Feast registry's.
+                redis_password=args.redis_password
+                if isinstance(spec.feature_store.online_store, ExternalRedis)
+                else derived_password(args.registry_db_password, f"redis:{spec.environment}"),
                 client_namespaces=[cluster.namespaces.serving],
                 protect_data=cluster.protect_data,
                 registry_database=registry.database,

@@ -50,6 +50,7 @@ def _rendered_apply_job(tmp_path: Path) -> tuple[dict[str, Any], dict[str, str]]
         feature_files=files,
         registry_database=DatabaseEndpoint("db", 5432, None, "db-admin"),
         registry_password="pw",
+        redis_password="redis-token",
     )
     resources = render_components(lambda: FeatureStore("fs", args))
     by_name = {r.name: r.inputs for r in resources}

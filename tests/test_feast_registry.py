@@ -43,6 +43,7 @@ def _rendered() -> dict[str, Any]:
         registry_database=DATABASE,
         registry_password="p@ss/w:rd",
         registry_client_namespaces=["pipelines", "serving"],
+        redis_password="redis-token",
     )
     return {r.name: r for r in render_components(lambda: FeatureStore("fs", args))}
 

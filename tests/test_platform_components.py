@@ -197,7 +197,13 @@ def test_feature_store_in_cluster_redis() -> None:
         lambda: FeatureStore(
             "fs",
             FeatureStoreArgs(
-                spec=FeatureStoreSpec(), feature_files=files, namespace="ml", image="img:1", **REGISTRY_DATABASE
+                spec=FeatureStoreSpec(),
+                feature_files=files,
+                namespace="ml",
+                image="img:1",
+                redis_password="in-cluster-token",
+                client_namespaces=["serving"],
+                **REGISTRY_DATABASE,
             ),
         )
     )
@@ -205,18 +211,28 @@ def test_feature_store_in_cluster_redis() -> None:
     assert {
         "fs-repo",
         "fs-redis",
+        "fs-redis-auth",
         "fs-redis-service",
         "fs-apply",
         "fs-server",
         "fs-server-service",
         "fs-materialize",
     } <= set(by_name)
-    # Children of the component, or of its SharedSecret (the registry Secret in each namespace).
-    shared = by_name["fs-registry"].urn
-    assert all(r.parent in (by_name["fs"].urn, shared) for r in resources if r.name != "fs")
+    # Children of the component, or of its SharedSecrets (the registry's and the online store's, per namespace).
+    shared = {by_name["fs-registry"].urn, by_name["fs-online-store"].urn}
+    assert all(r.parent in {by_name["fs"].urn, *shared} for r in resources if r.name != "fs")
     assert by_name["fs-registry"].parent == by_name["fs"].urn
     assert outputs["feature_server_url"] == "http://fs-server.ml.svc.cluster.local:6566"
     assert outputs["online_store"] == "fs-redis.ml.svc.cluster.local:6379"
+    # Its clients read a connection string with the password, from the online-store Secret in their namespaces.
+    for namespace in ("ml", "serving"):
+        connection = _secret_value(by_name[f"fs-online-store-{namespace}"], "connection_string")
+        assert connection == "fs-redis.ml.svc.cluster.local:6379,password=in-cluster-token"
+    assert _secret_value(by_name["fs-redis-auth"], "redis.conf") == "requirepass in-cluster-token\n"
+    with pytest.raises(ValueError, match="needs a password"):
+        _render(
+            lambda: FeatureStore("fs", FeatureStoreArgs(spec=FeatureStoreSpec(), namespace="ml", **REGISTRY_DATABASE))
+        )
 
     repo = by_name["fs-repo"].inputs["data"]
     assert "fraud_features.py" in repo
