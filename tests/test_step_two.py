@@ -147,6 +147,12 @@ def test_a_password_rotation_updates_the_secret_in_place_and_rolls_its_consumers
         *registry_secrets,  # Feast's registry password is derived from it and rotates with it
         "staging-features-server",
         "staging-features-materialize",
+        # The in-cluster Redis's password is derived from it too: its config Secret, the clients' connection
+        # string in each namespace, and the Redis pod, which rolls onto the new `requirepass`.
+        "staging-features-redis-auth",
+        "staging-features-redis",
+        "staging-features-online-store-loopform-staging-system",
+        "staging-features-online-store-loopform-staging-serving",
     }
     # The Job that sets the registry role's password runs again, once; `feast apply` reruns on the new URL.
     assert actions.get("replace") == {"staging-features-registry-db", "staging-features-apply"}
