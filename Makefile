@@ -38,8 +38,5 @@ golden: $(VENV)  ## regenerate the golden files (manifests, diffs, spec referenc
 	LOOPFORM_REGENERATE_GOLDEN=1 $(PY) -m pytest -q tests/test_render.py tests/test_prerequisites.py -k "golden or readme"
 	LOOPFORM_REGENERATE_GOLDEN=1 $(PY) -m pytest -q tests/test_diff.py tests/test_spec_reference.py
 
-bench: $(VENV)  ## every benchmark at a size that fits a few minutes; each prints its ratios to the peer it runs
-	$(PY) bench/gates.py --sizes 200000 --monitor-reference 200000 --monitor-current 50000
-	$(PY) bench/drift.py --rows 200000 --cols 20
-	$(PY) bench/serving.py --requests 400
-	$(PY) bench/iac.py --quick
+bench: $(VENV)  ## every benchmark at a size that fits minutes, then one table of ratios to each peer (bench/all.py)
+	$(PY) bench/all.py

@@ -32,6 +32,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.table import ratio_row, write_json
 from loopform.gates.drift import CALIBRATION_MAX_ROWS, compute_drift, decision_rule, evidently_decisions, null_draws
 from loopform.spec import GatesSpec
 
@@ -146,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=None, help="threads for compute_drift (default: CPUs)")
     parser.add_argument("--skip-evidently", action="store_true", help="time loopform only")
+    parser.add_argument("--json", default=None, help="also write the rows of `make bench`'s table there")
     args = parser.parse_args(argv)
     current_rows = args.current_rows or args.rows
 
@@ -160,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         f"loopform compute_drift: {lf_seconds:8.2f} s  peak +{lf_peak / 2**20:7.0f} MiB  drifted {drifted}/{args.cols}"
     )
     print(f"  ratio to sort bound: {lf_seconds / bound:.2f}x")
+    size = f"{args.rows:,} x {current_rows:,} x {args.cols}"
+    rows = [ratio_row(f"drift statistics, {size}", lf_seconds, bound, "sort bound", "s", 1.5)]
     _, cal_peak, (cold, warm, cal_drifted) = run_isolated(lambda: calibrated_run(reference, current, args.workers))
     level = decision_rule(GATES, args.cols)[1]
     print(
@@ -168,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{min(current_rows, CALIBRATION_MAX_ROWS)} rows)"
     )
     if args.skip_evidently:
+        write_json(args.json, rows, None)
         return 0
 
     ev_seconds, ev_peak, theirs = run_isolated(lambda: evidently_run(reference, current), _import_evidently)
@@ -181,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"speed-up: {ev_seconds / lf_seconds:.1f}x faster, memory {ev_peak / max(lf_peak, 1):.1f}x less")
     print(f"calibrated decision vs Evidently: {ev_seconds / cold:.1f}x faster cold, {ev_seconds / warm:.1f}x warm")
+    rows.append(ratio_row(f"drift statistics, {size}, Evidently", lf_seconds, ev_seconds, "Evidently", "s", 1.0))
+    write_json(args.json, rows, same_method and same_drift)
     return 0 if same_method and same_drift else 1
 
 

@@ -46,6 +46,7 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.drift import make_data
+from bench.table import ratio_row, write_json
 from loopform.contract import Contract, Feature
 from loopform.gates import drift_gate, ood_gate, validate_data
 from loopform.gates.drift import compute_drift, evidently_decisions, profile
@@ -152,6 +153,8 @@ def drift_part(name: str, reference: pd.DataFrame, current: pd.DataFrame, contra
         f"  gate with its report {full:7.3f} s = {full / stats:.2f}x the statistics alone "
         f"({full / bound:.2f}x the sort bound); report {path.stat().st_size / 1024:.0f} KiB"
     )
+    check = f"drift gate with report, {name}, {len(reference):,} rows"
+    args.rows.append(ratio_row(check, full, stats, "statistics alone", "s", 2.0))
     if len(reference) > args.evidently_max_rows:
         print("  Evidently's report: not run at this size (--evidently-max-rows)")
         return []
@@ -161,6 +164,7 @@ def drift_part(name: str, reference: pd.DataFrame, current: pd.DataFrame, contra
         warm=False,
     )
     differ = disagreements(gate, theirs)
+    args.rows.append(ratio_row(f"{check}, Evidently", full, peer, "Evidently report", "s", 1.0))
     print(
         f"  Evidently's DataDriftPreset report {peer:7.3f} s = {peer / stats:.1f}x the statistics alone, "
         f"{peer / full:.1f}x the gate with its report; decisions: "
@@ -210,9 +214,12 @@ def validation_part(frame: pd.DataFrame, args: Any) -> None:
         f"  one pass over both sides' features {both:7.3f} s | OOD gate (envelope fit + rows) {ood:7.3f} s = "
         f"{ood / both:.2f}x | its summary report {ood_summary:7.3f} s"
     )
+    args.rows.append(ratio_row(f"validation gate, {len(frame):,} rows", validation, passed, "one pass", "s", 2.0))
+    args.rows.append(ratio_row(f"OOD gate, {len(frame):,} rows", ood, both, "one pass", "s", 2.0))
 
 
-def monitor_part(args: Any) -> None:
+def monitor_part(args: Any) -> bool:
+    """Time the monitor before and after stored profiles; whether both decide the same with the same numbers."""
     from loopform.gates.stored_profile import save_profile
     from loopform.monitor import run_monitor
     from loopform.payloads import PayloadLog
@@ -273,6 +280,9 @@ def monitor_part(args: Any) -> None:
             f"{before / after:.1f}x faster | profile stored once at registration in {stored:.2f} s | "
             f"same decision and numbers: {same}"
         )
+        check = f"monitor, {rows:,} reference x {served:,} payload rows"
+        args.rows.append(ratio_row(check, after, before, "training data sorted per run", "s", 1.0))
+        return same
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -284,7 +294,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--monitor-reference", type=int, default=1_000_000, help="0 skips the monitor part")
     parser.add_argument("--monitor-current", type=int, default=100_000)
     parser.add_argument("--out", default=None, help="folder for the reports (default: a temporary one)")
+    parser.add_argument("--json", default=None, help="also write the rows of `make bench`'s table there")
     args = parser.parse_args(argv)
+    args.rows = []
     load = os.getloadavg()
     print(f"CPUs {os.cpu_count()}, load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}, median of {args.repeats}")
     differ: list[str] = []
@@ -297,11 +309,12 @@ def main(argv: list[str] | None = None) -> int:
             numbers_ref, numbers_cur = make_data(size, size, 20, 0)
             differ += drift_part("numeric20", numbers_ref, numbers_cur, numeric_contract(list(numbers_ref)), args)
         validation_part(generate(max(args.sizes), 3), args)
-        if args.monitor_reference:
-            monitor_part(args)
+        if args.monitor_reference and not monitor_part(args):
+            differ.append("the monitor decides differently from a stored profile than from the training data")
     print(f"load average at the end {os.getloadavg()[0]:.1f}")
     if differ:
         print(f"DECISIONS DIFFER from Evidently's: {len(differ)}")
+    write_json(args.json, args.rows, not differ)
     return 1 if differ else 0
 
 

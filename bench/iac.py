@@ -1,14 +1,16 @@
 """Benchmark: the Pulumi program's start-up and `loopform render`'s growth with the number of models.
 
     python bench/iac.py            # import x 5, render with 1, 50 and 500 models x 3 (several minutes)
-    python bench/iac.py --quick    # import x 5, render with 1 and 50 models once (`make bench`)
+    python bench/iac.py --quick    # import x 5, render with 1 and 50 models once
+    python bench/iac.py --json out.json   # also write the rows of `make bench`'s table (bench/table.py)
 
 Program import: `import components.platform` (what `__main__.py` imports before it reads the stack), each in a
 fresh process, against the floor every Pulumi program pays, `import pulumi, pulumi_kubernetes`, timed the same
 way in the same run. Render: a copy of the project whose prod stack declares N scaffolded models (each with a
 training schedule and serving replicas, as the stack's own models), rendered by `loopform render --stack prod`
 in a fresh process, wall and CPU (user + system) time; the growth column is each CPU time over the first row's.
-Medians throughout. Exits non-zero only if a render fails: times are reported, never asserted.
+Medians throughout. Exits non-zero only if a render fails: times are reported, never asserted (there are no
+decisions to compare with a peer's, so `decisions_agree` is null).
 """
 
 from __future__ import annotations
@@ -24,12 +26,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.table import limit_row, write_json  # noqa: E402
 from loopform.scaffold import stack_entry, write_model_files  # noqa: E402
 from loopform.spec import CONFIG_KEY  # noqa: E402
 
@@ -126,6 +130,7 @@ def main() -> int:
     parser.add_argument("--models", type=int, nargs="+", help="model counts to render (default 1 50 500)")
     parser.add_argument("--repeat", type=int, help="renders per model count (default 3, --quick 1)")
     parser.add_argument("--import-repeat", type=int, default=5, help="fresh processes per import (default 5)")
+    parser.add_argument("--json", default=None, help="also write the rows of `make bench`'s table there")
     args = parser.parse_args()
     counts = args.models or ([1, 50] if args.quick else [1, 50, 500])
     repeat = args.repeat or (1 if args.quick else 3)
@@ -156,7 +161,23 @@ def main() -> int:
             f"| {count} | {files} | {wall:.1f} | {cpu:.1f} | {1000 * cpu / count:.0f} | {cpu / base:.1f} | {target} |"
         )
     print(f"\nload average at end {os.getloadavg()[0]:.2f}")
+    write_json(args.json, json_rows(program, floor, rows), None)
     return 0
+
+
+def json_rows(program: float, floor: float, renders: list[tuple[int, int, float, float]]) -> list[dict[str, Any]]:
+    """The rows of `make bench`'s table: the import against its floor, and each render's wall and CPU seconds
+    (against the issue's target where it sets one, else reported only)."""
+    row = limit_row("program import (components.platform)", program, "s", IMPORT_TARGET_S)
+    rows = [{**row, "peer": floor, "peer_name": "import pulumi, pulumi_kubernetes", "ratio": program / floor}]
+    for count, _, wall, cpu in renders:
+        for clock, seconds in (("wall", wall), ("CPU user+sys", cpu)):
+            check = f"render, {count} model{'s' if count > 1 else ''} ({clock})"
+            if count in RENDER_TARGET_S:
+                rows.append(limit_row(check, seconds, "s", RENDER_TARGET_S[count]))
+            else:
+                rows.append({**limit_row(check, seconds, "s", float("inf")), "target": "none (growth)", "met": True})
+    return rows
 
 
 if __name__ == "__main__":

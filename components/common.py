@@ -6,7 +6,7 @@ labels, and a fix lands everywhere at once.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pulumi
@@ -73,6 +73,21 @@ def image(reference: str) -> dict[str, str]:
 def checkov_skips(*exceptions: tuple[str, str]) -> dict[str, str]:
     """Annotations recording reviewed Checkov exceptions (check id, reason); docs/hardening.md lists them all."""
     return {f"{CHECKOV_SKIP}{n}": f"{check}={reason}" for n, (check, reason) in enumerate(exceptions, start=1)}
+
+
+#: A workload whose images are named by tag (CKV_K8S_43 wants digests): a digest comes only from the registry.
+TAG_EXCEPTION = (
+    "CKV_K8S_43",
+    "named by tag until pinned: loopform pin-images writes the digests CI built, and the policy pack's "
+    "images-pinned-by-digest reports every tag where the stack requires digests (prod)",
+)
+
+
+def workload_skips(images: Sequence[str], *exceptions: tuple[str, str]) -> dict[str, str]:
+    """A workload's reviewed Checkov exceptions: `exceptions`, plus TAG_EXCEPTION while any of `images` has no
+    digest (pinned by digest, the workload carries none)."""
+    tagged = any("@sha256:" not in reference for reference in images)
+    return checkov_skips(*exceptions, *((TAG_EXCEPTION,) if tagged else ()))
 
 
 def pod_security(user: int) -> dict[str, Any]:

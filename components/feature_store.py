@@ -4,6 +4,12 @@ Typed Kubernetes resources rather than the Feast operator: the feature repo is t
 definitions the local runtime applies, rendered from each model's contract and shipped as a ConfigMap; `feast apply`
 runs as a Job the server waits for, and a CronJob materialises on the spec's schedule.
 The operator would add a CRD controller for what five objects express directly.
+
+The feature server serves reads only: it runs `python -m loopform.feature_server`, Feast's own app and
+gunicorn application (`feast serve` as Feast 0.67 runs it, `--metrics` included) with every route but
+`/get-online-features` and `/health` removed, so no anonymous POST can rewrite the online store
+(`/write-to-online-store`, `/push`, `/materialize*` answer 404). Writes reach Redis only through the Feast SDK:
+the materialisation CronJob and the pipeline's steps. loopform/feature_server.py says why not Feast's `auth:`.
 """
 
 from __future__ import annotations
@@ -21,15 +27,16 @@ import yaml
 from components import common, secrets
 from components.registry import DatabaseEndpoint, database_url
 from components.secrets import SharedSecret, SharedSecretArgs
+from loopform import feature_server
 from loopform.features import OFFLINE_URI_ENV, REGISTRY_URL_ENV, cluster_config
 from loopform.identity import FEAST_ACCOUNT
 from loopform.spec import ExternalRedis, FeatureStoreSpec, InClusterRedis, Resources
 
 COMPONENT = "feast"
-#: Reviewed Checkov exceptions (docs/hardening.md): Feast reads these secrets from the environment only.
-FEAST_ENV_SECRETS = common.checkov_skips(common.FEAST_ENV_EXCEPTION)
-REGISTRY_DB_ENV_SECRETS = common.checkov_skips(
-    ("CKV_K8S_35", "psql reads the admin password from PGPASSWORD and the script the role's from the environment")
+#: Reviewed Checkov exception (docs/hardening.md): psql reads these secrets from the environment only.
+REGISTRY_DB_ENV_EXCEPTION = (
+    "CKV_K8S_35",
+    "psql reads the admin password from PGPASSWORD and the script the role's from the environment",
 )
 REDIS_PORT = 6379
 #: Where the in-cluster Redis reads its config (with `requirepass`) and the probes read its password: files.
@@ -37,8 +44,8 @@ REDIS_AUTH_DIR = "/etc/redis"
 REDIS_PING = ["sh", "-c", f'REDISCLI_AUTH="$(cat {REDIS_AUTH_DIR}/password)" exec redis-cli ping']
 FEAST_UID = common.IMAGE_UID  # the pipeline image's user
 REDIS_UID = 999
-#: `feast serve --metrics` serves Prometheus metrics on this port (feast.metrics.start_metrics_server's default).
-FEAST_METRICS_PORT = 8000
+#: With `--metrics`, the feature server serves Prometheus metrics on this port (Feast's default).
+FEAST_METRICS_PORT = feature_server.METRICS_PORT
 REPO_DIR = "/feature_repo"
 REPO_SOURCE_DIR = "/feature_repo_source"
 CONNECTION_KEY = "connection_string"
@@ -57,7 +64,7 @@ class FeatureStoreArgs:
     feature_files: dict[str, str] = field(default_factory=dict)
     """Feature definition files of the repo, by file name (e.g. {"fraud_features.py": source})."""
     prometheus_release: str | None = None
-    """`release` label of the feature server's ServiceMonitor (`feast serve --metrics`); None: none."""
+    """`release` label of the feature server's ServiceMonitor (its `--metrics`); None: none."""
     namespace: str = "loopform-system"
     labels: dict[str, str] = field(default_factory=dict)
     storage_class: str | None = None
@@ -98,6 +105,23 @@ def feature_files(root: Path, model_paths: dict[str, str]) -> dict[str, str]:
                     f"needs distinct names (models/{model}/contract.py)"
                 )
     return {f"{model}_features.py": source(contract) for model, contract in contracts.items()}
+
+
+def server_command(port: int) -> list[str]:
+    """The feature server's command: Feast's server without its write routes (loopform.feature_server)."""
+    return [
+        "python",
+        "-m",
+        feature_server.__name__,
+        "--host",
+        "0.0.0.0",
+        "--port",
+        str(port),
+        "--no-access-log",
+        "--metrics",
+        "--metrics-port",
+        str(FEAST_METRICS_PORT),
+    ]
 
 
 def registry_secret_name(name: str) -> str:
@@ -237,22 +261,21 @@ class FeatureStore(pulumi.ComponentResource):
         depends.append(registry)
         env = [redis_env, registry_url_env(name), {"name": OFFLINE_URI_ENV, "value": spec.offline_store.data_uri}]
         pod = self._pod_template(spec, args, env, repo_hash)
+        # Feast reads its secrets from the environment only (docs/hardening.md).
+        feast_skips = common.workload_skips([args.image], common.FEAST_ENV_EXCEPTION)
 
         apply_job = k8s.batch.v1.Job(
             f"{name}-apply",
-            metadata=common.metadata(f"{name}-apply-{repo_hash}", ns, object_labels, FEAST_ENV_SECRETS),
+            metadata=common.metadata(f"{name}-apply-{repo_hash}", ns, object_labels, feast_skips),
             spec={"backoffLimit": 4, "template": _with_command(pod, ["feast", "apply"], "OnFailure")},
             opts=common.child(self, depends_on=depends, delete_before_replace=True),
         )
 
         port = spec.server.port
-        # --metrics: Feast's own Prometheus endpoint (its fixed port), with feast_feature_freshness_seconds, the
-        # materialisation lag the LoopformFeaturesStale rule reads. Its multiprocess folder goes to /tmp (emptyDir).
-        server_pod = _with_command(
-            pod,
-            ["feast", "serve", "--host", "0.0.0.0", "--port", str(port), "--no-access-log", "--metrics"],
-            "Always",
-        )
+        # Reads only (loopform.feature_server). --metrics: Feast's own Prometheus endpoint, with
+        # feast_feature_freshness_seconds, the materialisation lag the LoopformFeaturesStale rule reads. Its
+        # multiprocess folder goes to /tmp (emptyDir).
+        server_pod = _with_command(pod, server_command(port), "Always")
         container = server_pod["spec"]["containers"][0]
         container["ports"] = [
             {"name": "http", "containerPort": port},
@@ -263,7 +286,7 @@ class FeatureStore(pulumi.ComponentResource):
         container["resources"] = common.resources(spec.server.resources)
         server = k8s.apps.v1.Deployment(
             f"{name}-server",
-            metadata=common.metadata(f"{name}-server", ns, object_labels, FEAST_ENV_SECRETS),
+            metadata=common.metadata(f"{name}-server", ns, object_labels, feast_skips),
             spec={
                 "replicas": spec.server.replicas,
                 "selector": {"matchLabels": common.selector(COMPONENT, name)},
@@ -305,7 +328,7 @@ class FeatureStore(pulumi.ComponentResource):
         ]
         k8s.batch.v1.CronJob(
             f"{name}-materialize",
-            metadata=common.metadata(f"{name}-materialize", ns, object_labels, FEAST_ENV_SECRETS),
+            metadata=common.metadata(f"{name}-materialize", ns, object_labels, feast_skips),
             spec={
                 "schedule": spec.materialization_schedule,
                 "concurrencyPolicy": "Forbid",
@@ -418,7 +441,9 @@ class FeatureStore(pulumi.ComponentResource):
         )
         self._redis_workload = k8s.apps.v1.StatefulSet(
             f"{name}-redis",
-            metadata=common.metadata(role, ns, redis_labels, common.checkov_skips(common.DATA_OWNER_EXCEPTION)),
+            metadata=common.metadata(
+                role, ns, redis_labels, common.workload_skips([redis.image], common.DATA_OWNER_EXCEPTION)
+            ),
             spec={
                 "serviceName": role,
                 "replicas": 1,
@@ -482,7 +507,12 @@ class FeatureStore(pulumi.ComponentResource):
         return k8s.batch.v1.Job(
             f"{name}-registry-db",
             metadata=version.apply(
-                lambda tag: common.metadata(f"{name}-registry-db-{tag[:8]}", ns, labels, REGISTRY_DB_ENV_SECRETS)
+                lambda tag: common.metadata(
+                    f"{name}-registry-db-{tag[:8]}",
+                    ns,
+                    labels,
+                    common.workload_skips([spec.registry.client_image], REGISTRY_DB_ENV_EXCEPTION),
+                )
             ),
             spec={
                 "backoffLimit": 6,

@@ -4,9 +4,11 @@ Application that keeps this environment's model services in sync with git.
 Pulumi's Helm chart resource does not run Helm hooks. The argo-cd chart has one that
 matters: a pre-install Job (`redisSecretInit`) that runs `argocd admin redis-initial-password`
 to create the `argocd-redis` Secret every Argo CD pod reads its Redis password from. Here the
-hook is switched off in the chart values and the same Job (with its ServiceAccount and Role)
-is declared as ordinary resources that the chart waits for, so the Secret exists, with a
-random password generated in the cluster, before the first Argo CD pod starts.
+hook is switched off and the Secret is declared directly, as the chart documents for
+`redisSecretInit.enabled: false`, with a password derived from the platform's root secret:
+no Job, and no account left holding `create secrets` in the namespace once it has run. The
+Secret exists before the chart's pods, and a checksum of the password in every Argo CD pod's
+annotations rolls them all (Redis included) when it rotates, so no pod keeps the old one.
 """
 
 from __future__ import annotations
@@ -18,19 +20,21 @@ from pathlib import Path
 from typing import Any
 
 import pulumi
+import pulumi_kubernetes as k8s
 from pulumi_kubernetes.apiextensions import CustomResource
-from pulumi_kubernetes.batch.v1 import Job
 from pulumi_kubernetes.helm.v4 import Chart, ChartArgs, RepositoryOptsArgs
 
-from components import common
+from components import common, secrets
 from components.orchestrator import chart_verification
-from loopform.spec import GitOpsSpec, Namespaces, Resources, RetryPolicy
+from loopform.spec import GitOpsSpec, Namespaces, RetryPolicy
 
 ARGO_HELM_REPO = "https://argoproj.github.io/argo-helm"
 ARGOCD_IMAGE_REPOSITORY = "quay.io/argoproj/argocd"
 IN_CLUSTER = "https://kubernetes.default.svc"
 REDIS_SECRET = "argocd-redis"
-REDIS_SECRET_INIT = "argocd-redis-secret-init"
+#: The key of `argocd-redis` the chart's pods read (`argocd admin redis-initial-password` writes the same).
+REDIS_SECRET_KEY = "auth"
+REDIS_PASSWORD_CHECKSUM = "loopform.dev/redis-password-checksum"
 RELEASES_ANNOTATION = "loopform.dev/releases"
 
 #: Kinds a model service consists of (ModelService component); the AppProject allows only these.
@@ -63,9 +67,12 @@ def application_path(spec: GitOpsSpec, environment: str) -> str:
 
 
 def argocd_values(
-    argocd_version: str, install_crds: bool = True, gpg_keys: Mapping[str, str] | None = None
+    argocd_version: str,
+    install_crds: bool = True,
+    gpg_keys: Mapping[str, str] | None = None,
+    redis_password_checksum: pulumi.Input[str] = "",
 ) -> dict[str, Any]:
-    """argo-cd chart values: the redis-secret-init hook is replaced by our own Job (see module doc)."""
+    """argo-cd chart values: the redis-secret-init hook is off, its Secret declared here (see module doc)."""
     return {
         # Only the stack with cluster.shared_addons installs the CRDs. keep false: with `keep` the chart marks
         # them helm.sh/resource-policy: keep, Chart v4 retains them on destroy, and the next `up` then fails
@@ -76,51 +83,14 @@ def argocd_values(
         "global": {
             "image": {"repository": ARGOCD_IMAGE_REPOSITORY, "tag": argocd_version},
             "networkPolicy": {"create": True, "defaultDenyIngress": True},
+            # Every Argo CD pod reads the Redis password at start: a new one restarts them all together.
+            "podAnnotations": {REDIS_PASSWORD_CHECKSUM: redis_password_checksum},
         },
         "redisSecretInit": {"enabled": False},
         # No SSO is configured, so Dex would only be an idle attack surface.
         "dex": {"enabled": False},
         # The release keys the AppProject's signatureKeys name (argocd-gpg-keys-cm).
         "configs": {"gpg": {"keys": dict(gpg_keys or {})}},
-    }
-
-
-def redis_secret_init_rules() -> list[dict[str, Any]]:
-    """What `argocd admin redis-initial-password` needs: read and create the one Secret."""
-    return [
-        {"apiGroups": [""], "resources": ["secrets"], "resourceNames": [REDIS_SECRET], "verbs": ["get"]},
-        {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create"]},
-    ]
-
-
-def redis_secret_init_job(namespace: str, argocd_version: str, labels: Mapping[str, str]) -> dict[str, Any]:
-    """The chart's pre-install hook Job, as an ordinary Job (no TTL: Pulumi keeps tracking it)."""
-    exceptions = common.checkov_skips(
-        ("CKV_K8S_38", "argocd admin redis-initial-password creates the Secret through the Kubernetes API"),
-        ("CKV_K8S_40", "the argocd image's own user (999) owns its home; the Job is one-shot"),
-    )
-    return {
-        "metadata": common.metadata(REDIS_SECRET_INIT, namespace, dict(labels), exceptions),
-        "spec": {
-            "backoffLimit": 6,
-            "template": {
-                "metadata": {"labels": dict(labels)},
-                "spec": {
-                    "serviceAccountName": REDIS_SECRET_INIT,
-                    "restartPolicy": "OnFailure",
-                    "securityContext": common.pod_security(999),
-                    "containers": [
-                        {
-                            "name": "secret-init",
-                            **common.image(f"{ARGOCD_IMAGE_REPOSITORY}:{argocd_version}"),
-                            "command": ["argocd", "admin", "redis-initial-password"],
-                            "securityContext": common.container_security(),
-                            "resources": common.resources(Resources(cpu="50m", memory="128Mi")),
-                        }
-                    ],
-                },
-            },
-        },
     }
 
 
@@ -184,8 +154,10 @@ class GitOpsArgs:
     """Argo CD runs in `gitops`; the Application deploys into `serving`."""
     labels: Mapping[str, str] = field(default_factory=dict)
     """Common labels added to every object."""
+    redis_password: pulumi.Input[str]
+    """Password of Argo CD's Redis cache (the `argocd-redis` Secret's `auth`); rotating it restarts Argo CD."""
     argocd_version: str = DEFAULT_ARGOCD_VERSION
-    """Argo CD image tag, for both the chart and the redis-secret-init Job, so they cannot differ."""
+    """Argo CD image tag of every Argo CD component."""
     sync_retry: RetryPolicy = field(
         default_factory=lambda: RetryPolicy(limit=5, backoff="10s", factor=2, max_backoff="3m")
     )
@@ -214,22 +186,12 @@ class GitOps(pulumi.ComponentResource):
         namespace = args.namespaces.gitops
         base_labels = dict(args.labels)
 
-        init_labels = common.labels("argocd-redis-secret-init", name, base_labels)
-        _, init_binding = common.service_account_with_role(
-            self,
-            f"{name}-redis-secret-init",
-            REDIS_SECRET_INIT,
-            account_namespace=namespace,
-            role_namespace=namespace,
-            rules=redis_secret_init_rules(),
-            labels=init_labels,
-        )
-        job = redis_secret_init_job(namespace, args.argocd_version, init_labels)
-        init_job = Job(
-            f"{name}-redis-secret-init",
-            metadata=job["metadata"],
-            spec=job["spec"],
-            opts=common.child(self, depends_on=[init_binding]),
+        redis_secret = k8s.core.v1.Secret(
+            f"{name}-redis-password",
+            metadata=common.metadata(REDIS_SECRET, namespace, common.labels("argocd-redis", name, base_labels)),
+            type="Opaque",
+            string_data={REDIS_SECRET_KEY: pulumi.Output.secret(args.redis_password)},
+            opts=common.child(self),
         )
 
         chart = Chart(
@@ -239,10 +201,15 @@ class GitOps(pulumi.ComponentResource):
                 version=spec.chart_version,
                 namespace=namespace,
                 repository_opts=RepositoryOptsArgs(repo=ARGO_HELM_REPO),
-                values=argocd_values(args.argocd_version, args.install_crds, args.gpg_keys),
+                values=argocd_values(
+                    args.argocd_version,
+                    args.install_crds,
+                    args.gpg_keys,
+                    secrets.checksum(args.redis_password, "argocd-redis"),
+                ),
                 **chart_verification(spec.chart_keyring),
             ),
-            opts=common.child(self, depends_on=[init_job]),
+            opts=common.child(self, depends_on=[redis_secret]),
         )
 
         gitops_labels = common.labels("gitops", name, base_labels)

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import pulumi
 import pulumi_kubernetes as k8s
 
-from components import common
+from components import common, registry, secrets
 from loopform import record
 from loopform.identity import SERVING_ACCOUNT
 from loopform.payloads import DEFAULT_SPILL_MAX_BYTES, ENV_SPILL_DIR, ENV_SPILL_MAX_BYTES
@@ -33,6 +34,50 @@ ANNOTATION_PREFIX = "loopform.dev/"
 SPILL_MOUNT = "/var/spool/loopform-payloads"
 #: Room for the payload log's bounded spill plus the file being written.
 SPILL_SIZE_LIMIT = f"{DEFAULT_SPILL_MAX_BYTES * 3 // 2 // 2**20}Mi"
+#: The callers' bearer tokens (a JSON object caller -> token), mounted from the Secret `tokens_secret_name(model)`;
+#: the service reads the file LOOPFORM_API_TOKENS_FILE names (loopform/serving).
+TOKENS_KEY = "tokens.json"
+TOKENS_DIR = "/var/run/secrets/loopform/api"
+TOKENS_ENV = "LOOPFORM_API_TOKENS_FILE"
+#: The serving image's home (images/serving: `useradd --create-home loopform`): MLflow reads ~/.mlflow/credentials.
+HOME = "/home/loopform"
+
+
+def tokens_secret_name(model: str) -> str:
+    """The Secret with `model`'s callers' tokens, in the serving namespace."""
+    return f"{service_name(model)}-tokens"
+
+
+def caller_tokens(root_secret: pulumi.Input[str], model: str, callers: Sequence[str]) -> pulumi.Output[str]:
+    """tokens.json: one token per caller, derived from the stack's root secret (stable, rotates with it, and never
+    written anywhere but the Secret: the GitOps manifests name the Secret only)."""
+    tokens = [secrets.derived_password(root_secret, f"api-token/{model}/{caller}") for caller in callers]
+    return pulumi.Output.secret(
+        pulumi.Output.all(*tokens).apply(
+            lambda values: json.dumps(dict(zip(callers, values, strict=True)), sort_keys=True)
+        )
+    )
+
+
+def tokens_secret(
+    name: str,
+    model: str,
+    callers: Sequence[str],
+    root_secret: pulumi.Input[str],
+    namespace: str,
+    labels: dict[str, str],
+    opts: pulumi.ResourceOptions,
+) -> k8s.core.v1.Secret:
+    """The tokens Secret, declared by Pulumi on both roads (with GitOps, Argo CD syncs only the Deployment that
+    references it by name, so no token reaches git)."""
+    secret_name = tokens_secret_name(model)
+    return k8s.core.v1.Secret(
+        name,
+        metadata=common.metadata(secret_name, namespace, common.labels("api-tokens", secret_name, labels)),
+        type="Opaque",
+        string_data={TOKENS_KEY: caller_tokens(root_secret, model, callers)},
+        opts=opts,
+    )
 
 
 def service_name(model: str) -> str:
@@ -109,6 +154,9 @@ def manifests(args: ModelServiceArgs) -> list[dict[str, Any]]:
         {"name": ENV_SPILL_DIR, "value": SPILL_MOUNT},
         {"name": ENV_SPILL_MAX_BYTES, "value": str(DEFAULT_SPILL_MAX_BYTES)},
         {"name": "MLFLOW_DISABLE_TELEMETRY", "value": "true"},
+        # Callers authenticate with a bearer token from this file; MLflow reads as the serving user from ~/.mlflow.
+        {"name": TOKENS_ENV, "value": f"{TOKENS_DIR}/{TOKENS_KEY}"},
+        {"name": "HOME", "value": HOME},
     ]
     if args.feast_config:
         feast_env = [{"name": "LOOPFORM_FEAST_CONFIG", "value": args.feast_config}, args.redis_env, args.registry_env]
@@ -131,7 +179,11 @@ def manifests(args: ModelServiceArgs) -> list[dict[str, Any]]:
         "lifecycle": {"preStop": {"sleep": {"seconds": 10}}},
         "resources": common.resources(serving.resources),
         "securityContext": common.container_security(read_only_root=False),
-        "volumeMounts": [{"name": "payload-spill", "mountPath": SPILL_MOUNT}],
+        "volumeMounts": [
+            {"name": "payload-spill", "mountPath": SPILL_MOUNT},
+            {"name": "api-tokens", "mountPath": TOKENS_DIR, "readOnly": True},
+            registry.credentials_mount(HOME),
+        ],
     }
     deployment = {
         "apiVersion": "apps/v1",
@@ -142,7 +194,7 @@ def manifests(args: ModelServiceArgs) -> list[dict[str, Any]]:
             object_labels,
             {
                 **release_annotations(args.spec),
-                **(common.checkov_skips(common.FEAST_ENV_EXCEPTION) if args.feast_config else {}),
+                **common.workload_skips([release.image], *((common.FEAST_ENV_EXCEPTION,) if args.feast_config else ())),
             },
         ),
         "spec": {
@@ -166,7 +218,18 @@ def manifests(args: ModelServiceArgs) -> list[dict[str, Any]]:
                     "securityContext": common.pod_security(SERVING_UID),
                     "containers": [container],
                     # Outlives a container restart (an OOM kill), so rows spilled before it still ship.
-                    "volumes": [{"name": "payload-spill", "emptyDir": {"sizeLimit": SPILL_SIZE_LIMIT}}],
+                    "volumes": [
+                        {"name": "payload-spill", "emptyDir": {"sizeLimit": SPILL_SIZE_LIMIT}},
+                        {
+                            "name": "api-tokens",
+                            "secret": {
+                                "secretName": tokens_secret_name(args.model),
+                                "items": [{"key": TOKENS_KEY, "path": TOKENS_KEY}],
+                                "defaultMode": 0o440,
+                            },
+                        },
+                        registry.credentials_volume(registry.SERVING_USER),
+                    ],
                 },
             },
         },

@@ -19,7 +19,7 @@ import pulumi
 import pulumi_kubernetes as k8s
 from pulumi_kubernetes.helm.v4 import Chart, ChartArgs, RepositoryOptsArgs
 
-from components import common
+from components import common, registry
 from loopform.dashboard import dashboard
 from loopform.identity import MONITOR_ACCOUNT
 from loopform.spec import PlatformSpec, Resources
@@ -59,7 +59,7 @@ class PushgatewayArgs:
 def pushgateway_manifests(args: PushgatewayArgs) -> list[dict[str, Any]]:
     """Deployment and Service of the Pushgateway, and its ServiceMonitor with the Prometheus Operator."""
     object_labels = common.labels("pushgateway", PUSHGATEWAY, args.labels)
-    meta = common.metadata(PUSHGATEWAY, args.namespace, object_labels)
+    meta = common.metadata(PUSHGATEWAY, args.namespace, object_labels, common.workload_skips([PUSHGATEWAY_IMAGE]))
     selector = common.selector("pushgateway", PUSHGATEWAY)
     container = {
         "name": "pushgateway",
@@ -181,14 +181,15 @@ def drift_monitor_manifests(args: DriftMonitorArgs) -> list[dict[str, Any]]:
         ],
         # The payload log and the reference (MLflow artifacts) are on object storage.
         **common.env_from(args.credentials_env_from),
-        "volumeMounts": [{"name": "scratch", "mountPath": SCRATCH}],
+        # MLflow reads the monitor user's credentials (read-only) from ~/.mlflow/credentials: a file, not env.
+        "volumeMounts": [{"name": "scratch", "mountPath": SCRATCH}, registry.credentials_mount(SCRATCH)],
         "resources": common.resources(MONITOR_RESOURCES),
         "securityContext": common.container_security(),
     }
     cron_job = {
         "apiVersion": "batch/v1",
         "kind": "CronJob",
-        "metadata": common.metadata(name, args.namespace, object_labels),
+        "metadata": common.metadata(name, args.namespace, object_labels, common.workload_skips([args.image])),
         "spec": {
             "schedule": args.schedule,
             "timeZone": "Etc/UTC",
@@ -220,7 +221,10 @@ def drift_monitor_manifests(args: DriftMonitorArgs) -> list[dict[str, Any]]:
                             "restartPolicy": "Never",
                             "securityContext": common.pod_security(MONITOR_UID),
                             "containers": [container],
-                            "volumes": [{"name": "scratch", "emptyDir": {}}],
+                            "volumes": [
+                                {"name": "scratch", "emptyDir": {}},
+                                registry.credentials_volume(registry.MONITOR_USER),
+                            ],
                         },
                     },
                 },

@@ -24,7 +24,7 @@ from components.feature_store import (
 )
 from components.gitops import GitOps, GitOpsArgs, public_keys
 from components.gpu_pool import GpuNodePool, GpuNodePoolArgs, NvidiaDevicePlugin, NvidiaDevicePluginArgs
-from components.model_service import ModelService, ModelServiceArgs
+from components.model_service import ModelService, ModelServiceArgs, tokens_secret
 from components.monitoring import (
     DriftMonitor,
     DriftMonitorArgs,
@@ -38,7 +38,14 @@ from components.monitoring import (
 )
 from components.network import NetworkPolicies, NetworkPoliciesArgs
 from components.orchestrator import SUBMITTER_SERVICE_ACCOUNT, Orchestrator, OrchestratorArgs
-from components.registry import ModelRegistry, ModelRegistryArgs
+from components.registry import (
+    MONITOR_USER,
+    PIPELINE_USER,
+    PROMOTION_USER,
+    SERVING_USER,
+    ModelRegistry,
+    ModelRegistryArgs,
+)
 from components.retraining import RetrainingRoute, RetrainingRouteArgs
 from components.secrets import SharedSecret, SharedSecretArgs, derived_password
 from components.serving_limits import serving_limit_manifests
@@ -206,7 +213,6 @@ class Platform(pulumi.ComponentResource):
         env_from = identity.credentials_env_from(spec)
         prometheus_release = spec.monitoring.prometheus_release if spec.monitoring.operator else None
 
-        in_platform = common.child(self, depends_on=[created["platform"], *credentials])
         registry = ModelRegistry(
             f"{name}-registry",
             ModelRegistryArgs(
@@ -219,8 +225,25 @@ class Platform(pulumi.ComponentResource):
                 credentials_env_from=env_from,
                 protect_data=cluster.protect_data,
                 prometheus_release=prometheus_release,
+                # Each workload acts as its own MLflow user; promotion runs outside the cluster, from the
+                # credentials an operator reads in the platform namespace (docs/hardening.md).
+                credential_namespaces={
+                    PIPELINE_USER: [cluster.namespaces.pipelines],
+                    SERVING_USER: [cluster.namespaces.serving],
+                    MONITOR_USER: [cluster.namespaces.monitoring],
+                    PROMOTION_USER: [cluster.namespaces.platform],
+                },
             ),
-            in_platform,
+            common.child(
+                self,
+                depends_on=[
+                    created["platform"],
+                    created["pipelines"],
+                    created["serving"],
+                    created["monitoring"],
+                    *credentials,
+                ],
+            ),
         )
         features = FeatureStore(
             f"{name}-features",
@@ -334,6 +357,20 @@ class Platform(pulumi.ComponentResource):
         if prometheus_release is not None:
             self._alerting(name, spec, labels, prometheus_release, [created["monitoring"], orchestrator])
 
+        # For every model, released or not: a promotion's Deployment reaches the cluster through Argo CD
+        # before any `pulumi up` runs, so its Secret must already be there.
+        tokens = [
+            tokens_secret(
+                f"{name}-{model}-tokens",
+                model,
+                model_spec.serving.callers,
+                args.registry_db_password,
+                cluster.namespaces.serving,
+                labels,
+                common.child(self, depends_on=[created["serving"]]),
+            )
+            for model, model_spec in sorted(spec.models.items())
+        ]
         self.argocd_application: pulumi.Output[str | None] = pulumi.Output.from_input(None)
         if spec.gitops.enabled:
             # The services Argo CD syncs load models from the registry and features from the store.
@@ -345,6 +382,7 @@ class Platform(pulumi.ComponentResource):
                     namespaces=cluster.namespaces,
                     labels=labels,
                     argocd_version=spec.gitops.argocd_version,
+                    redis_password=derived_password(args.registry_db_password, f"argocd-redis:{spec.environment}"),
                     install_crds=cluster.shared_addons,
                     gpg_keys=public_keys(spec.gitops, args.root),
                     releases={
@@ -360,6 +398,7 @@ class Platform(pulumi.ComponentResource):
                         created["serving"],
                         serving_account,
                         *credentials,
+                        *tokens,
                         registry,
                         features,
                     ],
@@ -367,10 +406,11 @@ class Platform(pulumi.ComponentResource):
             )
             self.argocd_application = gitops.application_name
 
-        # With GitOps, Argo CD applies the services from the rendered folder; else Pulumi does.
+        # With GitOps, Argo CD applies the services from the rendered folder; else Pulumi does. The callers' tokens
+        # (above) are Pulumi's either way: the rendered Deployment names the Secret; its value never reaches git.
         if not spec.gitops.enabled:
             in_serving = common.child(
-                self, depends_on=[created["serving"], serving_account, *credentials, registry, features]
+                self, depends_on=[created["serving"], serving_account, *credentials, *tokens, registry, features]
             )
             for service in model_services(spec):
                 ModelService(f"{name}-{service.model}", service, in_serving)
@@ -430,6 +470,8 @@ class Platform(pulumi.ComponentResource):
                 labels=labels,
                 prometheus_release=prometheus_release,
                 install_crds=cluster.shared_addons,
+                # Argo Events comes from argo-helm, as Argo Workflows does: the same signing key.
+                chart_keyring=spec.orchestrator.chart_keyring,
             ),
             common.child(self, depends_on=[*depends_on, *stack]),
         )

@@ -6,11 +6,17 @@ hooks), and the backend (in-cluster PostgreSQL or a managed database) is a spec 
 server Deployment recreates its pods, and each pod's init container runs the upgrade script:
 under an advisory lock, when the database is behind this MLflow, a pg_dump to the artifact store
 first (MLflow's migrations are not guaranteed transactional), then the migration.
+
+The server runs MLflow's basic-auth app: a second init container writes its users and grants
+(components/scripts/mlflow_auth.py), and each client identity gets a credentials file in a Secret of
+the namespaces that act as it (see AUTH_GRANTS and docs/hardening.md).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -86,6 +92,119 @@ def backup_uri(spec: RegistrySpec) -> str:
     return f"{scheme}://{bucket}/loopform-backups/mlflow"
 
 
+#: MLflow's basic-auth app (`mlflow server --app-name basic-auth`): every request but /health and the server-info
+#: route needs a user (anonymous ones get 401). Authenticated users read everything (default READ); writes need a
+#: grant. The pipeline creates runs, logged models, registered models and versions and tags them: EDIT on every
+#: experiment and registered model (EDIT deletes nothing). Promotion moves aliases and release tags, and undoes
+#: them when it fails halfway (deleting an alias needs can_delete): MANAGE on registered models, nothing on runs.
+#: Serving and the drift monitor only read. The admin is for people (adding users); no workload gets it.
+AUTH_APP = "basic-auth"
+DEFAULT_PERMISSION = "READ"
+ADMIN_USER = "admin"
+PIPELINE_USER = "pipeline"
+PROMOTION_USER = "promotion"
+SERVING_USER = "serving"
+MONITOR_USER = "monitor"
+AUTH_GRANTS: dict[str, list[tuple[str, str, str]]] = {
+    PIPELINE_USER: [("experiment", "*", "EDIT"), ("registered_model", "*", "EDIT")],
+    PROMOTION_USER: [("registered_model", "*", "MANAGE")],
+    SERVING_USER: [],
+    MONITOR_USER: [],
+}
+AUTH_SCRIPT = UPGRADE_SCRIPT.parent / "mlflow_auth.py"
+AUTH_DIR = "/etc/mlflow-auth"
+AUTH_CONFIG_KEY = "basic_auth.ini"
+AUTH_USERS_KEY = "users.json"
+AUTH_CHECKSUM = "loopform.dev/auth-checksum"
+#: The auth app's CSRF key, the same in every worker and replica. MLflow reads it from this variable only, so the
+#: server's command sets it from the mounted file (no secret in the pod's env), then execs `mlflow server`.
+FLASK_SECRET_ENV = "MLFLOW_FLASK_SERVER_SECRET_KEY"
+FLASK_SECRET_KEY = "flask-secret-key"
+FLASK_SECRET_FROM_FILE = [
+    "sh",
+    "-c",
+    f'{FLASK_SECRET_ENV}="$(cat {AUTH_DIR}/{FLASK_SECRET_KEY})" && export {FLASK_SECRET_ENV} && exec "$@"',
+    "mlflow-server",
+]
+#: Keys of each identity's credentials Secret: MLflow's credentials file, and the same two values alone (for a
+#: person exporting MLFLOW_TRACKING_USERNAME/PASSWORD, and for Prometheus' basic auth).
+CREDENTIALS_KEY = "credentials"
+USERNAME_KEY = "username"
+CLIENT_PASSWORD_KEY = "password"
+
+
+def _ini_value(value: str) -> str:
+    """A value for configparser's default (basic) interpolation, which both MLflow readers use: `%` doubled."""
+    return value.replace("%", "%%")
+
+
+def auth_database_url(tracking_url: str) -> str:
+    """The auth tables' database: the tracking database's name plus `_auth`, on the same server (a SQLite file:
+    beside it). Their own database keeps the tracking schema's upgrades and backups MLflow's alone. Parsed with the
+    standard library: the Pulumi program imports no database driver, and the escaped credentials stay as given."""
+    base, query_mark, query = tracking_url.partition("?")
+    folder, _, database = base.rpartition("/")
+    if base.startswith("sqlite"):
+        stem, dot, suffix = database.rpartition(".")
+        database = f"{stem}_auth.{suffix}" if dot else f"{database}_auth"
+    else:
+        database = f"{database}_auth"
+    return f"{folder}/{database}{query_mark}{query}"
+
+
+def auth_config(database_url: str, admin_password: str) -> str:
+    """The auth app's ini (MLFLOW_AUTH_CONFIG_PATH): what the server and the user bootstrap both read."""
+    lines = [
+        "[mlflow]",
+        f"default_permission = {DEFAULT_PERMISSION}",
+        f"database_uri = {_ini_value(database_url)}",
+        f"admin_username = {ADMIN_USER}",
+        f"admin_password = {_ini_value(admin_password)}",
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def auth_users(passwords: Mapping[str, str]) -> str:
+    """The users file of components/scripts/mlflow_auth.py: each identity's password and grants."""
+    users = {
+        user: {"password": passwords[user], "grants": [list(grant) for grant in grants]}
+        for user, grants in AUTH_GRANTS.items()
+    }
+    return json.dumps(users, sort_keys=True, indent=2)
+
+
+def credentials_file(username: str, password: str) -> str:
+    """MLflow's client credentials file (~/.mlflow/credentials, read by mlflow.utils.credentials)."""
+    return f"[mlflow]\nmlflow_tracking_username = {_ini_value(username)}\nmlflow_tracking_password = {_ini_value(password)}\n"
+
+
+def credentials_secret_name(user: str) -> str:
+    """The Secret holding `user`'s MLflow credentials, in every namespace whose workloads act as that user."""
+    return f"mlflow-{user}-credentials"
+
+
+CREDENTIALS_VOLUME = "mlflow-credentials"
+
+
+def credentials_volume(user: str) -> dict[str, Any]:
+    """A pod volume with `user`'s credentials file only (as `credentials`)."""
+    return {
+        "name": CREDENTIALS_VOLUME,
+        "secret": {
+            "secretName": credentials_secret_name(user),
+            "items": [{"key": CREDENTIALS_KEY, "path": CREDENTIALS_KEY}],
+            "defaultMode": 0o440,
+        },
+    }
+
+
+def credentials_mount(home: str) -> dict[str, Any]:
+    """Mount of that volume at `<home>/.mlflow`, where MLflow's clients look (`~/.mlflow/credentials`): a file,
+    not environment variables, so the password stays out of the pod spec and `env` (Checkov CKV_K8S_35)."""
+    return {"name": CREDENTIALS_VOLUME, "mountPath": f"{home.rstrip('/')}/.mlflow", "readOnly": True}
+
+
 @dataclass
 class ModelRegistryArgs:
     """Inputs of the MLflow registry."""
@@ -110,6 +229,9 @@ class ModelRegistryArgs:
     """Protect and retain the database, its volume and its Secret (cluster.protect_data)."""
     prometheus_release: str | None = None
     """`release` label of the server's ServiceMonitor (`--expose-prometheus`); None (no Prometheus Operator): none."""
+    credential_namespaces: dict[str, list[str]] = field(default_factory=dict)
+    """Namespaces that get each MLflow identity's credentials Secret (`credentials_secret_name`), by user
+    (PIPELINE_USER, SERVING_USER, ...); its own namespace always gets the monitor's when Prometheus scrapes."""
 
 
 @dataclass(frozen=True)
@@ -170,8 +292,9 @@ class ModelRegistry(pulumi.ComponentResource):
             string_data=secret_data,
             opts=common.stateful(self, args.protect_data),
         )
-        # Consumers roll when the password changes.
+        # Consumers roll when the password changes (the MLflow users' passwords derive from it too).
         checksum = secrets.checksum(args.db_password, "loopform-db-password")
+        auth_secret = self._auth(name, args, url, object_labels)
         if isinstance(backend, InClusterPostgres):
             database = self._postgres(name, backend, args, url_secret, checksum)
 
@@ -189,10 +312,11 @@ class ModelRegistry(pulumi.ComponentResource):
 
         # Before any server starts: back up and migrate the schema when this MLflow's is newer (see module doc).
         script = UPGRADE_SCRIPT.read_text()
+        auth_script = AUTH_SCRIPT.read_text()
         scripts = k8s.core.v1.ConfigMap(
             f"{name}-scripts",
             metadata=common.metadata(f"{name}-scripts", ns, object_labels),
-            data={UPGRADE_SCRIPT.name: script},
+            data={UPGRADE_SCRIPT.name: script, AUTH_SCRIPT.name: auth_script},
             opts=common.child(self),
         )
         upgrade = {
@@ -214,6 +338,27 @@ class ModelRegistry(pulumi.ComponentResource):
             ],
         }
         script_checksum = hashlib.sha256(script.encode()).hexdigest()[:16]
+        auth_env = [
+            {"name": "MLFLOW_AUTH_CONFIG_PATH", "value": f"{AUTH_DIR}/{AUTH_CONFIG_KEY}"},
+            {"name": "LOOPFORM_AUTH_USERS", "value": f"{AUTH_DIR}/{AUTH_USERS_KEY}"},
+        ]
+        auth_mount = {"name": "auth", "mountPath": AUTH_DIR, "readOnly": True}
+        # Then the users and their grants (components/scripts/mlflow_auth.py): idempotent, so every start applies
+        # the Secret's current passwords (a rotation rolls the pods through PASSWORD_CHECKSUM).
+        bootstrap_auth = {
+            "name": "bootstrap-auth",
+            **common.image(spec.server_image),
+            "command": ["python", f"{SCRIPTS_DIR}/{AUTH_SCRIPT.name}"],
+            "env": [backend_env, home, *auth_env],
+            "resources": common.resources(spec.resources),
+            "securityContext": common.container_security(),
+            "volumeMounts": [
+                {"name": "scripts", "mountPath": SCRIPTS_DIR, "readOnly": True},
+                auth_mount,
+                {"name": "tmp", "mountPath": "/tmp"},
+            ],
+        }
+        auth_checksum = hashlib.sha256(auth_script.encode()).hexdigest()[:16]
 
         port = spec.port
         # Prometheus scrapes the pod by its IP: the container expands $(POD_IP) from the downward API.
@@ -232,8 +377,9 @@ class ModelRegistry(pulumi.ComponentResource):
                 name,
                 ns,
                 object_labels,
-                common.checkov_skips(
-                    ("CKV_K8S_35", "mlflow server reads its database URL only from MLFLOW_BACKEND_STORE_URI")
+                common.workload_skips(
+                    [spec.server_image],
+                    ("CKV_K8S_35", "mlflow server reads its database URL only from MLFLOW_BACKEND_STORE_URI"),
                 ),
             ),
             spec={
@@ -247,15 +393,20 @@ class ModelRegistry(pulumi.ComponentResource):
                 "template": {
                     "metadata": {
                         "labels": object_labels,
-                        "annotations": {PASSWORD_CHECKSUM: checksum, UPGRADE_CHECKSUM: script_checksum},
+                        "annotations": {
+                            PASSWORD_CHECKSUM: checksum,
+                            UPGRADE_CHECKSUM: script_checksum,
+                            AUTH_CHECKSUM: auth_checksum,
+                        },
                     },
                     "spec": {
                         "serviceAccountName": args.service_account,
                         "automountServiceAccountToken": False,
                         "securityContext": security,
-                        "initContainers": [upgrade],
+                        "initContainers": [upgrade, bootstrap_auth],
                         "volumes": [
                             {"name": "scripts", "configMap": {"name": f"{name}-scripts"}},
+                            {"name": "auth", "secret": {"secretName": f"{name}-auth", "defaultMode": 0o440}},
                             {"name": "tmp", "emptyDir": {}},
                         ],
                         "containers": [
@@ -263,8 +414,12 @@ class ModelRegistry(pulumi.ComponentResource):
                                 "name": "mlflow",
                                 **common.image(spec.server_image),
                                 "command": [
+                                    *FLASK_SECRET_FROM_FILE,
                                     "mlflow",
                                     "server",
+                                    # Basic auth on every route but /health (see AUTH_GRANTS); users and grants
+                                    # come from the bootstrap-auth init container.
+                                    f"--app-name={AUTH_APP}",
                                     "--host=0.0.0.0",
                                     f"--port={port}",
                                     f"--workers={spec.workers}",
@@ -278,6 +433,7 @@ class ModelRegistry(pulumi.ComponentResource):
                                 "env": [
                                     *env,
                                     {"name": POD_IP_ENV, "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+                                    auth_env[0],
                                 ],
                                 **common.env_from(args.credentials_env_from),
                                 "ports": [{"name": "http", "containerPort": port}],
@@ -285,7 +441,7 @@ class ModelRegistry(pulumi.ComponentResource):
                                 "livenessProbe": common.http_probe("/health", "http", period=20, initial_delay=30),
                                 "resources": common.resources(spec.resources),
                                 "securityContext": common.container_security(),
-                                "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+                                "volumeMounts": [auth_mount, {"name": "tmp", "mountPath": "/tmp"}],
                             }
                         ],
                     },
@@ -293,7 +449,7 @@ class ModelRegistry(pulumi.ComponentResource):
             },
             opts=common.child(
                 self,
-                depends_on=[*database, url_secret, account, scripts],
+                depends_on=[*database, url_secret, auth_secret, account, scripts],
                 custom_timeouts=pulumi.CustomTimeouts(create="60m", update="60m"),
             ),
         )
@@ -309,18 +465,72 @@ class ModelRegistry(pulumi.ComponentResource):
         )
 
         if args.prometheus_release is not None:
-            common.custom_resource(
-                f"{name}-servicemonitor",
-                common.service_monitor(
-                    name, ns, object_labels, common.selector(COMPONENT, name), args.prometheus_release
-                ),
-                common.child(self, depends_on=[service]),
+            monitor = common.service_monitor(
+                name, ns, object_labels, common.selector(COMPONENT, name), args.prometheus_release
             )
+            # /metrics is behind the auth app too: Prometheus scrapes as the read-only monitor user.
+            credentials = credentials_secret_name(MONITOR_USER)
+            monitor["spec"]["endpoints"][0]["basicAuth"] = {
+                "username": {"name": credentials, "key": USERNAME_KEY},
+                "password": {"name": credentials, "key": CLIENT_PASSWORD_KEY},
+            }
+            common.custom_resource(f"{name}-servicemonitor", monitor, common.child(self, depends_on=[service]))
 
         self.service_name = service.metadata.name
         # Derived from the Service, so whatever uses the URI waits until the server is up behind it.
         self.tracking_uri = service.metadata.apply(lambda meta: common.service_url(meta.name, meta.namespace, port))
         self.register_outputs({"tracking_uri": self.tracking_uri, "service_name": self.service_name})
+
+    def _auth(
+        self, name: str, args: ModelRegistryArgs, tracking_url: pulumi.Output[str], labels: dict[str, str]
+    ) -> pulumi.Resource:
+        """The auth app's Secret (its config, the users file, the CSRF key) and each identity's credentials Secret
+        in the namespaces that act as it. Every password derives from the database password: nothing more to
+        configure, and they rotate with it."""
+        assert args.db_password is not None
+        passwords = {
+            user: secrets.derived_password(args.db_password, f"mlflow-user:{user}")
+            for user in (ADMIN_USER, *AUTH_GRANTS)
+        }
+        config = pulumi.Output.all(tracking_url, passwords[ADMIN_USER]).apply(
+            lambda values: auth_config(auth_database_url(values[0]), values[1])
+        )
+        users = pulumi.Output.all(*(passwords[user] for user in AUTH_GRANTS)).apply(
+            lambda values: auth_users(dict(zip(AUTH_GRANTS, values, strict=True)))
+        )
+        secret = k8s.core.v1.Secret(
+            f"{name}-auth",
+            metadata=common.metadata(f"{name}-auth", args.namespace, labels),
+            type="Opaque",
+            string_data={
+                AUTH_CONFIG_KEY: pulumi.Output.secret(config),
+                AUTH_USERS_KEY: pulumi.Output.secret(users),
+                FLASK_SECRET_KEY: secrets.derived_password(args.db_password, "mlflow-flask-secret-key"),
+            },
+            opts=common.child(self),
+        )
+        namespaces = {user: set(found) for user, found in args.credential_namespaces.items()}
+        if args.prometheus_release is not None:
+            namespaces.setdefault(MONITOR_USER, set()).add(args.namespace)
+        for user, found in sorted(namespaces.items()):
+            password = passwords[user]
+            secrets.SharedSecret(
+                f"{name}-{user}-credentials",
+                secrets.SharedSecretArgs(
+                    secret_name=credentials_secret_name(user),
+                    namespaces=sorted(found),
+                    string_data={
+                        CREDENTIALS_KEY: pulumi.Output.from_input(password).apply(
+                            lambda p, u=user: credentials_file(u, p)
+                        ),
+                        USERNAME_KEY: user,
+                        CLIENT_PASSWORD_KEY: password,
+                    },
+                    labels=common.labels("mlflow-credentials", credentials_secret_name(user), args.labels),
+                ),
+                common.child(self),
+            )
+        return secret
 
     def _postgres(
         self,
@@ -370,7 +580,8 @@ class ModelRegistry(pulumi.ComponentResource):
                 role,
                 ns,
                 db_labels,
-                common.checkov_skips(
+                common.workload_skips(
+                    [backend.image],
                     common.DATA_OWNER_EXCEPTION,
                     ("CKV_K8S_35", "the password's postStart rotation reads POSTGRES_PASSWORD from the environment"),
                 ),

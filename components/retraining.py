@@ -33,7 +33,7 @@ import pulumi
 from pulumi_kubernetes.helm.v4 import Chart, ChartArgs, RepositoryOptsArgs
 
 from components import common
-from components.orchestrator import ARGO_API_GROUP, ARGO_HELM_REPO
+from components.orchestrator import ARGO_API_GROUP, ARGO_HELM_REPO, chart_verification
 from components.workflow import template_name
 from loopform.alerts import DRIFT_ALERTNAME, MODEL_LABEL, PAYLOAD_VERSION
 
@@ -269,6 +269,8 @@ class RetrainingRouteArgs:
     """`release` label of the AlertmanagerConfig; None (no Prometheus Operator) declares none."""
     install_crds: bool = True
     """Install the Argo Events CRDs (cluster.shared_addons: one stack per cluster does)."""
+    chart_keyring: str | None = None
+    """Keyring with argo-helm's signing key (orchestrator.chart_keyring): Helm verifies the chart; None: unverified."""
 
 
 class RetrainingRoute(pulumi.ComponentResource):
@@ -292,6 +294,7 @@ class RetrainingRoute(pulumi.ComponentResource):
                 namespace=namespace,
                 repository_opts=RepositoryOptsArgs(repo=ARGO_HELM_REPO),
                 values=argo_events_values(args.install_crds),
+                **chart_verification(args.chart_keyring),
             ),
             opts=common.child(self),
         )

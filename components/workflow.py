@@ -26,6 +26,7 @@ import hera._yaml  # noqa: F401
 
 from components.common import IMAGE_UID
 from components.gpu_pool import GPU_RESOURCE, GpuScheduling, gpu_pod_resources, scheduling
+from components.registry import CREDENTIALS_KEY, CREDENTIALS_VOLUME, PIPELINE_USER, credentials_secret_name
 from loopform.pipeline import PIPELINE, Step
 from loopform.spec import ExistingPool, KarpenterPool, ModelSpec, OrchestratorSpec
 
@@ -41,6 +42,8 @@ ENTRYPOINT = "pipeline"
 ARTIFACT_REPOSITORY_CONFIGMAP = "artifact-repositories"
 ARTIFACT_REPOSITORY_KEY = "default-v1"
 STEP_USER = IMAGE_UID  # images/pipeline/Dockerfile's user
+#: The pipeline images' home (`useradd --create-home loopform`): MLflow reads ~/.mlflow/credentials there.
+STEP_HOME = "/home/loopform"
 #: The workflow-level custom metric a successful run emits (`last_success_metric`).
 LAST_SUCCESS_METRIC = "loopform_pipeline_last_success_timestamp_seconds"
 
@@ -71,6 +74,8 @@ class PipelineContext:
     """Environment of every step from Secrets in `namespace`: name -> (Secret, key)."""
     env_from_secrets: Sequence[str] = ()
     """Secrets in `namespace` whose keys become environment variables of every step."""
+    mlflow_credentials: str | None = credentials_secret_name(PIPELINE_USER)
+    """Secret in `namespace` with the pipeline's MLflow credentials file, mounted at ~/.mlflow (None: no auth)."""
 
 
 def step_scheduling(
@@ -124,18 +129,33 @@ def _retry(orchestrator: OrchestratorSpec) -> RetryStrategy:
 
 
 def _container(ctx: PipelineContext, model: str, spec: ModelSpec, step: Step, first: bool) -> Container:
-    from hera.workflows import Artifact, Container, EmptyDirVolume, Env, SecretEnv, SecretEnvFrom
+    from hera.workflows import Artifact, Container, EmptyDirVolume, Env, SecretEnv, SecretEnvFrom, SecretVolume
     from hera.workflows import models as m
 
     sched = step_scheduling(step, spec, ctx.pools)
     resources = step_resources(step, spec, ctx.orchestrator)
+    volumes: list[Any] = [EmptyDirVolume(name="work", mount_path=WORK_DIR)]
+    env = [Env(name=key, value=value) for key, value in sorted(ctx.env.items())]
+    if ctx.mlflow_credentials:
+        # A file, not MLFLOW_TRACKING_PASSWORD: the password stays out of the template and the pod's environment.
+        env.append(Env(name="HOME", value=STEP_HOME))
+        volumes.append(
+            SecretVolume(
+                name=CREDENTIALS_VOLUME,
+                secret_name=ctx.mlflow_credentials,
+                mount_path=f"{STEP_HOME}/.mlflow",
+                read_only=True,
+                items=[m.KeyToPath(key=CREDENTIALS_KEY, path=CREDENTIALS_KEY)],
+                default_mode=0o440,
+            )
+        )
     return Container(
         name=step.name,
         image=step_image(resources, ctx.orchestrator),
         command=["loopform"],
         args=["step", step.name, "--model", model, "--stack", ctx.environment, "--run-dir", RUN_DIR],
         env=[
-            *(Env(name=key, value=value) for key, value in sorted(ctx.env.items())),
+            *env,
             *(
                 SecretEnv(name=key, secret_name=ref[0], secret_key=ref[1])
                 for key, ref in sorted(ctx.secret_env.items())
@@ -146,7 +166,7 @@ def _container(ctx: PipelineContext, model: str, spec: ModelSpec, step: Step, fi
         resources=m.ResourceRequirements(requests=resources["requests"], limits=resources["limits"]),
         inputs=None if first else [Artifact(name=RUN_ARTIFACT, path=RUN_DIR)],
         outputs=[Artifact(name=RUN_ARTIFACT, path=RUN_DIR)],
-        volumes=[EmptyDirVolume(name="work", mount_path=WORK_DIR)],
+        volumes=volumes,
         retry_strategy=_retry(ctx.orchestrator),
         tolerations=[m.Toleration(**t) for t in sched.tolerations()] if sched else None,
         node_selector=sched.node_selector() if sched else None,

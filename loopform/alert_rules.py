@@ -5,8 +5,9 @@ Pure functions of the spec (and each model's contract, for its Feast feature vie
 platform declares and the groups tests feed to `promtool` are the same data. The drift series are the
 monitor's gauges (`loopform.monitor`), pushed to the Pushgateway by each `loopform monitor` run; the serving
 series are BentoML's own HTTP metrics, whose `service_name` is the model (`loopform.serving.bento`); the
-feature lag is the Feast feature server's own `feast_feature_freshness_seconds` (`feast serve --metrics`):
-seconds since the end of the feature view's most recent materialisation.
+feature lag is the Feast feature server's own `feast_feature_freshness_seconds` (`python -m
+loopform.feature_server --metrics`, Feast's server with reads only): seconds since the end of the feature
+view's most recent materialisation.
 """
 
 from __future__ import annotations

@@ -364,12 +364,23 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     from prometheus_client import CollectorRegistry
 
     from loopform.model_code import ModelCode
-    from loopform.monitor import FileTrigger, production_reference, push_metrics, run_monitor, write_metrics
+    from loopform.monitor import (
+        CallerPolicy,
+        FileTrigger,
+        production_reference,
+        push_metrics,
+        run_monitor,
+        write_metrics,
+    )
 
     spec = load_stack(_stack_path(args), Path(args.root))
     if args.model not in spec.models:
         raise UsageError(f"stack {args.stack} declares no model {args.model!r} (declared: {', '.join(spec.models)})")
     contract = ModelCode(args.model, Path(args.root), spec.models[args.model].path).contract
+    try:
+        callers = CallerPolicy(tuple(args.caller or ()), args.include_anonymous, args.max_caller_share)
+    except ValueError as error:
+        raise UsageError(f"--max-caller-share: {error}") from None
     report_dir = Path(args.report_dir)
     version = None
     sha256 = args.reference_sha256
@@ -399,6 +410,7 @@ def cmd_monitor(args: argparse.Namespace) -> int:
             trigger=FileTrigger(report_dir / "triggers"),
             version=version,
             reference_sha256=sha256,
+            callers=callers,
         )
     except ImportError as error:
         raise UsageError(f"cannot read {payload_uri}: {error} (pip install 'loopform[cluster]')") from None
@@ -610,6 +622,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--push-gateway", help="push the Prometheus gauges to this Pushgateway (URL), grouped by model"
     )
     monitor.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
+    monitor.add_argument(
+        "--caller",
+        action="append",
+        metavar="NAME",
+        help="read only this authenticated caller's payload rows (repeatable; default: every authenticated caller)",
+    )
+    monitor.add_argument(
+        "--include-anonymous",
+        action="store_true",
+        help="also read rows of anonymous traffic and rows without a caller (left out by default)",
+    )
+    monitor.add_argument(
+        "--max-caller-share",
+        type=float,
+        metavar="F",
+        help="cap each caller at this share of the window (0 < F <= 1); fewer than 1/F callers: no decision",
+    )
     monitor.set_defaults(handler=cmd_monitor)
     return parser
 
@@ -638,5 +667,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
+def run() -> None:
+    """The `loopform` command: `main`, then exit without the collector walking what the command left behind.
+
+    A render of hundreds of models leaves millions of objects; freezing them spares the interpreter's exit about
+    two seconds (bench/iac.py). Not in `main`, which tests call in-process."""
+    import gc
+
+    code = main()
+    gc.freeze()
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

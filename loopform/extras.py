@@ -20,6 +20,7 @@ RUNTIME_COMMANDS = frozenset({"doctor", "ingest", "monitor", "promote", "serve",
 RUNTIME_MODULES = frozenset(
     {
         "bentoml",
+        "duckdb",
         "evidently",
         "feast",
         "fsspec",
@@ -33,6 +34,7 @@ RUNTIME_MODULES = frozenset(
         "redis",
         "scipy",
         "sklearn",
+        "starlette",
         "torch",
     }
 )

@@ -14,12 +14,15 @@ incident. Without them the monitor's `FileTrigger` starts it, and the progress s
 Everything it writes stays under `local.workdir`: MLflow on SQLite, the Feast repo, the
 payload log, reports, and the stack files its promotions record releases in (copies made
 from the local stack, never the repository's dev, staging or prod files). Each run starts
-from an empty workdir, so running it twice gives the same loop.
+from an empty workdir, so running it twice gives the same loop. The services authenticate callers as on the
+cluster: `up` writes a tokens file into the workdir (0600), its own traffic is the caller `loop`, the monitor
+reads authenticated callers' rows only, and the summary prints how to call a service with the token.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -50,6 +53,8 @@ ENTITY_SHARE = 0.2  # share of single requests scored by entity id through the o
 SINGLE_TRAFFIC = 600  # requests of a phase sent one at a time; the rest go in batches
 BATCH = 500  # events per /predict_batch request
 MARKER = ".loopform-workdir"
+TOKENS_FILE = "api-tokens.json"  # the local services' callers (0600), as the cluster's Secret holds them
+LOCAL_CALLER = "loop"  # the caller the loop's own traffic authenticates as
 
 
 @dataclass
@@ -220,6 +225,22 @@ def fresh_workdir(workdir: Path, root: Path) -> Path:
     return workdir
 
 
+def local_tokens(workdir: Path) -> dict[str, str]:
+    """Write the local services' tokens file (0600): one caller, LOCAL_CALLER, with a fresh token."""
+    import secrets
+
+    tokens = {LOCAL_CALLER: secrets.token_urlsafe(32)}
+    descriptor = os.open(workdir / TOKENS_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w") as out:
+        json.dump(tokens, out)
+    return tokens
+
+
+def local_token(workdir: Path) -> str:
+    """The loop's own bearer token, from the workdir's tokens file."""
+    return str(json.loads((workdir / TOKENS_FILE).read_text())[LOCAL_CALLER])
+
+
 def local_feature_repo(spec: PlatformSpec, root: Path, model: str) -> Path:
     """The local Feast repo of a model under local.workdir (its own registry, event table and online store)."""
     return (root / spec.local.workdir).resolve() / "feast" / model
@@ -235,6 +256,7 @@ def up(stack_path: Path, root: Path, echo: Callable[[str], None] = print) -> Sum
     tracking_uri = f"sqlite:///{workdir / 'mlflow.db'}"
     stacks = environment_stacks(stack_path, workdir, root)
     keys = signers(workdir, root, stacks)
+    local_tokens(workdir)
     summary = Summary(workdir=workdir, tracking_uri=tracking_uri)
     progress = Progress(total=len(spec.models) * (10 + 2 * len(PIPELINE)), echo=echo)
     echo(f"loopform up --stack {spec.environment}: models {', '.join(sorted(spec.models))}, everything under {workdir}")
@@ -312,12 +334,12 @@ def _model_loop(
     try:
         clean_start = datetime.now(UTC)
         with progress.phase(f"{model}: send {local.traffic} requests of live traffic (1 day)"):
-            run.requests["clean"] = _send(server.url, traffic, repo, contract)
+            run.requests["clean"] = _send(server.url, traffic, repo, contract, local_token(workdir))
         drift_start = datetime.now(UTC)
         with progress.phase(
             f"{model}: send {local.drift_rows} events of drifted traffic ({local.drift} drift, {local.drift_days} days)"
         ):
-            run.requests["drifted"] = _send(server.url, drifted, repo, contract)
+            run.requests["drifted"] = _send(server.url, drifted, repo, contract, local_token(workdir))
     finally:
         server.stop()  # graceful: the service drains its payload log
     run.payload_rows = len(_payloads(payload_uri, model))
@@ -494,12 +516,14 @@ def _server(
 
 
 def serve_env(workdir: Path, model: str, tracking_uri: str, release: dict[str, Any]) -> dict[str, str]:
-    """What the local service needs: the signed release (version and artifacts digest), its online store and
-    where payloads go."""
+    """What the local service needs: the signed release (version and artifacts digest), its online store, where
+    payloads go and its callers' tokens."""
     from loopform.record import release_env
+    from loopform.serving.auth import ENV_TOKENS_FILE
 
     return {
         "LOOPFORM_TRACKING_URI": tracking_uri,
+        ENV_TOKENS_FILE: str(workdir / TOKENS_FILE),
         **release_env(release),
         "LOOPFORM_FEAST_REPO": str(workdir / "feast" / model),
         "LOOPFORM_PAYLOAD_URI": str(workdir / "payloads"),
@@ -507,8 +531,9 @@ def serve_env(workdir: Path, model: str, tracking_uri: str, release: dict[str, A
     }
 
 
-def _send(url: str, frame: Any, repo: Any, contract: Contract) -> int:
-    """POST the events: the first `SINGLE_TRAFFIC` one at a time (a share by entity id), the rest in batches.
+def _send(url: str, frame: Any, repo: Any, contract: Contract, token: str) -> int:
+    """POST the events as the caller LOCAL_CALLER: the first `SINGLE_TRAFFIC` one at a time (a share by entity id),
+    the rest in batches.
 
     By entity id the request carries the event's own fields and the service reads the entity's
     features online, written there just before (as a streaming feature pipeline does on arrival),
@@ -523,7 +548,7 @@ def _send(url: str, frame: Any, repo: Any, contract: Contract) -> int:
 
     answered = 0
     rows = frame.to_dict(orient="records")
-    with httpx.Client(base_url=url, timeout=60.0) as client:
+    with httpx.Client(base_url=url, timeout=60.0, headers={"Authorization": f"Bearer {token}"}) as client:
         for index, row in enumerate(rows[:SINGLE_TRAFFIC]):
             if index % round(1 / ENTITY_SHARE) == 0:
                 repo.write_online(frame.iloc[[index]])
@@ -568,7 +593,7 @@ def _monitor(
     from prometheus_client import CollectorRegistry
 
     from loopform.alerts import DRIFT_ALERTNAME
-    from loopform.monitor import FileTrigger, run_monitor
+    from loopform.monitor import CallerPolicy, FileTrigger, run_monitor
 
     registry = CollectorRegistry()
     result = run_monitor(
@@ -584,6 +609,7 @@ def _monitor(
         min_rows=ctx.spec.monitoring.min_rows,
         registry=registry,
         trigger=None if route is not None else FileTrigger(workdir / "triggers"),
+        callers=CallerPolicy(),  # authenticated callers only, as `loopform monitor` reads them
     )
     if route is not None:
         route.alerting.push(registry, ctx.model)
@@ -632,6 +658,16 @@ def _print_summary(summary: Summary, echo: Callable[[str], None]) -> None:
         for name, value in serve_env(summary.workdir, model, summary.tracking_uri, run.release).items():
             echo(f"                       {name}={value} \\")
         echo(f"                       .venv/bin/loopform serve {model} --port {run.endpoint.rsplit(':', 1)[-1]})")
+        tokens = summary.workdir / TOKENS_FILE
+        echo(f"    call it            with the token of caller {LOCAL_CALLER!r} in {tokens} (0600; add callers there):")
+        echo(
+            f"                       TOKEN=$(.venv/bin/python -c \"import json; print(json.load(open('{tokens}'))"
+            f"['{LOCAL_CALLER}'])\")"
+        )
+        echo(
+            f"                       curl -H \"Authorization: Bearer $TOKEN\" -H 'Content-Type: application/json' "
+            f"-d @event.json {run.endpoint}/predict"
+        )
     echo(f"  reports              {len(summary.reports)} HTML reports (gate reports also in each MLflow run):")
     for report in summary.reports:
         echo(f"                       {report}")

@@ -19,6 +19,16 @@ report for people. When the payloads carry labels
 (joined feedback), a label shift (Fisher exact test, `gates.drift.label_shift_*`) triggers too. The share of
 served rows outside the reference's envelope (`loopform.gates.ood`) is reported beside it, not acted on.
 
+Whose traffic counts: payload rows carry the authenticated caller that sent them (`loopform.payloads.CALLER`), so a
+window can be restricted to named callers and each caller's share capped (`CallerPolicy`; `loopform monitor
+--caller NAME --max-caller-share F`). The CLI and the local loop read authenticated callers only by default:
+rows of `anonymous` traffic (a service run with LOOPFORM_ALLOW_ANONYMOUS) and rows written before callers were
+recorded are left out, so an unauthenticated flood cannot steer the decision. With a cap F, a caller sending more
+than F of the window keeps only as many rows (evenly spread over its time) as hold it at F; with fewer than 1/F
+callers no cap can hold and the window gives no decision, so one caller, however loud, never decides alone. The
+result says how many rows each caller kept (`MonitorResult.callers`) and how many were left out. `run_monitor`
+without a policy reads every row (payloads written by other tools).
+
 On Kubernetes the gauges are scraped (or pushed) and a PrometheusRule on `loopform_drift_detected` fires
 an Alertmanager -> Argo Events path that submits retraining; on one machine a `FileTrigger` (a JSON file the
 local loop watches) or a `CallbackTrigger` plays that role. Both sides read the same gauges.
@@ -291,6 +301,71 @@ def push_metrics(gateway: str, registry: CollectorRegistry, model: str, job: str
 # --- the run ----------------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class CallerPolicy:
+    """Which callers' payload rows the monitor reads, and the largest share of the window one caller may have.
+
+    `callers` empty: every authenticated caller. `include_anonymous`: also rows of `anonymous` traffic and rows
+    without a caller. `max_share` (0 < F <= 1): the cap; None for none.
+    """
+
+    callers: tuple[str, ...] = ()
+    include_anonymous: bool = False
+    max_share: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_share is not None and not 0 < self.max_share <= 1:
+            raise ValueError(f"a caller's maximum share must be in (0, 1], got {self.max_share}")
+
+    def select(self, rows: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, int], int]:
+        """(the rows read, rows kept per caller, rows left out) of a window's payload rows."""
+        import numpy as np
+        import pandas as pd
+
+        from loopform.payloads import CALLER
+        from loopform.serving.auth import ANONYMOUS
+
+        who = rows[CALLER] if CALLER in rows.columns else pd.Series([None] * len(rows), index=rows.index, dtype=object)
+        anonymous = who.isna() | (who == ANONYMOUS)
+        keep = (~anonymous | self.include_anonymous) if not self.callers else who.isin(self.callers)
+        who = who.where(~anonymous, ANONYMOUS)
+        counts = who[keep].value_counts().to_dict()
+        quota = counts if self.max_share is None else capped_counts(counts, self.max_share)
+        chosen = []
+        for caller, kept in quota.items():
+            positions = np.flatnonzero((keep & (who == caller)).to_numpy())
+            # Evenly spread over the caller's rows (in time order), not its first ones.
+            chosen.append(positions[np.linspace(0, len(positions) - 1, kept).round().astype(int)] if kept else [])
+        index = np.sort(np.concatenate(chosen)).astype(int) if chosen else np.array([], dtype=int)
+        kept_rows = rows.iloc[index].reset_index(drop=True)
+        return kept_rows, {str(c): int(n) for c, n in sorted(quota.items())}, len(rows) - len(kept_rows)
+
+
+def capped_counts(counts: dict[Any, int], share: float) -> dict[Any, int]:
+    """Rows each caller keeps so that none has more than `share` of what is kept, keeping as many as possible.
+
+    Every caller keeps min(rows, c) for the largest c with c <= share * sum(min(rows_i, c)); none is left when
+    fewer than 1/share callers make that impossible (c = 0).
+    """
+    best, prefix, low = 0.0, 0, 0
+    ordered = sorted(counts.values())
+    for j, high in enumerate(ordered):  # on [low, high] callers j.. are capped: c <= share * (prefix + (k - j) c)
+        slope = 1 - share * (len(ordered) - j)
+        if slope <= 0:
+            best = high
+        else:
+            limit = share * prefix / slope
+            if limit < low:
+                break
+            best = max(best, min(high, limit))
+            if limit < high:
+                break
+        prefix += high
+        low = high
+    cap = int(best + 1e-9)
+    return {caller: min(rows, cap) for caller, rows in counts.items()}
+
+
 @dataclass
 class MonitorResult:
     """What one monitor run saw and decided.
@@ -329,6 +404,8 @@ class MonitorResult:
     report: str | None = None
     result_path: str | None = None
     reference: str = ""  # what the window was compared with: the stored profile (verified) or the training data
+    callers: dict[str, int] = field(default_factory=dict)  # rows read per caller (after the policy's cap)
+    excluded_rows: int = 0  # rows of the window the caller policy left out
 
     @property
     def decided(self) -> bool:
@@ -400,6 +477,7 @@ def run_monitor(
     version: int | None = None,
     columns: Sequence[str] | None = None,
     reference_sha256: str | None = None,
+    callers: CallerPolicy | None = None,
 ) -> MonitorResult:
     """Monitor the payloads of `model` in [since, until) against `reference`.
 
@@ -410,7 +488,8 @@ def run_monitor(
     CollectorRegistry when None; read it back with `metrics_text`), writes `<model>-drift-<time>.html` and
     `<model>-monitor-<time>.json` into `report_dir`, and fires `trigger` when the calibrated drift share
     crossed the threshold (or, when the payloads carry labels, the labels shifted). Also reports the share of
-    served rows outside the reference's envelope (OOD). `version` restricts the window to one model version.
+    served rows outside the reference's envelope (OOD). `version` restricts the window to one model version;
+    `callers` to the rows of some callers, each at most a share of the window (see `CallerPolicy`).
     """
     from prometheus_client import CollectorRegistry
 
@@ -429,6 +508,10 @@ def run_monitor(
     current = read_payloads(payload_uri, model, since, until)
     if version is not None and len(current):
         current = current[current["model_version"] == version].reset_index(drop=True)
+    kept: dict[str, int] = {}
+    excluded = 0
+    if callers is not None:
+        current, kept, excluded = callers.select(current)
     rows = len(current)
     stamp = until.astimezone(UTC).strftime("%Y%m%dT%H%M%SZ")
     result = MonitorResult(
@@ -443,11 +526,14 @@ def run_monitor(
         max_drift_share=max_share,
         false_alarm_rate=gates.drift.false_alarm_rate,
         max_ood_rate=gates.max_ood_rate,
+        callers=kept,
+        excluded_rows=excluded,
     )
+    left_out = f" ({excluded} rows left out by the caller policy)" if excluded else ""
     if rows < min_rows:
         result.message = (
             f"no decision: {rows} payload rows of model {model!r} in [{result.window_start}, {result.window_end}), "
-            f"fewer than monitoring.min_rows={min_rows}"
+            f"fewer than monitoring.min_rows={min_rows}{left_out}"
         )
     else:
         ref, result.reference = load_reference(reference, reference_sha256)
@@ -482,7 +568,7 @@ def run_monitor(
             shifted = bool(result.label_shift and result.label_shift["shifted"])
             result.status = "drift" if result.drift_share > max_share or shifted else "ok"
             result.message = _message(result, gate.failures)
-        result.message += _ood_note(result, ood_failures) + f"; reference: {result.reference}"
+        result.message += _ood_note(result, ood_failures) + f"; reference: {result.reference}{left_out}"
     _export(result, registry)
     if result.status == "drift" and trigger is not None:
         event = _event(result, ref, reference_sha256)
@@ -589,6 +675,7 @@ def run_from_spec(
     trigger: Trigger | Sequence[Trigger] | None = None,
     payload_uri: str | None = None,
     until: datetime | None = None,
+    callers: CallerPolicy | None = None,
 ) -> MonitorResult:
     """`run_monitor` with a stack spec's settings: monitoring.window, min_rows, payload_uri and the model's gates."""
     monitoring = spec.monitoring
@@ -604,4 +691,5 @@ def run_from_spec(
         window=monitoring.window,
         until=until,
         trigger=trigger,
+        callers=callers,
     )

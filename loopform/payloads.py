@@ -15,6 +15,7 @@ can, so a graceful shutdown loses nothing; after SIGKILL only the rows of the la
 and the next log started on the same spill folder ships what the killed one had spilled. A spill file keeps
 its id in the lake, so shipping it twice (killed between the put and the delete) overwrites, never
 duplicates. docs/payload-log.md states these guarantees. The drift monitor reads a window with `read_payloads`.
+A service's records name the authenticated caller that sent them (`CALLER`).
 
 `uri` is a local path, `file://...`, or any URI pyarrow or fsspec understands (`s3://`, `gs://`, `az://`,
 `memory://`). Heavy imports (pyarrow, pandas, prometheus_client) happen inside the functions that use them.
@@ -48,6 +49,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 TIME = "time"  # column every record carries: when the request was answered (tz-aware UTC)
+#: Column of a service's records: the authenticated caller's name (`loopform.serving.auth`), `anonymous` where the
+#: service allows unauthenticated traffic, null for records written outside a request (tests, the benchmark).
+#: The drift monitor filters and weighs rows by it; the request's own caller-id field is another column.
+CALLER = "caller"
 _FILE_SUFFIX = ".parquet"
 
 ENV_SPILL_DIR = "LOOPFORM_PAYLOAD_SPILL_DIR"

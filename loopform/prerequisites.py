@@ -8,6 +8,7 @@ listed here. Pure functions of the spec: no Pulumi, no cluster.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
@@ -35,13 +36,16 @@ Kind = Literal[
     "iam-oidc-provider",
     "pod-identity-association",
     "bucket",
+    "bucket-policy",
     "aws-tag",
     "secret-config",
 ]
 
 #: Where a prerequisite can be checked: with the kubeconfig, with AWS credentials, or in Pulumi config.
 CLUSTER_KINDS = frozenset({"crd", "api-service", "storage-class", "namespace", "daemonset"})
-AWS_KINDS = frozenset({"iam-role", "iam-oidc-provider", "pod-identity-association", "bucket", "aws-tag"})
+AWS_KINDS = frozenset(
+    {"iam-role", "iam-oidc-provider", "pod-identity-association", "bucket", "bucket-policy", "aws-tag"}
+)
 
 DEFAULT_STORAGE_CLASS = "(default)"
 METRICS_API = "v1beta1.metrics.k8s.io"
@@ -258,6 +262,39 @@ def _buckets(spec: PlatformSpec) -> Iterable[Prerequisite]:
             why=f"object storage of {', '.join(sorted(keys))}",
             fix=f"aws s3api head-bucket --bucket {bucket} (create it: aws s3 mb s3://{bucket})",
         )
+    yield from _payload_bucket_policy(spec)
+
+
+def _payload_bucket_policy(spec: PlatformSpec) -> Iterable[Prerequisite]:
+    """The payload log holds entity ids and amounts: its objects expire, are encrypted at rest and never public
+    (docs/payload-log.md). The platform does not own the bucket, so the rule is a prerequisite."""
+    uri = spec.monitoring.payload_uri
+    if not uri.startswith("s3://"):
+        return
+    bucket, _, prefix = uri.removeprefix("s3://").partition("/")
+    days = spec.monitoring.payload_retention_days
+    rule = {
+        "Rules": [
+            {
+                "ID": "loopform-payload-retention",
+                "Filter": {"Prefix": f"{prefix.rstrip('/')}/" if prefix else ""},
+                "Status": "Enabled",
+                "Expiration": {"Days": days},
+            }
+        ]
+    }
+    yield Prerequisite(
+        "bucket-policy",
+        f"{bucket}/{prefix}",
+        why=f"the payload log (entity ids, amounts) expires after {days} days (monitoring.payload_retention_days), "
+        "is encrypted with a KMS key and is never public",
+        fix=f"aws s3api put-bucket-lifecycle-configuration --bucket {bucket} --lifecycle-configuration "
+        f"'{json.dumps(rule, separators=(',', ':'))}' && aws s3api put-bucket-encryption --bucket {bucket} "
+        "--server-side-encryption-configuration "
+        '\'{"Rules":[{"ApplyServerSideEncryptionByDefault":{"SSEAlgorithm":"aws:kms"},"BucketKeyEnabled":true}]}\' '
+        f"&& aws s3api put-public-access-block --bucket {bucket} --public-access-block-configuration "
+        "BlockPublicAcls=true,IgnorePublicAcls=true,BlockPublicPolicy=true,RestrictPublicBuckets=true",
+    )
 
 
 def _karpenter(spec: PlatformSpec) -> Iterable[Prerequisite]:

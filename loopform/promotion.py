@@ -179,7 +179,9 @@ def _promote_locked(
     mlflow_client = registry.client(tracking_uri)
     try:
         model_version = mlflow_client.get_model_version(model, str(version))
-    except MlflowException:
+    except MlflowException as error:
+        if denied := access_denied(error, tracking_uri):
+            raise refuse(*reasons, denied) from None
         raise refuse(*reasons, f"the registry at {tracking_uri} has no version {version} of model {model!r}") from None
 
     evidence = registry.read_evidence(tracking_uri, model, version)
@@ -309,6 +311,19 @@ def replace_file(path: Path, data: bytes) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
         raise
+
+
+def access_denied(error: Exception, tracking_uri: str) -> str | None:
+    """What to do when the registry refused the caller (401/403 from MLflow's auth app), else None."""
+    status = error.get_http_status_code() if hasattr(error, "get_http_status_code") else None
+    if status not in (401, 403):
+        return None
+    why = "refused these credentials" if status == 401 else "does not let this user promote"
+    return (
+        f"the registry at {tracking_uri} {why} (HTTP {status}): set MLFLOW_TRACKING_USERNAME and "
+        "MLFLOW_TRACKING_PASSWORD to the `promotion` user's, from the Secret mlflow-promotion-credentials "
+        "(docs/hardening.md, MLflow: authenticated writes)"
+    )
 
 
 def _alias_undo(client: Any, model: str, alias: str, before: int | None) -> Callable[[], None]:

@@ -8,7 +8,9 @@ two variables of the Deployment, a rolling update with no image build per versio
 The release is loaded and checked here once before the server starts, because BentoML restarts a worker whose
 start-up failed for ever instead of exiting: a wrong digest, a missing version or an unreachable registry ends the
 process with the reason (the pod restarts with back-off while the old pods keep serving), never a server that is
-up but never ready. The process then becomes `bentoml serve` (exec: signals reach BentoML, which drains the payload
+up but never ready. So are the callers' tokens (`loopform.serving.auth`): without LOOPFORM_API_TOKENS_FILE, or
+with a file that is not a valid `{caller: token}` object, nothing starts unless LOOPFORM_ALLOW_ANONYMOUS=true.
+The process then becomes `bentoml serve` (exec: signals reach BentoML, which drains the payload
 log on SIGTERM), pinned to the version just checked, so an alias that moves meanwhile cannot change what it serves.
 """
 
@@ -81,6 +83,16 @@ def checked_release(tracking_uri: str, uri: str, digest: str | None) -> Release:
         raise ServeRefused(f"cannot serve {uri} from {tracking_uri}: {error}") from error
 
 
+def checked_callers(environ: Mapping[str, str]) -> str:
+    """How the service will authenticate its callers; refused when it has no tokens and anonymity was not asked for."""
+    from loopform.serving.auth import TokensError, describe
+
+    try:
+        return describe(environ)
+    except TokensError as error:
+        raise ServeRefused(f"cannot serve without callers' tokens: {error}") from error
+
+
 def bentoml_command(target: str, root: Path, host: str, port: int) -> list[str]:
     """`bentoml serve` of `target` from this interpreter, which has BentoML whether or not its bin is on PATH."""
     return [
@@ -98,10 +110,11 @@ def serve(root: Path, model: str | None, *, host: str, port: int, environ: Mappi
     if not tracking_uri:
         raise ValueError(f"set {ENV_TRACKING_URI}: the service loads {uri} from MLflow (e.g. sqlite:////abs/mlflow.db)")
     digest = environ.get(ENV_ARTIFACTS_DIGEST) or None
+    callers = checked_callers(environ)
     release = checked_release(tracking_uri, uri, digest)
     target = service_target(root, release.name)
     checked = f"files match {digest}" if digest else f"files not checked: no {ENV_ARTIFACTS_DIGEST}"
-    print(f"serving {release.uri} ({checked}) with {target} on {host}:{port}", file=sys.stderr, flush=True)
+    print(f"serving {release.uri} ({checked}; {callers}) with {target} on {host}:{port}", file=sys.stderr, flush=True)
     command = bentoml_command(target, root, host, port)
     os.chdir(root)
     os.execve(command[0], command, {**environ, ENV_MODEL_URI: release.uri})

@@ -591,7 +591,8 @@ class OrchestratorSpec(Strict):
     chart_keyring: RepoPath | None = Field(
         None,
         description="Binary GnuPG keyring (in the repository) holding argo-helm's signing key: set, Helm verifies "
-        "the chart's provenance before installing it (docs/hardening.md, Patched versions). None: unverified.",
+        "the provenance of the argo-workflows chart, and of the argo-events chart the retraining route installs, "
+        "before installing them (docs/hardening.md, Patched versions). None: unverified.",
     )
     pipeline_image: str = Field(
         f"{IMAGE_REGISTRY}/pipeline:{IMAGE_TAG}",
@@ -687,11 +688,29 @@ class ServingSpec(Strict):
     max_p99_seconds: float = Field(
         1.0, gt=0, description="99th percentile request latency above which the serving alert fires."
     )
+    callers: list[Name] = Field(
+        default_factory=lambda: ["default"],
+        min_length=1,
+        description=(
+            "Names of the clients allowed to call the service: each gets its own bearer token (derived from the "
+            "stack's secret, in the Secret `<model>-service-tokens`, key tokens.json), and its requests are "
+            "logged and monitored under its name."
+        ),
+    )
 
     @model_validator(mode="after")
     def _replica_range(self) -> ServingSpec:
         if self.max_replicas < self.min_replicas:
             raise ValueError(f"max_replicas ({self.max_replicas}) is below min_replicas ({self.min_replicas})")
+        return self
+
+    @model_validator(mode="after")
+    def _distinct_callers(self) -> ServingSpec:
+        # One token per name: a caller listed twice would be one identity under two entries.
+        if len(set(self.callers)) != len(self.callers):
+            raise ValueError(
+                f"callers are listed twice: {sorted(c for c in set(self.callers) if self.callers.count(c) > 1)}"
+            )
         return self
 
 
@@ -840,6 +859,14 @@ class MonitoringSpec(Strict):
     window: Duration = Field("24h", description="How far back the monitor reads payloads.")
     min_rows: int = Field(500, ge=1, description="Fewest payload rows the monitor needs to decide.")
     payload_uri: ObjectStoreUri = Field("s3://loopform-lake/payloads", description="Payload log (partitioned Parquet).")
+    payload_retention_days: int = Field(
+        30,
+        ge=1,
+        le=3650,
+        description="Days payload rows are kept: the payload bucket's lifecycle rule expires objects under "
+        "payload_uri after this many days (the prerequisites report prints the rule). Rows hold entity ids and "
+        "amounts: keep them no longer than the monitor and retraining need.",
+    )
     alert_for: Duration = Field("15m", description="How long drift must hold before the alert fires.")
     prometheus_operator: bool = Field(
         False,

@@ -42,6 +42,10 @@ LABELS_FILE = "labels.parquet"
 MODEL_FOLDER = "model"  # the train step's output: an MLflow model folder (registry.save_model_folder)
 REGIMES_FILE = "regimes.json"  # accepted shifts of the world (see window_start)
 STAGING = "staging"
+OUT_OF_CORE_ENV = "LOOPFORM_OUT_OF_CORE"  # 1: validate-data runs out of core, 0: in memory, unset: by size
+IN_MEMORY_BUDGET_ENV = "LOOPFORM_IN_MEMORY_BUDGET"  # bytes of Parquet above which it runs out of core
+IN_MEMORY_BUDGET = 512 * 2**20  # pandas needs several times this, more than a small pod has
+MEMORY_LIMIT_ENV = "LOOPFORM_DUCKDB_MEMORY_LIMIT"  # DuckDB's memory_limit out of core (default 1GB)
 
 
 class StepFailed(Exception):
@@ -229,7 +233,7 @@ def training_window_of(table: pd.DataFrame, ctx: StepContext) -> pd.DataFrame:
     return table[table[timestamp] > window_start(ctx, end)].reset_index(drop=True)
 
 
-def validate_data(ctx: StepContext) -> dict[str, GateResult]:
+def validate_data(ctx: StepContext, *, out_of_core: bool | None = None) -> dict[str, GateResult]:
     """Validation, drift and OOD gates on the training window; StepFailed when any fails.
 
     Each batch was checked on its own when it was ingested (`loopform.ingest`: a bad batch is
@@ -237,7 +241,13 @@ def validate_data(ctx: StepContext) -> dict[str, GateResult]:
     data: validation checks the whole table's structure, then the window's. Drift and OOD compare
     the window's newest rows (the holdout the model is evaluated on, and closest to what it will
     serve) with the older part it trains on.
+
+    out_of_core: run the gates with DuckDB over the Parquet files (`loopform.gates.out_of_core`: same
+    statistics and decisions, memory bounded by $LOOPFORM_DUCKDB_MEMORY_LIMIT) instead of in pandas.
+    None decides by `runs_out_of_core`.
     """
+    if runs_out_of_core(ctx) if out_of_core is None else out_of_core:
+        return _record_gates(ctx, _validate_out_of_core(ctx))
     from loopform.gates import drift_gate, ood_gate
     from loopform.gates.report import write_summary_report
 
@@ -259,12 +269,104 @@ def validate_data(ctx: StepContext) -> dict[str, GateResult]:
             "window.json",
             {"rows": len(window), "start": str(window[timestamp].min()), "end": str(window[timestamp].max())},
         )
+    return _record_gates(ctx, results)
+
+
+def _record_gates(ctx: StepContext, results: dict[str, GateResult]) -> dict[str, GateResult]:
+    """Write each gate's result to the run directory; StepFailed when any failed."""
     for name, result in results.items():
         result.write_json(ctx.run_dir / "gates" / f"{name}.json")
     failed = [f"{name}: {'; '.join(r.failures)}" for name, r in results.items() if not r.passed]
     if failed:
         raise StepFailed("data gates failed, training stops here:\n  " + "\n  ".join(failed))
     return results
+
+
+def runs_out_of_core(ctx: StepContext) -> bool:
+    """Whether validate-data runs out of core: $LOOPFORM_OUT_OF_CORE=1 always, =0 never; unset, when the
+    model's Parquet (labels and features, local files) exceeds $LOOPFORM_IN_MEMORY_BUDGET bytes (default
+    IN_MEMORY_BUDGET): pandas holds several times a Parquet file's size, which a pod may not have."""
+    setting = os.environ.get(OUT_OF_CORE_ENV, "").strip()
+    if setting in ("0", "1"):
+        return setting == "1"
+    if setting:
+        raise StepFailed(
+            f"${OUT_OF_CORE_ENV} is {setting!r}: set it to 1 (out of core), 0 (in memory) or leave it unset"
+        )
+    uris = (labels_uri(ctx), source_uri(ctx))
+    if any("://" in uri and not uri.startswith("file://") for uri in uris) or not all(map(_exists, uris)):
+        return False  # DuckDB reads local Parquet here; object stores need its httpfs extension
+    from loopform.gates.out_of_core import parquet_bytes
+
+    budget = int(os.environ.get(IN_MEMORY_BUDGET_ENV, IN_MEMORY_BUDGET))
+    return sum(parquet_bytes(uri.removeprefix("file://")) for uri in uris) > budget
+
+
+def _validate_out_of_core(ctx: StepContext) -> dict[str, GateResult]:
+    """`validate_data`'s gates with DuckDB over the Parquet files: the same window, split and decisions.
+
+    The labels joined with the features (as `load_table`), the training window (as `training_window_of`) and
+    its time split (as `time_split`: by event time, ties in the labels' row order) are written once to the
+    connection's scratch folder, which the gates then read. The drift report holds every statistic and
+    decision; the summary pages of validation and OOD (pictures of all rows in memory) are not written."""
+    import pandas as pd
+
+    from loopform.evaluation import HOLDOUT_SHARE
+    from loopform.gates import out_of_core as ooc
+
+    gates, contract = ctx.gates, ctx.contract
+    for uri in (labels_uri(ctx), source_uri(ctx)):
+        if not _exists(uri):
+            raise StepFailed(f"no data at {uri}: ingest labelled events first")
+    time_column = _sql_name(contract.timestamp)
+    memory_limit = os.environ.get(MEMORY_LIMIT_ENV, ooc.MEMORY_LIMIT)
+    with ooc.connect(memory_limit) as con:
+        table = _joined(ctx)
+        results = {"validation": ooc.validate_data(table, gates, contract, require_label=True, con=con)}
+        if not results["validation"].passed:
+            return results
+        end = pd.Timestamp(con.execute(f"SELECT max({time_column}) FROM {table.relation}").fetchall()[0][0])
+        start = window_start(ctx, end.tz_convert("UTC"))
+        window = table.where(f"{time_column} > '{start.isoformat()}'::TIMESTAMPTZ")
+        results["validation"] = ooc.validate_data(window, gates, contract, require_label=True, con=con)
+        results["validation"].failures = [f"training window: {f}" for f in results["validation"].failures]
+        split = ooc.scratch_folder(con) / "window.parquet"
+        hidden = ", ".join(_sql_name(c) for c in window.hidden)
+        con.execute(
+            f"COPY (SELECT * EXCLUDE ({hidden}), row_number() OVER (ORDER BY {time_column}, {window.order}) AS __row "
+            f"FROM {window.relation}) TO '{split}' (FORMAT parquet)"
+        )
+        rows, first, last = con.execute(
+            f"SELECT count(*), min({time_column}), max({time_column}) FROM read_parquet('{split}')"
+        ).fetchall()[0]
+        stored = ooc.Table(f"SELECT * FROM read_parquet('{split}')", "__row", ("__row",))
+        cut = round(rows * (1 - HOLDOUT_SHARE))
+        older, newest = stored.where(f"__row <= {cut}"), stored.where(f"__row > {cut}")
+        reports = ctx.run_dir / "reports"
+        reports.mkdir(parents=True, exist_ok=True)
+        results["drift"] = ooc.drift_gate(older, newest, gates, contract, reports / "drift.html", con=con)
+        results["ood"] = ooc.ood_gate(older, newest, gates, contract, con=con)
+    utc = [str(pd.Timestamp(t).tz_convert("UTC")) for t in (first, last)]
+    ctx.write_json("window.json", {"rows": int(rows), "start": utc[0], "end": utc[1], "out_of_core": True})
+    return results
+
+
+def _sql_name(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _joined(ctx: StepContext) -> Any:
+    """`load_table` as a DuckDB table: each labelled event with its features, in the labels' row order."""
+    from loopform.gates.out_of_core import Table
+
+    contract = ctx.contract
+    labels = Table.parquet(labels_uri(ctx).removeprefix("file://"))
+    features = Table.parquet(source_uri(ctx).removeprefix("file://"))
+    keys = [contract.id, contract.entity, contract.timestamp]
+    on = " AND ".join(f"l.{_sql_name(k)} = f.{_sql_name(k)}" for k in keys)
+    dropped = ", ".join(_sql_name(c) for c in (*keys, *features.hidden))
+    sql = f"SELECT l.*, f.* EXCLUDE ({dropped}) FROM {labels.relation} l JOIN {features.relation} f ON {on}"
+    return Table(sql, labels.order, labels.hidden)
 
 
 def validate_table(table: pd.DataFrame, ctx: StepContext) -> GateResult:

@@ -20,10 +20,11 @@ from policies.workloads import CHART_TYPES, WORKLOAD_TYPES, containers, items, m
 
 CONFIG_MAP = "kubernetes:core/v1:ConfigMap"
 CREDENTIAL_NAME = re.compile(r"password|passwd|secret|token|api[_-]?key|private[_-]?key|access[_-]?key", re.IGNORECASE)
-#: Names that point at a credential (a Secret's name, a key in it, a file) rather than hold one.
+#: Names that point at a credential (a Secret's name, a key in it, a file) or digest one (a checksum annotation that
+#: rolls pods when it rotates) rather than hold one.
 REFERENCE_NAME = re.compile(
     r"(^existing|name$|ref$|key$|keys$|file$|path$|dir$|url$|uri$|endpoint$|type$|enabled$|create$|policy$|ttl$"
-    r"|seconds$|timeout$|length$)",
+    r"|seconds$|timeout$|length$|checksum$)",
     re.IGNORECASE,
 )
 #: ... but these hold one although they end like a reference (`apiKey`, `AWS_SECRET_ACCESS_KEY`).

@@ -1,5 +1,5 @@
-"""Checkov 3.x on `loopform render` output: no failed check but the documented open gap, and every reviewed
-exception (a `checkov.io/skip` annotation) listed in docs/hardening.md with its reason.
+"""Checkov 3.x on `loopform render` output: no failed check, and every reviewed exception (a `checkov.io/skip`
+annotation) listed in docs/hardening.md with its reason.
 
 Checkov pins its own dependencies, so it lives in a venv of its own: `.ci/run` makes `.venv-checkov`;
 elsewhere `$CHECKOV` names the binary. Where neither exists the test skips, except in CI.
@@ -28,8 +28,8 @@ CHECKOV = os.environ.get("CHECKOV") or next(
 needs_checkov = pytest.mark.skipif(
     CHECKOV is None and not os.environ.get("CI"), reason="checkov missing (.ci/run makes .venv-checkov)"
 )
-#: The one open gap (docs/hardening.md): images named by tag until CI pins them by digest.
-OPEN_GAP = "CKV_K8S_43"
+#: Images named by tag (CKV_K8S_43): an exception only while a workload runs one (components.common.workload_skips).
+BY_DIGEST = "CKV_K8S_43"
 SKIP = re.compile(r"^checkov\.io/skip\d+$")
 
 
@@ -71,7 +71,7 @@ def test_the_docs_list_no_exception_nothing_carries(rendered, tmp_path: Path) ->
 
 @needs_checkov
 @pytest.mark.parametrize("stack", STACKS)
-def test_checkov_finds_nothing_but_the_open_gap(stack: str, rendered, tmp_path: Path) -> None:
+def test_checkov_finds_nothing(stack: str, rendered, tmp_path: Path) -> None:
     assert CHECKOV, "checkov missing: .ci/run makes .venv-checkov (pip install checkov)"
     folder = _rendered_folder(stack, rendered, tmp_path)
     done = subprocess.run(
@@ -84,10 +84,41 @@ def test_checkov_finds_nothing_but_the_open_gap(stack: str, rendered, tmp_path: 
     reports = reports if isinstance(reports, list) else [reports]
     assert {r["check_type"] for r in reports} >= {"kubernetes"}, done.stderr[-2000:]
     failed = [(f["check_id"], Path(f["file_path"]).name) for r in reports for f in r["results"]["failed_checks"]]
-    assert {check for check, _ in failed} <= {OPEN_GAP}, failed
+    assert failed == []
     passed = sum(r["summary"]["passed"] for r in reports)
     skipped = {c["check_id"] for r in reports for c in r["results"]["skipped_checks"]}
     assert passed > 300 and skipped <= {check for check, _ in _documented()}
-    # The gap is only images named by tag: every workload it names runs such an image.
-    for _, name in failed:
-        assert "@sha256:" not in (folder / name).read_text()
+
+
+def _images(manifest: dict[str, Any]) -> list[str]:
+    spec = manifest["spec"]
+    pod = (spec.get("jobTemplate", {}).get("spec", spec))["template"]["spec"]
+    return [c["image"] for c in [*pod.get("initContainers", []), *pod["containers"]]]
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_the_tag_exception_is_carried_exactly_by_workloads_running_a_tag(stack: str, rendered, tmp_path: Path) -> None:
+    """A workload skips CKV_K8S_43 while, and only while, one of its images is named by tag: pinning them all by
+    digest (loopform pin-images) takes the exception away."""
+    import yaml
+
+    workloads = 0
+    for path in _rendered_folder(stack, rendered, tmp_path).glob("*.yaml"):
+        manifest = yaml.safe_load(path.read_text()) or {}
+        if manifest.get("kind") not in {"Deployment", "StatefulSet", "Job", "CronJob", "DaemonSet"}:
+            continue
+        workloads += 1
+        annotations = (manifest.get("metadata") or {}).get("annotations") or {}
+        skips_tag = any(v.startswith(f"{BY_DIGEST}=") for k, v in annotations.items() if SKIP.match(k))
+        assert skips_tag == any("@sha256:" not in image for image in _images(manifest)), path.name
+    assert workloads
+
+
+def test_a_workload_pinned_by_digest_carries_no_tag_exception() -> None:
+    from components.common import FEAST_ENV_EXCEPTION, workload_skips
+
+    pinned = "ghcr.io/loopform/pipeline@sha256:" + "a" * 64
+    assert workload_skips([pinned]) == {}
+    assert workload_skips([pinned], FEAST_ENV_EXCEPTION) == {"checkov.io/skip1": "=".join(FEAST_ENV_EXCEPTION)}
+    tagged = workload_skips([pinned, "prom/pushgateway:v1.11.1"], FEAST_ENV_EXCEPTION)
+    assert [value.split("=")[0] for value in tagged.values()] == ["CKV_K8S_35", BY_DIGEST]

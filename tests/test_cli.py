@@ -127,7 +127,8 @@ def test_monitor_command_triggers_on_drift(tmp_path: Path, capsys: pytest.Captur
     with PayloadLog(str(tmp_path / "payloads"), "fraud") as log:
         log.log(
             [
-                {**{f: row[f] for f in data.FEATURE_NAMES}, "time": now - timedelta(minutes=5)}
+                # Rows of an authenticated caller: the monitor counts only those unless told otherwise.
+                {**{f: row[f] for f in data.FEATURE_NAMES}, "time": now - timedelta(minutes=5), "caller": "checkout"}
                 for row in drifted.to_dict("records")
             ]
         )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import socket
 import threading
 from collections.abc import Iterator
@@ -186,7 +187,7 @@ def doctor(tmp_path: Path, api: FakeApiServer, *extra: str, stack_path: Path | N
 
 
 def line_of(out: str, name: str) -> str:
-    found = [line for line in out.splitlines() if f" {name}" in line]
+    found = [line for line in out.splitlines() if re.search(rf" {re.escape(name)}(?![\w/.-])", line)]
     assert len(found) == 1, f"{name} on {len(found)} lines of:\n{out}"
     return found[0]
 
@@ -199,11 +200,11 @@ def test_everything_present(tmp_path: Path, api: FakeApiServer, capsys: pytest.C
     cluster = [item for item in items if item.checked_in == "cluster"]
     assert sorted(item.kind for item in cluster) == ["api-service", *["crd"] * 5, "namespace", "storage-class"]
     for item in cluster:
-        assert line_of(out, item.name).split()[0] == "ok"
+        assert line_of(out, item.line().removesuffix(f": {item.why}")).split()[0] == "ok"
     elsewhere = [item for item in items if item.checked_in != "cluster"]
     assert {item.checked_in for item in elsewhere} == {"aws", "pulumi"}
     for item in elsewhere:
-        line = line_of(out, item.name)
+        line = line_of(out, item.line().removesuffix(f": {item.why}"))
         assert line.startswith(f"not checked ({item.checked_in})") and line.endswith(f"fix: {item.fix}")
     assert out.splitlines()[0] == f"Stack {ENV}: context {CONTEXT}, server {api.url} (Kubernetes v1.31.4-eks-2d5f260)"
     assert out.splitlines()[-1] == f"8 ok, 0 missing, {len(elsewhere)} not checked here"

@@ -1,4 +1,4 @@
-"""GitOps under Pulumi mocks: Argo CD chart, the replacement for its redis-secret-init hook,
+"""GitOps under Pulumi mocks: Argo CD chart, the Secret that replaces its redis-secret-init hook,
 the AppProject fence and the environment's Application."""
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def _args(spec: PlatformSpec, **extra: Any) -> GitOpsArgs:
         environment=spec.environment,
         namespaces=spec.cluster.namespaces,
         labels=spec.cluster.labels,
-        **extra,
+        **{"redis_password": "argocd-redis-password", **extra},
     )
 
 
@@ -49,10 +49,7 @@ def test_gitops_children_names_parents_and_outputs(stack: str) -> None:
     resources, outputs = _render(_args(spec))
     assert set(resources) == {
         "gitops",
-        "gitops-redis-secret-init-sa",
-        "gitops-redis-secret-init-role",
-        "gitops-redis-secret-init-binding",
-        "gitops-redis-secret-init",
+        "gitops-redis-password",
         "gitops-argo-cd",
         "gitops-project",
         "gitops-application",
@@ -74,30 +71,37 @@ def test_gitops_children_names_parents_and_outputs(stack: str) -> None:
     assert chart["namespace"] == spec.cluster.namespaces.gitops
 
 
-def test_redis_secret_hook_is_replaced_by_an_ordered_job() -> None:
+def test_redis_secret_hook_is_replaced_by_a_declared_secret() -> None:
+    """The chart's hook is off (Pulumi would never run it); the Secret its pods read is declared before the chart,
+    so no Job and no account that may create Secrets is left in the namespace."""
     spec = _spec("dev")
     resources, _ = _render(_args(spec, argocd_version="v3.4.8"))
     chart = resources["gitops-argo-cd"]
     values = chart.manifest()["values"]
-    # The chart's hook is off (Pulumi would never run it) ...
     assert values["redisSecretInit"] == {"enabled": False}
-    # ... and our Job runs the same command with the same image as the chart, before the chart.
-    job = resources["gitops-redis-secret-init"]
-    assert job.urn in chart.dependencies
-    pod = job.manifest()["spec"]["template"]["spec"]
-    (container,) = pod["containers"]
-    assert container["command"] == ["argocd", "admin", "redis-initial-password"]
-    assert container["image"] == f"{values['global']['image']['repository']}:{values['global']['image']['tag']}"
     assert values["global"]["image"]["tag"] == "v3.4.8"
-    assert pod["serviceAccountName"] == resources["gitops-redis-secret-init-sa"].manifest()["metadata"]["name"]
-    assert "ttlSecondsAfterFinished" not in job.manifest()["spec"]
-    assert resources["gitops-redis-secret-init-binding"].urn in job.dependencies
+    secret = resources["gitops-redis-password"]
+    assert secret.urn in chart.dependencies
+    manifest = secret.manifest()
+    assert manifest["metadata"]["name"] == "argocd-redis"
+    assert manifest["metadata"]["namespace"] == spec.cluster.namespaces.gitops
+    assert manifest["stringData"] == {"auth": "<redacted>"}  # a Pulumi secret: state and previews hide it
+    assert not [r for r in resources.values() if r.kind in {"Job", "Role", "RoleBinding", "ServiceAccount"}]
 
-    role = resources["gitops-redis-secret-init-role"].manifest()
-    assert role["rules"] == [
-        {"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["argocd-redis"], "verbs": ["get"]},
-        {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create"]},
-    ]
+
+def test_a_new_redis_password_restarts_every_argocd_pod() -> None:
+    """Argo CD's pods read the password at start: its digest in every pod's annotations rolls them together."""
+    spec = _spec("dev")
+
+    def annotation(password: str) -> str:
+        resources, _ = _render(_args(spec, redis_password=password))
+        annotations = resources["gitops-argo-cd"].manifest()["values"]["global"]["podAnnotations"]
+        return annotations["loopform.dev/redis-password-checksum"]
+
+    first = annotation("first-password")
+    assert first and "first-password" not in first
+    assert annotation("first-password") == first
+    assert annotation("second-password") != first
 
 
 @pytest.mark.parametrize("stack", STACKS)
@@ -106,7 +110,7 @@ def test_core_objects_are_valid_kubernetes(stack: str) -> None:
     core = [
         r for r in resources.values() if r.is_kubernetes_object and not r.type_.startswith("kubernetes:argoproj.io")
     ]
-    assert sorted(r.kind for r in core) == ["Job", "Role", "RoleBinding", "ServiceAccount"]
+    assert sorted(r.kind for r in core) == ["Secret"]
     for resource in core:
         kubernetes_validate.validate(resource.manifest(), "1.30", strict=True)
 
@@ -168,6 +172,7 @@ def test_application_follows_spec_path_revision_and_retry() -> None:
             spec=gitops,
             environment="prod",
             namespaces=spec.cluster.namespaces,
+            redis_password="argocd-redis-password",
             sync_retry=RetryPolicy(limit=2, backoff="5s", factor=3, max_backoff="1m"),
         )
     )

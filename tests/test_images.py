@@ -3,7 +3,7 @@ and the torch build its hardware needs: the CPU build in every image but the CUD
 
 The install set of an image is what pip resolves for the install arguments written in the image's own
 definition: the `pip install` line of a Dockerfile (with the files it installs from mapped back through its
-COPY lines) and the bentofile's `python.packages`. pip resolves it with `--dry-run --report` against the
+COPY lines) and the Bento's locked `bentos/requirements.txt`. pip resolves it with `--dry-run --report` against the
 repository's constraints.txt, so editing a Dockerfile, a requirements file, pyproject.toml's extras, the
 bentofile or constraints.txt changes what is tested. The IaC install the preview and deploy jobs run
 (`pip install -c constraints.txt -e .`, the base dependencies alone) is resolved the same way: it holds none of
@@ -24,7 +24,7 @@ import sys
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from urllib.parse import urlparse
+from urllib.parse import quote, unquote, urlparse
 
 import pytest
 import yaml
@@ -35,6 +35,15 @@ from packaging.version import Version
 ROOT = Path(__file__).resolve().parent.parent
 CONSTRAINTS = ROOT / "constraints.txt"
 BENTOFILE = ROOT / "bentos" / "fraud" / "bentofile.yaml"
+#: The Bento's install set as written by hand (top-level pins), and the same set resolved with every dependency
+#: pinned, which every bentofile installs (`python.requirements_txt`) and `bentoml build` locks.
+BENTO_REQUIREMENTS_IN = ROOT / "bentos" / "requirements.in"
+BENTO_REQUIREMENTS = ROOT / "bentos" / "requirements.txt"
+#: Where the Bento's CPU build of torch comes from: its wheel, named by URL. A bentofile index (`extra_index_url`)
+#: would be the lock's (uv's) first choice for every package it also hosts (numpy, pillow, ...), failing the lock
+#: where it lacks a pinned version.
+TORCH_CPU_WHEELS = "https://download.pytorch.org/whl/cpu/"
+REGENERATE = os.environ.get("LOOPFORM_REGENERATE_GOLDEN") == "1"
 IMAGES_DIR = ROOT / "images"
 DOCKERFILES = {name: IMAGES_DIR / name / "Dockerfile" for name in ("pipeline", "pipeline-cuda", "serving", "mlflow")}
 # Index hosts an image names that this machine (and CI) cannot reach. The PyTorch CPU index only offers the
@@ -53,6 +62,7 @@ REQUIRED = {
     "serving": {"bentoml", "boto3", "s3fs", "redis", "feast", "mlflow", "torch"},
     "mlflow": {"mlflow", "boto3", "psycopg2-binary"},
     "bento": {"bentoml", "boto3", "s3fs", "redis", "feast", "mlflow", "torch"},
+    "bento-requirements.in": {"bentoml", "boto3", "s3fs", "redis", "feast", "mlflow", "torch"},
     "iac": {"pulumi", "pulumi-kubernetes", "pulumi-policy", "pydantic", "hera", "cryptography"},
 }
 IMAGES = sorted(REQUIRED)
@@ -217,18 +227,15 @@ def bento_python() -> dict:
 def bento_install_args() -> list[str]:
     """What `bentoml build` writes to the Bento's requirements.txt and install.sh, plus the constraints."""
     python = bento_python()
-    understood = {"packages", "lock_packages", "extra_index_url", "index_url", "find_links"}
-    assert set(python) <= understood, f"bentofile python options this test does not read: {set(python) - understood}"
-    # `bentoml build` does not take constraints.txt: the bentofile pins its packages to constraints.txt's versions
-    # (test_bentofile_pins_equal_constraints), and resolving with the constraints checks that they agree.
-    args = ["-c", str(CONSTRAINTS)]
-    if python.get("index_url"):
-        args += ["--index-url", python["index_url"]]
-    for url in python.get("extra_index_url") or []:
-        args += ["--extra-index-url", url]
-    for link in python.get("find_links") or []:
-        args += ["--find-links", link]
-    return [*args, *python["packages"]]
+    assert python == {"requirements_txt": "bentos/requirements.txt", "lock_packages": True}, (
+        "every bentofile installs the locked bentos/requirements.txt, and `bentoml build` locks it"
+    )
+    # Resolving with the constraints as well checks that the lock agrees with them.
+    return ["-c", str(CONSTRAINTS), "-r", str(BENTO_REQUIREMENTS)]
+
+
+def requirement_lines(path: Path) -> list[str]:
+    return [line for raw in path.read_text().splitlines() if (line := raw.split("#", 1)[0].strip())]
 
 
 # --- resolution --------------------------------------------------------------------------------------------
@@ -237,6 +244,8 @@ def bento_install_args() -> list[str]:
 def install_args(image: str) -> list[str]:
     if image == "bento":
         return bento_install_args()
+    if image == "bento-requirements.in":  # resolved where the CPU build of torch is: its index
+        return ["-c", str(CONSTRAINTS), "--extra-index-url", TORCH_CPU_WHEELS, "-r", str(BENTO_REQUIREMENTS_IN)]
     if image == "iac":
         return ["-c", str(CONSTRAINTS), str(ROOT)]
     return dockerfile_install_args(DOCKERFILES[image])[1]
@@ -254,13 +263,29 @@ def resolution(image: str) -> tuple[list[str], bool]:
     stand_in = False
     it = iter(install_args(image))
     for arg in it:
-        if arg not in _PIP_OPTIONS_WITH_URL:
+        if arg == "-r" and (path := Path(next(it))) == BENTO_REQUIREMENTS:
+            # A wheel named by URL on an unreachable host stands in as its version, found by this machine's pip.
+            lines = [_reachable(line) for line in requirement_lines(path)]
+            stand_in = stand_in or lines != requirement_lines(path)
+            args += lines
+        elif arg == "-r":
+            args += [arg, str(path)]
+        elif arg not in _PIP_OPTIONS_WITH_URL:
             args.append(arg)
         elif urlparse(url := next(it)).hostname in UNREACHABLE_INDEX_HOSTS:
             stand_in = True
         else:
             args += [arg, url]
     return args, stand_in
+
+
+def _reachable(line: str) -> str:
+    """`name @ URL` of a wheel on an unreachable host as `name==version` (its filename's), else the line."""
+    req = Requirement(line)
+    if not req.url or urlparse(req.url).hostname not in UNREACHABLE_INDEX_HOSTS:
+        return line
+    version = unquote(req.url.rsplit("/", 1)[-1]).split("-")[1]
+    return f"{req.name}=={version}"
 
 
 def _pip(*args: str) -> list[str]:
@@ -303,6 +328,8 @@ class Resolved:
     """A local project (the repository), not a package from an index."""
     requires: tuple[str, ...]
     """Its requirements (Requires-Dist), markers included."""
+    filename: str = ""
+    """The file pip would install (a wheel's name carries its build, e.g. torch's `+cpu`)."""
 
 
 @pytest.fixture(scope="module")
@@ -346,6 +373,7 @@ def install_set(tmp_path_factory):
                 item["metadata"]["version"],
                 "dir_info" in item.get("download_info", {}),
                 tuple(item["metadata"].get("requires_dist") or ()),
+                unquote(item.get("download_info", {}).get("url", "").rsplit("/", 1)[-1]),
             )
             for item in json.loads((tmp / f"{image}.json").read_text())["install"]
         }
@@ -477,20 +505,45 @@ def test_image_tags_follow_the_versions_they_hold():
     assert version == IMAGE_TAG, f"loopform.spec.IMAGE_TAG is {IMAGE_TAG}, pyproject.toml's version {version}"
 
 
-def test_bentofile_pins_equal_constraints():
+def test_bento_requirements_pin_constraints_versions():
+    """Every line of the Bento's requirements, written and locked, is an exact pin at constraints.txt's version
+    (torch by its CPU wheel's URL), and the bentofile's Python is the one the tests ran with."""
     pins = constraint_pins()
-    python = bento_python()
-    assert str(python["lock_packages"]).lower() == "false"
     tested = f"{sys.version_info.major}.{sys.version_info.minor}"
     assert yaml.safe_load(BENTOFILE.read_text())["docker"]["python_version"] == tested
     differ = {}
-    for line in python["packages"]:
-        req = Requirement(line)
-        name = canonicalize_name(req.name)
-        want = pinned_version(pins[name]) if name in pins else None
-        if pinned_version(req) is None or want is None or Version(pinned_version(req)) != Version(want):
-            differ[line] = f"constraints.txt: {pins.get(name, 'not pinned')}"
-    assert not differ, f"bentofile packages not pinned (==) to constraints.txt's version: {differ}"
+    for path in (BENTO_REQUIREMENTS_IN, BENTO_REQUIREMENTS):
+        for line in requirement_lines(path):
+            req = Requirement(_reachable(line))
+            name = canonicalize_name(req.name)
+            want = pinned_version(pins[name]) if name in pins else None
+            got = pinned_version(req)
+            if got is None or want is None or Version(got).public != Version(want).public:
+                differ[f"{path.name}: {line}"] = f"constraints.txt: {pins.get(name, 'not pinned')}"
+    assert not differ, f"Bento requirements not pinned (==) to constraints.txt's version: {differ}"
+
+
+@pytest.mark.slow
+def test_bento_lock_is_the_resolution_of_its_requirements(install_set):
+    """bentos/requirements.txt is requirements.in resolved: every distribution it needs, each pinned, nothing else,
+    torch as the CPU wheel's URL. `bentoml build` locks it (lock_packages) to itself, so a Bento installs exactly
+    what was tested. After changing requirements.in or constraints.txt: LOOPFORM_REGENERATE_GOLDEN=1."""
+    resolved = install_set("bento-requirements.in")
+    torch = resolved["torch"]
+    assert torch.filename.startswith("torch-") and "+cpu" in torch.filename, torch.filename
+    lines = [
+        f"torch @ {TORCH_CPU_WHEELS}{quote(torch.filename)}" if name == "torch" else f"{name}=={dist.version}"
+        for name, dist in sorted(resolved.items())
+    ]
+    header = [line for line in BENTO_REQUIREMENTS.read_text().splitlines() if line.startswith("#")] or [
+        "# Generated from bentos/requirements.in by tests/test_images.py (LOOPFORM_REGENERATE_GOLDEN=1)."
+    ]
+    expected = "\n".join([*header, *lines]) + "\n"
+    if REGENERATE:
+        BENTO_REQUIREMENTS.write_text(expected)
+    assert BENTO_REQUIREMENTS.read_text() == expected, (
+        "bentos/requirements.txt is not requirements.in resolved: LOOPFORM_REGENERATE_GOLDEN=1 pytest tests/test_images.py"
+    )
 
 
 def test_every_bento_installs_what_the_tested_one_does():

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import kubernetes_validate
+import pulumi
 import yaml
 
 from components.model_service import SERVING_UID, ModelService, ModelServiceArgs, manifests
@@ -84,13 +85,18 @@ def test_component_declares_the_same_objects() -> None:
         assert resource.manifest() == expected[kind]
 
 
-def test_gitops_folder_holds_released_services(tmp_path: Path) -> None:
+def _written_with_fraud_released(tmp_path: Path) -> list[Path]:
+    """The dev stack's GitOps folder, written with fraud released."""
     root = Path(__file__).resolve().parent.parent
     stack = yaml.safe_load((root / "stacks" / "Pulumi.dev.yaml").read_text())
     stack["config"][CONFIG_KEY]["models"]["fraud"]["release"] = RELEASE
     (tmp_path / "stacks").mkdir()
     (tmp_path / "stacks" / "Pulumi.dev.yaml").write_text(yaml.safe_dump(stack))
-    written = write_services("dev", tmp_path, tmp_path / "out")
+    return write_services("dev", tmp_path, tmp_path / "out")
+
+
+def test_gitops_folder_holds_released_services(tmp_path: Path) -> None:
+    written = _written_with_fraud_released(tmp_path)
     assert [p.name for p in written] == [
         "fraud-service.deployment.yaml",
         "fraud-service.horizontalpodautoscaler.yaml",
@@ -156,3 +162,95 @@ def test_the_payload_log_spills_to_a_bounded_volume_of_its_own() -> None:
     (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == env[ENV_SPILL_DIR]]
     (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
     assert parse_quantity(volume["emptyDir"]["sizeLimit"]) > int(env[ENV_SPILL_MAX_BYTES])
+
+
+def _secret_value(resource, key: str) -> str:
+    from pulumi.runtime.rpc import is_rpc_secret
+
+    data = resource.inputs["stringData"]
+    data = data["value"] if is_rpc_secret(data) else data  # a secret value wraps the whole property
+    value = data[key]
+    return value["value"] if is_rpc_secret(value) else value
+
+
+def test_callers_tokens_and_mlflow_credentials_are_files_never_env() -> None:
+    """The tokens file (LOOPFORM_API_TOKENS_FILE) and the serving user's MLflow credentials come from Secrets
+    mounted read-only; no variable takes a Secret's value (Checkov CKV_K8S_35)."""
+    from components.model_service import HOME, TOKENS_DIR, TOKENS_ENV, TOKENS_KEY, tokens_secret_name
+    from components.registry import CREDENTIALS_KEY, SERVING_USER, credentials_secret_name
+
+    (deployment,) = [m for m in manifests(ModelServiceArgs(model="fraud", spec=_spec())) if m["kind"] == "Deployment"]
+    kubernetes_validate.validate(deployment, "1.30", strict=True)
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env[TOKENS_ENV]["value"] == "/var/run/secrets/loopform/api/tokens.json" == f"{TOKENS_DIR}/{TOKENS_KEY}"
+    assert env["HOME"]["value"] == HOME
+    assert not any("secretKeyRef" in e.get("valueFrom", {}) for e in container["env"])
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    tokens = volumes[mounts[TOKENS_DIR]["name"]]["secret"]
+    assert tokens["secretName"] == tokens_secret_name("fraud") == "fraud-service-tokens"
+    assert tokens["items"] == [{"key": TOKENS_KEY, "path": TOKENS_KEY}]
+    credentials = volumes[mounts[f"{HOME}/.mlflow"]["name"]]["secret"]
+    assert credentials["secretName"] == credentials_secret_name(SERVING_USER)
+    assert credentials["items"] == [{"key": CREDENTIALS_KEY, "path": "credentials"}]  # ~/.mlflow/credentials
+    assert all(mounts[path]["readOnly"] for path in (TOKENS_DIR, f"{HOME}/.mlflow"))
+
+
+def test_the_tokens_secret_holds_one_derived_token_per_caller() -> None:
+    """tokens.json maps each spec caller to its own token, derived from the root secret (stable across runs, new
+    when the root secret rotates), and is a Pulumi secret."""
+    from pulumi.runtime.rpc import is_rpc_secret
+
+    from components.model_service import TOKENS_KEY, tokens_secret
+
+    def tokens(root: str, callers: list[str]) -> tuple[dict[str, str], bool]:
+        resources = render_components(
+            lambda: tokens_secret("t", "fraud", callers, root, "serve", {}, pulumi.ResourceOptions())
+        )
+        (secret,) = [r for r in resources if r.name == "t"]
+        metadata = secret.manifest()["metadata"]
+        assert (metadata["name"], metadata["namespace"]) == ("fraud-service-tokens", "serve")
+        return json.loads(_secret_value(secret, TOKENS_KEY)), is_rpc_secret(secret.inputs["stringData"])
+
+    first, hidden = tokens("root-1", ["default", "batch-scorer"])
+    assert hidden
+    assert set(first) == {"default", "batch-scorer"} and len(set(first.values())) == 2
+    assert all(len(token) >= 32 for token in first.values())
+    assert tokens("root-1", ["default", "batch-scorer"])[0] == first
+    assert tokens("root-2", ["default"])[0]["default"] != first["default"]
+
+
+def test_no_token_reaches_the_gitops_folder(tmp_path: Path) -> None:
+    written = _written_with_fraud_released(tmp_path)
+    # No Secret in git: the Deployment names the one Pulumi declares.
+    assert {yaml.safe_load(p.read_text())["kind"] for p in written} == {
+        "Deployment",
+        "Service",
+        "HorizontalPodAutoscaler",
+        "PodDisruptionBudget",
+    }
+    assert "fraud-service-tokens" in (tmp_path / "out" / "fraud-service.deployment.yaml").read_text()
+
+
+def stack_models(stack: dict) -> set[str]:
+    return set(stack["config"][CONFIG_KEY]["models"])
+
+
+def test_the_platform_declares_each_models_tokens_secret(tmp_path: Path) -> None:
+    from loopform.render import render_stack
+
+    root = Path(__file__).resolve().parent.parent
+    stack = yaml.safe_load((root / "stacks" / "Pulumi.dev.yaml").read_text())
+    stack["config"][CONFIG_KEY]["models"]["fraud"]["release"] = RELEASE
+    stack["config"][CONFIG_KEY]["models"]["fraud"]["serving"] = {"callers": ["checkout", "backoffice"]}
+    path = tmp_path / "Pulumi.dev.yaml"
+    path.write_text(yaml.safe_dump(stack))
+    resources = render_stack("dev", root, path)
+    # Every model has one, released or not: Argo CD may sync a first release before the next `pulumi up`.
+    assert {r.name for r in resources if r.name.endswith("-tokens")} == {f"dev-{m}-tokens" for m in stack_models(stack)}
+    (secret,) = [r for r in resources if r.name == "dev-fraud-tokens"]
+    assert secret.manifest()["metadata"]["name"] == "fraud-service-tokens"
+    assert secret.manifest()["metadata"]["namespace"] == "loopform-dev-serving"
+    assert set(json.loads(_secret_value(secret, "tokens.json"))) == {"checkout", "backoffice"}

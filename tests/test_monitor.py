@@ -18,15 +18,17 @@ from loopform.gates.drift import compute_drift
 from loopform.gates.ood import ood_gate
 from loopform.monitor import (
     CallbackTrigger,
+    CallerPolicy,
     FileTrigger,
     RetrainEvent,
+    capped_counts,
     metrics_text,
     parse_duration,
     push_metrics,
     run_monitor,
     write_metrics,
 )
-from loopform.payloads import PayloadLog
+from loopform.payloads import CALLER, PayloadLog
 from loopform.spec import GatesSpec
 from models.fraud import data
 from models.fraud.contract import CONTRACT
@@ -41,14 +43,22 @@ def reference() -> pd.DataFrame:
 
 
 def _log(
-    uri: str, frame: pd.DataFrame, start: datetime, span: timedelta, version: int = 1, labels: bool = False
+    uri: str,
+    frame: pd.DataFrame,
+    start: datetime,
+    span: timedelta,
+    version: int = 1,
+    labels: bool = False,
+    callers: tuple[str | None, ...] = (),
 ) -> None:
-    """Write frame's rows as served payloads spread evenly over [start, start + span) (with labels: joined feedback)."""
+    """Write frame's rows as served payloads spread evenly over [start, start + span) (with labels: joined feedback),
+    sent in turn by `callers` (no caller column when none)."""
     step = span / len(frame)
     fields = [*data.FEATURE_NAMES, *([data.LABEL] if labels else [])]
     with PayloadLog(uri, "fraud", flush_rows=5000, flush_seconds=3600) as log:
         for i, row in enumerate(frame[fields].to_dict("records")):
-            log.log({"time": start + i * step, **row, "prediction": 0, "score": 0.1, "model_version": version})
+            who = {CALLER: callers[i % len(callers)]} if callers else {}
+            log.log({"time": start + i * step, **row, "prediction": 0, "score": 0.1, "model_version": version, **who})
 
 
 def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -456,3 +466,72 @@ def test_the_monitor_loads_the_release_s_stored_profile(tmp_path: Path, referenc
         )
     with pytest.raises(ValueError, match="give the sha256"):
         run_monitor("fraud", contract=CONTRACT, reference=path, payload_uri=uri, gates=GATES, until=NOW)
+
+
+# --- weighing traffic by caller ---------------------------------------------------------------------------------
+
+
+def test_capped_counts_hold_every_caller_at_its_share() -> None:
+    assert capped_counts({"a": 10_000, "b": 1000}, 0.5) == {"a": 1000, "b": 1000}
+    assert capped_counts({"a": 100, "b": 200, "c": 10_000}, 0.5) == {"a": 100, "b": 200, "c": 300}
+    assert capped_counts({"a": 500, "b": 400, "c": 300}, 0.5) == {"a": 500, "b": 400, "c": 300}  # none over it
+    assert capped_counts({"a": 5000}, 0.5) == {"a": 0}  # one caller cannot be held at half of itself
+    assert capped_counts({"a": 900, "b": 900, "c": 30}, 0.25) == {"a": 0, "b": 0, "c": 0}  # needs 4 callers
+    assert capped_counts({"a": 5000}, 1.0) == {"a": 5000}
+    for counts, share in (({"a": 7, "b": 3000, "c": 450, "d": 80}, 0.3), ({"x": 12, "y": 12, "z": 13}, 0.34)):
+        kept = capped_counts(counts, share)
+        assert all(kept[c] <= counts[c] for c in counts)
+        assert max(kept.values()) <= share * sum(kept.values()) + 1, kept
+
+
+def test_the_policy_selects_authenticated_callers_and_caps_them() -> None:
+    rows = pd.DataFrame({CALLER: ["a", "a", "a", "a", "b", None, "anonymous", "c"], "x": range(8)})
+    kept, counts, excluded = CallerPolicy().select(rows)
+    assert counts == {"a": 4, "b": 1, "c": 1} and excluded == 2 and list(kept["x"]) == [0, 1, 2, 3, 4, 7]
+    kept, counts, _ = CallerPolicy(include_anonymous=True).select(rows)
+    assert counts == {"a": 4, "anonymous": 2, "b": 1, "c": 1} and len(kept) == 8
+    kept, counts, excluded = CallerPolicy(callers=("b", "c")).select(rows)
+    assert counts == {"b": 1, "c": 1} and excluded == 6
+    kept, counts, _ = CallerPolicy(max_share=0.5).select(rows)
+    assert counts == {"a": 2, "b": 1, "c": 1} and list(kept["x"]) == [0, 3, 4, 7]  # a's kept rows spread out
+    legacy = pd.DataFrame({"x": range(3)})  # rows written before callers were recorded
+    assert CallerPolicy().select(legacy)[2] == 3 and len(CallerPolicy(include_anonymous=True).select(legacy)[0]) == 3
+    with pytest.raises(ValueError, match="share"):
+        CallerPolicy(max_share=0.0)
+
+
+def test_a_flood_from_one_caller_no_longer_flips_the_decision(tmp_path: Path, reference: pd.DataFrame) -> None:
+    """Clean traffic from 24 callers, then one authenticated caller floods drifted events: read plainly, the flood
+    (two thirds of the window) decides drift; with each caller capped at 5% of the window it does not (clean
+    windows of this size already show 2 of the 9 features drifted, so a third decides: the cap must be tight).
+    An anonymous flood is not read at all unless asked for."""
+    honest = tuple(f"client-{i}" for i in range(24))
+    clean = data.generate(1500, 2, days=20)
+    flood = data.generate(3000, 3, days=20, covariate_drift=0.5)
+    uri = str(tmp_path / "payloads")
+    _log(uri, clean, NOW - timedelta(hours=20), timedelta(hours=19), callers=honest)
+    _log(uri, flood, NOW - timedelta(hours=10), timedelta(hours=9), callers=("mallory",))
+    _log(uri, flood, NOW - timedelta(hours=10), timedelta(hours=9), callers=("anonymous",))
+
+    def run(policy: CallerPolicy | None) -> Any:
+        return run_monitor(
+            "fraud", contract=CONTRACT, reference=reference, payload_uri=uri, gates=GATES, until=NOW, callers=policy
+        )
+
+    assert run(None).status == "drift"  # every row, as before callers were weighed
+    assert run(CallerPolicy()).status == "drift"  # mallory is authenticated: 3000 of 4500 rows
+    capped = run(CallerPolicy(max_share=0.05))
+    assert capped.status == "ok", capped.message
+    assert capped.callers["mallory"] == 78 and sum(capped.callers.values()) == 1500 + 78  # every honest row kept
+    assert capped.rows == 1578 and capped.excluded_rows == 3000 + 3000 - 78
+    assert "left out by the caller policy" in capped.message
+    named = run(CallerPolicy(callers=honest))
+    assert named.status == "ok" and named.rows == 1500
+    # An anonymous flood alone: read only when asked to.
+    uri = str(tmp_path / "quiet")
+    _log(uri, clean, NOW - timedelta(hours=20), timedelta(hours=19), callers=honest)
+    _log(uri, flood, NOW - timedelta(hours=10), timedelta(hours=9), callers=("anonymous",))
+    assert run(CallerPolicy()).status == "ok"
+    assert run(CallerPolicy(include_anonymous=True)).status == "drift"
+    single = run(CallerPolicy(callers=("client-0",), max_share=0.5))
+    assert single.status == "insufficient_data" and single.rows == 0  # one caller never decides under a cap

@@ -446,6 +446,8 @@ def test_step_environment_outputs_reach_every_step() -> None:
         assert container["env"] == [
             {"name": "FEAST_PROJECT", "value": "loopform"},
             {"name": "MLFLOW_TRACKING_URI", "value": "http://mlflow.ml.svc:5000"},
+            # MLflow reads the pipeline identity's credentials file from $HOME/.mlflow/credentials.
+            {"name": "HOME", "value": "/home/loopform"},
         ]
         assert container["envFrom"] == [{"secretRef": {"name": "loopform-object-store"}}]
 

@@ -24,7 +24,7 @@ import pyarrow.fs as pafs
 import pytest
 from prometheus_client import REGISTRY
 
-from loopform.payloads import PayloadLog, PayloadLogError, list_files, partition_dir, read_payloads
+from loopform.payloads import CALLER, PayloadLog, PayloadLogError, list_files, partition_dir, read_payloads
 
 REPO = Path(__file__).resolve().parent.parent
 T0 = datetime(2026, 3, 1, 10, 15, tzinfo=UTC)
@@ -131,6 +131,21 @@ def test_columns_added_later_are_unified(tmp_path: Path) -> None:
     frame = read_payloads(str(tmp_path), "fraud")
     assert sorted(frame["amount"].tolist()) == [1.0, 2.0, 3.5, 4.5]
     assert frame["card_id"].isna().sum() == 2
+
+
+def test_the_caller_column_reads_back_beside_rows_written_without_it(tmp_path: Path) -> None:
+    """Rows of a service name their authenticated caller; rows written before callers were recorded read as null,
+    and a log of only unauthenticated records (caller None) still unifies with the named ones."""
+    uri = str(tmp_path / "lake")
+    for records in (
+        [_record(0, T0)],  # before callers were recorded: no column
+        [{**_record(1, T0 + timedelta(minutes=1)), CALLER: None}],  # outside a request: null
+        [{**_record(i, T0 + timedelta(minutes=i)), CALLER: name} for i, name in ((2, "alice"), (3, "anonymous"))],
+    ):
+        with PayloadLog(uri, "fraud") as log:
+            log.log(records)
+    rows = read_payloads(uri, "fraud")
+    assert rows[CALLER].tolist()[:2] == [None, None] and rows[CALLER].tolist()[2:] == ["alice", "anonymous"]
 
 
 def test_rejects_naive_time_and_logging_after_close(tmp_path: Path) -> None:

@@ -9,7 +9,14 @@ import pytest
 from pulumi.runtime.rpc import is_rpc_secret
 
 from components.feature_store import FeatureStore, FeatureStoreArgs, feature_files, redis_connection_string
-from components.registry import SCRIPTS_DIR, UPGRADE_SCRIPT, DatabaseEndpoint, ModelRegistry, ModelRegistryArgs
+from components.registry import (
+    AUTH_SCRIPT,
+    SCRIPTS_DIR,
+    UPGRADE_SCRIPT,
+    DatabaseEndpoint,
+    ModelRegistry,
+    ModelRegistryArgs,
+)
 from loopform.model_code import ModelCodeError
 from loopform.render import REDACTED, RenderedResource, render_components
 from loopform.spec import ExternalDatabase, ExternalRedis, FeatureStoreSpec, RegistrySpec
@@ -43,6 +50,11 @@ def _container(resource: RenderedResource) -> dict:
     return template["spec"]["containers"][0]
 
 
+def _init_container(resource: RenderedResource, name: str) -> dict:
+    (found,) = [c for c in resource.inputs["spec"]["template"]["spec"]["initContainers"] if c["name"] == name]
+    return found
+
+
 def test_registry_in_cluster_postgres() -> None:
     resources, outputs = _render(
         lambda: ModelRegistry("reg", ModelRegistryArgs(spec=RegistrySpec(replicas=2), namespace="ml", db_password="pw"))
@@ -56,6 +68,7 @@ def test_registry_in_cluster_postgres() -> None:
         "reg-postgres-data",
         "reg-postgres-service",
         "reg-scripts",
+        "reg-auth",
         "reg-server",
         "reg-service",
     }
@@ -79,9 +92,12 @@ def test_registry_in_cluster_postgres() -> None:
 
     # The server waits for its database and the upgrade script, which its init container runs first.
     assert {by_name["reg-postgres"].urn, by_name["reg-scripts"].urn} <= set(server.dependencies)
-    (upgrade,) = server.inputs["spec"]["template"]["spec"]["initContainers"]
+    upgrade = _init_container(server, "upgrade-schema")
     assert upgrade["command"] == ["python", f"{SCRIPTS_DIR}/{UPGRADE_SCRIPT.name}"]
-    assert by_name["reg-scripts"].inputs["data"] == {UPGRADE_SCRIPT.name: UPGRADE_SCRIPT.read_text()}
+    assert by_name["reg-scripts"].inputs["data"] == {
+        UPGRADE_SCRIPT.name: UPGRADE_SCRIPT.read_text(),
+        AUTH_SCRIPT.name: AUTH_SCRIPT.read_text(),
+    }
     # Backups go to the bucket, outside the artifact root MLflow's proxy serves to any client.
     backups = {"name": "LOOPFORM_BACKUP_URI", "value": "s3://loopform-mlflow/loopform-backups/mlflow"}
     assert backups in upgrade["env"]
@@ -159,7 +175,7 @@ def test_the_rendered_init_container_migrates_from_the_environment(tmp_path: Pat
 
     resources, _ = _render(lambda: ModelRegistry("reg", ModelRegistryArgs(db_password="pw")))
     by_name = _by_name(resources)
-    (upgrade,) = by_name["reg-server"].inputs["spec"]["template"]["spec"]["initContainers"]
+    upgrade = _init_container(by_name["reg-server"], "upgrade-schema")
     scripts = tmp_path / "scripts"  # the ConfigMap volume at SCRIPTS_DIR
     scripts.mkdir()
     for file, text in by_name["reg-scripts"].inputs["data"].items():

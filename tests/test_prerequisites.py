@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
-from loopform import identity, prerequisites, render
+from loopform import chart_values, identity, prerequisites, render
 from loopform.references import (
     CHART_CR_SWITCHES,
     Manifests,
@@ -72,8 +72,14 @@ def test_every_listed_prerequisite_is_needed(name: str, rendered) -> None:
     refs |= {r for chart_name, chart in manifests.charts for r in chart_refs(chart, chart_name)}
     for item in prerequisites.prerequisites(spec):
         provided = prerequisite_ref(item)
-        if provided is None:  # OIDC provider, Pod Identity agent and associations, secret config: not object refs
-            assert item.kind in {"iam-oidc-provider", "daemonset", "pod-identity-association", "secret-config"}
+        if provided is None:  # OIDC provider, Pod Identity agent and associations, secret config, a bucket's rules
+            assert item.kind in {
+                "iam-oidc-provider",
+                "daemonset",
+                "pod-identity-association",
+                "secret-config",
+                "bucket-policy",
+            }
             continue
         assert provided in refs, f"{item.line()} is listed but nothing references it"
 
@@ -230,62 +236,13 @@ def test_crd_names_follow_kubernetes_plurals() -> None:
 # --- charts: with the monitoring flag off, no chart renders a custom resource whose CRD may be missing ---
 
 
-#: Charts the platform pins that shared/upstream does not mirror, with the values paths the platform may set
-#: (from each chart's documented values at that version); their defaults are taken as switching on no CRD.
-UNMIRRORED_CHART_PATHS: dict[tuple[str, str], set[tuple[str, ...]]] = {
-    ("argo-events", "2.4.19"): {("crds", "install"), ("crds", "keep"), ("controller", "rbac", "namespaced")},
-    # Keys chart 0.45.2 reads (mirrored), images.tag included; not yet checked against 0.47.5's values file.
-    ("argo-workflows", "0.47.5"): {
-        ("images", "tag"),
-        ("crds", "install"),
-        ("crds", "keep"),
-        ("singleNamespace",),
-        ("controller", "workflowRestrictions", "templateReferencing"),
-        ("controller", "clusterWorkflowTemplates", "enabled"),
-        ("controller", "metricsConfig", "enabled"),
-        ("controller", "serviceMonitor", "enabled"),
-        ("controller", "serviceMonitor", "additionalLabels"),
-        ("controller", "podSecurityContext"),
-        ("server", "clusterWorkflowTemplates", "enabled"),
-        ("server", "podSecurityContext"),
-        ("workflow", "serviceAccount", "create"),
-        ("workflow", "rbac", "create"),
-        ("executor", "resources"),
-        ("executor", "securityContext"),
-    },
-    # Keys chart 7.8.2 reads (mirrored), each still set by deployments of chart 10.x (docs/hardening.md).
-    ("argo-cd", "10.1.3"): {
-        ("crds", "install"),
-        ("crds", "keep"),
-        ("global", "image", "repository"),
-        ("global", "image", "tag"),
-        ("global", "networkPolicy", "create"),
-        ("global", "networkPolicy", "defaultDenyIngress"),
-        ("redisSecretInit", "enabled"),
-        ("dex", "enabled"),
-        ("configs", "gpg", "keys"),
-    },
-    ("kube-prometheus-stack", "77.5.0"): {
-        ("crds", "enabled"),
-        ("prometheus", "prometheusSpec", "ruleSelector"),
-        ("prometheus", "prometheusSpec", "serviceMonitorSelector"),
-        ("prometheus", "prometheusSpec", "ruleNamespaceSelector"),
-        ("prometheus", "prometheusSpec", "serviceMonitorNamespaceSelector"),
-        ("alertmanager", "alertmanagerSpec", "alertmanagerConfigSelector"),
-        ("alertmanager", "alertmanagerSpec", "alertmanagerConfigNamespaceSelector"),
-        ("grafana", "sidecar", "dashboards", "enabled"),
-        ("grafana", "sidecar", "dashboards", "label"),
-        ("grafana", "sidecar", "dashboards", "labelValue"),
-    },
-}
-
-
 def _upstream_chart(chart: str, version: str) -> dict[str, Any] | None:
-    """The pinned chart's values and keys in shared/upstream; None for a chart listed in UNMIRRORED_CHART_PATHS."""
+    """The pinned chart's values and keys in shared/upstream; None for a version it does not mirror, whose keys
+    loopform.chart_values keeps (written from that chart's values file)."""
     index = json.loads((UPSTREAM / "index.json").read_text())
     entry = next((c for c in index["charts"] if c["chart"] == chart and c["version"] == version), None)
     if entry is None:
-        assert (chart, version) in UNMIRRORED_CHART_PATHS, f"{chart} {version} is neither mirrored nor listed"
+        assert (chart, version) in chart_values.CHARTS, f"{chart} {version} is neither mirrored nor in chart_values"
         return None
     return {
         "values": yaml.safe_load((UPSTREAM / entry["values"]).read_text()),
@@ -358,8 +315,7 @@ def test_every_chart_value_is_one_the_chart_reads(name: str, rendered) -> None:
     for chart_name, chart in manifests.charts:
         upstream = _upstream_chart(chart["chart"], chart["version"])
         if upstream is None:
-            documented = UNMIRRORED_CHART_PATHS[(chart["chart"], chart["version"])]
-            unknown = [leaf for leaf in _leaves(chart["values"]) if not any(leaf[: len(d)] == d for d in documented)]
+            unknown = chart_values.check_values(chart["chart"], chart["version"], chart["values"])
             assert not unknown, f"{chart_name}: values keys {unknown} are not documented by {chart['chart']}"
             continue
         keys = upstream["keys"]

@@ -258,3 +258,66 @@ def test_render_command_renders_again_into_its_own_folder(tmp_path: Path) -> Non
     assert main(["render", "--stack", "dev", "--out", str(out)]) == 0
     assert not stale.exists() and (out / "README.md").read_text() == "kept\n"
     assert (out / "dev-registry-server.deployment.yaml").exists() and (out / "services" / render.MARKER).exists()
+
+
+# --- render's stand-ins for SDK helpers (loopform.render) agree with the SDK's own -------------------------
+
+
+def test_contains_unknowns_agrees_with_the_sdk() -> None:
+    from pulumi.output import Unknown
+    from pulumi.runtime import rpc
+
+    from loopform.render import _contains_unknowns
+
+    cyclic: dict = {"a": [1, {"b": "x"}]}
+    cyclic["self"] = cyclic
+    shared = {"k": "v"}
+    values = [
+        None,
+        1,
+        "x",
+        [],
+        {},
+        Unknown(),
+        [Unknown()],
+        {"a": {"b": [1, 2, {"c": Unknown()}]}},
+        {"a": {"b": [1, 2, {"c": 3}]}},
+        cyclic,
+        [shared, shared],
+        ({"t": Unknown()},),
+    ]
+    for value in values:
+        assert _contains_unknowns(value) == rpc.contains_unknowns(value), value
+    assert _contains_unknowns({"a": [{"b": Unknown()}]})  # the answer that matters is not always False
+
+
+def test_plain_inputs_agree_with_the_sdk() -> None:
+    from google.protobuf import struct_pb2
+    from pulumi.runtime import rpc
+
+    from loopform.render import _plain_inputs
+
+    struct = struct_pb2.Struct()
+    struct.update(
+        {
+            "apiVersion": "v1",
+            "n": 3,
+            "f": 1.5,
+            "ok": True,
+            "none": None,
+            "metadata": {"name": "x", "labels": {"a": "b"}, "empty": {}},
+            "list": [1, None, "s", [True]],
+        }
+    )
+    secret = struct_pb2.Struct()
+    secret.update(
+        {
+            "data": {rpc._special_sig_key: rpc._special_secret_sig, "value": {"k": "v"}},
+            "unknown": rpc.UNKNOWN,
+            "nested": [{"deep": {rpc._special_sig_key: rpc._special_secret_sig, "value": "s"}}],
+        }
+    )
+    for case in (struct, secret, struct_pb2.Struct()):
+        plain, sdk = _plain_inputs(case), rpc.deserialize_properties(case)
+        assert plain == sdk and repr(plain) == repr(sdk)
+    assert "none" not in _plain_inputs(struct) and _plain_inputs(struct)["list"][1] is None

@@ -75,7 +75,7 @@ def _spec(stack: str) -> PlatformSpec:
 
 
 def _render(
-    spec: PlatformSpec, prometheus_release: str | None = "kube-prometheus-stack"
+    spec: PlatformSpec, prometheus_release: str | None = "kube-prometheus-stack", chart_keyring: str | None = None
 ) -> dict[str, RenderedResource]:
     namespaces = spec.cluster.namespaces
     args = RetrainingRouteArgs(
@@ -87,6 +87,7 @@ def _render(
         labels={"loopform.dev/environment": spec.environment},
         prometheus_release=prometheus_release,
         install_crds=spec.cluster.shared_addons,
+        chart_keyring=chart_keyring,
     )
 
     def run() -> None:
@@ -355,6 +356,7 @@ def test_chart_and_crds_follow_shared_addons(stack: str) -> None:
     assert chart["values"]["crds"] == {"install": spec.cluster.shared_addons, "keep": False}
     assert chart["values"]["controller"]["rbac"]["namespaced"] is True
     assert "retraining-alertmanager-config" not in resources  # no Prometheus Operator: no route object
+    assert "verify" not in resources["retraining-argo-events"].inputs  # no keyring named: installed unverified
     bus = resources["retraining-event-bus"]
     assert resources["retraining-argo-events"].urn in bus.dependencies  # the EventBus waits for the CRDs
     for model in spec.models:
@@ -383,3 +385,10 @@ def test_the_sensor_and_the_local_receiver_dedupe_the_same_incidents(tmp_path: P
     store = IncidentStore(tmp_path / "incidents.json")
     started = [r for payload in notifications for r in store.claim(payload)]
     assert len(started) == len(names) == 3
+
+
+def test_the_chart_is_verified_with_argo_helms_keyring() -> None:
+    """argo-events comes from argo-helm, as argo-workflows does: with orchestrator.chart_keyring Helm checks it too."""
+    chart = _render(_spec("prod"), chart_keyring="deploy/keys/argo-helm.gpg")["retraining-argo-events"]
+    assert chart.inputs["verify"] is True
+    assert chart.inputs["keyring"].path == "deploy/keys/argo-helm.gpg"

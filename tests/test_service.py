@@ -26,7 +26,7 @@ from loopform.serving.release import ENV_MODEL_URI, ENV_TRACKING_URI, parse_mode
 from loopform.serving.schemas import entity_api, schemas
 from models.fraud import data
 from models.fraud.contract import CONTRACT
-from tests.helpers_serving import free_port
+from tests.helpers_serving import CALLER, free_port, in_process, token_env
 
 REPO = Path(__file__).resolve().parent.parent
 SERVICE = "bentos.fraud.service:FraudService"
@@ -50,8 +50,11 @@ OWN = {k: v for k, v in GOOD.items() if k not in CARD_LEVEL}  # the transaction'
 class Stack:
     """The running server plus what the tests need to check its answers."""
 
-    def __init__(self, server: Any, model: Any, version: int, repo: Any, cards: list[int], payload_uri: str) -> None:
+    def __init__(
+        self, server: Any, model: Any, version: int, repo: Any, cards: list[int], payload_uri: str, auth: str
+    ) -> None:
         self.server = server
+        self.auth = auth  # the Authorization header of the tests' caller
         self.model = model
         self.version = version
         self.repo = repo
@@ -62,6 +65,7 @@ class Stack:
     def post(self, api: str, body: Any, **kwargs: Any) -> httpx.Response:
         if "content" not in kwargs:
             kwargs["json"] = body
+        kwargs["headers"] = {"Authorization": self.auth, **kwargs.get("headers", {})}
         response = httpx.post(f"{self.server.url}/{api}", timeout=60.0, **kwargs)
         if response.status_code == 200:
             answers = response.json()
@@ -73,9 +77,10 @@ class Stack:
 
 def serve_release(
     work: Path, contract: Any, model: Any, frame: Any, service: str, **env: str
-) -> tuple[Any, Any, int, Any, str]:
+) -> tuple[Any, Any, int, Any, str, str]:
     """Release `model` as `<model>@production` in a fresh MLflow store, load `frame` into a local Feast repo and
-    start `service` on them: (server, the released model as loaded back, version, Feast repo, payload URI)."""
+    start `service` on them, with a tokens file naming the tests' caller: (server, the released model as loaded
+    back, version, Feast repo, payload URI, the caller's Authorization header)."""
     from loopform import registry
     from loopform.contract import fingerprint
     from loopform.features import FeatureRepo
@@ -93,8 +98,10 @@ def serve_release(
     repo.apply()
     repo.materialize(frame[contract.timestamp].max())
     payload_uri = str(work / "lake" / "payloads")
+    tokens, headers = token_env(work / "tokens.json")
     env = {
         **OFFLINE,
+        **tokens,
         "LOOPFORM_TRACKING_URI": tracking_uri,
         "LOOPFORM_MODEL_URI": f"models:/{name}@production",
         "LOOPFORM_FEAST_REPO": str(work / "feast"),
@@ -104,7 +111,7 @@ def serve_release(
         **env,
     }
     server = BentoServer(service, working_dir=REPO, port=free_port(), env=env, log_path=work / "serve.log").start()
-    return server, registry.load_model(tracking_uri, name, version), version, repo, payload_uri
+    return server, registry.load_model(tracking_uri, name, version), version, repo, payload_uri, headers[CALLER]
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +121,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Any:
     from models.fraud.train import train
 
     frame = data.generate(2500, 11, days=10, cards=150)
-    server, loaded, version, repo, payload_uri = serve_release(
+    server, loaded, version, repo, payload_uri, auth = serve_release(
         tmp_path_factory.mktemp("service"),
         CONTRACT,
         train(frame, 11, max_epochs=4),
@@ -124,7 +131,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Any:
         LOOPFORM_PAYLOAD_FLUSH_SECONDS="86400",  # ... so the last test checks the drain on SIGTERM
     )
     cards = sorted(int(c) for c in frame[data.ENTITY].unique())[:20]
-    yield Stack(server, loaded, version, repo, cards, payload_uri)
+    yield Stack(server, loaded, version, repo, cards, payload_uri, auth)
     server.stop()
 
 
@@ -348,6 +355,7 @@ def test_graceful_shutdown_logs_every_answered_request(stack: Stack) -> None:
     assert len(rows) == len(stack.answered)
     assert set(rows["request_id"]) == set(stack.answered)
     assert set(rows["model_version"]) == {stack.version}
+    assert set(rows["caller"]) == {CALLER}  # the authenticated caller, beside the request's own caller id
     by_id = rows.set_index("request_id")
     cards = [body["card_id"] for api, body in stack.answered.values() if api == "predict_card"]
     assert cards, "the module sent card-path requests"
@@ -430,7 +438,6 @@ def test_regression_buckets_span_the_label_range() -> None:
 def test_regression_service_in_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A regressor's service class over BentoML's ASGI app, with a stub model: answers, 400s, payloads, metrics."""
     from prometheus_client import CollectorRegistry
-    from starlette.testclient import TestClient
 
     from loopform.payloads import read_payloads
     from loopform.serving import bento, scorer
@@ -444,11 +451,13 @@ def test_regression_service_in_process(tmp_path: Path, monkeypatch: pytest.Monke
     monkeypatch.setenv("LOOPFORM_PAYLOAD_URI", str(tmp_path / "payloads"))
     monkeypatch.delenv("LOOPFORM_FEAST_REPO", raising=False)
     monkeypatch.delenv("LOOPFORM_FEAST_CONFIG", raising=False)
+    monkeypatch.delenv("LOOPFORM_API_TOKENS_FILE", raising=False)
+    monkeypatch.setenv("LOOPFORM_ALLOW_ANONYMOUS", "true")  # tests/test_service_auth.py covers the tokens
     service = bento.model_service(ETA)
     assert set(service.apis) == {"predict", "predict_batch", "predict_driver"}
     rows = [{**TRIP, "trip_id": "t-1"}, {**TRIP, "distance_km": 8.0, "stops": 5}]
     own = {name: TRIP[name] for name in ETA.event_features}
-    with TestClient(service.to_asgi()) as client:
+    with in_process(service) as client:
         one = client.post("/predict", json=rows[0])
         assert one.status_code == 200, one.text
         assert one.json() == {"request_id": one.json()["request_id"], "prediction": 26.0, "model": "eta", "version": 4}
@@ -471,6 +480,7 @@ def test_regression_service_in_process(tmp_path: Path, monkeypatch: pytest.Monke
     assert len(records) == 3 and "score" not in records.columns
     assert {"trip_id", "driver_id", *ETA.feature_names, "prediction", "model_version"} <= set(records)
     assert sorted(records["prediction"]) == [26.0, 26.0, 47.0] and set(records["trip_id"].dropna()) == {"t-1"}
+    assert set(records["caller"]) == {"anonymous"}
     labels = {"model": "eta", "version": "4"}
     assert registry.get_sample_value("loopform_predictions_total", {**labels, "api": "predict_batch"}) == 2
     assert registry.get_sample_value("loopform_prediction_score_bucket", {**labels, "le": "50.0"}) == 3
@@ -486,10 +496,10 @@ def delivery(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
     frame = delivery_data.generate(2000, 5, days=10)
     model = train(frame, 5, max_epochs=3)
-    server, loaded, version, repo, _ = serve_release(
+    server, loaded, version, repo, _, auth = serve_release(
         tmp_path_factory.mktemp("delivery"), DELIVERY, model, frame, "bentos.delivery.service:DeliveryService"
     )
-    yield server, loaded, version, frame, repo
+    yield server, loaded, version, frame, repo, {"Authorization": auth}
     server.stop()
 
 
@@ -499,9 +509,9 @@ def test_delivery_service_serves_a_batch_of_the_released_regressor(delivery: Any
 
     from models.delivery.contract import CONTRACT as DELIVERY
 
-    server, model, version, frame, repo = delivery
+    server, model, version, frame, repo, headers = delivery
     rows = [{name: _plain(row[name]) for name in DELIVERY.feature_names} for row in frame.head(40).to_dict("records")]
-    response = httpx.post(f"{server.url}/predict_batch", json={"events": rows}, timeout=60.0)
+    response = httpx.post(f"{server.url}/predict_batch", json={"events": rows}, headers=headers, timeout=60.0)
     assert response.status_code == 200, response.text
     answers = response.json()
     assert {(a["model"], a["version"]) for a in answers} == {("delivery", version)}
@@ -512,13 +522,17 @@ def test_delivery_service_serves_a_batch_of_the_released_regressor(delivery: Any
     restaurant = int(frame[DELIVERY.entity].iloc[0])
     stored = repo.online([restaurant]).iloc[0]
     own = {name: rows[0][name] for name in DELIVERY.event_features}
-    response = httpx.post(f"{server.url}/predict_restaurant", json={DELIVERY.entity: restaurant, **own}, timeout=60.0)
+    response = httpx.post(
+        f"{server.url}/predict_restaurant", json={DELIVERY.entity: restaurant, **own}, headers=headers, timeout=60.0
+    )
     assert response.status_code == 200, response.text
     vector = {**own, **{name: _plain(stored[name]) for name in DELIVERY.entity_features}}
     assert response.json()["prediction"] == pytest.approx(float(model.predict(pd.DataFrame([vector]))[0]), rel=1e-5)
 
     numeric = next(f for f in DELIVERY.features if f.kind == "numeric" and f.scope == "event")
-    bad = httpx.post(f"{server.url}/predict", json={**rows[0], numeric.name: numeric.max + 1}, timeout=60.0)
+    bad = httpx.post(
+        f"{server.url}/predict", json={**rows[0], numeric.name: numeric.max + 1}, headers=headers, timeout=60.0
+    )
     assert bad.status_code == 400 and [numeric.name] in [e["loc"] for e in bad.json()["detail"]]
     metrics = httpx.get(f"{server.url}/metrics").text
     labels = {"model": "delivery", "version": str(version), "api": "predict_batch"}
@@ -578,13 +592,34 @@ def test_a_scorer_refuses_a_model_without_its_tasks_method() -> None:
         Scorer(Release(MinutesStub(), "fraud", 1, "models:/fraud/1"), CONTRACT, with_metrics=False)
 
 
+def build_context_here(folder: Path) -> tuple[Path, dict[str, str]]:
+    """(build context, extra environment) of a Bento as this machine builds it: a copy of what the bentofiles
+    include, where a wheel named by URL on a host this machine cannot reach stands in as that version, which the
+    lock (uv) finds through this machine's pip find-links, as tests/test_images.py resolves the same requirements.
+    (BentoML reads `requirements_txt` only from inside the build context.)"""
+    import shutil
+
+    from tests.test_images import BENTO_REQUIREMENTS, _reachable
+
+    context = folder / "context"
+    for part in ("bentos", "loopform", "models"):
+        shutil.copytree(REPO / part, context / part, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    written = BENTO_REQUIREMENTS.read_text().splitlines()
+    here = [line if not line or line.startswith("#") else _reachable(line) for line in written]
+    if here == written:
+        return context, {}
+    (context / BENTO_REQUIREMENTS.relative_to(REPO)).write_text("\n".join(here) + "\n")
+    return context, {"UV_FIND_LINKS": os.environ.get("PIP_FIND_LINKS", "")}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(("model", "by_entity"), [("fraud", "predict_card"), ("delivery", "predict_restaurant")])
 def test_bentoml_build(tmp_path: Path, model: str, by_entity: str) -> None:
-    env = {**os.environ, **OFFLINE, "BENTOML_HOME": str(tmp_path / "bentoml")}
+    context, stand_in = build_context_here(tmp_path)
+    env = {**os.environ, **OFFLINE, **stand_in, "BENTOML_HOME": str(tmp_path / "bentoml")}
     result = subprocess.run(
         [sys.executable, "-m", "bentoml", "build", "-f", f"bentos/{model}/bentofile.yaml", "-o", "tag", "."],
-        cwd=REPO,
+        cwd=context,
         env=env,
         capture_output=True,
         text=True,
@@ -604,7 +639,16 @@ def test_bentoml_build(tmp_path: Path, model: str, by_entity: str) -> None:
         assert (bento / path).is_file(), path
     other = "delivery" if model == "fraud" else "fraud"
     assert not (bento / "src" / "models" / other).exists()  # a bento carries its own model's code only
-    requirements = (bento / "env" / "python" / "requirements.txt").read_text()
-    assert "torch==2.13.0" in requirements and "bentoml==1.4.40" in requirements
+    # lock_packages: the Bento keeps what it was given (requirements.in) and installs its lock (requirements.txt),
+    # which for a fully pinned set is that set, torch as its CPU build.
+    requirements = (bento / "env" / "python" / "requirements.in").read_text()
+    locked = (bento / "env" / "python" / "requirements.txt").read_text()
+    assert "torch==2.13.0+cpu" in locked and "bentoml==1.4.40" in locked
+
+    def pins(text: str) -> dict[str, str]:
+        found = (line.split("==") for line in text.splitlines() if "==" in line and not line.startswith("#"))
+        return {name.lower().replace("_", "-"): version.split("+")[0].split(";")[0].strip() for name, version in found}
+
+    assert pins(locked) == {**pins(requirements), "bentoml": "1.4.40"}
     routes = {route["name"] for route in json.loads((bento / "apis" / "schema.json").read_text())["routes"]}
     assert routes == {"predict", "predict_batch", by_entity}

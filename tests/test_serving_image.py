@@ -30,7 +30,7 @@ from loopform.serving.release import ArtifactDigestError, Release
 from loopform.spec import ModelSpec, ServicesSpec, ServingSpec
 from tests import records
 from tests.helpers_registry import make_version, small_model
-from tests.helpers_serving import free_port
+from tests.helpers_serving import CALLER, free_port, token_env
 from tests.test_images import dockerfile_instructions
 from tests.test_service import GOOD
 
@@ -143,10 +143,13 @@ class Exec(Exception):
 
 
 @pytest.fixture
-def serve_cli(monkeypatch):
+def serve_cli(monkeypatch, tmp_path: Path):
     """run(*argv, **env) -> (exit code, the exec'd (command, env) or None): `loopform serve` with the release load
-    and exec stubbed out."""
+    and exec stubbed out, and the callers' tokens file the Deployment mounts."""
     calls: dict[str, Any] = {}
+    tokens, _ = token_env(tmp_path / "tokens.json")
+    for name, value in tokens.items():
+        monkeypatch.setenv(name, value)
 
     def load_release(tracking_uri: str, uri: str, digest: str | None) -> Release:
         calls["load"] = (tracking_uri, uri, digest)
@@ -228,8 +231,12 @@ def released(tmp_path_factory) -> dict[str, Any]:
     return {"work": work, "store": store, "record": records.release("dev", image=ServicesSpec().image, sealed=sealed)}
 
 
-def pod(released: dict[str, Any], folder: Path, **override: str) -> tuple[list[str], dict[str, str], Path, int]:
-    """(command, environment, working directory, port) of the released model's pod."""
+def pod(
+    released: dict[str, Any], folder: Path, **override: str
+) -> tuple[list[str], dict[str, str], Path, int, dict[str, str]]:
+    """(command, environment, working directory, port, callers' Authorization headers) of the released model's pod.
+
+    The Deployment mounts the tokens Secret at LOOPFORM_API_TOKENS_FILE; here a tokens file in `folder` stands in."""
     port = free_port()
     spec = ModelSpec.model_validate({"path": "models/fraud", "release": released["record"], "serving": {"port": port}})
     args = ModelServiceArgs(
@@ -238,20 +245,22 @@ def pod(released: dict[str, Any], folder: Path, **override: str) -> tuple[list[s
     (container,) = manifests(args)[0]["spec"]["template"]["spec"]["containers"]
     app = image_root(folder)
     image_env = {k: str(app) if v == str(workdir()) else v for k, v in env().items()}
+    mounted, headers = token_env(folder / "tokens.json")
     environ = {
         "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin",  # the venv's `loopform`, as the image's
-        "HOME": str(folder / "home"),
         **image_env,
-        **{variable["name"]: variable["value"] for variable in container["env"]},
+        **{variable["name"]: variable["value"] for variable in container["env"] if "value" in variable},
+        "HOME": str(folder / "home"),  # the pod's home holds only the mounted MLflow credentials
+        **mounted,
         **override,
     }
     assert shutil.which("loopform", path=environ["PATH"]), "the venv has no `loopform` script"
-    return [*entrypoint(), *container["args"]], environ, app, port
+    return [*entrypoint(), *container["args"]], environ, app, port, headers
 
 
 @pytest.mark.slow
 def test_image_command_serves_the_released_version(released, tmp_path: Path) -> None:
-    command, environ, app, port = pod(released, tmp_path)
+    command, environ, app, port, headers = pod(released, tmp_path)
     url = f"http://127.0.0.1:{port}"
     log = tmp_path / "serve.log"
     with log.open("wb") as out:
@@ -265,7 +274,7 @@ def test_image_command_serves_the_released_version(released, tmp_path: Path) -> 
                 pass
             time.sleep(0.25)
         assert process.poll() is None, f"the server exited with {process.returncode}:\n{log.read_text()[-4000:]}"
-        response = httpx.post(f"{url}/predict", json=GOOD, timeout=60.0)
+        response = httpx.post(f"{url}/predict", json=GOOD, headers={"Authorization": headers[CALLER]}, timeout=60.0)
         assert response.status_code == 200, response.text
         answer = response.json()
         assert (answer["model"], answer["version"]) == ("fraud", released["record"]["version"])
@@ -284,7 +293,7 @@ def test_image_command_serves_the_released_version(released, tmp_path: Path) -> 
 
 @pytest.mark.slow
 def test_image_command_refuses_files_with_another_digest(released, tmp_path: Path) -> None:
-    command, environ, app, _ = pod(released, tmp_path, LOOPFORM_ARTIFACTS_DIGEST=WRONG_DIGEST)
+    command, environ, app, _, _ = pod(released, tmp_path, LOOPFORM_ARTIFACTS_DIGEST=WRONG_DIGEST)
     result = subprocess.run(command, cwd=app, env=environ, capture_output=True, text=True)
     version = released["record"]["version"]
     assert result.returncode == 1, result.stdout + result.stderr

@@ -10,7 +10,16 @@ import pytest
 import yaml
 
 from loopform.cli import main
-from loopform.spec import CONFIG_KEY, PlatformSpec, SpecError, WorkloadRoles, check_repository, load_stack, parse_spec
+from loopform.spec import (
+    CONFIG_KEY,
+    PlatformSpec,
+    ServingSpec,
+    SpecError,
+    WorkloadRoles,
+    check_repository,
+    load_stack,
+    parse_spec,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -28,6 +37,8 @@ def test_defaults_fill_every_section() -> None:
     assert spec.feature_store.online_store.kind == "in-cluster"
     assert spec.cluster.namespaces.platform == "loopform-local-system"
     assert spec.gates.drift.max_drift_share == 0.3
+    # One token, named `default`, unless the spec names the callers.
+    assert spec.models == {} and ServingSpec().callers == ["default"]
 
 
 ROLES = {w: f"arn:aws:iam::123456789012:role/{w}" for w in WorkloadRoles.model_fields}
@@ -97,6 +108,10 @@ BAD = [
     ("share above one", "gates.max_ood_rate", 1.5, "gates.max_ood_rate", "less than or equal to 1"),
     ("bad duration", "monitoring.window", "one day", "monitoring.window", "duration"),
     ("replica range", "models.fraud.serving", {"min_replicas": 5, "max_replicas": 2}, "serving", "below min_replicas"),
+    ("caller listed twice", "models.fraud.serving.callers", ["web", "web"], "serving", "callers are listed twice"),
+    ("caller not a name", "models.fraud.serving.callers", ["Web App"], "serving.callers[0]", "DNS-1123 label"),
+    ("no caller", "models.fraud.serving.callers", [], "callers", "at least 1 item"),
+    ("callers as a string", "models.fraud.serving.callers", "web", "callers", "valid list"),
     (
         "unknown key in a model's gates",
         "models.fraud.gates",

@@ -117,6 +117,7 @@ DELIVERY_PIPELINE = {
     "staging-orchestrator-delivery-template",
     "staging-orchestrator-delivery-cron",
     "staging-delivery-monitor-cronjob",
+    "staging-delivery-tokens",  # its callers' tokens (the Secret its service mounts)
 }
 
 
@@ -153,6 +154,20 @@ def test_a_password_rotation_updates_the_secret_in_place_and_rolls_its_consumers
         "staging-features-redis",
         "staging-features-online-store-loopform-staging-system",
         "staging-features-online-store-loopform-staging-serving",
+        # MLflow's users' passwords: the server's auth Secret and each identity's credentials file, read per
+        # request (services) or per run (pipelines, monitors), so nothing else restarts.
+        "staging-registry-auth",
+        *{
+            f"staging-registry-{user}-credentials-loopform-staging-{ns}"
+            for user, ns in (("pipeline", "pipelines"), ("promotion", "system"), ("serving", "serving"))
+        },
+        "staging-registry-monitor-credentials-loopform-staging-monitoring",
+        # The callers' tokens: the services re-read the mounted file when it changes.
+        "staging-delivery-tokens",
+        "staging-fraud-tokens",
+        # Argo CD's Redis password, and the chart whose pods' annotations carry its digest (they roll together).
+        "staging-gitops-redis-password",
+        "staging-gitops-argo-cd",
     }
     # The Job that sets the registry role's password runs again, once; `feast apply` reruns on the new URL.
     assert actions.get("replace") == {"staging-features-registry-db", "staging-features-apply"}

@@ -64,7 +64,7 @@ import math
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -454,31 +454,40 @@ def _jensenshannon(ref: ColumnProfile, cur: ColumnProfile) -> float:
     return float(distance.jensenshannon(ref_counts / ref.n, cur_counts / cur.n))
 
 
+def feature_decision(
+    column: str, kind: Kind, method: str, score: float, gates: GatesSpec, n_reference: int, n_current: int
+) -> FeatureDrift:
+    """Evidently's threshold and comparison for a method's score (shared with `loopform.gates.out_of_core`)."""
+    threshold = gates.drift.p_value if method in P_VALUE_METHODS else gates.drift.feature_threshold
+    if method == "ks":
+        drifted = score <= threshold
+    elif method in P_VALUE_METHODS:
+        drifted = score < threshold
+    else:
+        drifted = score >= threshold
+    return FeatureDrift(column, kind, method, float(score), float(threshold), bool(drifted), n_reference, n_current)
+
+
 def compare(ref: ColumnProfile, cur: ColumnProfile, gates: GatesSpec) -> FeatureDrift:
     """Drift of one column, with Evidently's method, score and comparison."""
     if ref.kind != cur.kind:
         raise DriftInputError(f"column {ref.column!r} is {ref.kind} in reference but {cur.kind} in current")
     method = select_method(ref, cur)
-    threshold = gates.drift.p_value if method in P_VALUE_METHODS else gates.drift.feature_threshold
     if method == "ks":
         from scipy.stats import ks_2samp
 
         score = float(ks_2samp(ref.sorted, cur.sorted)[1])
-        drifted = score <= threshold
-    elif method == "chisquare":
-        score = _chisquare(ref, cur)
-        drifted = score < threshold
-    elif method == "z":
-        score = _z_test(ref, cur)
-        drifted = score < threshold
-    elif method == "wasserstein":
+    elif method in ("chisquare", "z", "jensenshannon"):
+        score = counts_score(method, ref, cur)
+    else:
         assert ref.sorted is not None and cur.sorted is not None
         score = wasserstein_sorted(ref.sorted, cur.sorted) / max(ref.std, 0.001)
-        drifted = score >= threshold
-    else:
-        score = _jensenshannon(ref, cur)
-        drifted = score >= threshold
-    return FeatureDrift(ref.column, ref.kind, method, score, float(threshold), bool(drifted), ref.n, cur.n)
+    return feature_decision(ref.column, ref.kind, method, score, gates, ref.n, cur.n)
+
+
+def counts_score(method: str, ref: ColumnProfile, cur: ColumnProfile) -> float:
+    """The score of a method that reads only value counts (chisquare, z, jensenshannon)."""
+    return {"chisquare": _chisquare, "z": _z_test, "jensenshannon": _jensenshannon}[method](ref, cur)
 
 
 # --- the calibrated decision ------------------------------------------------------------------------
@@ -526,12 +535,23 @@ def _distance(ref: ColumnProfile, cur: ColumnProfile, statistic: str) -> float:
     return _jensenshannon(ref, cur)
 
 
+def reference_digest(kind: Kind, n: int) -> Any:
+    """The content hash of a reference column, before its contents: fed the sorted values (numeric, zeros
+    as +0.0), in any number of pieces, or the keys and counts (categorical). Seeds and keys the column's null."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(f"{kind}\x00{n}\x00".encode())
+    return digest
+
+
 def _digest(ref: ColumnProfile) -> bytes:
     """Content key of a reference column (the null depends on nothing else)."""
-    digest = hashlib.blake2b(digest_size=16)
-    digest.update(f"{ref.kind}\x00{ref.n}\x00".encode())
+    digest = reference_digest(ref.kind, ref.n)
     if ref.sorted is not None:
-        digest.update(np.ascontiguousarray(ref.sorted))  # the buffer itself, no copy
+        # The buffer itself, no copy, but zeros as +0.0: -0.0 sorts equal to it in an order no sort fixes.
+        low, high = (int(np.searchsorted(ref.sorted, 0.0, side=side)) for side in ("left", "right"))
+        digest.update(np.ascontiguousarray(ref.sorted[:low]))
+        digest.update(np.zeros(high - low))
+        digest.update(np.ascontiguousarray(ref.sorted[high:]))
     else:
         assert ref.keys is not None and ref.counts is not None
         digest.update(repr(ref.keys.tolist()).encode())
@@ -545,15 +565,24 @@ def null_scores(ref: ColumnProfile, statistic: str, rows: int, draws: int) -> np
     Cached per (reference content, statistic, rows, draws) and seeded by them, so the same window
     always gets the same decision. Read-only array.
     """
-    digest = _digest(ref)
+
+    def simulate(rng: np.random.Generator) -> np.ndarray:
+        return (_null_wasserstein if statistic == "wasserstein" else _null_jensenshannon)(ref, rows, draws, rng)
+
+    return cached_null(_digest(ref), statistic, rows, draws, simulate)
+
+
+def cached_null(
+    digest: bytes, statistic: str, rows: int, draws: int, simulate: Callable[[np.random.Generator], np.ndarray]
+) -> np.ndarray:
+    """`simulate`'s null, seeded by and cached under (reference digest, statistic, rows, draws)."""
     key = (digest, statistic, rows, draws)
     with _null_lock:
         found = _null_cache.get(key)
         if found is not None:
             _null_cache.move_to_end(key)
             return found
-    rng = np.random.default_rng([int.from_bytes(digest[:8], "little"), rows, draws])
-    scores = (_null_wasserstein if statistic == "wasserstein" else _null_jensenshannon)(ref, rows, draws, rng)
+    scores = simulate(np.random.default_rng([int.from_bytes(digest[:8], "little"), rows, draws]))
     scores.sort()
     scores.flags.writeable = False
     with _null_lock:
@@ -564,16 +593,59 @@ def null_scores(ref: ColumnProfile, statistic: str, rows: int, draws: int) -> np
 
 
 def _null_jensenshannon(ref: ColumnProfile, rows: int, draws: int, rng: np.random.Generator) -> np.ndarray:
+    assert ref.counts is not None
+    return null_jensenshannon(ref.counts, rows, draws, rng)
+
+
+def null_jensenshannon(counts: np.ndarray, rows: int, draws: int, rng: np.random.Generator) -> np.ndarray:
+    """Jensen-Shannon distances between the reference's value shares and bootstrap windows' (unsorted)."""
     from scipy.spatial import distance
 
-    assert ref.counts is not None
-    shares = ref.counts / ref.counts.sum()
+    shares = counts / counts.sum()
     drawn = rng.multinomial(rows, shares, size=draws) / rows
     return np.asarray(distance.jensenshannon(np.broadcast_to(shares, drawn.shape), drawn, axis=1), dtype=np.float64)
 
 
 def _null_wasserstein(ref: ColumnProfile, rows: int, draws: int, rng: np.random.Generator) -> np.ndarray:
-    """Normed W1 between the reference and bootstrap windows, in O(rows) per window (not O(reference)).
+    """Normed W1 between the sorted reference and bootstrap windows drawn from it (`null_wasserstein_runs`
+    when it has few distinct values, else `null_wasserstein_windows`)."""
+    assert ref.sorted is not None
+    r, m, norm = ref.sorted, ref.sorted.size, max(ref.std, 0.001)
+    starts = np.concatenate(([0], np.flatnonzero(r[1:] != r[:-1]) + 1))
+    counts = np.diff(np.concatenate((starts, [m])))
+    if starts.size <= _DISCRETE_VALUES:
+        return null_wasserstein_runs(r[starts], counts, norm, rows, draws, rng)
+    upper = np.repeat(np.cumsum(counts), counts)  # reference values <= r[i]
+    prefix = np.concatenate(([0.0], np.cumsum(r)))
+    area = (upper * r - prefix[upper]) / m  # A(r[i])
+    return null_wasserstein_windows(lambda at: (r[at], area[at]), m, norm, rows, draws, rng)
+
+
+def null_wasserstein_runs(
+    values: np.ndarray, counts: np.ndarray, norm: float, rows: int, draws: int, rng: np.random.Generator
+) -> np.ndarray:
+    """Few distinct reference values (`values`, ascending, with `counts`): draw counts per value, W1 from the
+    two CDFs."""
+    m = int(counts.sum())
+    cdf = np.cumsum(counts)[:-1] / m
+    gaps = np.diff(values)
+    drawn = np.cumsum(rng.multinomial(rows, counts / m, size=draws)[:, :-1], axis=1) / rows
+    return np.einsum("ij,j->i", np.abs(drawn - cdf), gaps) / norm
+
+
+def null_wasserstein_windows(
+    lookup: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]],
+    m: int,
+    norm: float,
+    rows: int,
+    draws: int,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """Normed W1 between a sorted reference of `m` values and bootstrap windows, in O(rows) per window.
+
+    `lookup(positions)` gives the sorted reference's values r[i] and A(r[i]) at those positions (any
+    shape): every window's positions are drawn first, so a reference that does not fit in memory is read
+    once for all of them (`loopform.gates.out_of_core`).
 
     A window of `rows` values drawn from the reference has an empirical CDF G that is constant (c_j =
     j/rows) between its sorted values x_j and x_j+1. On each such piece, |F - c_j| splits where the
@@ -584,36 +656,30 @@ def _null_wasserstein(ref: ColumnProfile, rows: int, draws: int, rng: np.random.
 
     with h_j(t) = c_j t - A(t) and y_j = clip(q_j, x_j, x_j+1): h_j(q_j) is a constant, the rest is linear.
     """
-    assert ref.sorted is not None
-    r, m = ref.sorted, ref.sorted.size
-    norm = max(ref.std, 0.001)
-    starts = np.concatenate(([0], np.flatnonzero(r[1:] != r[:-1]) + 1))
-    counts = np.diff(np.concatenate((starts, [m])))
-    if starts.size <= _DISCRETE_VALUES:  # few distinct values: draw counts per value, W1 from the two CDFs
-        values = r[starts]
-        cdf = np.cumsum(counts)[:-1] / m
-        gaps = np.diff(values)
-        drawn = np.cumsum(rng.multinomial(rows, counts / m, size=draws)[:, :-1], axis=1) / rows
-        return np.einsum("ij,j->i", np.abs(drawn - cdf), gaps) / norm
-    upper = np.repeat(np.cumsum(counts), counts)  # reference values <= r[i]
-    prefix = np.concatenate(([0.0], np.cumsum(r)))
-    area = (upper * r - prefix[upper]) / m  # A(r[i])
     j = np.arange(1, rows, dtype=np.int64)
     level = j / rows
     cross = (j * m + rows - 1) // rows - 1  # smallest reference position with F >= j / rows
-    q = r[cross]
-    peak = level * q - area[cross]  # h_j(q_j)
+    index_type = np.int32 if m < 2**31 else np.int64
+    blocks = []
+    for start in range(0, draws, _CHUNK_WINDOWS):
+        index = rng.integers(0, m, (min(_CHUNK_WINDOWS, draws - start), rows), dtype=index_type)
+        index.sort(axis=1)
+        blocks.append(index)
+    fixed = np.concatenate((cross, [m - 1]))
+    values, areas = lookup(np.concatenate([fixed, *(b.ravel() for b in blocks)]))
+    q, area_cross = values[: rows - 1], areas[: rows - 1]
+    peak = level * q - area_cross  # h_j(q_j)
     weights = np.zeros(rows)
     weights[:-1] += level
     weights[1:] += level
-    constant = r[-1] - area[-1]
+    constant = values[rows - 1] - areas[rows - 1]
     out = np.empty(draws, dtype=np.float64)
-    index_type = np.int32 if m < 2**31 else np.int64
-    for start in range(0, draws, _CHUNK_WINDOWS):
-        k = min(_CHUNK_WINDOWS, draws - start)
-        index = rng.integers(0, m, (k, rows), dtype=index_type)
-        index.sort(axis=1)
-        x, a = r[index], area[index]
+    offset = rows
+    for n, start in enumerate(range(0, draws, _CHUNK_WINDOWS)):
+        k = blocks[n].shape[0]
+        x = values[offset : offset + k * rows].reshape(k, rows)
+        a = areas[offset : offset + k * rows].reshape(k, rows)
+        offset += k * rows
         lo, hi = x[:, :-1], x[:, 1:]
         h = np.where(q < lo, level * lo - a[:, :-1], np.where(q > hi, level * hi - a[:, 1:], peak))
         linear = np.einsum("ij,j->i", x, weights)
@@ -637,17 +703,38 @@ def calibrate_feature(
         score = evidently.score
     else:
         score = _distance(ref, cur, statistic)
-    rows = min(cur.n, CALIBRATION_MAX_ROWS)
+    rows = null_rows(cur.n)
+    scores = null_scores(ref, statistic, rows, draws)
+    return calibrated_decision(ref.column, statistic, score, scores, ref.n, cur.n, gates, level)
+
+
+def null_rows(n_current: int) -> int:
+    """The window size a feature's null is simulated at."""
+    return min(n_current, CALIBRATION_MAX_ROWS)
+
+
+def calibrated_decision(
+    column: str,
+    statistic: str,
+    score: float,
+    scores: np.ndarray,
+    n_reference: int,
+    n_current: int,
+    gates: GatesSpec,
+    level: float,
+) -> CalibratedFeature:
+    """A feature's calibrated decision from its distance and its null's ascending `scores` (simulated at
+    `null_rows(n_current)` rows): shared by the in-memory and out-of-core gates."""
+    draws, rows = scores.size, null_rows(n_current)
     # The bootstrap's spread is that of a window of `rows` rows against a fixed reference; a clean
     # window of n rows against a reference of m rows spreads as sqrt(1/n + 1/m).
-    scale = math.sqrt(rows * (1.0 / cur.n + 1.0 / ref.n))
-    scores = null_scores(ref, statistic, rows, draws)
+    scale = math.sqrt(rows * (1.0 / n_current + 1.0 / n_reference))
     exceed = int(draws - np.searchsorted(scores, score / scale, side="left"))
     allowed = math.floor(level * (draws + 1) * (1 + 1e-12)) - 1  # p <= level <=> at most this many exceed
     null_threshold = float(scores[draws - 1 - allowed] * scale) if allowed >= 0 else math.inf
     effect = float(gates.drift.feature_threshold)
     return CalibratedFeature(
-        column=ref.column,
+        column=column,
         statistic=statistic,
         score=float(score),
         p_value=(1 + exceed) / (draws + 1),
@@ -655,8 +742,8 @@ def calibrate_feature(
         effect_threshold=effect,
         level=float(level),
         drifted=bool(exceed <= allowed and score >= effect),
-        n_reference=ref.n,
-        n_current=cur.n,
+        n_reference=n_reference,
+        n_current=n_current,
         null_draws=draws,
         null_rows=rows,
     )
@@ -664,22 +751,23 @@ def calibrate_feature(
 
 def _label_counts(labels: pd.Series | ColumnProfile, column: str, side: str) -> tuple[int, int]:
     """(positives, labelled rows) of a 0/1 label; missing labels are dropped."""
-    if isinstance(labels, ColumnProfile):
+    if isinstance(labels, ColumnProfile):  # distinct labels and their counts (a stored or out-of-core profile)
         assert labels.keys is not None and labels.counts is not None
-        values = pd.Series(labels.keys).repeat(labels.counts)
+        values, counts = pd.Series(labels.keys), np.asarray(labels.counts, dtype=np.int64)
     else:
         values = labels.dropna()
+        counts = np.ones(len(values), dtype=np.int64)
     if values.empty:
         raise DriftInputError(f"label {column!r} in {side} data has no values")
     numbers = pd.to_numeric(values, errors="coerce")
     if numbers.isna().any() or not numbers.isin([0, 1]).all():
         raise DriftInputError(f"label {column!r} in {side} data is not binary (0/1)")
-    return int((numbers == 1).sum()), len(numbers)
+    return int(counts[(numbers == 1).to_numpy()].sum()), int(counts.sum())
 
 
 def label_shift(
     reference: pd.Series | ColumnProfile,
-    current: pd.Series,
+    current: pd.Series | ColumnProfile,
     gates: GatesSpec,
     column: str,
     *,
@@ -826,7 +914,14 @@ def label_shift_failure(
 ) -> tuple[dict[str, Any], str | None]:
     """(metrics, failure line or None) of the label check of the task: class balance or label distribution."""
     if task == "classification":
-        shift = label_shift(reference, current, gates, column)
+        return label_check(label_shift(reference, current, gates, column), column)
+    return label_check(regression_label_shift(reference, current, gates, column), column)
+
+
+def label_check(shift: LabelShift | CalibratedFeature, column: str) -> tuple[dict[str, Any], str | None]:
+    """(metrics, failure line or None) of a label check's outcome: a classifier's `label_shift`, a regressor's
+    `regression_label_shift` (shared with `loopform.gates.out_of_core`)."""
+    if isinstance(shift, LabelShift):
         if not shift.shifted:
             return shift.to_dict(), None
         ratio = "none before" if shift.ratio in (None, math.inf) else f"{shift.ratio:.2f}x"
@@ -836,7 +931,7 @@ def label_shift_failure(
             f"p={shift.p_value:.2g} < gates.drift.label_shift_p_value={shift.p_value_threshold}): "
             "the class balance moved (label shift)"
         )
-    moved = regression_label_shift(reference, current, gates, column)
+    moved = shift
     metrics = {**moved.to_dict(), "test": "calibrated normed Wasserstein"}
     if not moved.drifted:
         return metrics, None
@@ -870,7 +965,6 @@ def drift_gate(
     report_path, the HTML report of these statistics (`loopform.gates.report.write_drift_report`) goes
     there: drawn from the sorted columns already computed, so it adds little to the gate's time.
     """
-    max_share = gates.drift.max_drift_share
     columns = list(columns or contract.feature_names)
     kinds = contract.kinds
     label = contract.label if labels else None
@@ -886,8 +980,37 @@ def drift_gate(
             keep_profiles=report_path is not None,
         )
     except DriftInputError as error:
-        metrics = {"drift_share": None, "max_drift_share": max_share, "rows_current": len(current)}
-        return GateResult("drift", False, metrics, [f"cannot compute drift: {error}"])
+        return drift_input_failure(error, gates, len(current))
+    label_metrics: dict[str, Any] | None = None
+    label_failures: list[str] = []
+    labelled = label is not None and label in current.columns and label in reference.columns
+    if labelled and current[label].notna().any():
+        try:
+            ref_labels = reference.columns[label] if isinstance(reference, Profile) else reference[label]
+            label_metrics, failure = label_shift_failure(ref_labels, current[label], gates, label, contract.task)
+        except DriftInputError as error:
+            label_failures.append(f"cannot compare label {label!r}: {error}")
+        else:
+            label_failures += [failure] if failure else []
+    return drift_result(stats, gates, label_metrics, label_failures, report_path)
+
+
+def drift_input_failure(error: DriftInputError, gates: GatesSpec, rows_current: int) -> GateResult:
+    """The drift gate's result when the data cannot be compared."""
+    metrics = {"drift_share": None, "max_drift_share": gates.drift.max_drift_share, "rows_current": rows_current}
+    return GateResult("drift", False, metrics, [f"cannot compute drift: {error}"])
+
+
+def drift_result(
+    stats: DriftStats,
+    gates: GatesSpec,
+    label: dict[str, Any] | None,
+    label_failures: Sequence[str],
+    report_path: Path | None = None,
+) -> GateResult:
+    """The drift gate's decision, metrics and report from calibrated statistics and the label check's outcome
+    (shared by `drift_gate` and `loopform.gates.out_of_core`)."""
+    max_share = gates.drift.max_drift_share
     calibrated = stats.calibrated
     assert calibrated is not None
     metrics: dict[str, Any] = {
@@ -910,7 +1033,7 @@ def drift_gate(
             name: {**f.to_dict(), "calibrated": calibrated.features[name].to_dict()}
             for name, f in stats.features.items()
         },
-        "label": None,
+        "label": label,
     }
     failures: list[str] = []
     if calibrated.detected:
@@ -924,15 +1047,7 @@ def drift_gate(
             f"features at {stats.rows_current} rows: {detail}) is above gates.drift.max_drift_share={max_share} "
             f"(decision calibrated to gates.drift.false_alarm_rate={gates.drift.false_alarm_rate})"
         )
-    labelled = label is not None and label in current.columns and label in reference.columns
-    if labelled and current[label].notna().any():
-        try:
-            ref_labels = reference.columns[label] if isinstance(reference, Profile) else reference[label]
-            metrics["label"], failure = label_shift_failure(ref_labels, current[label], gates, label, contract.task)
-        except DriftInputError as error:
-            failures.append(f"cannot compare label {label!r}: {error}")
-        else:
-            failures += [failure] if failure else []
+    failures += label_failures
     report = None
     if report_path is not None:
         from loopform.gates.report import write_drift_report

@@ -188,13 +188,26 @@ def ood_gate(
             outside[unseen] = series.iloc[unseen].notna().to_numpy()  # missing is not OOD (checked where unseen)
         per_feature[column] = float(outside.mean())
         flagged |= outside
-    rate = float(flagged.mean())
-    metrics.update(ood_rate=rate, ood_rows=int(flagged.sum()), per_feature=per_feature, envelope=envelope.to_dict())
+    return ood_decision(int(flagged.sum()), len(current), per_feature, envelope, gates, metrics)
+
+
+def ood_decision(
+    flagged: int,
+    rows: int,
+    per_feature: dict[str, float],
+    envelope: Envelope,
+    gates: GatesSpec,
+    metrics: dict[str, Any],
+) -> GateResult:
+    """The gate's verdict from its counts: in memory (a row mask) and out of core (SQL counts) decide alike."""
+    rate = flagged / rows
+    metrics.update(ood_rate=rate, ood_rows=flagged, per_feature=per_feature, envelope=envelope.to_dict())
+    failures = []
     if rate > gates.max_ood_rate:
         worst = sorted(per_feature.items(), key=lambda kv: -kv[1])[:3]
         detail = ", ".join(f"{c} {s:.2%}" for c, s in worst if s > 0)
         failures.append(
-            f"{rate:.2%} of rows ({int(flagged.sum())} of {len(current)}) are out of distribution, above "
+            f"{rate:.2%} of rows ({flagged} of {rows}) are out of distribution, above "
             f"gates.max_ood_rate={gates.max_ood_rate} (most: {detail})"
         )
     return GateResult("ood", not failures, metrics, failures)

@@ -44,6 +44,11 @@ DRIFT_NOTE = (
     "tested to equal Evidently's DataDriftPreset. The distributions are drawn from the same sorted columns "
     "(all rows, no sample). Evidently's own report is not run: it would recompute everything on the full data."
 )
+#: The out-of-core gate (loopform.gates.out_of_core) sorts its columns on disk and keeps none in memory.
+DRIFT_NOTE_OUT_OF_CORE = DRIFT_NOTE.split(" The distributions")[0] + (
+    " Computed out of core (DuckDB over the window's Parquet): the columns were sorted on disk, so this report "
+    "has no distribution pictures."
+)
 SUMMARY_NOTE = (
     "Computed by loopform over all rows, without sorting a column (loopform.gates.report): missing share, "
     "range, mean, 1% and 99% quantiles and histogram of numeric columns, the commonest values of categorical "
@@ -260,7 +265,7 @@ def write_drift_report(stats: DriftStats, path: Path, label: Mapping[str, Any] |
             f"missing and infinite ones.</p>{_legend(True)}{_profile_picture(ref, cur)}</section>"
         )
     title = f"Drift report: {len(stats.features)} features"
-    return _write(path, _page(title, DRIFT_NOTE, sections))
+    return _write(path, _page(title, DRIFT_NOTE if stats.profiles else DRIFT_NOTE_OUT_OF_CORE, sections))
 
 
 # --- the data summary -------------------------------------------------------------------------------

@@ -81,6 +81,26 @@ def _label_problem(label: pd.Series, contract: Contract) -> str | None:
     return None
 
 
+@dataclass
+class TableFacts:
+    """What the validation gate decides on, measured over a whole data set: pandas measures it in memory
+    (`table_facts`), `loopform.gates.out_of_core` with DuckDB aggregates over Parquet. One decision for both
+    (`validation_result`)."""
+
+    rows: int
+    columns: list[str]
+    type_errors: dict[str, str]
+    """column -> why its type does not fit the contract (entity, timestamp, features, label)."""
+    missing_count: dict[str, int]
+    """Missing values (null, NaN) of each checked column present: the event id and the required columns."""
+    out_of_range_count: dict[str, int]
+    """Present values outside the range or categories of each feature present with a fitting type."""
+    label_summary: dict[str, float] = field(default_factory=dict)
+    """label_rate (classifier) or label_mean (regressor) over the labelled rows, when the label fits."""
+    duplicate_ids: int | None = None
+    """Rows whose event id repeats an earlier row's (None: no event id column)."""
+
+
 def validate_data(
     df: pd.DataFrame,
     gates: GatesSpec,
@@ -96,20 +116,23 @@ def validate_data(
     feature with more than gates.max_out_of_range_share of its present values outside its range or
     category list, or duplicate event ids.
     """
-    features = contract.features
+    if len(df) == 0:
+        return validation_result(TableFacts(0, [str(c) for c in df.columns], {}, {}, {}), gates, contract)
+    return validation_result(table_facts(df, contract, require_label=require_label), gates, contract, require_label)
+
+
+def required_columns(contract: Contract, require_label: bool) -> list[str]:
+    """The columns a data set must have: entity, event time, every feature, and the label when required."""
+    features = [f.name for f in contract.features]
+    return [contract.entity, contract.timestamp, *features] + ([contract.label] if require_label else [])
+
+
+def table_facts(df: pd.DataFrame, contract: Contract, *, require_label: bool = False) -> TableFacts:
+    """The validation gate's measurements of an in-memory data set."""
     entity, timestamp, event_id, label = contract.entity, contract.timestamp, contract.id, contract.label
-    failures: list[str] = []
-    rows = len(df)
-    metrics: dict[str, Any] = {"rows": rows, "columns": [str(c) for c in df.columns]}
-    if rows == 0:
-        return GateResult("validation", False, metrics, ["data set is empty"])
-
-    required = [entity, timestamp, *(f.name for f in features)] + ([label] if require_label else [])
-    missing_columns = [c for c in required if c not in df.columns]
-    metrics["missing_columns"] = missing_columns
-    failures += [f"missing column {c!r}" for c in missing_columns]
-
-    type_errors: dict[str, str] = {}
+    required = required_columns(contract, require_label)
+    facts = TableFacts(len(df), [str(c) for c in df.columns], {}, {}, {})
+    type_errors = facts.type_errors
     if entity in df.columns and not (
         pd.api.types.is_integer_dtype(df[entity].dtype) and not pd.api.types.is_bool_dtype(df[entity].dtype)
     ):
@@ -118,7 +141,7 @@ def validate_data(
         dtype = df[timestamp].dtype
         if not isinstance(dtype, pd.DatetimeTZDtype):
             type_errors[timestamp] = f"has dtype {dtype}, expected timezone-aware datetimes (UTC)"
-    for feature in features:
+    for feature in contract.features:
         if feature.name in df.columns:
             problem = _dtype_problem(df[feature.name], feature)
             if problem:
@@ -128,13 +151,39 @@ def validate_data(
         if problem:
             type_errors[label] = problem
         elif df[label].notna().any():
-            metrics["label_rate" if contract.classification else "label_mean"] = float(df[label].mean())
-    metrics["type_errors"] = type_errors
-    failures += [f"column {c!r} {problem}" for c, problem in type_errors.items()]
+            facts.label_summary["label_rate" if contract.classification else "label_mean"] = float(df[label].mean())
 
     checked = [c for c in (event_id, *required) if c in df.columns]
-    missing_count = {c: int(np.count_nonzero(df[c].isna().to_numpy())) for c in checked}
-    missing_share = {c: count / rows for c, count in missing_count.items()}
+    facts.missing_count.update({c: int(np.count_nonzero(df[c].isna().to_numpy())) for c in checked})
+    for feature in contract.features:
+        if feature.name in df.columns and feature.name not in type_errors:
+            facts.out_of_range_count[feature.name] = _out_of_range_share(
+                df[feature.name], feature, facts.missing_count[feature.name]
+            )[1]
+    if event_id in df.columns:
+        facts.duplicate_ids = int(df[event_id].duplicated().sum())
+    return facts
+
+
+def validation_result(
+    facts: TableFacts, gates: GatesSpec, contract: Contract, require_label: bool = False
+) -> GateResult:
+    """The validation gate's decision, metrics and failure lines from a data set's measurements."""
+    failures: list[str] = []
+    rows = facts.rows
+    metrics: dict[str, Any] = {"rows": rows, "columns": list(facts.columns)}
+    if rows == 0:
+        return GateResult("validation", False, metrics, ["data set is empty"])
+
+    missing_columns = [c for c in required_columns(contract, require_label) if c not in facts.columns]
+    metrics["missing_columns"] = missing_columns
+    failures += [f"missing column {c!r}" for c in missing_columns]
+
+    metrics.update(facts.label_summary)
+    metrics["type_errors"] = dict(facts.type_errors)
+    failures += [f"column {c!r} {problem}" for c, problem in facts.type_errors.items()]
+
+    missing_share = {c: count / rows for c, count in facts.missing_count.items()}
     metrics["missing_share"] = missing_share
     metrics["worst_missing_share"] = max(missing_share.values(), default=0.0)
     for column, share in missing_share.items():
@@ -146,30 +195,32 @@ def validate_data(
 
     out_of_range: dict[str, float] = {}
     out_of_range_count: dict[str, int] = {}
-    for feature in features:
-        if feature.name in df.columns and feature.name not in type_errors:
-            share, count = _out_of_range_share(df[feature.name], feature, missing_count[feature.name])
-            out_of_range[feature.name] = share
-            out_of_range_count[feature.name] = count
-            if share > gates.max_out_of_range_share:
-                allowed = (
-                    f"categories {', '.join(feature.categories or ())}"
-                    if feature.kind == "categorical"
-                    else f"range [{feature.min:g}, {feature.max:g}]"
-                )
-                failures.append(
-                    f"column {feature.name!r} has {share:.2%} of values ({count}) outside its {allowed}, above "
-                    f"gates.max_out_of_range_share={gates.max_out_of_range_share}"
-                )
+    for feature in contract.features:
+        if feature.name not in facts.out_of_range_count:
+            continue
+        count = facts.out_of_range_count[feature.name]
+        present = rows - facts.missing_count[feature.name]
+        share = count / present if present else 0.0
+        out_of_range[feature.name] = share
+        out_of_range_count[feature.name] = count
+        if share > gates.max_out_of_range_share:
+            allowed = (
+                f"categories {', '.join(feature.categories or ())}"
+                if feature.kind == "categorical"
+                else f"range [{feature.min:g}, {feature.max:g}]"
+            )
+            failures.append(
+                f"column {feature.name!r} has {share:.2%} of values ({count}) outside its {allowed}, above "
+                f"gates.max_out_of_range_share={gates.max_out_of_range_share}"
+            )
     metrics["out_of_range_share"] = out_of_range
     metrics["out_of_range_count"] = out_of_range_count
     metrics["worst_out_of_range_share"] = max(out_of_range.values(), default=0.0)
 
-    if event_id in df.columns:
-        duplicates = int(df[event_id].duplicated().sum())
-        metrics["duplicate_ids"] = duplicates
-        if duplicates:
-            failures.append(f"column {event_id!r} has {duplicates} duplicate event ids")
+    if facts.duplicate_ids is not None:
+        metrics["duplicate_ids"] = facts.duplicate_ids
+        if facts.duplicate_ids:
+            failures.append(f"column {contract.id!r} has {facts.duplicate_ids} duplicate event ids")
     return GateResult("validation", not failures, metrics, failures)
 
 

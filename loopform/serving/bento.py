@@ -16,6 +16,10 @@ builds like one written in the bento's module. APIs (JSON; schemas in `loopform.
                            entity-scope features come from the online store, never from the request, and the
                            event's own fields never from the store (that would score the entity's previous event).
 
+Every API route needs a caller's bearer token (`loopform.serving.auth`, a 401 before anything is read), bodies
+are limited before parsing (`loopform.serving.limits`, 413/415), and paths the service does not serve reach
+BentoML's metrics as one label (`loopform.serving.paths`); health, /metrics and the OpenAPI document stay open.
+
 Configuration comes from the environment (`loopform.serving.release`). Malformed input is a 400 from the
 typed schema (BentoML answers pydantic errors itself), an unknown entity a 404, a missing feature store a
 503; the server keeps serving. APIs share logic through the plain `Scorer`: one API calling another would go
@@ -26,9 +30,14 @@ derives the batch output schema from the return annotation, a type built at run 
 from typing import Any
 
 import bentoml
-from bentoml.exceptions import NotFound, ServiceUnavailable
+from bentoml.exceptions import ServiceUnavailable
+from starlette.responses import JSONResponse
 
 from loopform.contract import Contract
+from loopform.serving.auth import BearerAuth
+from loopform.serving.limits import BodyLimit
+from loopform.serving.openapi import documented
+from loopform.serving.paths import FoldUnknownPaths, known_paths
 from loopform.serving.release import (
     ENV_FEAST_CONFIG,
     ENV_FEAST_REPO,
@@ -38,6 +47,25 @@ from loopform.serving.release import (
 )
 from loopform.serving.schemas import class_prefix, entity_api, schemas
 from loopform.serving.scorer import Scorer, UnknownEntity, torch_threads
+
+
+class ModelService(bentoml.Service):  # type: ignore[misc,type-arg]
+    """BentoML's service with two changes: its app folds unknown paths into one metrics label (`serving.paths`), and
+    its OpenAPI document lists the errors and the token the service answers with (`serving.openapi`)."""
+
+    __slots__ = ()
+
+    def to_asgi(self, is_main: bool = True) -> Any:
+        app = super().to_asgi(is_main)
+        return FoldUnknownPaths(app, known_paths(app))
+
+    @property
+    def openapi_spec(self) -> Any:
+        from bentoml._internal.service.openapi.specification import OpenAPISpecification
+        from bentoml._internal.utils.cattr import bentoml_cattr
+
+        spec = documented(super().openapi_spec.asdict(), [f"/{name}" for name in self.apis])
+        return bentoml_cattr.structure(spec, OpenAPISpecification)
 
 
 def model_service(contract: Contract, *, timeout: float = 30) -> Any:
@@ -79,12 +107,14 @@ def model_service(contract: Contract, *, timeout: float = 30) -> Any:
     def score_by_entity(self: Any, **event: Any) -> response:  # type: ignore[valid-type]
         if self.scorer.online is None:
             raise ServiceUnavailable(
-                f"scoring by {contract.entity} needs the online feature store: set {ENV_FEAST_REPO} or {ENV_FEAST_CONFIG}"
+                f"scoring by {contract.entity} needs the online feature store: "
+                f"set {ENV_FEAST_REPO} or {ENV_FEAST_CONFIG}"
             )
         try:
             return response(**self.scorer.score_entity(event, by_entity_name))
-        except UnknownEntity as error:
-            raise NotFound(str(error)) from None
+        except UnknownEntity as error:  # BentoML's NotFound would answer a list: the documented body names the field
+            problem = {"loc": [contract.entity], "msg": str(error), "type": "unknown_entity"}
+            return JSONResponse({"error": str(error), "detail": [problem]}, status_code=404)
 
     score_by_entity.__name__ = score_by_entity.__qualname__ = by_entity_name
     score_by_entity.__doc__ = (
@@ -95,8 +125,9 @@ def model_service(contract: Contract, *, timeout: float = 30) -> Any:
     Service.__name__ = Service.__qualname__ = f"{class_prefix(contract.model)}Service"
     Service.__doc__ = contract.description or f"Scores {contract.model} events with the released model."
     routes = [f"/{name}" for name in ("predict", "predict_batch", by_entity_name)]
-    return bentoml.service(
+    service = bentoml.service(
         name=contract.model,
+        service_class=ModelService,
         traffic={"timeout": timeout},
         # Every answer is counted by the Prometheus metrics and kept, with its request id, in the payload log, and
         # loopform configures no trace exporter: an access-log line and an unexported span per request only cost
@@ -104,3 +135,7 @@ def model_service(contract: Contract, *, timeout: float = 30) -> Any:
         logging={"access": {"enabled": False}},
         tracing={"excluded_urls": routes},
     )(Service)
+    # Added in this order, authentication runs first: an unknown caller's body is never read.
+    service.add_asgi_middleware(BearerAuth, protected=routes)
+    service.add_asgi_middleware(BodyLimit, json_paths=routes)
+    return service

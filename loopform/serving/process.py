@@ -40,12 +40,19 @@ class BentoServer:
         return f"http://{self.host}:{self.port}"
 
     def start(self, ready_timeout: float = 180.0) -> BentoServer:
-        """Start the server and return once /readyz answers 200 (or raise with the server's log tail)."""
+        """Start the server and return once /readyz answers 200 (or raise with the server's log tail).
+
+        A service without callers' tokens (and not explicitly anonymous) is refused here, at once: its workers
+        would fail their start-up again and again and the server would never be ready.
+        """
         import subprocess
         import sys
 
         import httpx
 
+        from loopform.serving.auth import describe
+
+        describe(self.env)
         command = [
             sys.executable, "-m", "bentoml", "serve", self.service,
             "--host", self.host, "--port", str(self.port), "--working-dir", self.working_dir,

@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 from loopform.contract import Contract
 from loopform.features import AS_OF
+from loopform.payloads import CALLER
+from loopform.serving.auth import current_caller
 from loopform.serving.metrics import metrics
 from loopform.serving.release import ENV_FEAST_CONFIG, ENV_FEAST_REPO, Release
 
@@ -158,6 +160,7 @@ class Scorer:
         now = datetime.now(UTC)
         answers = []
         records = []
+        caller = current_caller()
         contexts = contexts or [{} for _ in requests]
         for request, row, context, answer in zip(requests, vectors, contexts, fields, strict=True):
             request_id = uuid.uuid4().hex
@@ -169,6 +172,7 @@ class Scorer:
                     "time": now,
                     "request_id": request_id,
                     "api": api,
+                    CALLER: caller,
                     contract.id: request.get(contract.id),
                     contract.entity: request.get(contract.entity),
                     **{name: _plain(row[name]) for name in self.features},
