@@ -295,6 +295,9 @@ def render_components(
     settings.SETTINGS.outputs.clear()
     settings.set_root_resource(None)
     pulumi.runtime.set_all_config(dict(config or {}))
+    # The SDK makes its futures on this thread's event loop; a caller that ran `asyncio.run` before (which leaves
+    # none set) would otherwise make registration fail with "There is no current event loop".
+    _ensure_event_loop()
     set_mocks(mocks, project=project, stack=stack, preview=False, monitor=monitor)
     with _collector_paused(), _lighter_sdk():
         pulumi.runtime.test(build)()

@@ -321,3 +321,18 @@ def test_plain_inputs_agree_with_the_sdk() -> None:
         plain, sdk = _plain_inputs(case), rpc.deserialize_properties(case)
         assert plain == sdk and repr(plain) == repr(sdk)
     assert "none" not in _plain_inputs(struct) and _plain_inputs(struct)["list"][1] is None
+
+
+def test_render_works_after_asyncio_run_left_no_event_loop() -> None:
+    """`asyncio.run` (an ASGI test client, a server test) leaves the main thread without a current event loop;
+    the SDK's registration needs one, so render sets it up itself."""
+    import asyncio
+
+    import pulumi
+
+    async def nothing() -> None:
+        return None
+
+    asyncio.run(nothing())
+    resources = render.render_components(lambda: pulumi.ComponentResource("test:index:Thing", "thing"))
+    assert [r.name for r in resources] == ["thing"]
