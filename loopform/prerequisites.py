@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from loopform import identity
 from loopform.spec import (
@@ -273,7 +273,7 @@ def _payload_bucket_policy(spec: PlatformSpec) -> Iterable[Prerequisite]:
         return
     bucket, _, prefix = uri.removeprefix("s3://").partition("/")
     days = spec.monitoring.payload_retention_days
-    rule = {
+    lifecycle = {
         "Rules": [
             {
                 "ID": "loopform-payload-retention",
@@ -283,18 +283,25 @@ def _payload_bucket_policy(spec: PlatformSpec) -> Iterable[Prerequisite]:
             }
         ]
     }
+    encryption = {
+        "Rules": [{"ApplyServerSideEncryptionByDefault": {"SSEAlgorithm": "aws:kms"}, "BucketKeyEnabled": True}]
+    }
     yield Prerequisite(
         "bucket-policy",
         f"{bucket}/{prefix}",
         why=f"the payload log (entity ids, amounts) expires after {days} days (monitoring.payload_retention_days), "
         "is encrypted with a KMS key and is never public",
         fix=f"aws s3api put-bucket-lifecycle-configuration --bucket {bucket} --lifecycle-configuration "
-        f"'{json.dumps(rule, separators=(',', ':'))}' && aws s3api put-bucket-encryption --bucket {bucket} "
-        "--server-side-encryption-configuration "
-        '\'{"Rules":[{"ApplyServerSideEncryptionByDefault":{"SSEAlgorithm":"aws:kms"},"BucketKeyEnabled":true}]}\' '
+        f"'{_compact(lifecycle)}' && aws s3api put-bucket-encryption --bucket {bucket} "
+        f"--server-side-encryption-configuration '{_compact(encryption)}' "
         f"&& aws s3api put-public-access-block --bucket {bucket} --public-access-block-configuration "
         "BlockPublicAcls=true,IgnorePublicAcls=true,BlockPublicPolicy=true,RestrictPublicBuckets=true",
     )
+
+
+def _compact(document: dict[str, Any]) -> str:
+    """A JSON argument of an `aws` command, on one line."""
+    return json.dumps(document, separators=(",", ":"))
 
 
 def _karpenter(spec: PlatformSpec) -> Iterable[Prerequisite]:

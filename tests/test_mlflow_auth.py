@@ -19,16 +19,6 @@ import requests
 
 from components import registry
 
-try:
-    import flask_wtf  # noqa: F401  (the auth app's CSRF protection: mlflow[auth])
-
-    HAVE_AUTH_APP = True
-except ImportError:
-    HAVE_AUTH_APP = False
-
-needs_auth_app = pytest.mark.skipif(
-    not HAVE_AUTH_APP and not os.environ.get("CI"), reason="Flask-WTF missing (pip install 'mlflow[auth]')"
-)
 slow = pytest.mark.slow
 
 PASSWORDS = {
@@ -69,8 +59,6 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    if not HAVE_AUTH_APP:
-        pytest.fail("Flask-WTF is missing: the basic-auth app cannot start")
     root = tmp_path_factory.mktemp("mlflow-auth")
     tracking = f"sqlite:///{root / 'mlflow.db'}"
     config = root / registry.AUTH_CONFIG_KEY
@@ -160,7 +148,6 @@ print(version.version)
 
 
 @slow
-@needs_auth_app
 def test_anonymous_writes_are_refused(server: Server, version: str) -> None:
     experiment = requests.get(
         server.api("experiments/get-by-name"), params={"experiment_name": "training"}, auth=_as(registry.SERVING_USER)
@@ -183,7 +170,6 @@ def test_anonymous_writes_are_refused(server: Server, version: str) -> None:
 
 
 @slow
-@needs_auth_app
 def test_serving_reads_but_cannot_write(server: Server, version: str) -> None:
     serving = _as(registry.SERVING_USER)
     read = requests.get(server.api("model-versions/get"), params={"name": MODEL, "version": version}, auth=serving)
@@ -208,7 +194,6 @@ def test_serving_reads_but_cannot_write(server: Server, version: str) -> None:
 
 
 @slow
-@needs_auth_app
 def test_a_wrong_password_is_refused(server: Server, version: str) -> None:
     response = requests.get(
         server.api("model-versions/get"),
@@ -219,7 +204,6 @@ def test_a_wrong_password_is_refused(server: Server, version: str) -> None:
 
 
 @slow
-@needs_auth_app
 def test_promotion_moves_aliases_and_no_writer_administers_users(server: Server, version: str) -> None:
     promotion = _as(registry.PROMOTION_USER)
     for body in ({"name": MODEL, "alias": "production", "version": version},):
@@ -249,7 +233,6 @@ def test_promotion_moves_aliases_and_no_writer_administers_users(server: Server,
 
 
 @slow
-@needs_auth_app
 def test_the_bootstrap_is_rerun_safe_and_rotates_passwords(server: Server, version: str) -> None:
     assert all(line.endswith(": current") for line in _bootstrap(server.config, server.users))
     rotated = {**PASSWORDS, registry.SERVING_USER: "serving-secret-2"}
@@ -267,7 +250,6 @@ def test_the_bootstrap_is_rerun_safe_and_rotates_passwords(server: Server, versi
 
 
 @slow
-@needs_auth_app
 def test_promote_says_which_identity_it_needs(server: Server, version: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """`loopform promote` without the promotion user's credentials names the variables and the Secret to read."""
     from mlflow.exceptions import MlflowException

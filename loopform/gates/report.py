@@ -38,14 +38,17 @@ TAIL = 0.005  # histograms span the [TAIL, 1 - TAIL] quantiles of both sides; th
 QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)  # of the drift report's sorted columns: free to read
 SUMMARY_TAIL = 0.01  # the summary's quantiles: its tails, found without sorting (loopform.gates.ood.tail_quantiles)
 REFERENCE_COLOUR, CURRENT_COLOUR = "#8a9bb0", "#e8743b"
-DRIFT_NOTE = (
+_DRIFT_NUMBERS = (
     "Every number and decision in this report is loopform's exact statistic over all rows "
     "(loopform.gates.drift): Evidently 0.7.23's default method per column with its thresholds and comparisons, "
-    "tested to equal Evidently's DataDriftPreset. The distributions are drawn from the same sorted columns "
-    "(all rows, no sample). Evidently's own report is not run: it would recompute everything on the full data."
+    "tested to equal Evidently's DataDriftPreset."
+)
+DRIFT_NOTE = _DRIFT_NUMBERS + (
+    " The distributions are drawn from the same sorted columns (all rows, no sample). Evidently's own report is "
+    "not run: it would recompute everything on the full data."
 )
 #: The out-of-core gate (loopform.gates.out_of_core) sorts its columns on disk and keeps none in memory.
-DRIFT_NOTE_OUT_OF_CORE = DRIFT_NOTE.split(" The distributions")[0] + (
+DRIFT_NOTE_OUT_OF_CORE = _DRIFT_NUMBERS + (
     " Computed out of core (DuckDB over the window's Parquet): the columns were sorted on disk, so this report "
     "has no distribution pictures."
 )
