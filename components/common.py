@@ -11,6 +11,7 @@ from typing import Any
 
 import pulumi
 
+from loopform.image_ref import ImageRef
 from loopform.spec import Resources
 
 PART_OF = "loopform"
@@ -68,6 +69,17 @@ FEAST_ENV_EXCEPTION = (
 def image(reference: str) -> dict[str, str]:
     """A container's image fields: a tag can be moved, so it is pulled every time; a digest cannot."""
     return {"image": reference} if "@sha256:" in reference else {"image": reference, "imagePullPolicy": "Always"}
+
+
+def chart_image(reference: str, *, registry: bool = False) -> dict[str, str]:
+    """A chart's `image` values block for `reference`: repository (with the registry apart where the chart takes it
+    apart) and tag, a digest following the tag (`v1.2.3@sha256:...`); charts join them as `repository:tag`."""
+    ref = ImageRef.parse(reference)
+    tag = (ref.tag or "") + (f"@{ref.digest}" if ref.digest else "")
+    if registry and "/" in ref.repository:
+        host, repository = ref.repository.split("/", 1)
+        return {"registry": host, "repository": repository, "tag": tag}
+    return {"repository": ref.repository, "tag": tag}
 
 
 def checkov_skips(*exceptions: tuple[str, str]) -> dict[str, str]:

@@ -29,7 +29,6 @@ from components.orchestrator import chart_verification
 from loopform.spec import GitOpsSpec, Namespaces, RetryPolicy
 
 ARGO_HELM_REPO = "https://argoproj.github.io/argo-helm"
-ARGOCD_IMAGE_REPOSITORY = "quay.io/argoproj/argocd"
 IN_CLUSTER = "https://kubernetes.default.svc"
 REDIS_SECRET = "argocd-redis"
 #: The key of `argocd-redis` the chart's pods read (`argocd admin redis-initial-password` writes the same).
@@ -50,7 +49,7 @@ SERVICE_KINDS: tuple[tuple[str, str], ...] = (
 
 #: Argo CD image of the default chart version (argo-cd chart 10.1.3 ships v3.4.5; v3.4.9 is that line's latest
 #: patch). Not 2.14: past its support, and affected by CVE-2026-45738, fixed only in 3.x (loopform/advisories.py).
-DEFAULT_ARGOCD_VERSION = "v3.4.9"
+DEFAULT_ARGOCD_IMAGE = GitOpsSpec().argocd_image
 
 
 def project_name(environment: str) -> str:
@@ -67,7 +66,7 @@ def application_path(spec: GitOpsSpec, environment: str) -> str:
 
 
 def argocd_values(
-    argocd_version: str,
+    argocd_image: str,
     install_crds: bool = True,
     gpg_keys: Mapping[str, str] | None = None,
     redis_password_checksum: pulumi.Input[str] = "",
@@ -81,7 +80,8 @@ def argocd_values(
         # The chart's own NetworkPolicies (one per component) and a default deny of ingress: no pod of another
         # namespace reaches the repo-server or the Redis cache (components/network.py adds egress rules).
         "global": {
-            "image": {"repository": ARGOCD_IMAGE_REPOSITORY, "tag": argocd_version},
+            # Every component's image; pinned, the digest follows the tag, which the chart appends to the repository.
+            "image": common.chart_image(argocd_image),
             "networkPolicy": {"create": True, "defaultDenyIngress": True},
             # Every Argo CD pod reads the Redis password at start: a new one restarts them all together.
             "podAnnotations": {REDIS_PASSWORD_CHECKSUM: redis_password_checksum},
@@ -156,8 +156,8 @@ class GitOpsArgs:
     """Common labels added to every object."""
     redis_password: pulumi.Input[str]
     """Password of Argo CD's Redis cache (the `argocd-redis` Secret's `auth`); rotating it restarts Argo CD."""
-    argocd_version: str = DEFAULT_ARGOCD_VERSION
-    """Argo CD image tag of every Argo CD component."""
+    argocd_image: str = DEFAULT_ARGOCD_IMAGE
+    """Argo CD image of every Argo CD component (repository:tag, with its digest where pinned)."""
     sync_retry: RetryPolicy = field(
         default_factory=lambda: RetryPolicy(limit=5, backoff="10s", factor=2, max_backoff="3m")
     )
@@ -202,7 +202,7 @@ class GitOps(pulumi.ComponentResource):
                 namespace=namespace,
                 repository_opts=RepositoryOptsArgs(repo=ARGO_HELM_REPO),
                 values=argocd_values(
-                    args.argocd_version,
+                    args.argocd_image,
                     args.install_crds,
                     args.gpg_keys,
                     secrets.checksum(args.redis_password, "argocd-redis"),

@@ -25,7 +25,6 @@ from loopform.identity import MONITOR_ACCOUNT
 from loopform.spec import PlatformSpec, Resources
 
 PUSHGATEWAY = "loopform-pushgateway"
-PUSHGATEWAY_IMAGE = "prom/pushgateway:v1.11.1"
 PUSHGATEWAY_PORT = 9091
 PUSHGATEWAY_UID = 65534  # `nobody`, the user the upstream image runs as
 MONITOR_UID = common.IMAGE_UID  # the user images/pipeline/Dockerfile runs as
@@ -51,6 +50,8 @@ class PushgatewayArgs:
 
     namespace: str
     """spec.cluster.namespaces.monitoring."""
+    image: str
+    """spec.monitoring.pushgateway_image (pinned by the stack's digest lock)."""
     labels: dict[str, str] = field(default_factory=dict)
     prometheus_release: str | None = None
     """`release` label of its ServiceMonitor; None (no Prometheus Operator): scraped by annotations only."""
@@ -59,11 +60,11 @@ class PushgatewayArgs:
 def pushgateway_manifests(args: PushgatewayArgs) -> list[dict[str, Any]]:
     """Deployment and Service of the Pushgateway, and its ServiceMonitor with the Prometheus Operator."""
     object_labels = common.labels("pushgateway", PUSHGATEWAY, args.labels)
-    meta = common.metadata(PUSHGATEWAY, args.namespace, object_labels, common.workload_skips([PUSHGATEWAY_IMAGE]))
+    meta = common.metadata(PUSHGATEWAY, args.namespace, object_labels, common.workload_skips([args.image]))
     selector = common.selector("pushgateway", PUSHGATEWAY)
     container = {
         "name": "pushgateway",
-        **common.image(PUSHGATEWAY_IMAGE),
+        **common.image(args.image),
         "ports": [{"name": "http", "containerPort": PUSHGATEWAY_PORT}],
         "readinessProbe": common.http_probe("/-/ready", "http"),
         "livenessProbe": common.http_probe("/-/healthy", "http", period=20),

@@ -47,7 +47,10 @@ RESTRICTED_POD = {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefau
 
 
 def argo_workflows_values(
-    spec: OrchestratorSpec, prometheus_release: str | None, install_crds: bool = True
+    spec: OrchestratorSpec,
+    prometheus_release: str | None,
+    install_crds: bool = True,
+    images: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """argo-workflows chart values built from the spec.
 
@@ -59,12 +62,16 @@ def argo_workflows_values(
     builds no chart for v3.7.12 and later, whose fixes `templateReferencing: Strict` needs
     (loopform/advisories.py). A patch release keeps the chart's CRDs, flags and config keys, so the
     chart fits it; chart 1.x would mean Argo Workflows v4, a major version (docs/hardening.md).
+
+    `images` (controller, server, executor; default `spec.argo_images`) are set block by block, so each
+    runs by its digest where the stack's lock pins it and the policy pack sees every one.
     """
+    images = images if images is not None else spec.argo_images
     service_monitor: dict[str, Any] = {"enabled": prometheus_release is not None}
     if prometheus_release is not None:
         service_monitor["additionalLabels"] = {"release": prometheus_release}
     return {
-        # Controller, server and executor images (each defaults to images.tag).
+        # The version the chart's labels name; the images below run it.
         "images": {"tag": spec.argo_workflows_version},
         # Only the stack with cluster.shared_addons installs the CRDs. keep false: with `keep` the chart marks
         # them helm.sh/resource-policy: keep, Chart v4 retains them on destroy, and the next `up` then fails
@@ -80,13 +87,19 @@ def argo_workflows_values(
             "serviceMonitor": service_monitor,
             # With the chart's container settings, the pod meets the namespace's `restricted` Pod Security.
             "podSecurityContext": RESTRICTED_POD,
+            "image": common.chart_image(images["controller"], registry=True),
         },
-        "server": {"clusterWorkflowTemplates": {"enabled": False}, "podSecurityContext": RESTRICTED_POD},
+        "server": {
+            "clusterWorkflowTemplates": {"enabled": False},
+            "podSecurityContext": RESTRICTED_POD,
+            "image": common.chart_image(images["server"], registry=True),
+        },
         # The chart's workflow ServiceAccount and Role are replaced by the runner below.
         "workflow": {"serviceAccount": {"create": False}, "rbac": {"create": False}},
         # The controller adds these containers to every step pod: hardened like the steps (the pod-level
         # non-root user and seccomp profile come from the WorkflowTemplate), so the pods meet `restricted`.
         "executor": {
+            "image": common.chart_image(images["executor"], registry=True),
             "resources": EXECUTOR_RESOURCES,
             "securityContext": common.container_security(read_only_root=False),
         },
@@ -171,6 +184,9 @@ class OrchestratorArgs:
     """`release` label for the controller's ServiceMonitor; None (no Prometheus Operator) installs none."""
     install_crds: bool = True
     """Install the Argo Workflows CRDs (cluster.shared_addons: one stack per cluster does)."""
+    argo_images: Mapping[str, str] | None = None
+    """Controller, server and executor images as they run (the stack's digest lock applied); None:
+    `spec.argo_images`."""
 
 
 class Orchestrator(pulumi.ComponentResource):
@@ -205,7 +221,7 @@ class Orchestrator(pulumi.ComponentResource):
                 version=spec.chart_version,
                 namespace=namespace,
                 repository_opts=RepositoryOptsArgs(repo=ARGO_HELM_REPO),
-                values=argo_workflows_values(spec, args.prometheus_release, args.install_crds),
+                values=argo_workflows_values(spec, args.prometheus_release, args.install_crds, args.argo_images),
                 **chart_verification(spec.chart_keyring),
             ),
             opts=common.child(self),

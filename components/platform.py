@@ -310,6 +310,7 @@ class Platform(pulumi.ComponentResource):
                 runner_annotations=identity.account_annotations(spec, "pipelines"),
                 prometheus_release=prometheus_release,
                 install_crds=cluster.shared_addons,
+                argo_images={role: spec.pinned(image) for role, image in spec.orchestrator.argo_images.items()},
             ),
             # Pipelines train against the registry and the feature store: both must be up first.
             common.child(
@@ -322,7 +323,12 @@ class Platform(pulumi.ComponentResource):
         monitoring_ns = cluster.namespaces.monitoring
         pushgateway = Pushgateway(
             f"{name}-pushgateway",
-            PushgatewayArgs(namespace=monitoring_ns, labels=labels, prometheus_release=prometheus_release),
+            PushgatewayArgs(
+                namespace=monitoring_ns,
+                image=spec.monitoring.pushgateway_image,
+                labels=labels,
+                prometheus_release=prometheus_release,
+            ),
             common.child(self, depends_on=[created["monitoring"]]),
         )
         monitor_sa = monitor_account(
@@ -381,7 +387,7 @@ class Platform(pulumi.ComponentResource):
                     environment=spec.environment,
                     namespaces=cluster.namespaces,
                     labels=labels,
-                    argocd_version=spec.gitops.argocd_version,
+                    argocd_image=spec.pinned(spec.gitops.argocd_image),
                     redis_password=derived_password(args.registry_db_password, f"argocd-redis:{spec.environment}"),
                     install_crds=cluster.shared_addons,
                     gpg_keys=public_keys(spec.gitops, args.root),

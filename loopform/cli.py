@@ -347,6 +347,20 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_images(args: argparse.Namespace) -> int:
+    """List the images the stack runs, as it runs them; `--unpinned`: those by tag alone, one per line."""
+    from loopform.images import unpinned
+
+    spec = load_stack(_stack_path(args), Path(args.root))
+    if args.unpinned:
+        print("\n".join(unpinned(spec)))
+    else:
+        images = spec.images()
+        width = max(map(len, images))
+        print("\n".join(f"{key:<{width}}  {image}" for key, image in images.items()))
+    return 0
+
+
 def cmd_pin_images(args: argparse.Namespace) -> int:
     """Pin the stack's images to the digests a release pushed, so the environment runs exactly that build."""
     from loopform.images import pin_images, read_digests
@@ -591,14 +605,24 @@ def build_parser() -> argparse.ArgumentParser:
     keygen.add_argument("--owner", help="who holds the key, recorded in the entry for reviewers")
     keygen.set_defaults(handler=cmd_keygen)
 
-    pin = commands.add_parser("pin-images", help="pin the stack's images to a release's digests; print the diff")
+    images = commands.add_parser("images", help="list the images the stack runs (digest lock applied)")
+    stack_args(images)
+    images.add_argument(
+        "--unpinned", action="store_true", help="only those run by tag alone, as repository:tag (what to resolve)"
+    )
+    images.set_defaults(handler=cmd_images)
+
+    pin = commands.add_parser(
+        "pin-images", help="write a release's digests into the stack's digest lock (image_digests); print the diff"
+    )
     stack_args(pin)
     pin.add_argument(
         "--digests",
         required=True,
         metavar="FILE",
-        help='JSON mapping each image repository to its digest ({"ghcr.io/loopform/pipeline": "sha256:..."}), '
-        "as .github/workflows/images.yml writes it",
+        help='JSON mapping images to digests: repository:tag for any image ({"prom/pushgateway:v1.11.1": '
+        '"sha256:..."}), the repository alone for one this checkout builds ({"ghcr.io/loopform/pipeline": '
+        '"sha256:..."}, as .github/workflows/images.yml writes them)',
     )
     pin.set_defaults(handler=cmd_pin_images)
 

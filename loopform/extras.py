@@ -15,7 +15,7 @@ INSTALL_RUNTIME = f'pip install -c constraints.txt -e ".[{RUNTIME_EXTRA}]"'
 
 RUNTIME_COMMANDS = frozenset({"doctor", "ingest", "monitor", "promote", "serve", "step", "up"})
 """The commands that run the data loop (or, `doctor`, talk to a cluster): they need the runtime extra. The rest
-(`render`, `validate`, `check`, `diff`, `new`, `keygen`, `pin-images`) run on the base install."""
+(`render`, `validate`, `check`, `diff`, `new`, `keygen`, `images`, `pin-images`) run on the base install."""
 
 RUNTIME_MODULES = frozenset(
     {

@@ -1,24 +1,25 @@
-"""Image references, and `loopform pin-images`: a stack's images pinned to the digests a release built.
+"""`loopform pin-images`: a stack's digest lock (`image_digests`) written from the digests a release resolved.
 
 `.github/workflows/images.yml` builds every `images/<name>/Dockerfile`, pushes it to `IMAGE_REGISTRY/<name>`
 tagged with the git SHA and the version, and on a release tag opens a pull request with
-`loopform pin-images --stack prod` run on the digests it pushed. A tag can be moved to other content; a
-digest cannot, so a pinned stack runs exactly what the release built and attested.
+`loopform pin-images --stack prod` run on the digests it pushed and on those of every upstream image the stack
+runs (`loopform images --unpinned`, resolved with `docker buildx imagetools inspect`). A tag can be moved to
+other content; a digest cannot, so a pinned stack runs exactly what the release built and reviewed.
 """
 
 from __future__ import annotations
 
 import difflib
 import io
-import re
 import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import yaml
 
+from loopform.image_ref import DIGEST, ImageRef
 from loopform.spec import (
     CONFIG_KEY,
     FeatureStoreSpec,
@@ -32,108 +33,130 @@ from loopform.spec import (
 if TYPE_CHECKING:
     from ruamel.yaml.comments import CommentedMap
 
-DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
-#: Left out, feature_store.image is orchestrator.pipeline_image: pinning that pins it.
-FALLS_BACK = ("feature_store", "image")
-
-
-@dataclass(frozen=True)
-class ImageRef:
-    """An image reference split into repository, tag and digest (`repo:tag@sha256:...`; tag and digest optional)."""
-
-    repository: str
-    tag: str | None = None
-    digest: str | None = None
-
-    @classmethod
-    def parse(cls, reference: str) -> ImageRef:
-        name, _, digest = reference.partition("@")
-        # A colon after the last slash starts the tag; one before it is a registry's port (localhost:5000/app).
-        colon = name.rfind(":")
-        if colon > name.rfind("/"):
-            return cls(name[:colon], name[colon + 1 :], digest or None)
-        return cls(name, None, digest or None)
-
-    def __str__(self) -> str:
-        return self.repository + (f":{self.tag}" if self.tag else "") + (f"@{self.digest}" if self.digest else "")
+LOCK = "image_digests"
 
 
 def read_digests(path: Path) -> dict[str, str]:
-    """The file the release workflow writes: a JSON (or YAML) mapping of image repository to sha256 digest."""
+    """The digests a release resolved: a JSON (or YAML) mapping of image to sha256 digest. An image is named
+    `repository:tag` (the digest that tag had), or by repository alone for an image this checkout builds (the
+    digest of the build the release tagged; the release workflow writes these)."""
     try:
         data = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as error:
         raise ValueError(f"cannot read digests from {path}: {error}") from None
     if not isinstance(data, dict) or not data:
         raise ValueError(
-            f'{path}: must map image repositories to digests ({{"ghcr.io/loopform/pipeline": "sha256:..."}})'
+            f"{path}: must map images to digests "
+            '({"ghcr.io/loopform/pipeline": "sha256:...", "prom/pushgateway:v1.11.1": "sha256:..."})'
         )
     problems = []
-    for repository, digest in data.items():
-        ref = ImageRef.parse(str(repository))
-        if ref.tag or ref.digest:
-            problems.append(f"{repository}: name the repository alone, without tag or digest")
+    for image, digest in data.items():
+        if ImageRef.parse(str(image)).digest:
+            problems.append(f"{image}: name the image without a digest (repository, or repository:tag)")
         if not isinstance(digest, str) or not DIGEST.match(digest):
-            problems.append(f"{repository}: {digest!r} is not a digest (sha256: and 64 lowercase hex digits)")
+            problems.append(f"{image}: {digest!r} is not a digest (sha256: and 64 lowercase hex digits)")
     if problems:
         raise ValueError(f"{path}: " + "; ".join(problems))
-    return {str(repository): digest for repository, digest in data.items()}
-
-
-def image_fields(spec: PlatformSpec) -> dict[tuple[str, str], str]:
-    """The image each image field of the stack (section, key) runs, defaults and fallbacks applied."""
-    return {
-        ("orchestrator", "pipeline_image"): spec.orchestrator.pipeline_image,
-        ("orchestrator", "gpu_pipeline_image"): spec.orchestrator.gpu_pipeline_image,
-        ("registry", "image"): spec.registry.server_image,
-        ("services", "image"): spec.services.image,
-        FALLS_BACK: spec.feature_store.image or spec.orchestrator.pipeline_image,
-    }
+    return {str(image): digest for image, digest in data.items()}
 
 
 def built(spec: PlatformSpec) -> dict[str, ImageRef]:
     """By repository, what this checkout's release builds: the image fields' defaults (at the stack's MLflow
     version), which point at what `.github/workflows/images.yml` publishes."""
-    defaults = spec.model_copy(
-        update={
-            "orchestrator": OrchestratorSpec(),
-            "registry": RegistrySpec(mlflow_version=spec.registry.mlflow_version),
-            "services": ServicesSpec(),
-            "feature_store": FeatureStoreSpec(),
-        }
+    defaults = PlatformSpec.model_construct(
+        environment=spec.environment,
+        orchestrator=OrchestratorSpec(),
+        registry=RegistrySpec(mlflow_version=spec.registry.mlflow_version),
+        services=ServicesSpec(),
+        feature_store=FeatureStoreSpec(),
     )
-    return {ref.repository: ref for ref in map(ImageRef.parse, image_fields(defaults).values())}
+    ours = (
+        defaults.orchestrator.pipeline_image,
+        defaults.orchestrator.gpu_pipeline_image,
+        defaults.registry.server_image,
+        defaults.services.image,
+    )
+    return {ref.repository: ref for ref in map(ImageRef.parse, ours)}
+
+
+def tagged(spec: PlatformSpec) -> dict[str, ImageRef]:
+    """Every image the stack names (`PlatformSpec.images`) without the digest its lock adds: what the lock keys."""
+    found = {}
+    for key, image in spec.images().items():
+        ref = ImageRef.parse(image)
+        if ref.digest is not None and spec.image_digests.get(ref.tagged) == ref.digest:
+            ref = replace(ref, digest=None)
+        found[key] = ref
+    return found
+
+
+def unpinned(spec: PlatformSpec) -> list[str]:
+    """The images the stack runs by tag alone (`loopform images --unpinned`): what a release must resolve."""
+    return sorted({str(ref) for ref in map(ImageRef.parse, spec.images().values()) if ref.digest is None})
 
 
 def pin(text: str, spec: PlatformSpec, digests: Mapping[str, str]) -> str:
-    """The stack file's text (whose spec is `spec`) with every image field that names or defaults to a repository
-    of `digests` set to `repository:tag@digest`; comments and layout of the rest kept.
+    """The stack file's text (whose spec is `spec`) with `digests` written into its lock; comments and layout of
+    the rest kept.
 
-    The tag is the one this checkout's release gives the repository, since the digest is of that build; a
-    repository the defaults do not name keeps its tag.
+    An image named by repository alone is this checkout's build: a field naming another tag of it (an older
+    release) moves to the release's tag, since the digest is of that build. Entries of the lock that no image
+    of the stack runs any more are dropped.
     """
     from ruamel.yaml.comments import CommentedMap
 
     from loopform.promotion import _yaml
 
     releases = built(spec)
+    unknown = [image for image in digests if ImageRef.parse(image).tag is None and image not in releases]
+    if unknown:
+        raise ValueError(
+            f"{', '.join(sorted(unknown))}: not built by this checkout (built: {', '.join(sorted(releases))}); "
+            "name the tag the digest was resolved from (repository:tag)"
+        )
     rt = _yaml()
     document = rt.load(text)
     platform = document["config"][CONFIG_KEY]
-    for (section, key), image in image_fields(spec).items():
-        current = (platform.get(section) or {}).get(key)
-        ref = ImageRef.parse(image)
-        if (current is None and (section, key) == FALLS_BACK) or ref.repository not in digests:
-            continue
-        pinned = str(replace(releases.get(ref.repository, ref), digest=digests[ref.repository]))
-        if pinned == current:
-            continue
-        if platform.get(section) is None:
-            _insert(platform, section, CommentedMap(), list(PlatformSpec.model_fields))
-        _insert(platform[section], key, pinned, list(type(getattr(spec, section)).model_fields))
+    lock = dict(spec.image_digests)
+    running: set[str] = set()
+    used: set[str] = set()
+    for key, ref in tagged(spec).items():
+        given = ref.repository if ref.repository in digests else ref.tagged
+        if given in digests:
+            # A field naming another build (an older release), or a digest written into the field, moves to the
+            # tag whose digest this is; the lock then pins it. Version fields (Argo) name tags only.
+            target = releases[given] if given == ref.repository else replace(ref, digest=None)
+            if ref != target:
+                _set(platform, tuple(key.split(".")), str(target), spec)
+            ref = target
+            lock[ref.tagged] = digests[given]
+            used.add(given)
+        running.add(ref.tagged)
+    unused = sorted(set(digests) - used)
+    if unused:
+        raise ValueError(f"{', '.join(unused)}: the stack runs no such image (loopform images lists what it runs)")
+    kept = {image: lock[image] for image in sorted(lock) if image in running}
+    if kept:
+        _insert(platform, LOCK, CommentedMap(kept), list(PlatformSpec.model_fields))
+    else:
+        platform.pop(LOCK, None)
     buffer = io.StringIO()
     rt.dump(document, buffer)
     return buffer.getvalue()
+
+
+def _set(mapping: CommentedMap, path: tuple[str, ...], value: str, model: object) -> None:
+    """Set the stack key at `path` (sections created as needed, in the spec's order)."""
+    from ruamel.yaml.comments import CommentedMap
+
+    head, *rest = path
+    order = list(type(model).model_fields)  # type: ignore[attr-defined]
+    if not rest:
+        _insert(mapping, head, value, order)
+        return
+    if mapping.get(head) is None:
+        _insert(mapping, head, CommentedMap(), order)
+    _set(mapping[head], tuple(rest), value, getattr(model, head))
 
 
 def _insert(mapping: CommentedMap, key: str, value: object, order: list[str]) -> None:
@@ -147,21 +170,20 @@ def _insert(mapping: CommentedMap, key: str, value: object, order: list[str]) ->
 
 
 def pin_images(path: Path, digests: Mapping[str, str], root: Path) -> str:
-    """Pin the stack file at `path` (`pin`), check the result as `loopform validate` does and that each image of
-    those repositories now runs by its digest, write it; the unified diff."""
+    """Pin the stack file at `path` (`pin`), check the result as `loopform validate` does and that each image
+    given a digest now runs by it, write it; the unified diff."""
     old = path.read_text()
     new = pin(old, load_stack(path), digests)
     with tempfile.TemporaryDirectory() as folder:
         result = Path(folder) / path.name  # the file name says the environment
         result.write_text(new)
         spec = load_stack(result, root)
-    refs = {field: ImageRef.parse(image) for field, image in image_fields(spec).items()}
-    unpinned = [
-        f"{section}.{key}: {ref}"
-        for (section, key), ref in refs.items()
-        if ref.repository in digests and ref.digest != digests[ref.repository]
+    left = [
+        f"{key}: {image}"
+        for key, image in spec.images().items()
+        if (ref := ImageRef.parse(image)).digest is None and (ref.repository in digests or ref.tagged in digests)
     ]
-    if unpinned:
-        raise ValueError(f"{path}: not pinned to the given digests after pinning: {', '.join(unpinned)}")
+    if left:
+        raise ValueError(f"{path}: not pinned to the given digests after pinning: {', '.join(left)}")
     path.write_text(new)
     return "".join(difflib.unified_diff(old.splitlines(True), new.splitlines(True), f"{path} (before)", str(path)))

@@ -16,8 +16,18 @@ from types import UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 
+from loopform.image_ref import DIGEST, lock_key_problem, pinned
 from loopform.repo_paths import RepoPath
 
 CONFIG_KEY = "loopform:platform"
@@ -574,6 +584,14 @@ class ArtifactRepository(Strict):
 #: is also tagged with the git SHA); the project's version in pyproject.toml.
 IMAGE_REGISTRY = "ghcr.io/loopform"
 IMAGE_TAG = "0.1.0"
+#: The Argo Workflows chart's images, by component: each runs `orchestrator.argo_workflows_version`.
+ARGO_WORKFLOWS_IMAGES = {
+    "controller": "quay.io/argoproj/workflow-controller",
+    "server": "quay.io/argoproj/argocli",
+    "executor": "quay.io/argoproj/argoexec",
+}
+#: Argo CD's image: every Argo CD component runs it, at `gitops.argocd_version`.
+ARGOCD_IMAGE_REPOSITORY = "quay.io/argoproj/argocd"
 
 
 class OrchestratorSpec(Strict):
@@ -613,6 +631,13 @@ class OrchestratorSpec(Strict):
         description="Of every pipeline step but training (models.<name>.training.resources).",
     )
 
+    @property
+    def argo_images(self) -> dict[str, str]:
+        """The chart's controller, server and executor images at `argo_workflows_version`."""
+        return {
+            role: f"{repository}:{self.argo_workflows_version}" for role, repository in ARGO_WORKFLOWS_IMAGES.items()
+        }
+
 
 class GitOpsSpec(Strict):
     """Argo CD and the Application that syncs model services."""
@@ -625,6 +650,7 @@ class GitOpsSpec(Strict):
     chart_version: str = Field("10.1.3", description="argo-cd chart version (for Argo CD 3.4; it ships v3.4.5).")
     argocd_version: str = Field(
         "v3.4.9",
+        pattern=r"^v[0-9]+\.[0-9]+\.[0-9]+$",
         description="Argo CD image tag: the chart's minor version, at its latest patch (loopform/advisories.py). "
         "3.4, not 3.5: 3.5 deprecates AppProject signatureKeys, which `signature_keys` relies on.",
     )
@@ -647,6 +673,10 @@ class GitOpsSpec(Strict):
         description="Folder (in the repository) with each signature key's ASCII-armored public key, named "
         "<KEY_ID>.asc; Argo CD imports them (argocd-gpg-keys-cm).",
     )
+
+    @property
+    def argocd_image(self) -> str:
+        return f"{ARGOCD_IMAGE_REPOSITORY}:{self.argocd_version}"
 
 
 # --- models, gates, monitoring ----------------------------------------------------------------------
@@ -868,6 +898,9 @@ class MonitoringSpec(Strict):
         "amounts: keep them no longer than the monitor and retraining need.",
     )
     alert_for: Duration = Field("15m", description="How long drift must hold before the alert fires.")
+    pushgateway_image: str = Field(
+        "prom/pushgateway:v1.11.1", description="Image of the Pushgateway the monitors push their gauges to."
+    )
     prometheus_operator: bool = Field(
         False,
         description="The cluster has the Prometheus Operator CRDs (ServiceMonitor, PrometheusRule). Off, nothing "
@@ -942,6 +975,13 @@ class PlatformSpec(Strict):
     services: ServicesSpec = Field(default_factory=ServicesSpec)
     gates: GatesSpec = Field(default_factory=GatesSpec)
     monitoring: MonitoringSpec = Field(default_factory=MonitoringSpec)
+    image_digests: dict[str, Annotated[str, Field(pattern=DIGEST.pattern)]] = Field(
+        default_factory=dict,
+        description="The digest lock: each image reference the stack runs (repository:tag) to the digest "
+        "`loopform pin-images` resolved it to. Every image the platform names (image fields, the Pushgateway, "
+        "the PostgreSQL and Redis images, the Argo images of argo_workflows_version and argocd_version) runs as "
+        "repository:tag@digest where this names its tag; a changed tag runs unpinned until its digest is added.",
+    )
     local: LocalSpec = Field(default_factory=LocalSpec, description="Settings of `loopform up` (local stack).")
 
     def gates_for(self, model: str) -> GatesSpec:
@@ -957,6 +997,37 @@ class PlatformSpec(Strict):
     def is_local(self) -> bool:
         """A stack with no cluster (`loopform up`): runs no pods, so cluster-only settings do not apply."""
         return self.cluster.kind == "none"
+
+    def pinned(self, reference: str) -> str:
+        """`reference` as it runs: with the digest `image_digests` gives its tag."""
+        return pinned(reference, self.image_digests)
+
+    def _image_fields(self) -> dict[tuple[str, ...], str]:
+        """Each image field that names an image, by path (`registry.image` is the MLflow server's, defaulted)."""
+        fields = {
+            ("orchestrator", "pipeline_image"): self.orchestrator.pipeline_image,
+            ("orchestrator", "gpu_pipeline_image"): self.orchestrator.gpu_pipeline_image,
+            ("registry", "image"): self.registry.server_image,
+            ("services", "image"): self.services.image,
+            ("feature_store", "registry", "client_image"): self.feature_store.registry.client_image,
+            ("monitoring", "pushgateway_image"): self.monitoring.pushgateway_image,
+        }
+        if self.feature_store.image is not None:  # else the feature server runs the pipeline image
+            fields[("feature_store", "image")] = self.feature_store.image
+        if isinstance(self.registry.backend, InClusterPostgres):
+            fields[("registry", "backend", "image")] = self.registry.backend.image
+        if isinstance(self.feature_store.online_store, InClusterRedis):
+            fields[("feature_store", "online_store", "image")] = self.feature_store.online_store.image
+        return fields
+
+    def images(self) -> dict[str, str]:
+        """Every image the platform names, as it runs (digest lock applied), by the spec key that sets it. Charts'
+        other images are pinned by the charts' versions."""
+        found = {".".join(path): image for path, image in self._image_fields().items()}
+        found["gitops.argocd_version"] = self.pinned(self.gitops.argocd_image)
+        for role, image in self.orchestrator.argo_images.items():
+            found[f"orchestrator.argo_workflows_version ({role})"] = self.pinned(image)
+        return found
 
     def bucket_uris(self) -> dict[str, str]:
         """Every object-store location the platform's workloads read or write, by spec key."""
@@ -979,6 +1050,23 @@ class PlatformSpec(Strict):
             return data  # the field validators report the wrong type
         namespaces = {**Namespaces.for_environment(data["environment"]), **given}
         return {**data, "cluster": {**cluster, "namespaces": namespaces}}
+
+    @field_validator("image_digests")
+    @classmethod
+    def _lock_keys(cls, value: dict[str, str]) -> dict[str, str]:
+        problems = [f"{key}: {problem}" for key in value if (problem := lock_key_problem(key))]
+        if problems:
+            raise ValueError("; ".join(problems))
+        return value
+
+    @model_validator(mode="after")
+    def _pin_images(self) -> PlatformSpec:
+        """Each image field holds the image as it runs, so every consumer (components, `loopform promote`) sees
+        the digest the lock gives its tag."""
+        for path, image in self._image_fields().items():
+            if (running := self.pinned(image)) != image:
+                _set_path(self, path, running)
+        return self
 
     @model_validator(mode="after")
     def _cluster_stacks_name_their_cluster(self) -> PlatformSpec:
@@ -1049,6 +1137,16 @@ class PlatformSpec(Strict):
                     f"{pool.gpus_per_node} (gpu.pools.{pool_name}.gpus_per_node)",
                 )
         return self
+
+
+def _set_path(model: BaseModel, path: tuple[str, ...], value: str) -> None:
+    """Set a field of a frozen model, nested along `path`, in copies of the models on the way (validation only)."""
+    head, *rest = path
+    if rest:
+        child = getattr(model, head).model_copy()
+        _set_path(child, tuple(rest), value)
+        value = child  # type: ignore[assignment]
+    object.__setattr__(model, head, value)
 
 
 # --- loading and errors -------------------------------------------------------------------------

@@ -440,6 +440,8 @@ def check_resources(type_: str, props: Props, config: Config) -> list[str]:
 # --- images ----------------------------------------------------------------------------------------------
 
 DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
+#: What a refused image lacks, and how a stack gets it.
+PIN_REQUIREMENT = "required: repo@sha256:<64 hex>; loopform pin-images writes the digest lock"
 
 
 @dataclass(frozen=True)
@@ -516,7 +518,7 @@ def check_pinned_by_digest(type_: str, props: Props, config: Config) -> list[str
         return []
     allowed = tuple(str(prefix) for prefix in config["allowed_unpinned"])
     return [
-        f"{image.where}: image {image.reference or '(none)'} is not pinned by digest (required: repo@sha256:<64 hex>)"
+        f"{image.where}: image {image.reference or '(none)'} is not pinned by digest ({PIN_REQUIREMENT})"
         for image in images(type_, props)
         if not image.pinned and not (allowed and image.reference.startswith(allowed))
     ]

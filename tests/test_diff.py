@@ -24,7 +24,7 @@ from loopform import diff, render
 from loopform.diff import ABSENT, SECRET, FieldChange, Finding, ObjectKey, Verdict
 from loopform.promotion import render_release
 from loopform.spec import CONFIG_KEY, Release
-from tests import records
+from tests import pins, records
 from tests.helpers_project import ROOT, cli, copy_project
 
 GOLDEN = Path(__file__).resolve().parent / "golden" / "diff"
@@ -50,8 +50,8 @@ def _git_missing() -> None:
         pytest.skip("git is not installed")
 
 
-def _release(version: int) -> dict[str, Any]:
-    return records.release("prod", sealed=records.evidence("fraud", version))
+def _release(version: int, image: str | None = None) -> dict[str, Any]:
+    return records.release("prod", image=image, sealed=records.evidence("fraud", version))
 
 
 def _stack(change: Callable[[dict[str, Any]], None] | None = None, **releases: dict[str, Any]) -> dict[str, Any]:
@@ -306,17 +306,17 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     config = root / "policies" / "config" / "prod.json"
     config.write_text(json.dumps(POLICY, indent=2) + "\n")
     stack = root / "stacks" / "Pulumi.prod.yaml"
-    prod = stack.read_text()
+    prod = pins.pinned_text()  # prod runs images by digest, as after a release's pin-images pull request
     stack.unlink()
     _git(root, "init", "-q", "-b", "main")
     _git(root, "add", "-A")
     _git(root, "commit", "-q", "-m", "genesis")
     _git(root, "tag", "genesis")
     stack.write_text(prod)
-    _write_release(root, _release(2))
+    _write_release(root, _release(2, image=pins.SERVING_IMAGE))
     _git(root, "add", "-A")
     _git(root, "commit", "-q", "-m", "fraud v2 in prod")
-    _write_release(root, _release(3))
+    _write_release(root, _release(3, image=pins.SERVING_IMAGE))
     return root
 
 

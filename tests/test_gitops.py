@@ -9,7 +9,7 @@ import kubernetes_validate
 import pulumi
 import pytest
 
-from components.gitops import DEFAULT_ARGOCD_VERSION, GitOps, GitOpsArgs
+from components.gitops import DEFAULT_ARGOCD_IMAGE, GitOps, GitOpsArgs, argocd_values
 from loopform.render import RenderedResource, render_components
 from loopform.spec import GitOpsSpec, PlatformSpec, RetryPolicy, load_stack, stack_file
 
@@ -75,11 +75,11 @@ def test_redis_secret_hook_is_replaced_by_a_declared_secret() -> None:
     """The chart's hook is off (Pulumi would never run it); the Secret its pods read is declared before the chart,
     so no Job and no account that may create Secrets is left in the namespace."""
     spec = _spec("dev")
-    resources, _ = _render(_args(spec, argocd_version="v3.4.8"))
+    resources, _ = _render(_args(spec, argocd_image="quay.io/argoproj/argocd:v3.4.8"))
     chart = resources["gitops-argo-cd"]
     values = chart.manifest()["values"]
     assert values["redisSecretInit"] == {"enabled": False}
-    assert values["global"]["image"]["tag"] == "v3.4.8"
+    assert values["global"]["image"] == {"repository": "quay.io/argoproj/argocd", "tag": "v3.4.8"}
     secret = resources["gitops-redis-password"]
     assert secret.urn in chart.dependencies
     manifest = secret.manifest()
@@ -183,9 +183,17 @@ def test_application_follows_spec_path_revision_and_retry() -> None:
     assert outputs["application_path"] == "manifests/prod"
 
 
-def test_the_default_image_is_the_spec_default() -> None:
-    """GitOpsArgs without a version runs what the spec defaults to, so the two cannot drift apart."""
-    assert GitOpsSpec().argocd_version == DEFAULT_ARGOCD_VERSION
+def test_the_default_image_is_the_spec_default_and_a_digest_follows_the_tag() -> None:
+    """GitOpsArgs without an image runs what the spec defaults to; a pinned image keeps its digest after the tag,
+    which the chart appends to the repository (`repository:tag`), so every Argo CD pod runs it by digest."""
+    version = GitOpsSpec().argocd_version
+    assert argocd_values(DEFAULT_ARGOCD_IMAGE)["global"]["image"] == {
+        "repository": "quay.io/argoproj/argocd",
+        "tag": version,
+    }
+    digest = "sha256:" + "a" * 64
+    pinned = argocd_values(f"quay.io/argoproj/argocd:{version}@{digest}")["global"]["image"]
+    assert f"{pinned['repository']}:{pinned['tag']}" == f"quay.io/argoproj/argocd:{version}@{digest}"
 
 
 def test_the_chart_is_verified_only_with_a_keyring() -> None:

@@ -29,8 +29,9 @@ from packaging.utils import canonicalize_name
 
 from loopform.cli import build_parser
 from loopform.extras import INSTALL_RUNTIME, RUNTIME_COMMANDS, RUNTIME_MODULES
-from loopform.spec import load_stack, stack_file
-from tests import records
+from loopform.image_ref import ImageRef
+from loopform.spec import IMAGE_REGISTRY, load_stack
+from tests import pins, records
 from tests.helpers_project import copy_project
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,7 +40,7 @@ PROJECT_MODULES = frozenset({"loopform", "components", "policies", "models", "be
 #: The packages the issue names as the runtime: none may be part of the base install.
 NAMED_RUNTIME = ("mlflow", "feast", "evidently", "torch", "bentoml", "pandas", "sklearn", "pyarrow")
 #: The commands that run on the base install; with RUNTIME_COMMANDS, every subcommand of the CLI.
-IAC_COMMANDS = frozenset({"render", "validate", "check", "diff", "new", "keygen", "pin-images"})
+IAC_COMMANDS = frozenset({"render", "validate", "check", "diff", "new", "keygen", "images", "pin-images"})
 #: The modules the IaC entry points are: the Pulumi program's components and the commands' modules.
 #: Scripts the platform mounts into other images (the MLflow image's schema upgrade): not loopform's imports.
 SCRIPTS = ROOT / "components" / "scripts"
@@ -185,17 +186,33 @@ def test_the_entry_points_import_without_the_runtime(iac: Blocked) -> None:
     _ok(iac.run("-c", "; ".join(f"import {module}" for module in ENTRY_MODULES)), iac)
 
 
-@pytest.mark.parametrize("stack", ["prod"])
-def test_render_validate_and_check_without_the_runtime(iac: Blocked, tmp_path: Path, stack: str) -> None:
-    """`render` runs the Pulumi program (__main__.py) under mocks; `check` runs the policy pack in its own process."""
+def test_render_validate_pin_and_check_without_the_runtime(iac: Blocked, tmp_path: Path) -> None:
+    """`render` runs the Pulumi program (__main__.py) under mocks; `check` runs the policy pack in its own process.
+    Prod is refused until pinned, then pinned as the release workflow does it: our images by repository, the
+    upstream ones that `images --unpinned` lists by repository:tag (stand-in digests: resolving needs a registry)."""
+    project = _project(tmp_path)
     out = tmp_path / "rendered"
-    rendered = iac.cli("render", "--stack", stack, "--out", str(out))
-    _ok(rendered, iac)
+    _ok(iac.cli("render", "--stack", "prod", "--out", str(out), cwd=project), iac)
     assert (out / "_tree.txt").is_file()
-    _ok(iac.cli("validate", "--stack", stack), iac)
-    checked = iac.cli("check", "--stack", stack)
+    _ok(iac.cli("validate", "--stack", "prod", cwd=project), iac)
+    refused = iac.cli("check", "--stack", "prod", cwd=project)
+    assert refused.returncode == 1 and "images-pinned-by-digest" in refused.stdout, refused.stdout[-3000:]
+
+    listed = iac.cli("images", "--stack", "prod", "--unpinned", cwd=project)
+    _ok(listed, iac)
+    digests = {
+        ImageRef.parse(image).repository if image.startswith(IMAGE_REGISTRY) else image: pins.digest(image)
+        for image in listed.stdout.split()
+    }
+    assert "prom/pushgateway:v1.11.1" in digests and f"{IMAGE_REGISTRY}/pipeline" in digests
+    (tmp_path / "digests.json").write_text(json.dumps(digests))
+    _ok(iac.cli("pin-images", "--stack", "prod", "--digests", str(tmp_path / "digests.json"), cwd=project), iac)
+    again = iac.cli("images", "--stack", "prod", "--unpinned", cwd=project)
+    _ok(again, iac)
+    assert again.stdout.strip() == ""
+    checked = iac.cli("check", "--stack", "prod", cwd=project)
     _ok(checked, iac)
-    assert "0 mandatory" in checked.stdout
+    assert "0 mandatory, 0 advisory" in checked.stdout
 
 
 def test_diff_without_the_runtime(iac: Blocked, tmp_path: Path) -> None:
@@ -214,11 +231,11 @@ def test_a_released_model_renders_and_checks_without_the_runtime(iac: Blocked, t
     """A signed release record adds the model's service: the record's verification and the service component run on
     the base install too, as a pull request's preview after `loopform promote` does."""
     project = _project(tmp_path)
-    path = project / "stacks" / "Pulumi.prod.yaml"
+    path = pins.write_pinned(project)
     document = yaml.safe_load(path.read_text())
     now = datetime.now(UTC).replace(microsecond=0)
     sealed = records.evidence(created=now - timedelta(hours=1))
-    image = load_stack(stack_file("prod")).services.image
+    image = load_stack(path).services.image  # by digest, as `loopform promote` records it from a pinned prod
     release = records.release("prod", image=image, released=now, sealed=sealed)
     document["config"]["loopform:platform"]["models"]["fraud"]["release"] = release
     path.write_text(yaml.safe_dump(document))

@@ -22,9 +22,10 @@ import yaml
 
 from loopform import render
 from loopform.cli import main
-from loopform.images import ImageRef, pin_images, read_digests
-from loopform.spec import IMAGE_REGISTRY, PlatformSpec, load_stack, stack_file
-from tests import records
+from loopform.image_ref import ImageRef
+from loopform.images import pin_images, read_digests, unpinned
+from loopform.spec import IMAGE_REGISTRY, PlatformSpec, SpecError, load_stack, parse_spec, stack_file
+from tests import pins, records
 
 from .conftest import ROOT, STACKS
 from .test_workflows import released_tags
@@ -220,30 +221,85 @@ def test_pin_images_pins_prod_and_the_result_loads(prod_copy: Path, tmp_path: Pa
     assert prod_copy.read_text() == after
 
 
-def test_pinned_prod_renders_only_digest_pinned_loopform_images(prod_copy: Path) -> None:
+def test_pinned_prod_renders_only_digest_pinned_images(prod_copy: Path) -> None:
+    """Ours from the release's builds, the upstream ones (Pushgateway, PostgreSQL, the Argo images set in chart
+    values) from the tags they resolved to: nothing in a pinned prod runs by tag alone."""
     pin_images(prod_copy, DIGESTS, ROOT)
-    resources = render.render_stack("prod", ROOT, prod_copy)
-    manifests = render.stack_manifests(resources, load_stack(prod_copy))
-    ours = {
-        image for manifest in manifests.objects for image in images_in(manifest) if image.startswith(IMAGE_REGISTRY)
-    }
-    assert ours and {image: ImageRef.parse(image).digest for image in ours} == {
-        image: DIGESTS[ImageRef.parse(image).repository] for image in ours
-    }
+    upstream = {image: pins.digest(image) for image in unpinned(load_stack(prod_copy))}
+    assert upstream and not any(image.startswith(IMAGE_REGISTRY) for image in upstream)
+    pin_images(prod_copy, upstream, ROOT)
+    spec = load_stack(prod_copy)
+    found = stack_images(render.render_stack("prod", ROOT, prod_copy), spec)
+    refs = [ImageRef.parse(image) for image in found]
+    assert {ref.repository for ref in refs} >= {"prom/pushgateway", "postgres", "quay.io/argoproj/argoexec"}
+    assert [str(ref) for ref in refs if ref.digest is None] == []
+    for ref in refs:
+        expected = DIGESTS.get(ref.repository) or upstream.get(ref.tagged)
+        assert ref.digest == expected, ref
 
 
 def test_a_new_release_moves_tag_and_digest(prod_copy: Path) -> None:
-    pin_images(prod_copy, DIGESTS, ROOT)
-    text = prod_copy.read_text().replace(":0.1.0@sha256:1", ":0.0.9@sha256:1")  # a stack pinned by an older release
-    prod_copy.write_text(text)
+    """A stack an older release pinned: the new release's digest moves the field to its tag, and the lock drops
+    the old entry, which nothing runs any more."""
+    old = f"{IMAGE_REGISTRY}/pipeline:0.0.9"
+    document = yaml.safe_load(prod_copy.read_text())
+    platform = document["config"]["loopform:platform"]
+    platform["orchestrator"]["pipeline_image"] = old
+    platform["image_digests"] = {old: "sha256:" + "1" * 64}
+    prod_copy.write_text(yaml.safe_dump(document))
+    assert load_stack(prod_copy).orchestrator.pipeline_image == f"{old}@sha256:{'1' * 64}"
     newer = {f"{IMAGE_REGISTRY}/pipeline": "sha256:" + "9" * 64}
     diff = pin_images(prod_copy, newer, ROOT)
     tag = load_stack(stack_file("prod")).orchestrator.pipeline_image.split(":")[-1]
-    assert (
-        load_stack(prod_copy).orchestrator.pipeline_image
-        == f"{IMAGE_REGISTRY}/pipeline:{tag}@{newer[f'{IMAGE_REGISTRY}/pipeline']}"
-    )
-    assert diff.count("\n-  ") == diff.count("\n+  ") == 1  # that one line
+    spec = load_stack(prod_copy)
+    assert spec.orchestrator.pipeline_image == f"{IMAGE_REGISTRY}/pipeline:{tag}@sha256:{'9' * 64}"
+    assert spec.image_digests == {f"{IMAGE_REGISTRY}/pipeline:{tag}": "sha256:" + "9" * 64}
+    removed = [line[1:].strip() for line in diff.splitlines() if line.startswith("-") and not line.startswith("---")]
+    assert f"pipeline_image: {old}" in removed and f"{old}: sha256:{'1' * 64}" in removed
+
+
+def test_a_moved_tag_runs_unpinned_until_its_digest_is_added(prod_copy: Path) -> None:
+    """The lock is keyed by tag: a new Pushgateway tag under the old lock runs by tag (the pack refuses it in
+    prod), never the old digest under a new name."""
+    pin_images(prod_copy, {"prom/pushgateway:v1.11.1": pins.digest("old")}, ROOT)
+    document = yaml.safe_load(prod_copy.read_text())
+    document["config"]["loopform:platform"]["monitoring"]["pushgateway_image"] = "prom/pushgateway:v1.12.0"
+    prod_copy.write_text(yaml.safe_dump(document))
+    spec = load_stack(prod_copy)
+    assert spec.monitoring.pushgateway_image == "prom/pushgateway:v1.12.0"
+    assert "prom/pushgateway:v1.12.0" in unpinned(spec)
+    pin_images(prod_copy, {"prom/pushgateway:v1.12.0": pins.digest("new")}, ROOT)
+    spec = load_stack(prod_copy)
+    assert spec.monitoring.pushgateway_image == f"prom/pushgateway:v1.12.0@{pins.digest('new')}"
+    assert "prom/pushgateway:v1.11.1" not in spec.image_digests
+
+
+@pytest.mark.parametrize(
+    ("digests", "message"),
+    [
+        ({"prom/pushgateway": "sha256:" + "0" * 64}, "not built by this checkout"),
+        ({"redis:7.4": "sha256:" + "0" * 64}, "the stack runs no such image"),
+    ],
+)
+def test_digests_the_stack_cannot_use_are_refused(prod_copy: Path, digests: dict, message: str) -> None:
+    before = prod_copy.read_text()
+    with pytest.raises(ValueError, match=message):
+        pin_images(prod_copy, digests, ROOT)
+    assert prod_copy.read_text() == before
+
+
+@pytest.mark.parametrize(
+    ("lock", "message"),
+    [
+        ({"prom/pushgateway": "sha256:" + "0" * 64}, "name the tag the digest was resolved from"),
+        ({f"prom/pushgateway:v1.11.1@sha256:{'0' * 64}": "sha256:" + "0" * 64}, "without a digest"),
+        ({"prom/pushgateway:v1.11.1": "sha256:abc"}, "image_digests"),
+    ],
+)
+def test_the_lock_is_checked(lock: dict, message: str) -> None:
+    platform = yaml.safe_load(stack_file("prod").read_text())["config"]["loopform:platform"]
+    with pytest.raises(SpecError, match=message):
+        parse_spec({**platform, "image_digests": lock}, "prod")
 
 
 @pytest.mark.parametrize(
@@ -251,8 +307,8 @@ def test_a_new_release_moves_tag_and_digest(prod_copy: Path) -> None:
     [
         ({f"{IMAGE_REGISTRY}/pipeline": "sha256:abc"}, "is not a digest"),
         ({f"{IMAGE_REGISTRY}/pipeline": "sha512:" + "0" * 64}, "is not a digest"),
-        ({f"{IMAGE_REGISTRY}/pipeline:0.1.0": "sha256:" + "0" * 64}, "without tag or digest"),
-        ({}, "must map image repositories"),
+        ({f"{IMAGE_REGISTRY}/pipeline@sha256:{'0' * 64}": "sha256:" + "0" * 64}, "without a digest"),
+        ({}, "must map images to digests"),
     ],
 )
 def test_digests_file_is_checked(tmp_path: Path, digests: dict, message: str) -> None:

@@ -294,8 +294,14 @@ def test_orchestrator_children_names_parents_and_outputs(stack: str) -> None:
     assert values["singleNamespace"] is True
     # Ignored by the chart (dropped in 0.26.0 / no effect with singleNamespace): not set at all.
     assert "useDefaultArtifactRepo" not in values and "workflowNamespaces" not in values["controller"]
-    # Controller, server and executor run the spec's patched v3.7, not the chart's own v3.7.11.
-    assert values["images"] == {"tag": spec.orchestrator.argo_workflows_version}
+    # Controller, server and executor run the spec's patched v3.7, not the chart's own v3.7.11, each set as an
+    # image block (registry/repository:tag, as the chart's templates join them) so the policy pack sees it.
+    version = spec.orchestrator.argo_workflows_version
+    assert values["images"] == {"tag": version}
+    assert {
+        f"{values[role]['image']['registry']}/{values[role]['image']['repository']}:{values[role]['image']['tag']}"
+        for role in ("controller", "server", "executor")
+    } == {f"quay.io/argoproj/{name}:{version}" for name in ("workflow-controller", "argocli", "argoexec")}
     assert values["controller"]["serviceMonitor"] == {"enabled": False}
     assert values["controller"]["workflowRestrictions"] == {"templateReferencing": "Strict"}
 

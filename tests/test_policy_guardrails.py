@@ -14,6 +14,7 @@ from components.platform import model_services
 from loopform.spec import Release, load_stack, stack_file
 from policies import availability, gpu, hygiene, workloads
 from policies.core import Resource, ResourceRule, Rule, StackRule, with_defaults
+from policies.workloads import PIN_REQUIREMENT
 from tests import records
 
 RULES: list[Rule] = [*workloads.RULES, *availability.RULES, *gpu.RULES, *hygiene.RULES]
@@ -371,12 +372,12 @@ def test_digests_are_only_required_where_configured() -> None:
     )
     assert run("images-pinned-by-digest", DEPLOYMENT, props) == []
     assert run("images-pinned-by-digest", DEPLOYMENT, props, required=True) == [
-        "container app: image redis:7.4 is not pinned by digest (required: repo@sha256:<64 hex>)"
+        f"container app: image redis:7.4 is not pinned by digest ({PIN_REQUIREMENT})"
     ]
     assert run("images-pinned-by-digest", DEPLOYMENT, props, required=True, allowed_unpinned=["redis:"]) == []
     short = deployment(pod_spec(containers=[container(image="redis@sha256:abc")]))
     assert run("images-pinned-by-digest", DEPLOYMENT, short, required=True) == [
-        "container app: image redis@sha256:abc is not pinned by digest (required: repo@sha256:<64 hex>)"
+        f"container app: image redis@sha256:abc is not pinned by digest ({PIN_REQUIREMENT})"
     ]
 
 
@@ -385,7 +386,7 @@ def test_chart_value_images_are_judged_for_digests() -> None:
     chart = {"chart": "argo-cd", "version": "7.8.2", "values": {"global": {"image": block}}}
     assert run("images-pinned-by-digest", CHART, chart, required=True) == [
         "chart argo-cd values.global.image: image quay.io/argoproj/argocd:v2.14.2 is not pinned by digest "
-        "(required: repo@sha256:<64 hex>)"
+        f"({PIN_REQUIREMENT})"
     ]
     pinned = with_change(chart, "values.global.image.digest", DIGEST)
     assert run("images-pinned-by-digest", CHART, pinned, required=True) == []
@@ -675,7 +676,8 @@ def _image_fields(value: Any) -> Iterator[str]:
             if key == "image" and isinstance(item, str):
                 yield item
             elif key == "image" and isinstance(item, Mapping) and "repository" in item:
-                yield f"{item['repository']}:{item['tag']}"
+                registry = f"{item['registry']}/" if "registry" in item else ""
+                yield f"{registry}{item['repository']}:{item['tag']}"
             else:
                 yield from _image_fields(item)
     elif isinstance(value, list):
@@ -693,7 +695,7 @@ def test_prod_images_are_not_pinned_by_digest_yet_and_each_is_reported(rendered)
         for m in found
     )
     assert reported == expected
-    assert all(m.endswith("is not pinned by digest (required: repo@sha256:<64 hex>)") for m in found)
+    assert all(m.endswith(f"is not pinned by digest ({PIN_REQUIREMENT})") for m in found)
 
 
 def test_prod_existing_gpu_pool_is_declared_by_its_component(rendered) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from collections import Counter
 from datetime import timedelta
 from pathlib import Path
@@ -19,11 +20,12 @@ import yaml
 from loopform import check, policy_config
 from loopform import evidence as ev
 from loopform.cli import main
+from loopform.images import unpinned
 from loopform.record import SIGNATURE_POLICY, TrustedKey
 from loopform.spec import CONFIG_KEY, PlatformSpec, load_stack, parse_spec, stack_file
 from policies.core import Resource, ResourceRule, with_defaults
 from policies.pack import rules
-from tests import records
+from tests import pins, records
 
 ROOT = Path(__file__).resolve().parent.parent
 STACKS = ("dev", "staging", "prod")
@@ -44,12 +46,34 @@ def test_shipped_configs_hold_the_stacks_gate_thresholds(stack: str) -> None:
         )
 
 
-@pytest.mark.parametrize("stack", STACKS)
+@pytest.mark.parametrize("stack", ["dev", "staging"])
 def test_the_shipped_stacks_pass(stack: str, capsys: pytest.CaptureFixture[str]) -> None:
     code = main(["check", "--stack", stack])
     out = capsys.readouterr().out
     assert code == 0, out
     assert out.splitlines()[-1].startswith("0 mandatory")
+
+
+def test_shipped_prod_is_refused_until_its_images_are_pinned(capsys: pytest.CaptureFixture[str]) -> None:
+    """Prod requires digests: the shipped stack names images by tag (none is published yet), so the pack refuses
+    every image, and only that; the release's `pin-images` pull request is what lets prod deploy."""
+    code = main(["check", "--stack", "prod"])
+    out = capsys.readouterr().out
+    assert code == 1, out
+    mandatory = [line for line in out.splitlines() if line.startswith("mandatory")]
+    assert mandatory and all("images-pinned-by-digest" in line for line in mandatory), out
+    refused = {re.search(r"image (\S+) is not pinned by digest", line)[1] for line in mandatory}
+    spec = load_stack(stack_file("prod"))
+    # Each image the stack runs, Argo's included; the serving image runs once a model is released.
+    assert refused == set(unpinned(spec)) - {spec.services.image}
+
+
+def test_pinned_prod_passes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = pins.write_pinned(tmp_path)
+    code = main(["check", "--stack", "prod", "--file", str(path)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert out.splitlines()[-1].startswith("0 mandatory, 0 advisory")
 
 
 @pytest.mark.parametrize("stack", STACKS)
@@ -71,7 +95,7 @@ def test_the_pack_over_grpc_reports_exactly_what_the_rules_report(stack: str, re
         else:
             direct.update((rule.name, m) for _, m in rule.check(stack_view, settings))
     assert Counter((v.policy, v.message) for v in run.violations) == direct
-    if stack == "prod":  # not vacuous: prod requires digests (advisory until images are built)
+    if stack == "prod":  # not vacuous: prod requires digests, and the shipped stack names tags
         assert direct and all(policy == "images-pinned-by-digest" for policy, _ in direct)
 
 
@@ -83,7 +107,7 @@ def _stack(tmp_path: Path, record: dict[str, Any], gates: dict[str, Any] | None 
 
     The record's model is declared if the stack lacks it; `gates` are then its own `models.<m>.gates`.
     """
-    document = yaml.safe_load(stack_file("prod").read_text())
+    document = yaml.safe_load(pins.pinned_text())
     platform = document["config"][CONFIG_KEY]
     platform["gitops"] = {"enabled": False}
     model = platform["models"].setdefault(record["model"], {"path": f"models/{record['model']}"})
@@ -110,12 +134,17 @@ def _check(
     return code, [line for line in lines if line.startswith("mandatory")]
 
 
+def _release(**changes: Any) -> dict[str, Any]:
+    """A prod record of the service image by digest, as `loopform promote` records it from a pinned prod."""
+    return records.release("prod", **{"image": pins.SERVING_IMAGE, **changes})
+
+
 def test_a_signed_prod_release_passes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert _check(tmp_path, records.release("prod"), capsys) == (0, [])
+    assert _check(tmp_path, _release(), capsys) == (0, [])
 
 
 def _edited(*path: str, value: Any) -> dict[str, Any]:
-    record = copy.deepcopy(records.release("prod"))
+    record = copy.deepcopy(_release())
     target = record
     for key in path[:-1]:
         target = target[key]
@@ -128,7 +157,7 @@ def _resealed(**evaluation: Any) -> dict[str, Any]:
     body = {k: v for k, v in sealed.items() if k != "digest"}
     body["evaluation"].update(evaluation.get("evaluation", {}))
     body["gates"].update(evaluation.get("gates", {}))
-    return records.release("prod", sealed=ev.seal(body, now=records.NOW - timedelta(days=1)))
+    return _release(sealed=ev.seal(body, now=records.NOW - timedelta(days=1)))
 
 
 @pytest.mark.parametrize(
@@ -142,7 +171,7 @@ def _resealed(**evaluation: Any) -> dict[str, Any]:
         ("swapped version", _edited("version", value=2), ["release-signed", "signature does not verify"]),
         (
             "untrusted key",
-            records.release("prod", key=records.OTHER_KEY),
+            _release(key=records.OTHER_KEY),
             ["release-signed", "which the prod policy config does not trust"],
         ),
         (
@@ -167,12 +196,12 @@ def _resealed(**evaluation: Any) -> dict[str, Any]:
         ),
         (
             "never released to staging",
-            records.release("prod", staged=False),
+            _release(staged=False),
             ["released-to-staging-first", "fraud v3 was never released to staging"],
         ),
         (
             "stale evidence",
-            records.release("prod", sealed=records.evidence(created=records.NOW - timedelta(days=45))),
+            _release(sealed=records.evidence(created=records.NOW - timedelta(days=45))),
             ["evidence-fresh", "was 45.0 days old when released > 30 (prod, max_evidence_age_days)"],
         ),
     ],
@@ -187,7 +216,7 @@ def test_a_bad_release_is_refused_naming_what_is_wrong(
 
 
 def _regressor(**evaluation: Any) -> dict[str, Any]:
-    return records.release("prod", sealed=records.regression_evidence(**evaluation))
+    return _release(sealed=records.regression_evidence(**evaluation))
 
 
 @pytest.mark.parametrize(

@@ -196,6 +196,66 @@ def test_pin_job_pins_prod_with_the_build_digests() -> None:
     assert pin["env"]["DIGESTS"] == "${{ toJSON(needs.build.outputs) }}"
 
 
+#: A stand-in `docker`: `docker buildx imagetools inspect IMAGE --format '{{json .Manifest}}'` prints a descriptor
+#: whose digest is the hash of IMAGE, and logs each image it was asked for.
+FAKE_DOCKER = """#!/bin/sh
+[ "$1 $2 $3" = "buildx imagetools inspect" ] || exit 2
+echo "$4" >> "$DOCKER_LOG"
+printf '{"mediaType":"application/vnd.oci.image.index.v1+json","digest":"sha256:%s","size":1}\\n' \\
+  "$(printf '%s' "$4" | sha256sum | cut -d' ' -f1)"
+"""
+
+
+def test_pin_step_pins_every_image_prod_runs(tmp_path: Path) -> None:
+    """The pin job's step, run as the runner runs it against a copy of the project: ours get the digests the build
+    pushed, every upstream image the digest its tag resolves to (a stand-in registry), and prod is left with no
+    image by tag alone."""
+    from loopform.images import unpinned
+    from loopform.spec import load_stack
+
+    from .helpers_project import copy_project
+    from .pins import digest
+
+    tool("jq")
+    (tmp_path / "project").mkdir()
+    project = copy_project(tmp_path / "project")
+    (project / ".venv").symlink_to(Path(sys.executable).parent.parent)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "docker").write_text(FAKE_DOCKER)
+    (bin_dir / "docker").chmod(0o755)
+    (step,) = [step for step in load(IMAGES_WORKFLOW)["jobs"]["pin-prod"]["steps"] if "DIGESTS" in step.get("env", {})]
+    built = {name: digest(name) for name in workflow_images()}
+    env = {
+        **os.environ,
+        "DIGESTS": json.dumps(built),
+        "IMAGE_REGISTRY": load(IMAGES_WORKFLOW)["env"]["IMAGE_REGISTRY"],
+        "RUNNER_TEMP": str(tmp_path),
+        "GITHUB_STEP_SUMMARY": str(tmp_path / "summary.md"),
+        "DOCKER_LOG": str(tmp_path / "docker.log"),
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    before = unpinned(load_stack(project / "stacks" / "Pulumi.prod.yaml"))
+    result = subprocess.run(
+        ["bash", "--noprofile", "--norc", "-eo", "pipefail", "-c", step["run"]],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    spec = load_stack(project / "stacks" / "Pulumi.prod.yaml")
+    assert unpinned(spec) == []
+    upstream = [image for image in before if not image.startswith(f"{IMAGE_REGISTRY}/")]
+    assert sorted((tmp_path / "docker.log").read_text().split()) == upstream  # resolved: only the upstream ones
+    ours = {
+        image: built[image.removeprefix(f"{IMAGE_REGISTRY}/").split(":")[0]]
+        for image in before
+        if image not in upstream
+    }
+    assert spec.image_digests == {image: digest(image) for image in upstream} | ours
+
+
 def test_version_tags_are_what_the_spec_defaults_name() -> None:
     """Ours carry the project's version and MLflow's the pinned MLflow version: the tags the spec's defaults name."""
     import tomllib
