@@ -48,10 +48,13 @@ def tokens_secret_name(model: str) -> str:
     return f"{service_name(model)}-tokens"
 
 
-def caller_tokens(root_secret: pulumi.Input[str], model: str, callers: Sequence[str]) -> pulumi.Output[str]:
+def caller_tokens(
+    root_secret: pulumi.Input[str], environment: str, model: str, callers: Sequence[str]
+) -> pulumi.Output[str]:
     """tokens.json: one token per caller, derived from the stack's root secret (stable, rotates with it, and never
-    written anywhere but the Secret: the GitOps manifests name the Secret only)."""
-    tokens = [secrets.derived_password(root_secret, f"api-token/{model}/{caller}") for caller in callers]
+    written anywhere but the Secret: the GitOps manifests name the Secret only). The environment is part of the
+    derivation, so a dev token never opens prod even where both stacks were given the same root secret."""
+    tokens = [secrets.derived_password(root_secret, f"api-token/{environment}/{model}/{caller}") for caller in callers]
     return pulumi.Output.secret(
         pulumi.Output.all(*tokens).apply(
             lambda values: json.dumps(dict(zip(callers, values, strict=True)), sort_keys=True)
@@ -61,6 +64,7 @@ def caller_tokens(root_secret: pulumi.Input[str], model: str, callers: Sequence[
 
 def tokens_secret(
     name: str,
+    environment: str,
     model: str,
     callers: Sequence[str],
     root_secret: pulumi.Input[str],
@@ -75,7 +79,7 @@ def tokens_secret(
         name,
         metadata=common.metadata(secret_name, namespace, common.labels("api-tokens", secret_name, labels)),
         type="Opaque",
-        string_data={TOKENS_KEY: caller_tokens(root_secret, model, callers)},
+        string_data={TOKENS_KEY: caller_tokens(root_secret, environment, model, callers)},
         opts=opts,
     )
 

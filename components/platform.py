@@ -217,6 +217,7 @@ class Platform(pulumi.ComponentResource):
             f"{name}-registry",
             ModelRegistryArgs(
                 spec=spec.registry,
+                environment=spec.environment,
                 namespace=cluster.namespaces.platform,
                 labels=labels,
                 storage_class=cluster.storage_class,
@@ -368,6 +369,7 @@ class Platform(pulumi.ComponentResource):
         tokens = [
             tokens_secret(
                 f"{name}-{model}-tokens",
+                spec.environment,
                 model,
                 model_spec.serving.callers,
                 args.registry_db_password,

@@ -219,6 +219,9 @@ class ModelRegistryArgs:
     """StorageClass of the database volume; none uses the cluster default."""
     db_password: pulumi.Input[str] | None = None
     """Password of the database user (Pulumi secret config `loopform:registryDbPassword`); required."""
+    environment: str = "dev"
+    """Environment of the stack: part of every password derived from db_password (MLflow users, the CSRF key),
+    so environments given the same root secret still get different ones."""
     service_account: str = MLFLOW_ACCOUNT
     """ServiceAccount the server and the migration run as (their object-store identity)."""
     account_annotations: dict[str, str] = field(default_factory=dict)
@@ -294,7 +297,7 @@ class ModelRegistry(pulumi.ComponentResource):
         )
         # Consumers roll when the password changes (the MLflow users' passwords derive from it too).
         checksum = secrets.checksum(args.db_password, "loopform-db-password")
-        auth_secret = self._auth(name, args, url, object_labels)
+        auth_secret, users_checksum = self._auth(name, args, url, object_labels)
         if isinstance(backend, InClusterPostgres):
             database = self._postgres(name, backend, args, url_secret, checksum)
 
@@ -344,7 +347,7 @@ class ModelRegistry(pulumi.ComponentResource):
         ]
         auth_mount = {"name": "auth", "mountPath": AUTH_DIR, "readOnly": True}
         # Then the users and their grants (components/scripts/mlflow_auth.py): idempotent, so every start applies
-        # the Secret's current passwords (a rotation rolls the pods through PASSWORD_CHECKSUM).
+        # the Secret's current passwords (a change of any of them rolls the pods through AUTH_CHECKSUM).
         bootstrap_auth = {
             "name": "bootstrap-auth",
             **common.image(spec.server_image),
@@ -358,7 +361,12 @@ class ModelRegistry(pulumi.ComponentResource):
                 {"name": "tmp", "mountPath": "/tmp"},
             ],
         }
-        auth_checksum = hashlib.sha256(auth_script.encode()).hexdigest()[:16]
+        # The script and the users' passwords: a password that changes without the database password (a new
+        # user, a new derivation) still rolls the pods, so the init container applies it before clients use it.
+        auth_script_hash = hashlib.sha256(auth_script.encode()).hexdigest()
+        auth_checksum = users_checksum.apply(
+            lambda c: hashlib.sha256(f"{auth_script_hash}:{c}".encode()).hexdigest()[:16]
+        )
 
         port = spec.port
         # Prometheus scrapes the pod by its IP: the container expands $(POD_IP) from the downward API.
@@ -483,13 +491,13 @@ class ModelRegistry(pulumi.ComponentResource):
 
     def _auth(
         self, name: str, args: ModelRegistryArgs, tracking_url: pulumi.Output[str], labels: dict[str, str]
-    ) -> pulumi.Resource:
+    ) -> tuple[pulumi.Resource, pulumi.Output[str]]:
         """The auth app's Secret (its config, the users file, the CSRF key) and each identity's credentials Secret
-        in the namespaces that act as it. Every password derives from the database password: nothing more to
+        in the namespaces that act as it; returns that Secret and a checksum of the config and users file. Every password derives from the database password: nothing more to
         configure, and they rotate with it."""
         assert args.db_password is not None
         passwords = {
-            user: secrets.derived_password(args.db_password, f"mlflow-user:{user}")
+            user: secrets.derived_password(args.db_password, f"mlflow-user:{args.environment}:{user}")
             for user in (ADMIN_USER, *AUTH_GRANTS)
         }
         config = pulumi.Output.all(tracking_url, passwords[ADMIN_USER]).apply(
@@ -505,7 +513,9 @@ class ModelRegistry(pulumi.ComponentResource):
             string_data={
                 AUTH_CONFIG_KEY: pulumi.Output.secret(config),
                 AUTH_USERS_KEY: pulumi.Output.secret(users),
-                FLASK_SECRET_KEY: secrets.derived_password(args.db_password, "mlflow-flask-secret-key"),
+                FLASK_SECRET_KEY: secrets.derived_password(
+                    args.db_password, f"mlflow-flask-secret-key:{args.environment}"
+                ),
             },
             opts=common.child(self),
         )
@@ -530,7 +540,7 @@ class ModelRegistry(pulumi.ComponentResource):
                 ),
                 common.child(self),
             )
-        return secret
+        return secret, secrets.checksum(pulumi.Output.all(config, users).apply(json.dumps), "mlflow-auth")
 
     def _postgres(
         self,

@@ -205,9 +205,9 @@ def test_the_tokens_secret_holds_one_derived_token_per_caller() -> None:
 
     from components.model_service import TOKENS_KEY, tokens_secret
 
-    def tokens(root: str, callers: list[str]) -> tuple[dict[str, str], bool]:
+    def tokens(root: str, callers: list[str], environment: str = "prod") -> tuple[dict[str, str], bool]:
         resources = render_components(
-            lambda: tokens_secret("t", "fraud", callers, root, "serve", {}, pulumi.ResourceOptions())
+            lambda: tokens_secret("t", environment, "fraud", callers, root, "serve", {}, pulumi.ResourceOptions())
         )
         (secret,) = [r for r in resources if r.name == "t"]
         metadata = secret.manifest()["metadata"]
@@ -220,6 +220,8 @@ def test_the_tokens_secret_holds_one_derived_token_per_caller() -> None:
     assert all(len(token) >= 32 for token in first.values())
     assert tokens("root-1", ["default", "batch-scorer"])[0] == first
     assert tokens("root-2", ["default"])[0]["default"] != first["default"]
+    # Another environment given the same root secret: other tokens, so a dev token never opens prod.
+    assert tokens("root-1", ["default"], environment="dev")[0]["default"] != first["default"]
 
 
 def test_no_token_reaches_the_gitops_folder(tmp_path: Path) -> None:

@@ -160,6 +160,24 @@ def test_the_database_url_is_in_no_command_line() -> None:
     assert url.drivername == "postgresql+psycopg2"
 
 
+def test_mlflow_users_passwords_differ_per_environment_and_roll_the_server() -> None:
+    """Two environments given the same root secret get different MLflow user passwords, and the server's pods
+    carry a checksum of them: a password that changes without the database password still restarts the server,
+    whose init container then applies it before any client uses the new one."""
+
+    def render(environment: str) -> tuple[str, str]:
+        resources, _ = _render(
+            lambda: ModelRegistry("reg", ModelRegistryArgs(db_password=PASSWORD, environment=environment))
+        )
+        by_name = _by_name(resources)
+        annotations = by_name["reg-server"].inputs["spec"]["template"]["metadata"]["annotations"]
+        return _secret_value(by_name["reg-auth"], "users.json"), annotations["loopform.dev/auth-checksum"]
+
+    dev, prod = render("dev"), render("prod")
+    assert dev[0] != prod[0] and dev[1] != prod[1]
+    assert render("prod") == prod
+
+
 def make_url_of(secret: RenderedResource):
     from sqlalchemy.engine import make_url
 
