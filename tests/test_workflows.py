@@ -84,6 +84,12 @@ def image_folders() -> list[str]:
     return sorted(path.parent.name for path in (ROOT / "images").glob("*/Dockerfile"))
 
 
+def run_step(script: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """A workflow's `run:` script as the runner runs it with `shell: bash` (no profile, -e, pipefail)."""
+    command = ["bash", "--noprofile", "--norc", "-eo", "pipefail", "-c", script]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
+
+
 def run_version_step(image: str, ref_type: str = "branch", ref_name: str = "main") -> tuple[int, str, str]:
     """The build job's version step, run as the runner runs a `run:` step, for one image and git ref: its exit
     status, its log, and what it wrote to $GITHUB_OUTPUT."""
@@ -98,13 +104,7 @@ def run_version_step(image: str, ref_type: str = "branch", ref_name: str = "main
             "GITHUB_REF_NAME": ref_name,
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",  # a python3 with tomllib
         }
-        result = subprocess.run(
-            ["bash", "--noprofile", "--norc", "-eo", "pipefail", "-c", step["run"]],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-        )
+        result = run_step(step["run"], ROOT, env)
         return result.returncode, result.stdout + result.stderr, output.read_text() if output.exists() else ""
 
 
@@ -236,13 +236,7 @@ def test_pin_step_pins_every_image_prod_runs(tmp_path: Path) -> None:
         "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
     }
     before = unpinned(load_stack(project / "stacks" / "Pulumi.prod.yaml"))
-    result = subprocess.run(
-        ["bash", "--noprofile", "--norc", "-eo", "pipefail", "-c", step["run"]],
-        cwd=project,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
+    result = run_step(step["run"], project, env)
     assert result.returncode == 0, result.stdout + result.stderr
     spec = load_stack(project / "stacks" / "Pulumi.prod.yaml")
     assert unpinned(spec) == []
@@ -435,13 +429,7 @@ def run_stacks_step(repo: Path, base: str) -> tuple[list[str], dict[str, Any]]:
             "GITHUB_OUTPUT": str(output),
             "RUNNER_TEMP": folder,
         }
-        result = subprocess.run(
-            ["bash", "--noprofile", "--norc", "-eo", "pipefail", "-c", step["run"]],
-            cwd=repo,
-            env=env,
-            capture_output=True,
-            text=True,
-        )
+        result = run_step(step["run"], repo, env)
         assert result.returncode == 0, result.stdout + result.stderr
         (stacks,) = re.findall(r"^stacks=(.+)$", output.read_text(), re.MULTILINE)
         return json.loads(stacks), json.loads((Path(folder) / "pr" / "pr.json").read_text())
