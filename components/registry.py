@@ -205,7 +205,7 @@ def credentials_mount(home: str) -> dict[str, Any]:
     return {"name": CREDENTIALS_VOLUME, "mountPath": f"{home.rstrip('/')}/.mlflow", "readOnly": True}
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ModelRegistryArgs:
     """Inputs of the MLflow registry."""
 
@@ -219,7 +219,7 @@ class ModelRegistryArgs:
     """StorageClass of the database volume; none uses the cluster default."""
     db_password: pulumi.Input[str] | None = None
     """Password of the database user (Pulumi secret config `loopform:registryDbPassword`); required."""
-    environment: str = "dev"
+    environment: str
     """Environment of the stack: part of every password derived from db_password (MLflow users, the CSRF key),
     so environments given the same root secret still get different ones."""
     service_account: str = MLFLOW_ACCOUNT

@@ -353,7 +353,8 @@ def cmd_images(args: argparse.Namespace) -> int:
 
     spec = load_stack(_stack_path(args), Path(args.root))
     if args.unpinned:
-        print("\n".join(unpinned(spec)))
+        for image in unpinned(spec):  # nothing at all when every image is pinned
+            print(image)
     else:
         images = spec.images()
         width = max(map(len, images))

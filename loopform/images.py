@@ -28,6 +28,7 @@ from loopform.spec import (
     RegistrySpec,
     ServicesSpec,
     load_stack,
+    parse_spec,
 )
 
 if TYPE_CHECKING:
@@ -79,17 +80,6 @@ def built(spec: PlatformSpec) -> dict[str, ImageRef]:
     return {ref.repository: ref for ref in map(ImageRef.parse, ours)}
 
 
-def tagged(spec: PlatformSpec) -> dict[str, ImageRef]:
-    """Every image the stack names (`PlatformSpec.images`) without the digest its lock adds: what the lock keys."""
-    found = {}
-    for key, image in spec.images().items():
-        ref = ImageRef.parse(image)
-        if ref.digest is not None and spec.image_digests.get(ref.tagged) == ref.digest:
-            ref = replace(ref, digest=None)
-        found[key] = ref
-    return found
-
-
 def unpinned(spec: PlatformSpec) -> list[str]:
     """The images the stack runs by tag alone (`loopform images --unpinned`): what a release must resolve."""
     return sorted({str(ref) for ref in map(ImageRef.parse, spec.images().values()) if ref.digest is None})
@@ -120,7 +110,11 @@ def pin(text: str, spec: PlatformSpec, digests: Mapping[str, str]) -> str:
     lock = dict(spec.image_digests)
     running: set[str] = set()
     used: set[str] = set()
-    for key, ref in tagged(spec).items():
+    # What each field names by itself, without the lock: a digest written into a field is told apart from one
+    # the lock adds.
+    written = parse_spec({**yaml.safe_load(text)["config"][CONFIG_KEY], LOCK: {}}, "the stack before pinning")
+    for key, image in written.images().items():
+        ref = ImageRef.parse(image)
         given = ref.repository if ref.repository in digests else ref.tagged
         if given in digests:
             # A field naming another build (an older release), or a digest written into the field, moves to the
@@ -131,7 +125,8 @@ def pin(text: str, spec: PlatformSpec, digests: Mapping[str, str]) -> str:
             ref = target
             lock[ref.tagged] = digests[given]
             used.add(given)
-        running.add(ref.tagged)
+        if ref.digest is None:  # the lock applies to it
+            running.add(ref.tagged)
     unused = sorted(set(digests) - used)
     if unused:
         raise ValueError(f"{', '.join(unused)}: the stack runs no such image (loopform images lists what it runs)")
@@ -171,18 +166,19 @@ def _insert(mapping: CommentedMap, key: str, value: object, order: list[str]) ->
 
 def pin_images(path: Path, digests: Mapping[str, str], root: Path) -> str:
     """Pin the stack file at `path` (`pin`), check the result as `loopform validate` does and that each image
-    given a digest now runs by it, write it; the unified diff."""
+    given a digest now runs by exactly that digest, write it; the unified diff."""
     old = path.read_text()
     new = pin(old, load_stack(path), digests)
     with tempfile.TemporaryDirectory() as folder:
         result = Path(folder) / path.name  # the file name says the environment
         result.write_text(new)
         spec = load_stack(result, root)
-    left = [
-        f"{key}: {image}"
-        for key, image in spec.images().items()
-        if (ref := ImageRef.parse(image)).digest is None and (ref.repository in digests or ref.tagged in digests)
-    ]
+    left = []
+    for key, image in spec.images().items():
+        ref = ImageRef.parse(image)
+        given = ref.repository if ref.repository in digests else ref.tagged
+        if given in digests and ref.digest != digests[given]:
+            left.append(f"{key}: {image}")
     if left:
         raise ValueError(f"{path}: not pinned to the given digests after pinning: {', '.join(left)}")
     path.write_text(new)

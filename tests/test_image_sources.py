@@ -274,6 +274,23 @@ def test_a_moved_tag_runs_unpinned_until_its_digest_is_added(prod_copy: Path) ->
     assert "prom/pushgateway:v1.11.1" not in spec.image_digests
 
 
+def test_a_digest_written_into_a_field_gives_way_to_the_new_one(prod_copy: Path) -> None:
+    """A field that carries a digest of its own (written by hand, or by an older pin-images) and the same in the
+    lock: a new digest for its tag must replace both, or the field's old one would keep running."""
+    old, new = pins.digest("old"), pins.digest("new")
+    document = yaml.safe_load(prod_copy.read_text())
+    platform = document["config"]["loopform:platform"]
+    platform["monitoring"]["pushgateway_image"] = f"prom/pushgateway:v1.11.1@{old}"
+    platform["image_digests"] = {"prom/pushgateway:v1.11.1": old}
+    prod_copy.write_text(yaml.safe_dump(document))
+    pin_images(prod_copy, {"prom/pushgateway:v1.11.1": new}, ROOT)
+    spec = load_stack(prod_copy)
+    assert spec.monitoring.pushgateway_image == f"prom/pushgateway:v1.11.1@{new}"
+    assert spec.image_digests == {"prom/pushgateway:v1.11.1": new}
+    platform = yaml.safe_load(prod_copy.read_text())["config"]["loopform:platform"]
+    assert platform["monitoring"]["pushgateway_image"] == "prom/pushgateway:v1.11.1"  # the lock pins it now
+
+
 @pytest.mark.parametrize(
     ("digests", "message"),
     [

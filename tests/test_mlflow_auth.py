@@ -397,7 +397,11 @@ def test_prometheus_scrapes_the_server_as_the_read_only_monitor() -> None:
             lambda: registry.ModelRegistry(
                 "reg",
                 registry.ModelRegistryArgs(
-                    db_password="pw", namespace="ml", prometheus_release="kps", credential_namespaces={}
+                    environment="dev",
+                    db_password="pw",
+                    namespace="ml",
+                    prometheus_release="kps",
+                    credential_namespaces={},
                 ),
             )
         )

@@ -57,7 +57,9 @@ def _init_container(resource: RenderedResource, name: str) -> dict:
 
 def test_registry_in_cluster_postgres() -> None:
     resources, outputs = _render(
-        lambda: ModelRegistry("reg", ModelRegistryArgs(spec=RegistrySpec(replicas=2), namespace="ml", db_password="pw"))
+        lambda: ModelRegistry(
+            "reg", ModelRegistryArgs(environment="dev", spec=RegistrySpec(replicas=2), namespace="ml", db_password="pw")
+        )
     )
     by_name = _by_name(resources)
     assert set(by_name) == {
@@ -125,7 +127,9 @@ def test_registry_external_database_gets_its_url_secret_built_and_escaped() -> N
 
     spec = RegistrySpec(backend=ExternalDatabase(host="db.example.internal", user="ml", database="tracking"))
     resources, _ = _render(
-        lambda: ModelRegistry("reg", ModelRegistryArgs(spec=spec, namespace="ml", db_password=PASSWORD))
+        lambda: ModelRegistry(
+            "reg", ModelRegistryArgs(environment="dev", spec=spec, namespace="ml", db_password=PASSWORD)
+        )
     )
     by_name = _by_name(resources)
     assert "reg-postgres" not in by_name
@@ -147,7 +151,7 @@ def test_registry_external_database_gets_its_url_secret_built_and_escaped() -> N
 
 
 def test_the_database_url_is_in_no_command_line() -> None:
-    resources, _ = _render(lambda: ModelRegistry("reg", ModelRegistryArgs(db_password=PASSWORD)))
+    resources, _ = _render(lambda: ModelRegistry("reg", ModelRegistryArgs(environment="dev", db_password=PASSWORD)))
     by_name = _by_name(resources)
     pod = by_name["reg-server"].inputs["spec"]["template"]["spec"]
     assert pod["serviceAccountName"] == "loopform-mlflow"
@@ -191,7 +195,7 @@ def test_the_rendered_init_container_migrates_from_the_environment(tmp_path: Pat
     import subprocess
     import sys
 
-    resources, _ = _render(lambda: ModelRegistry("reg", ModelRegistryArgs(db_password="pw")))
+    resources, _ = _render(lambda: ModelRegistry("reg", ModelRegistryArgs(environment="dev", db_password="pw")))
     by_name = _by_name(resources)
     upgrade = _init_container(by_name["reg-server"], "upgrade-schema")
     scripts = tmp_path / "scripts"  # the ConfigMap volume at SCRIPTS_DIR
@@ -212,13 +216,15 @@ def test_the_rendered_init_container_migrates_from_the_environment(tmp_path: Pat
 def test_registry_needs_a_password(backend) -> None:
     spec = RegistrySpec(backend=backend) if backend else RegistrySpec()
     with pytest.raises(Exception, match="registryDbPassword"):
-        render_components(lambda: ModelRegistry("reg", ModelRegistryArgs(spec=spec)))
+        render_components(lambda: ModelRegistry("reg", ModelRegistryArgs(environment="dev", spec=spec)))
 
 
 def test_an_mlflow_version_change_upgrades_with_the_new_image() -> None:
     def images(version: str) -> set[str]:
         spec = RegistrySpec(mlflow_version=version)
-        resources, _ = _render(lambda: ModelRegistry("reg", ModelRegistryArgs(spec=spec, db_password="pw")))
+        resources, _ = _render(
+            lambda: ModelRegistry("reg", ModelRegistryArgs(environment="dev", spec=spec, db_password="pw"))
+        )
         pod = _by_name(resources)["reg-server"].inputs["spec"]["template"]["spec"]
         return {c["image"] for c in [*pod["initContainers"], *pod["containers"]]}
 

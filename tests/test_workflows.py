@@ -85,7 +85,8 @@ def image_folders() -> list[str]:
 
 
 def run_step(script: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    """A workflow's `run:` script as the runner runs it with `shell: bash` (no profile, -e, pipefail)."""
+    """A workflow's `run:` script as the runner runs it with `shell: bash` (no profile, -e, pipefail); a step
+    without `shell:` runs without pipefail, which only makes a failing pipeline pass more often."""
     command = ["bash", "--noprofile", "--norc", "-eo", "pipefail", "-c", script]
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
 
@@ -200,6 +201,7 @@ def test_pin_job_pins_prod_with_the_build_digests() -> None:
 #: whose digest is the hash of IMAGE, and logs each image it was asked for.
 FAKE_DOCKER = """#!/bin/sh
 [ "$1 $2 $3" = "buildx imagetools inspect" ] || exit 2
+[ -z "$DOCKER_FAIL" ] || { echo "ERROR: rate limited" >&2; exit 1; }
 echo "$4" >> "$DOCKER_LOG"
 printf '{"mediaType":"application/vnd.oci.image.index.v1+json","digest":"sha256:%s","size":1}\\n' \\
   "$(printf '%s' "$4" | sha256sum | cut -d' ' -f1)"
@@ -235,10 +237,19 @@ def test_pin_step_pins_every_image_prod_runs(tmp_path: Path) -> None:
         "DOCKER_LOG": str(tmp_path / "docker.log"),
         "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
     }
-    before = unpinned(load_stack(project / "stacks" / "Pulumi.prod.yaml"))
+    assert step["shell"] == "bash"  # -e and pipefail, as run_step runs it
+    stack = project / "stacks" / "Pulumi.prod.yaml"
+    before, text = unpinned(load_stack(stack)), stack.read_text()
+
+    # A lookup that fails fails the step with the registry's error, and nothing is pinned.
+    failed = run_step(step["run"], project, {**env, "DOCKER_FAIL": "1"})
+    assert failed.returncode != 0 and "rate limited" in failed.stderr
+    assert stack.read_text() == text
+    (tmp_path / "docker.log").unlink(missing_ok=True)
+
     result = run_step(step["run"], project, env)
     assert result.returncode == 0, result.stdout + result.stderr
-    spec = load_stack(project / "stacks" / "Pulumi.prod.yaml")
+    spec = load_stack(stack)
     assert unpinned(spec) == []
     upstream = [image for image in before if not image.startswith(f"{IMAGE_REGISTRY}/")]
     assert sorted((tmp_path / "docker.log").read_text().split()) == upstream  # resolved: only the upstream ones
@@ -248,6 +259,13 @@ def test_pin_step_pins_every_image_prod_runs(tmp_path: Path) -> None:
         if image not in upstream
     }
     assert spec.image_digests == {image: digest(image) for image in upstream} | ours
+
+    # Run again on the pinned stack (a rerun of the release job): nothing to resolve, nothing changes.
+    pinned = stack.read_text()
+    again = run_step(step["run"], project, env)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert sorted((tmp_path / "docker.log").read_text().split()) == upstream
+    assert stack.read_text() == pinned
 
 
 def test_version_tags_are_what_the_spec_defaults_name() -> None:
