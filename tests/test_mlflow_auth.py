@@ -147,21 +147,28 @@ print(version.version)
     return done.stdout.split()[-1]
 
 
-@slow
-def test_anonymous_writes_are_refused(server: Server, version: str) -> None:
-    experiment = requests.get(
-        server.api("experiments/get-by-name"), params={"experiment_name": "training"}, auth=_as(registry.SERVING_USER)
-    ).json()["experiment"]["experiment_id"]
-    writes = [
-        ("POST", "runs/create", {"experiment_id": experiment}),
+def _release_writes(version: str) -> list[tuple[str, str, dict[str, str]]]:
+    """(method, path, body) of what a release moves: the production alias and the staging tag."""
+    return [
         ("POST", "registered-models/alias", {"name": MODEL, "alias": "production", "version": version}),
         (
             "POST",
             "model-versions/set-tag",
             {"name": MODEL, "version": version, "key": "loopform.released.staging", "value": "1"},
         ),
-        ("DELETE", "model-versions/delete", {"name": MODEL, "version": version}),
     ]
+
+
+def _delete(version: str) -> tuple[str, str, dict[str, str]]:
+    return ("DELETE", "model-versions/delete", {"name": MODEL, "version": version})
+
+
+@slow
+def test_anonymous_writes_are_refused(server: Server, version: str) -> None:
+    experiment = requests.get(
+        server.api("experiments/get-by-name"), params={"experiment_name": "training"}, auth=_as(registry.SERVING_USER)
+    ).json()["experiment"]["experiment_id"]
+    writes = [("POST", "runs/create", {"experiment_id": experiment}), *_release_writes(version), _delete(version)]
     for method, path, body in writes:
         response = requests.request(method, server.api(path), json=body, timeout=10)
         assert response.status_code == 401, (path, response.status_code, response.text)
@@ -175,22 +182,9 @@ def test_serving_reads_but_cannot_write(server: Server, version: str) -> None:
     read = requests.get(server.api("model-versions/get"), params={"name": MODEL, "version": version}, auth=serving)
     assert read.status_code == 200, read.text
     assert read.json()["model_version"]["version"] == version
-    alias = requests.post(
-        server.api("registered-models/alias"),
-        json={"name": MODEL, "alias": "production", "version": version},
-        auth=serving,
-    )
-    assert alias.status_code == 403, alias.text
-    tag = requests.post(
-        server.api("model-versions/set-tag"),
-        json={"name": MODEL, "version": version, "key": "loopform.released.staging", "value": "1"},
-        auth=serving,
-    )
-    assert tag.status_code == 403, tag.text
-    delete = requests.delete(
-        server.api("model-versions/delete"), json={"name": MODEL, "version": version}, auth=serving
-    )
-    assert delete.status_code == 403, delete.text
+    for method, path, body in [*_release_writes(version), _delete(version)]:
+        response = requests.request(method, server.api(path), json=body, auth=serving, timeout=10)
+        assert response.status_code == 403, (path, response.status_code, response.text)
 
 
 @slow
@@ -206,15 +200,9 @@ def test_a_wrong_password_is_refused(server: Server, version: str) -> None:
 @slow
 def test_promotion_moves_aliases_and_no_writer_administers_users(server: Server, version: str) -> None:
     promotion = _as(registry.PROMOTION_USER)
-    for body in ({"name": MODEL, "alias": "production", "version": version},):
-        response = requests.post(server.api("registered-models/alias"), json=body, auth=promotion)
-        assert response.status_code == 200, response.text
-    tag = requests.post(
-        server.api("model-versions/set-tag"),
-        json={"name": MODEL, "version": version, "key": "loopform.released.staging", "value": "1"},
-        auth=promotion,
-    )
-    assert tag.status_code == 200, tag.text
+    for method, path, body in _release_writes(version):
+        response = requests.request(method, server.api(path), json=body, auth=promotion, timeout=10)
+        assert response.status_code == 200, (path, response.status_code, response.text)
     by_alias = requests.get(
         server.api("registered-models/alias"),
         params={"name": MODEL, "alias": "production"},

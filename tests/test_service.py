@@ -410,6 +410,29 @@ class MinutesStub:
         return 10.0 + 4.0 * frame["distance_km"].to_numpy() + frame["stops"].to_numpy()
 
 
+def stub_regressor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, registry: Any = None, **env: str) -> Any:
+    """Set up the regressor's service to run in process: the stub model as its release, metrics in `registry` (a
+    new one by default, never the process's default), payloads and their spill folder under `tmp_path`, no Feast,
+    no tokens file; then `env`. Returns the metrics the service counts into."""
+    from prometheus_client import CollectorRegistry
+
+    from loopform.serving import bento, scorer
+    from loopform.serving.auth import ENV_ALLOW_ANONYMOUS, ENV_TOKENS_FILE
+    from loopform.serving.metrics import create_metrics
+    from loopform.serving.release import Release
+
+    counted = create_metrics(ETA, CollectorRegistry() if registry is None else registry)
+    monkeypatch.setattr(scorer, "metrics", lambda contract: counted)
+    monkeypatch.setattr(bento, "release_from_env", lambda: Release(MinutesStub(), "eta", 4, "models:/eta/4"))
+    monkeypatch.setenv("LOOPFORM_PAYLOAD_URI", str(tmp_path / "payloads"))
+    monkeypatch.setenv("LOOPFORM_PAYLOAD_SPILL_DIR", str(tmp_path / "spill"))
+    for name in ("LOOPFORM_FEAST_REPO", "LOOPFORM_FEAST_CONFIG", ENV_TOKENS_FILE, ENV_ALLOW_ANONYMOUS):
+        monkeypatch.delenv(name, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return counted
+
+
 def test_regression_schemas_follow_the_contract() -> None:
     from pydantic import ValidationError
 
@@ -440,19 +463,11 @@ def test_regression_service_in_process(tmp_path: Path, monkeypatch: pytest.Monke
     from prometheus_client import CollectorRegistry
 
     from loopform.payloads import read_payloads
-    from loopform.serving import bento, scorer
-    from loopform.serving.metrics import create_metrics
-    from loopform.serving.release import Release
+    from loopform.serving import bento
 
     registry = CollectorRegistry()
-    counted = create_metrics(ETA, registry)
-    monkeypatch.setattr(scorer, "metrics", lambda contract: counted)  # not the process's default registry
-    monkeypatch.setattr(bento, "release_from_env", lambda: Release(MinutesStub(), "eta", 4, "models:/eta/4"))
-    monkeypatch.setenv("LOOPFORM_PAYLOAD_URI", str(tmp_path / "payloads"))
-    monkeypatch.delenv("LOOPFORM_FEAST_REPO", raising=False)
-    monkeypatch.delenv("LOOPFORM_FEAST_CONFIG", raising=False)
-    monkeypatch.delenv("LOOPFORM_API_TOKENS_FILE", raising=False)
-    monkeypatch.setenv("LOOPFORM_ALLOW_ANONYMOUS", "true")  # tests/test_service_auth.py covers the tokens
+    # Anonymous: tests/test_service_auth.py covers the tokens.
+    stub_regressor(tmp_path, monkeypatch, registry, LOOPFORM_ALLOW_ANONYMOUS="true")
     service = bento.model_service(ETA)
     assert set(service.apis) == {"predict", "predict_batch", "predict_driver"}
     rows = [{**TRIP, "trip_id": "t-1"}, {**TRIP, "distance_km": 8.0, "stops": 5}]

@@ -13,7 +13,7 @@ import pytest
 from loopform.serving import auth
 from loopform.serving.auth import ANONYMOUS, ENV_ALLOW_ANONYMOUS, ENV_TOKENS_FILE, Callers, TokensError, read_tokens
 from tests.helpers_serving import in_process, token_env, write_tokens
-from tests.test_service import ETA, TRIP, MinutesStub
+from tests.test_service import ETA, TRIP, stub_regressor
 
 ALICE, BOB = "a" * 20, "b" * 24
 
@@ -103,22 +103,10 @@ def test_the_tokens_helper_writes_a_private_file(tmp_path: Path) -> None:
 @pytest.fixture
 def service(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
     """The regressor's service in process (stub model, own metrics registry), with two callers' tokens."""
-    from prometheus_client import CollectorRegistry
+    from loopform.serving import bento
 
-    from loopform.serving import bento, scorer
-    from loopform.serving.metrics import create_metrics
-    from loopform.serving.release import Release
-
-    counted = create_metrics(ETA, CollectorRegistry())
-    monkeypatch.setattr(scorer, "metrics", lambda contract: counted)
-    monkeypatch.setattr(bento, "release_from_env", lambda: Release(MinutesStub(), "eta", 4, "models:/eta/4"))
-    monkeypatch.setenv("LOOPFORM_PAYLOAD_URI", str(tmp_path / "payloads"))
-    monkeypatch.setenv("LOOPFORM_PAYLOAD_SPILL_DIR", str(tmp_path / "spill"))
-    for name in ("LOOPFORM_FEAST_REPO", "LOOPFORM_FEAST_CONFIG", ENV_ALLOW_ANONYMOUS):
-        monkeypatch.delenv(name, raising=False)
     env, headers = token_env(tmp_path / "tokens.json", ("alice", "bob"))
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
+    counted = stub_regressor(tmp_path, monkeypatch, **env)
     return bento.model_service(ETA), headers, counted, tmp_path / "payloads"
 
 

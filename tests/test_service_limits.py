@@ -18,7 +18,7 @@ import pytest
 from loopform.serving.limits import DEFAULT_MAX_BODY_BYTES, ENV_MAX_BODY_BYTES, max_body_bytes
 from loopform.serving.paths import UNKNOWN_PATH, FoldUnknownPaths
 from loopform.serving.schemas import BATCH_FIELD, MAX_BATCH_ROWS
-from tests.test_service import ETA, GOOD, OFFLINE, TRIP, MinutesStub
+from tests.test_service import ETA, GOOD, OFFLINE, TRIP, stub_regressor
 
 MiB = 2**20
 
@@ -72,22 +72,11 @@ def test_unknown_paths_fold_into_one() -> None:
 @pytest.fixture
 def client(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
     """The regressor's service in process (stub model), a 64 KiB body limit, and the caller's header."""
-    from prometheus_client import CollectorRegistry
-
-    from loopform.serving import bento, scorer
-    from loopform.serving.metrics import create_metrics
-    from loopform.serving.release import Release
+    from loopform.serving import bento
     from tests.helpers_serving import CALLER, in_process, token_env
 
-    counted = create_metrics(ETA, CollectorRegistry())
-    monkeypatch.setattr(scorer, "metrics", lambda contract: counted)
-    monkeypatch.setattr(bento, "release_from_env", lambda: Release(MinutesStub(), "eta", 4, "models:/eta/4"))
-    monkeypatch.setenv("LOOPFORM_PAYLOAD_URI", str(tmp_path / "payloads"))
-    monkeypatch.setenv("LOOPFORM_PAYLOAD_SPILL_DIR", str(tmp_path / "spill"))
-    monkeypatch.setenv(ENV_MAX_BODY_BYTES, str(64 * 1024))
     env, headers = token_env(tmp_path / "tokens.json")
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
+    counted = stub_regressor(tmp_path, monkeypatch, **env, **{ENV_MAX_BODY_BYTES: str(64 * 1024)})
     with in_process(bento.model_service(ETA)) as test_client:
         test_client.headers["Authorization"] = headers[CALLER]
         yield test_client, counted
